@@ -1,0 +1,172 @@
+"""The ``distillery`` command line: one subcommand per package, plus ``run`` and ``demo``.
+
+Each package exposes ``<package>.cli.register(subparsers)``; recipe stages are dispatched by
+their ``stage:`` key through ``STAGES``. Only the chosen stage's modules are imported, so
+``distillery manifests list`` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from manifests.errors import DistilleryError
+from manifests.overrides import apply_overrides
+from manifests.recipes import read_recipe
+from manifests.store import Store
+
+STAGES = {
+    "corpus.build": "corpus.build:run_recipe",
+    "synth.generate": "synth.generate:run_recipe",
+    "train": "train.sft:run_recipe",
+    "train.sft": "train.sft:run_recipe",
+    "eval": "eval.perplexity:run_recipe",
+    "eval.perplexity": "eval.perplexity:run_recipe",
+}
+"""Recipe ``stage:`` → the function that runs it (``module:function``)."""
+
+PACKAGE_CLIS = {
+    "corpus": "corpus.cli",
+    "synth": "synth.cli",
+    "train": "train.cli",
+    "eval": "eval.cli",
+    "manifests": "manifests.commands",
+}
+DEFAULT_VERBS = {"corpus": "build", "synth": "generate", "train": "run", "eval": "run"}
+"""``distillery train RECIPE.yaml`` means ``distillery train run RECIPE.yaml``."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def add_store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        help="store directory (default: $DISTILLERY_STORE or ./distillery-store)",
+    )
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value (dotted keys, YAML values); repeatable",
+    )
+
+
+def run_recipe_file(path: str, store: Store, overrides: list[str] | None = None, expect: str | None = None):
+    """Read a recipe, apply overrides and run the stage its ``stage:`` names."""
+    data = apply_overrides(read_recipe(path), overrides or [])
+    stage = data["stage"]
+    if expect and not (stage == expect or stage.startswith(expect + ".")):
+        raise DistilleryError(f"recipe {path}: stage '{stage}' is not a {expect} stage; run it with 'distillery run {path}'")
+    target = STAGES.get(stage)
+    if target is None:
+        import difflib
+
+        hint = difflib.get_close_matches(stage, STAGES, n=1)
+        advice = f"did you mean '{hint[0]}'?" if hint else "known stages: " + ", ".join(sorted(STAGES))
+        raise DistilleryError(f"recipe {path}: unknown stage '{stage}'; {advice}")
+    module_name, func = target.split(":")
+    runner = getattr(importlib.import_module(module_name), func)
+    return runner(data, store=store, source=str(path))
+
+
+def print_published(manifest) -> None:
+    from rich.console import Console
+
+    Console(highlight=False, soft_wrap=True).print(
+        f"[green]published[/] {manifest.kind} [bold]{manifest.ref}[/] → {manifest.location}\n"
+        f"  explain it: distillery manifests show {manifest.ref}"
+    )
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    manifest = run_recipe_file(args.recipe, args.store_obj, args.overrides)
+    print_published(manifest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillery",
+        formatter_class=HelpFormatter,
+        description="Raw text to trained language models, every byte traced by manifests.",
+        epilog=(
+            "examples:\n"
+            "  distillery demo                                   # the whole chain on the embedded sample\n"
+            "  distillery run examples/recipes/demo-corpus.yaml  # any recipe, by its stage:\n"
+            "  distillery corpus build examples/recipes/demo-corpus.yaml\n"
+            "  distillery manifests list\n"
+            "  distillery manifests trace <record-id>\n"
+        ),
+    )
+    add_store_option(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run any recipe, dispatched on its stage:",
+        formatter_class=HelpFormatter,
+        description="Run a recipe file; its 'stage:' key picks the stage.",
+        epilog="example:\n  distillery run examples/recipes/demo-sft.yaml --set max_steps=2\n",
+    )
+    run.add_argument("recipe", help="recipe YAML file")
+    add_set_option(run)
+    add_store_option(run)
+    run.set_defaults(func=_run_command)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole chain on the embedded sample",
+        formatter_class=HelpFormatter,
+        description=(
+            "corpus → model import → synth (local teacher) → LoRA SFT → eval, then trace one\n"
+            "training example back to its source line."
+        ),
+        epilog="example:\n  distillery demo --store /tmp/demo-store\n",
+    )
+    demo.add_argument("--recipes", default="examples/recipes", help="folder with the demo-*.yaml recipes")
+    demo.add_argument(
+        "--tiny", action="store_true", help="a smaller run (fewer prompts and steps), as the tests use"
+    )
+    add_store_option(demo)
+    demo.set_defaults(func=lambda a: importlib.import_module("manifests.demo").main(a))
+
+    for module in PACKAGE_CLIS.values():
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, token in enumerate(argv):
+        if token in DEFAULT_VERBS:
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            if nxt.endswith((".yaml", ".yml")):
+                argv.insert(i + 1, DEFAULT_VERBS[token])
+            break
+        if not token.startswith("-") and not (i > 0 and argv[i - 1] == "--store"):
+            break
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.store_obj = Store(getattr(args, "store", None))
+    try:
+        return int(args.func(args) or 0)
+    except DistilleryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was published for the unfinished stage", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""``distillery manifests …``: list, show, verify, lineage, trace and diff."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from manifests.errors import VerificationError
+from manifests.lineage import LineageNode, TraceStep, describe_source, diff, lineage, short, trace_record
+from manifests.schema import Manifest
+from manifests.verify import verify
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def _list(args) -> int:
+    manifests = args.store_obj.list(kind=args.kind)
+    if not manifests:
+        console.print(f"no manifests in {args.store_obj.root}")
+        return 0
+    table = Table("kind", "reference", "stage", "created", "rows / files", box=None)
+    for m in manifests:
+        rows = sum(f.rows or 0 for f in m.data_files())
+        table.add_row(m.kind, m.ref, m.producer.stage, m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                      f"{rows} rows" if rows else f"{len(m.files)} files")  # fmt: skip
+    console.print(table)
+    return 0
+
+
+def explain(m: Manifest) -> None:
+    console.print(f"[bold]{m.kind} {m.name}[/]  id {m.id}")
+    console.print(f"  folder    {m.location}")
+    console.print(f"  created   {m.created_at.isoformat()}  by stage [cyan]{m.producer.stage}[/]")
+    p = m.producer
+    git = f"{p.git_commit[:12]}{' (dirty)' if p.git_dirty else ''}" if p.git_commit else "not in git"
+    console.print(f"  code      distillery {p.package_version}, commit {git}, seed {p.seed}")
+    for parent in m.parents:
+        console.print(f"  parent    {parent.kind} {parent.name}@{parent.id[:12]} ({parent.role})")
+    for f in m.files:
+        extra = f", {f.rows} rows" if f.rows is not None else ""
+        split = f" [{f.split}]" if f.split else ""
+        console.print(f"  file      {f.path}{split}  {f.bytes} bytes{extra}  sha256 {f.sha256[:12]}")
+    for f in m.ledger:
+        console.print(f"  ledger    {f.path}  {f.rows} entries")
+    if m.stats:
+        console.print("  stats     " + json.dumps(m.stats, default=str))
+    console.print("  recipe    " + json.dumps(p.recipe, default=str))
+
+
+def _show(args) -> int:
+    m = args.store_obj.resolve(args.ref)
+    if args.json:
+        print(m.to_json(), end="")
+    else:
+        explain(m)
+    return 0
+
+
+def _verify(args) -> int:
+    m = args.store_obj.resolve(args.ref)
+    report = verify(m, use_cache=False)
+    if not report.ok:
+        raise VerificationError(report.problem_line())
+    console.print(f"[green]ok[/] {m.ref}: {report.checked} files re-hashed, all match")
+    return 0
+
+
+def _lineage_tree(node: LineageNode, tree: Tree) -> None:
+    m = node.manifest
+    recipe = short(m.producer.recipe, 100)
+    branch = tree.add(f"[bold]{m.kind} {m.ref}[/] ({node.role}) stage [cyan]{m.producer.stage}[/]  recipe {recipe}")
+    for parent in node.parents:
+        _lineage_tree(parent, branch)
+
+
+def _lineage(args) -> int:
+    m = args.store_obj.resolve(args.ref)
+    root = Tree(f"lineage of {m.ref}")
+    _lineage_tree(lineage(args.store_obj, m), root)
+    console.print(root)
+    return 0
+
+
+_ROW_SKIP = {"id", "parents", "source", "text", "messages", "_split"}
+
+
+def print_trace(step: TraceStep, store, indent: int = 0) -> None:
+    pad = "  " * indent
+    arrow = "← " if indent else ""
+    m = step.manifest
+    console.print(f"{pad}{arrow}[bold]{m.kind} {m.ref}[/] (stage [cyan]{m.producer.stage}[/]) record {step.record_id}")
+    if step.row is not None:
+        split = step.row.get("_split")
+        if split:
+            console.print(f"{pad}    split: {split}")
+        for key, value in step.row.items():
+            if key not in _ROW_SKIP and value is not None:
+                console.print(f"{pad}    {key}: {short(value)}")
+        if "text" in step.row:
+            console.print(f"{pad}    text: {short(step.row['text'])}")
+        if step.row.get("source"):
+            console.print(f"{pad}    [green]source: {describe_source(step.row['source'])}[/]")
+    else:
+        console.print(f"{pad}    (not in the data: removed or never present)")
+    for entry in step.ledger:
+        console.print(f"{pad}    ledger: {entry['step']} {entry['action']} ({entry['reason']})")
+    if indent == 0:
+        for child in store.children(m.id):
+            console.print(f"{pad}    used by {child.kind} {child.ref} (stage {child.producer.stage})")
+    for parent in step.parents:
+        print_trace(parent, store, indent + 1)
+
+
+def _trace(args) -> int:
+    step = trace_record(args.store_obj, args.record_id, args.ref)
+    print_trace(step, args.store_obj)
+    return 0
+
+
+def _diff(args) -> int:
+    old, new = args.store_obj.resolve(args.old), args.store_obj.resolve(args.new)
+    d = diff(old, new)
+    console.print(f"{old.ref} → {new.ref}")
+    console.print(f"  rows: +{d.added} added, -{d.removed} removed, {d.kept} kept")
+    for key, a, b in d.recipe_changes:
+        console.print(f"  recipe {key}: {short(a, 60)} → {short(b, 60)}")
+    for key, a, b in d.stats_changes:
+        console.print(f"  stats  {key}: {short(a, 60)} → {short(b, 60)}")
+    if not d.recipe_changes:
+        console.print("  recipe: unchanged")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from manifests.cli import HelpFormatter, add_store_option
+
+    parser = sub.add_parser(
+        "manifests",
+        help="inspect and audit the store: list, show, verify, lineage, trace, diff",
+        formatter_class=HelpFormatter,
+        description="Inspect and audit published datasets, runs and evals.",
+        epilog=(
+            "references: NAME (latest), NAME@ID-PREFIX (pinned), or a folder path\n\n"
+            "examples:\n"
+            "  distillery manifests list --kind dataset\n"
+            "  distillery manifests show demo-corpus\n"
+            "  distillery manifests verify demo-corpus@3f9c\n"
+            "  distillery manifests lineage demo-sft-run\n"
+            "  distillery manifests trace 7f3c0a9e12b4c5d6e7f8\n"
+            "  distillery manifests diff demo-corpus@3f9c demo-corpus\n"
+        ),
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, func, help_: str, example: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter,
+                             epilog=f"example:\n  {example}\n")  # fmt: skip
+        add_store_option(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("list", _list, "list published manifests, oldest first", "distillery manifests list --kind run")
+    p.add_argument("--kind", choices=["dataset", "run", "eval"])
+    p = verb("show", _show, "explain one manifest", "distillery manifests show demo-corpus")
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true", help="print the manifest as stored")
+    p = verb("verify", _verify, "re-hash every file; name each missing, extra or altered one (exit 1)",
+             "distillery manifests verify demo-corpus")  # fmt: skip
+    p.add_argument("ref")
+    p = verb("lineage", _lineage, "print the manifest DAG back to the sources", "distillery manifests lineage demo-eval")
+    p.add_argument("ref")
+    p = verb("trace", _trace, "follow one record back to its source, through every stage",
+             "distillery manifests trace 7f3c0a9e12b4c5d6e7f8")  # fmt: skip
+    p.add_argument("record_id")
+    p.add_argument("--in", dest="ref", help="dataset to start from (default: search the store)")
+    p = verb("diff", _diff, "what changed between two versions of a dataset", "distillery manifests diff old new")
+    p.add_argument("old")
+    p.add_argument("new")

@@ -1,0 +1,198 @@
+"""Atomic publishing: a job writes into a hidden temporary folder; the manifest goes in last.
+
+    with Publisher(store, kind="dataset", name="demo-corpus", stage="corpus.build",
+                   recipe=resolved, seed=0) as pub:
+        pub.write_table(table, split="train")
+        pub.write_ledger(ledger_table, step="corpus.build")
+        manifest = pub.publish(stats={"rows_out": table.num_rows})
+
+If the block raises, the temporary folder is removed; if the process is killed, the folder stays
+as ``.tmp-…`` (never listed, never resolved) and a later run of the same recipe publishes anew.
+Publishing the same content twice yields the same id and keeps the first copy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests import __version__
+from manifests.hashing import manifest_id, sha256_file
+from manifests.provenance import git_state, hardware, library_versions
+from manifests.schema import SCHEMA_VERSION, FileEntry, Kind, Manifest, ParentRef, Producer
+from manifests.store import Store, load_manifest
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("step", pa.string()),
+        ("action", pa.string()),
+        ("reason", pa.string()),
+        ("score", pa.float64()),
+        ("detail", pa.string()),
+    ]
+)
+"""Ledger rows: which record, which step, ``drop``/``change``/``flag``, a reason code, an optional
+score and a JSON ``detail`` (e.g. ``{"duplicate_of": "…"}``) — never the record's text."""
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+class Publisher:
+    """Collects the files of one artefact and publishes them with their manifest, atomically."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        kind: Kind,
+        name: str,
+        stage: str,
+        recipe: dict[str, Any],
+        parents: list[Manifest] | None = None,
+        parent_roles: dict[str, str] | None = None,
+        seed: int | None = None,
+    ):
+        self.store = store
+        self.kind = kind
+        self.name = name
+        self.stage = stage
+        self.recipe = recipe
+        self.parents = parents or []
+        self.parent_roles = parent_roles or {}
+        self.seed = seed
+        self.started_at = now()
+        self.dir = store.kind_dir(kind) / name / f".tmp-{uuid.uuid4().hex}"
+        self._splits: dict[str, str] = {}
+        self._shards: dict[str, int] = {}
+        self._schema: pa.Schema | None = None
+
+    def __enter__(self) -> Publisher:
+        self.dir.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def write_table(self, table: pa.Table, split: str = "train") -> Path:
+        """Write one Parquet shard of ``split``; all shards of an artefact share one schema."""
+        if self._schema is None:
+            self._schema = table.schema
+        elif not table.schema.equals(self._schema):
+            table = table.cast(self._schema)
+        index = self._shards.get(split, 0)
+        self._shards[split] = index + 1
+        rel = f"data/{split}-{index:05d}.parquet"
+        path = self.dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, compression="zstd")
+        self._splits[rel] = split
+        return path
+
+    def write_ledger(self, rows: list[dict[str, Any]] | pa.Table, step: str) -> Path | None:
+        """Write the ledger of one step (dropped/changed records, without their text)."""
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
+        if table.num_rows == 0:
+            return None
+        path = self.dir / "ledger" / f"{step}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.cast(LEDGER_SCHEMA), path, compression="zstd")
+        return path
+
+    def _entries(self) -> tuple[list[FileEntry], list[FileEntry]]:
+        files: list[FileEntry] = []
+        ledger: list[FileEntry] = []
+        for path in sorted(p for p in self.dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.dir).as_posix()
+            if rel == "manifest.json":
+                continue
+            rows = pq.ParquetFile(path).metadata.num_rows if rel.endswith(".parquet") else None
+            entry = FileEntry(
+                path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, rows=rows,
+                split=self._splits.get(rel),
+            )  # fmt: skip
+            (ledger if rel.startswith("ledger/") else files).append(entry)
+        return files, ledger
+
+    def publish(self, stats: dict[str, Any] | None = None, arrow_schema: pa.Schema | None = None) -> Manifest:
+        """Hash every file, write ``manifest.json`` last, and rename the folder into place."""
+        files, ledger = self._entries()
+        schema = arrow_schema or self._schema
+        schema_text = schema.to_string(show_schema_metadata=False) if schema is not None else None
+        id_ = manifest_id(
+            kind=self.kind,
+            files=[(f.path, f.sha256) for f in files + ledger],
+            arrow_schema=schema_text,
+            parent_ids=[p.id for p in self.parents],
+            recipe=self.recipe,
+            schema_version=SCHEMA_VERSION,
+        )
+        final = self.store.artefact_dir(self.kind, self.name, id_)
+        if (final / "manifest.json").is_file():
+            # Same content and recipe as an existing version: that version is this artefact.
+            return load_manifest(final)
+        commit, dirty = git_state()
+        finished = now()
+        manifest = Manifest(
+            id=id_,
+            name=self.name,
+            kind=self.kind,
+            created_at=finished,
+            parents=[
+                ParentRef(id=p.id, name=p.name, kind=p.kind, role=self.parent_roles.get(p.id, "input"))
+                for p in self.parents
+            ],
+            producer=Producer(
+                stage=self.stage,
+                recipe=self.recipe,
+                package_version=__version__,
+                git_commit=commit,
+                git_dirty=dirty,
+                libraries=library_versions(),
+                seed=self.seed,
+                started_at=self.started_at,
+                finished_at=finished,
+                hardware=hardware(),
+            ),
+            files=files,
+            ledger=ledger,
+            arrow_schema=schema_text,
+            stats=stats or {},
+        )
+        for entry in files + ledger:
+            _fsync_file(self.dir / entry.path)
+        tmp_manifest = self.dir / "manifest.json.tmp"
+        tmp_manifest.write_text(manifest.to_json())
+        _fsync_file(tmp_manifest)
+        os.replace(tmp_manifest, self.dir / "manifest.json")
+        _fsync_dir(self.dir)
+        if final.exists():
+            # A folder without a manifest under the final name is debris of a crashed rename.
+            shutil.rmtree(final)
+        os.replace(self.dir, final)
+        _fsync_dir(final.parent)
+        manifest._location = final.resolve()
+        return manifest

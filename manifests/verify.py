@@ -1,0 +1,96 @@
+"""Verification: does an artefact on disk still match its manifest?
+
+``verify`` re-hashes every file. ``ensure_verified`` is what stages call before reading an
+input: it may skip re-hashing a file whose size and mtime are unchanged since the last full
+verification (a cache kept in ``<store>/.cache/verified``), and otherwise re-hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from manifests.errors import VerificationError
+from manifests.hashing import sha256_file
+from manifests.schema import Manifest
+
+
+@dataclass
+class VerifyReport:
+    manifest: Manifest
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    altered: list[str] = field(default_factory=list)
+    checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.altered)
+
+    def problem_line(self) -> str:
+        parts = []
+        for label, paths in (("altered", self.altered), ("missing", self.missing), ("extra", self.extra)):
+            if paths:
+                parts.append(f"{label}: " + ", ".join(paths))
+        where = self.manifest.location
+        return (
+            f"{self.manifest.ref} at {where} does not match its manifest ({'; '.join(parts)}); "
+            "re-run the stage that made it or restore the files"
+        )
+
+
+def _cache_file(manifest: Manifest) -> Path:
+    # <store>/<kind>s/<name>/<id> → <store>/.cache/verified/<id>.json
+    return manifest.location.parent.parent.parent / ".cache" / "verified" / f"{manifest.id}.json"
+
+
+def verify(manifest: Manifest, *, use_cache: bool = False) -> VerifyReport:
+    """Check every file of ``manifest`` (missing, extra, altered); re-hash unless cached."""
+    root = manifest.location
+    report = VerifyReport(manifest)
+    cache_path = _cache_file(manifest)
+    cache: dict[str, list] = {}
+    if use_cache and cache_path.is_file():
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    fresh: dict[str, list] = {}
+    expected = {f.path: f for f in manifest.files + manifest.ledger}
+    for rel, entry in sorted(expected.items()):
+        path = root / rel
+        if not path.is_file():
+            report.missing.append(rel)
+            continue
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, entry.sha256]
+        report.checked += 1
+        if use_cache and cache.get(rel) == stamp:
+            fresh[rel] = stamp
+            continue
+        if st.st_size != entry.bytes or sha256_file(path) != entry.sha256:
+            report.altered.append(rel)
+        else:
+            fresh[rel] = stamp
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != "manifest.json" and rel not in expected:
+            report.extra.append(rel)
+    if report.ok:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fresh))
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass  # a read-only store still verifies; it just re-hashes next time
+    return report
+
+
+def ensure_verified(manifest: Manifest) -> None:
+    """Raise a one-line ``VerificationError`` unless ``manifest``'s files are intact."""
+    report = verify(manifest, use_cache=True)
+    if not report.ok:
+        raise VerificationError(report.problem_line())
