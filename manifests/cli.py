@@ -21,6 +21,8 @@ STAGES = {
     "corpus.build": "corpus.build:run_recipe",
     "synth.generate": "synth.generate:run_recipe",
     "train": "train.sft:run_recipe",
+    "train.import-model": "train.models:run_import",
+    "train.make-student": "train.models:run_make_student",
     "train.sft": "train.sft:run_recipe",
     "eval": "eval.perplexity:run_recipe",
     "eval.perplexity": "eval.perplexity:run_recipe",

