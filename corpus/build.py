@@ -1,12 +1,12 @@
 """``corpus.build``: read inputs, assign ids and source pointers, filter, publish Parquet shards.
 
-    stage: corpus.build
-    name: demo-corpus
-    inputs:
-      - {path: examples/sample/web.jsonl, format: jsonl}
-      - {path: examples/sample/notes, format: text, glob: "*.txt"}
-    min_words: 20
-    exact_dedup: true
+stage: corpus.build
+name: demo-corpus
+inputs:
+  - {path: examples/sample/web.jsonl, format: jsonl}
+  - {path: examples/sample/notes, format: text, glob: "*.txt"}
+min_words: 20
+exact_dedup: true
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
     rows_in = rows_out = 0
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    with Publisher(store, kind="dataset", name=cfg.name, stage="corpus.build", recipe=cfg.resolved(), seed=cfg.seed) as pub:
+    with Publisher(
+        store, kind="dataset", name=cfg.name, stage="corpus.build", recipe=cfg.resolved(), seed=cfg.seed
+    ) as pub:
 
         def flush() -> None:
             nonlocal pending, pending_rows, rows_out
@@ -84,10 +86,16 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
                     progress.advance(task, rows_in - progress.tasks[0].completed)
             flush()
         if rows_out == 0:
-            raise DistilleryError(f"{cfg.name}: every document was filtered out ({rows_in} read); loosen min_words?")
+            raise DistilleryError(
+                f"{cfg.name}: every document was filtered out ({rows_in} read); loosen min_words?"
+            )
         for step in steps:
             pub.write_ledger(step.ledger, step=f"corpus.build.{step.name}")
-        stats: dict[str, Any] = {"rows_in": rows_in, "rows_out": rows_out, "steps": {s.name: s.summary() for s in steps}}
+        stats: dict[str, Any] = {
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "steps": {s.name: s.summary() for s in steps},
+        }
         return pub.publish(stats=stats, arrow_schema=RECORD_SCHEMA)
 
 

@@ -51,7 +51,11 @@ class SourceConfig(RecipeConfig):
 def _display_path(path: Path) -> str:
     """The path as users see it: relative to the working directory when inside it."""
     try:
-        return Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix() if not path.is_absolute() else str(path)
+        return (
+            Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix()
+            if not path.is_absolute()
+            else str(path)
+        )
     except ValueError:
         return str(path)
 
@@ -59,7 +63,9 @@ def _display_path(path: Path) -> str:
 def _files(cfg: SourceConfig) -> list[Path]:
     base = Path(cfg.path)
     if not base.exists():
-        raise DistilleryError(f"input {cfg.path}: no such file or folder; check 'inputs[].path' in the recipe")
+        raise DistilleryError(
+            f"input {cfg.path}: no such file or folder; check 'inputs[].path' in the recipe"
+        )
     if base.is_file():
         return [base]
     files = sorted(p for p in base.glob(cfg.glob) if p.is_file() and not p.name.startswith("."))
@@ -86,7 +92,9 @@ def _read_jsonl(path: Path, cfg: SourceConfig, batch_size: int) -> Iterator[pa.R
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DistilleryError(f"{uri} line {line_no}: not valid JSON ({e.msg}); fix or remove the line") from None
+                raise DistilleryError(
+                    f"{uri} line {line_no}: not valid JSON ({e.msg}); fix or remove the line"
+                ) from None
             text = obj.get(cfg.text_field) if isinstance(obj, dict) else None
             if not isinstance(text, str):
                 raise DistilleryError(
@@ -109,8 +117,19 @@ def _read_text(path: Path, cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise DistilleryError(f"{uri}: not UTF-8 text; convert it or leave it out of the input glob") from None
-    yield _batch([{"id": record_id(sha, path.name, 1), "parents": [], "text": text, "source": _source(uri, sha, line=1)}])
+        raise DistilleryError(
+            f"{uri}: not UTF-8 text; convert it or leave it out of the input glob"
+        ) from None
+    yield _batch(
+        [
+            {
+                "id": record_id(sha, path.name, 1),
+                "parents": [],
+                "text": text,
+                "source": _source(uri, sha, line=1),
+            }
+        ]
+    )
 
 
 def _read_parquet(path: Path, cfg: SourceConfig, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -120,8 +139,12 @@ def _read_parquet(path: Path, cfg: SourceConfig, batch_size: int) -> Iterator[pa
     except (pa.ArrowInvalid, OSError) as e:
         raise DistilleryError(f"{uri}: not a readable Parquet file ({e})") from None
     if cfg.text_field not in pf.schema_arrow.names:
-        raise DistilleryError(f"{uri}: no column '{cfg.text_field}' (has {', '.join(pf.schema_arrow.names)}); set 'text_field'")
-    columns = [cfg.text_field] + ([cfg.url_field] if cfg.url_field and cfg.url_field in pf.schema_arrow.names else [])
+        raise DistilleryError(
+            f"{uri}: no column '{cfg.text_field}' (has {', '.join(pf.schema_arrow.names)}); set 'text_field'"
+        )
+    columns = [cfg.text_field] + (
+        [cfg.url_field] if cfg.url_field and cfg.url_field in pf.schema_arrow.names else []
+    )
     row_no = 0
     for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
         texts = batch.column(cfg.text_field).to_pylist()

@@ -69,7 +69,11 @@ class Filter(ABC):
         return out
 
     def summary(self) -> dict:
-        return {"rows_in": self.stats.rows_in, "rows_out": self.stats.rows_out, "dropped": dict(self.stats.reasons)}
+        return {
+            "rows_in": self.stats.rows_in,
+            "rows_out": self.stats.rows_out,
+            "dropped": dict(self.stats.reasons),
+        }
 
 
 def word_counts(texts: pa.Array) -> pa.Array:

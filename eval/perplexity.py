@@ -46,7 +46,9 @@ class PerplexityRecipe(RecipeConfig):
     batch_size: int = Field(default=4, ge=1)
 
 
-def answer_nll(model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int, progress=None):
+def answer_nll(
+    model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int, progress=None
+):
     """(sum of negative log-likelihood, number of tokens) over the last (assistant) turn of each chat."""
     import torch
 
@@ -83,23 +85,35 @@ def evaluate(cfg: PerplexityRecipe, store: Store) -> Manifest:
     data = store.resolve(cfg.dataset.ref, kind="dataset")
     require_columns(data, ["id", "messages"], "perplexity")
     models = [store.resolve(ref, kind="run") for ref in cfg.models]
-    conversations = read_table(data, split=cfg.dataset.split, columns=["messages"]).column("messages").to_pylist()
+    conversations = (
+        read_table(data, split=cfg.dataset.split, columns=["messages"]).column("messages").to_pylist()
+    )
     results: dict[str, Any] = {}
     with Progress() as progress:
         for manifest in models:
             model, tokenizer = load_causal_lm(manifest, store)
             model.eval()
-            nll, tokens = answer_nll(model, tokenizer, conversations, cfg.max_length, cfg.batch_size, progress)
+            nll, tokens = answer_nll(
+                model, tokenizer, conversations, cfg.max_length, cfg.batch_size, progress
+            )
             if tokens == 0:
-                raise DistilleryError(f"dataset {data.ref} split {cfg.dataset.split}: no answer tokens to score")
+                raise DistilleryError(
+                    f"dataset {data.ref} split {cfg.dataset.split}: no answer tokens to score"
+                )
             results[manifest.ref] = {"run_id": manifest.id, "perplexity": math.exp(nll / tokens),
                                      "nll_per_token": nll / tokens, "tokens": tokens}  # fmt: skip
-    recipe = cfg.resolved() | {"models": [m.id for m in models], "dataset": cfg.dataset.resolved() | {"ref": data.id}}
+    recipe = cfg.resolved() | {
+        "models": [m.id for m in models],
+        "dataset": cfg.dataset.resolved() | {"ref": data.id},
+    }
     roles = {m.id: "model" for m in models} | {data.id: "eval_data"}
     with Publisher(store, kind="eval", name=cfg.name, stage="eval.perplexity", recipe=recipe,
                    parents=[*models, data], parent_roles=roles) as pub:  # fmt: skip
         (pub.dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        stats = {"examples": len(conversations), "perplexity": {k: round(v["perplexity"], 4) for k, v in results.items()}}
+        stats = {
+            "examples": len(conversations),
+            "perplexity": {k: round(v["perplexity"], 4) for k, v in results.items()},
+        }
         return pub.publish(stats=stats)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 from manifests.errors import DistilleryError
 from manifests.overrides import apply_overrides
@@ -68,7 +67,9 @@ def run_recipe_file(path: str, store: Store, overrides: list[str] | None = None,
     data = apply_overrides(read_recipe(path), overrides or [])
     stage = data["stage"]
     if expect and not (stage == expect or stage.startswith(expect + ".")):
-        raise DistilleryError(f"recipe {path}: stage '{stage}' is not a {expect} stage; run it with 'distillery run {path}'")
+        raise DistilleryError(
+            f"recipe {path}: stage '{stage}' is not a {expect} stage; run it with 'distillery run {path}'"
+        )
     target = STAGES.get(stage)
     if target is None:
         import difflib
@@ -82,9 +83,9 @@ def run_recipe_file(path: str, store: Store, overrides: list[str] | None = None,
 
 
 def print_published(manifest) -> None:
-    from rich.console import Console
+    from manifests.console import make_console
 
-    Console(highlight=False, soft_wrap=True).print(
+    make_console().print(
         f"[green]published[/] {manifest.kind} [bold]{manifest.ref}[/] → {manifest.location}\n"
         f"  explain it: distillery manifests show {manifest.ref}"
     )

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from manifests.console import make_console
 from manifests.errors import VerificationError
 from manifests.lineage import LineageNode, TraceStep, describe_source, diff, lineage, short, trace_record
 from manifests.schema import Manifest
 from manifests.verify import verify
 
-console = Console(highlight=False, soft_wrap=True)
+console = make_console()
 
 
 def _list(args) -> int:
@@ -71,8 +71,11 @@ def _verify(args) -> int:
 
 def _lineage_tree(node: LineageNode, tree: Tree) -> None:
     m = node.manifest
-    recipe = short(m.producer.recipe, 100)
-    branch = tree.add(f"[bold]{m.kind} {m.ref}[/] ({node.role}) stage [cyan]{m.producer.stage}[/]  recipe {recipe}")
+    label = f"[bold]{m.kind} {m.ref}[/] ({node.role}) stage [cyan]{m.producer.stage}[/]"
+    if node.repeated:
+        tree.add(label + "  (shown above)")
+        return
+    branch = tree.add(f"{label}  recipe {short(m.producer.recipe, 100)}")
     for parent in node.parents:
         _lineage_tree(parent, branch)
 
@@ -92,7 +95,9 @@ def print_trace(step: TraceStep, store, indent: int = 0) -> None:
     pad = "  " * indent
     arrow = "← " if indent else ""
     m = step.manifest
-    console.print(f"{pad}{arrow}[bold]{m.kind} {m.ref}[/] (stage [cyan]{m.producer.stage}[/]) record {step.record_id}")
+    console.print(
+        f"{pad}{arrow}[bold]{m.kind} {m.ref}[/] (stage [cyan]{m.producer.stage}[/]) record {step.record_id}"
+    )
     if step.row is not None:
         split = step.row.get("_split")
         if split:
@@ -171,12 +176,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = verb("verify", _verify, "re-hash every file; name each missing, extra or altered one (exit 1)",
              "distillery manifests verify demo-corpus")  # fmt: skip
     p.add_argument("ref")
-    p = verb("lineage", _lineage, "print the manifest DAG back to the sources", "distillery manifests lineage demo-eval")
+    p = verb(
+        "lineage",
+        _lineage,
+        "print the manifest DAG back to the sources",
+        "distillery manifests lineage demo-eval",
+    )
     p.add_argument("ref")
     p = verb("trace", _trace, "follow one record back to its source, through every stage",
              "distillery manifests trace 7f3c0a9e12b4c5d6e7f8")  # fmt: skip
     p.add_argument("record_id")
     p.add_argument("--in", dest="ref", help="dataset to start from (default: search the store)")
-    p = verb("diff", _diff, "what changed between two versions of a dataset", "distillery manifests diff old new")
+    p = verb(
+        "diff", _diff, "what changed between two versions of a dataset", "distillery manifests diff old new"
+    )
     p.add_argument("old")
     p.add_argument("new")

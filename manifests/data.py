@@ -29,7 +29,8 @@ def read_table(manifest: Manifest, split: str | None = None, columns: list[str] 
 
 
 def require_columns(manifest: Manifest, needed: Iterable[str], purpose: str) -> None:
-    """Fail before any model loads when a dataset lacks the columns a stage needs."""
+    """Fail before any model loads when a dataset is altered or lacks the columns a stage needs."""
+    ensure_verified(manifest)
     files = manifest.data_files()
     if not files:
         raise DistilleryError(f"{manifest.ref} has no data files")

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from rich.console import Console
 from rich.table import Table
 
 from manifests.cli import run_recipe_file
+from manifests.console import make_console
 from manifests.errors import DistilleryError
 
 STEPS = [
@@ -36,11 +36,13 @@ def main(args) -> int:
     from manifests.commands import print_trace
     from manifests.lineage import trace_record
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = make_console()
     store = args.store_obj
     folder = Path(args.recipes)
     if not folder.is_dir():
-        raise DistilleryError(f"{folder}: no such folder; run the demo from the project root or pass --recipes")
+        raise DistilleryError(
+            f"{folder}: no such folder; run the demo from the project root or pass --recipes"
+        )
     made = []
     started = time.time()
     for label, file in STEPS:

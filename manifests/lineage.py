@@ -26,13 +26,18 @@ class LineageNode:
     manifest: Manifest
     role: str
     parents: list[LineageNode] = field(default_factory=list)
+    repeated: bool = False
+    """Already shown elsewhere in the DAG (its parents are not listed again)."""
 
 
-def lineage(store: Store, manifest: Manifest, role: str = "output", _seen: set[str] | None = None) -> LineageNode:
+def lineage(
+    store: Store, manifest: Manifest, role: str = "output", _seen: set[str] | None = None
+) -> LineageNode:
     """The manifest DAG from ``manifest`` back to its sources (parents resolved by id)."""
     seen = _seen if _seen is not None else set()
     node = LineageNode(manifest, role)
     if manifest.id in seen:
+        node.repeated = True
         return node
     seen.add(manifest.id)
     for parent in manifest.parents:

@@ -21,7 +21,9 @@ CHECKPOINT_DIR = "checkpoint"
 def checkpoint_path(manifest: Manifest) -> Path:
     path = manifest.location / CHECKPOINT_DIR
     if manifest.kind != "run" or not path.is_dir():
-        raise DistilleryError(f"{manifest.ref} is not a model checkpoint (a run with a '{CHECKPOINT_DIR}/' folder)")
+        raise DistilleryError(
+            f"{manifest.ref} is not a model checkpoint (a run with a '{CHECKPOINT_DIR}/' folder)"
+        )
     return path
 
 

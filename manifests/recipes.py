@@ -44,7 +44,9 @@ def read_recipe(path: Path | str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise DistilleryError(f"recipe {path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise DistilleryError(
+            f"recipe {path}:{where} is not valid YAML ({getattr(e, 'problem', e)})"
+        ) from None
     if not isinstance(data, dict):
         raise DistilleryError(f"recipe {path}: expected a mapping of keys at the top level")
     if "stage" not in data:

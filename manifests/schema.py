@@ -17,9 +17,8 @@ A manifest as stored in ``manifest.json`` (abridged)::
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
-
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 

@@ -35,7 +35,9 @@ def load_manifest(path: Path) -> Manifest:
     path = Path(path)
     file = path / "manifest.json" if path.is_dir() else path
     if not file.is_file():
-        raise DistilleryError(f"{path}: no manifest.json here; give a store reference (name or name@id) or a dataset folder")
+        raise DistilleryError(
+            f"{path}: no manifest.json here; give a store reference (name or name@id) or a dataset folder"
+        )
     try:
         manifest = Manifest.model_validate_json(file.read_text())
     except ValidationError as e:
@@ -111,10 +113,14 @@ class Store:
         matches = [m for m in candidates if m.id.startswith(prefix)]
         if not matches:
             ids = ", ".join(m.id[:12] for m in candidates)
-            raise DistilleryError(f"'{ref}': no version of '{name}' has an id starting with '{prefix}'; versions: {ids}")
+            raise DistilleryError(
+                f"'{ref}': no version of '{name}' has an id starting with '{prefix}'; versions: {ids}"
+            )
         if len(matches) > 1:
             ids = ", ".join(m.id[:12] for m in matches)
-            raise DistilleryError(f"'{ref}' is ambiguous: {len(matches)} versions match ({ids}); give more of the id")
+            raise DistilleryError(
+                f"'{ref}' is ambiguous: {len(matches)} versions match ({ids}); give more of the id"
+            )
         return matches[0]
 
     def children(self, id_: str) -> list[Manifest]:

@@ -102,9 +102,17 @@ def _messages(cfg: GenerateConfig, text: str) -> list[dict[str, str]]:
     return system + [{"role": "user", "content": user}]
 
 
-def request_hash(teacher_id: str, endpoint: str, messages: list[dict], sampling: dict, sample_index: int) -> str:
+def request_hash(
+    teacher_id: str, endpoint: str, messages: list[dict], sampling: dict, sample_index: int
+) -> str:
     """The key of one request: everything that determines its answer."""
-    payload = {"endpoint": endpoint, "model": teacher_id, "messages": messages, "sampling": sampling, "n": sample_index}
+    payload = {
+        "endpoint": endpoint,
+        "model": teacher_id,
+        "messages": messages,
+        "sampling": sampling,
+        "n": sample_index,
+    }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
@@ -124,7 +132,9 @@ def generate(cfg: GenerateConfig, store: Store) -> Manifest:
         prompt_id = record_id("prompt", doc_id, canonical_json(messages))
         for n in range(cfg.samples_per_prompt):
             key = request_hash(teacher.model_id, teacher.endpoint, messages, sampling, n)
-            requests.append({"doc_id": doc_id, "prompt_id": prompt_id, "messages": messages, "n": n, "hash": key})
+            requests.append(
+                {"doc_id": doc_id, "prompt_id": prompt_id, "messages": messages, "n": n, "hash": key}
+            )
     rows: list[dict[str, Any]] = []
     tokens = 0
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]} tok/s"),
@@ -155,7 +165,9 @@ def generate(cfg: GenerateConfig, store: Store) -> Manifest:
     ) as pub:  # fmt: skip
         kept = [r for r in rows if r["messages"][-1]["content"]]
         if not kept:
-            raise DistilleryError(f"{cfg.name}: the teacher returned no usable answer for {len(rows)} prompts")
+            raise DistilleryError(
+                f"{cfg.name}: the teacher returned no usable answer for {len(rows)} prompts"
+            )
         by_split: dict[str, list] = {}
         for r in kept:
             by_split.setdefault(split_of(r["prompt_id"], cfg.splits, cfg.teacher.seed), []).append(r)

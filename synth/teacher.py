@@ -31,7 +31,12 @@ class TeacherConfig(RecipeConfig):
     """Requests generated together in one forward pass (not part of the request hash)."""
 
     def sampling(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
 
 
 @dataclass
@@ -66,7 +71,10 @@ class LocalTeacher:
 
     def answer(self, conversations: list[list[dict[str, str]]], seed: int) -> list[Answer]:
         torch = self.torch
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        texts = [
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         sample = self.cfg.temperature > 0
         kwargs: dict[str, Any] = {"max_new_tokens": self.cfg.max_new_tokens, "do_sample": sample,

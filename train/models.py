@@ -89,13 +89,18 @@ def import_model(cfg: ImportModelConfig, store: Store) -> Manifest:
         tokenizer = AutoTokenizer.from_pretrained(str(src), **extra)
         model = AutoModelForCausalLM.from_pretrained(str(src), **extra)
     except OSError as e:
-        raise DistilleryError(f"model source '{cfg.source}': cannot load a checkpoint ({str(e).splitlines()[0]})") from None
+        raise DistilleryError(
+            f"model source '{cfg.source}': cannot load a checkpoint ({str(e).splitlines()[0]})"
+        ) from None
     if cfg.gguf_file:
         model = _dequantised(model)
     with Publisher(store, kind="run", name=cfg.name, stage="train.import-model", recipe=recipe) as pub:
         model.save_pretrained(pub.dir / CHECKPOINT_DIR)
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
-        stats = {"parameters": sum(p.numel() for p in model.parameters()), "architecture": type(model).__name__}
+        stats = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "architecture": type(model).__name__,
+        }
         return pub.publish(stats=stats)
 
 
@@ -147,7 +152,11 @@ def make_student(cfg: MakeStudentConfig, store: Store) -> Manifest:
     ) as pub:  # fmt: skip
         student.save_pretrained(pub.dir / CHECKPOINT_DIR)
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
-        stats = {"parameters": sum(p.numel() for p in student.parameters()), "kept_layers": kept, "teacher_layers": total}
+        stats = {
+            "parameters": sum(p.numel() for p in student.parameters()),
+            "kept_layers": kept,
+            "teacher_layers": total,
+        }
         return pub.publish(stats=stats)
 
 

@@ -107,7 +107,9 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
     for d, manifest in zip(cfg.datasets, datasets, strict=True):
         require_columns(manifest, ["id", "messages"], "SFT")
         if d.split not in manifest.splits():
-            raise DistilleryError(f"dataset {manifest.ref} has no split '{d.split}' (splits: {', '.join(manifest.splits())})")
+            raise DistilleryError(
+                f"dataset {manifest.ref} has no split '{d.split}' (splits: {', '.join(manifest.splits())})"
+            )
     base = store.resolve(cfg.model, kind="run")
 
     import torch
@@ -127,7 +129,10 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
             r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
             target_modules=cfg.peft.target_modules, task_type="CAUSAL_LM",
         )  # fmt: skip
-    recipe = cfg.resolved() | {"model": base.id, "datasets": [d.resolved() | {"ref": m.id} for d, m in zip(cfg.datasets, datasets, strict=True)]}
+    recipe = cfg.resolved() | {
+        "model": base.id,
+        "datasets": [d.resolved() | {"ref": m.id} for d, m in zip(cfg.datasets, datasets, strict=True)],
+    }
     roles = {base.id: "base_model"}
     with Publisher(store, kind="run", name=cfg.name, stage="train.sft", recipe=recipe, parents=[*datasets, base],
                    parent_roles=roles, seed=cfg.seed) as pub, tempfile.TemporaryDirectory() as work:  # fmt: skip

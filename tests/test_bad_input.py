@@ -1,0 +1,135 @@
+"""Every user mistake: one `error:` line, a non-zero exit, no traceback, nothing published."""
+
+from __future__ import annotations
+
+import pytest
+
+from manifests.cli import STAGES
+from manifests.recipes import parse_config, read_recipe
+
+from .conftest import ROOT, write_recipe
+
+
+def _one_line_error(result, code=2):
+    assert result.code == code
+    assert result.err.startswith("error: ")
+    assert len(result.err.strip().splitlines()) == 1
+    assert "Traceback" not in result.err
+
+
+def test_missing_recipe_file(cli, store):
+    result = cli("--store", store.root, "run", "nope.yaml")
+    _one_line_error(result)
+    assert "nope.yaml: no such file" in result.err
+
+
+def test_mistyped_key_names_it_and_suggests_the_nearest(cli, tmp_path, store):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", "stage: corpus.build\nname: c\ninputs: [{path: x}]\nmin_wrods: 3\n"
+    )
+    result = cli("--store", store.root, "run", recipe)
+    _one_line_error(result)
+    assert "unknown key 'min_wrods'; did you mean 'min_words'?" in result.err
+
+
+def test_mistyped_nested_key(cli, tmp_path, store):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", "stage: train\nname: r\nmodel: m\ndatasets: [{ref: d}]\npeft: {rank: 4}\n"
+    )
+    result = cli("--store", store.root, "run", recipe)
+    _one_line_error(result)
+    assert "unknown key 'peft.rank'" in result.err
+
+
+def test_wrong_type(cli, tmp_path, store):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", "stage: corpus.build\nname: c\ninputs: [{path: x}]\nmin_words: many\n"
+    )
+    result = cli("--store", store.root, "run", recipe)
+    _one_line_error(result)
+    assert "'min_words'" in result.err and "'many'" in result.err
+
+
+def test_unknown_stage_and_invalid_yaml(cli, tmp_path, store):
+    result = cli(
+        "--store", store.root, "run", write_recipe(tmp_path / "a.yaml", "stage: corpus.buld\nname: c\n")
+    )
+    _one_line_error(result)
+    assert "did you mean 'corpus.build'" in result.err
+    result = cli("--store", store.root, "run", write_recipe(tmp_path / "b.yaml", "stage: [unclosed\n"))
+    _one_line_error(result)
+    assert "not valid YAML" in result.err
+
+
+def test_missing_input_file(cli, tmp_path, store):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"stage: corpus.build\nname: c\ninputs: [{{path: {tmp_path}/absent.jsonl}}]\n"
+    )
+    result = cli("--store", store.root, "corpus", "build", recipe)
+    _one_line_error(result)
+    assert "absent.jsonl: no such file" in result.err
+    assert store.list() == []
+
+
+def test_reference_to_a_missing_manifest(cli, tmp_path, store):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", "stage: synth.generate\nname: s\ninput: nothing-here\nteacher: {model: m}\n"
+    )
+    result = cli("--store", store.root, "synth", "generate", recipe)
+    _one_line_error(result)
+    assert "no dataset manifest named 'nothing-here'" in result.err
+    _one_line_error(cli("--store", store.root, "manifests", "trace", "0123456789"))
+
+
+def test_train_on_a_dataset_without_messages_names_its_columns(cli, tmp_path, store):
+    assert cli("--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml").code == 0
+    recipe = write_recipe(
+        tmp_path / "r.yaml", "stage: train\nname: r\nmodel: m\ndatasets: [{ref: demo-corpus}]\n"
+    )
+    result = cli("--store", store.root, "train", recipe)
+    _one_line_error(result)
+    assert "lacks column(s) messages needed for SFT; it has: id, parents, text, source" in result.err
+
+
+def test_tampered_input_stops_the_next_stage(cli, tmp_path, store):
+    assert cli("--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml").code == 0
+    corpus = store.resolve("demo-corpus")
+    shard = corpus.location / corpus.files[0].path
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        "stage: synth.generate\nname: s\ninput: demo-corpus\nteacher: {model: demo-corpus}\n",
+    )
+    result = cli("--store", store.root, "synth", "generate", recipe)
+    _one_line_error(result, code=1)
+    assert "altered: data/train-00000.parquet" in result.err
+    assert [m.name for m in store.list()] == ["demo-corpus"]
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((ROOT / "examples" / "recipes").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_recipe_validates(recipe):
+    import importlib
+
+    data = read_recipe(recipe)
+    module_name, func = STAGES[data["stage"]].split(":")
+    module = importlib.import_module(module_name)
+    configs = {
+        "corpus.build": "CorpusBuildConfig", "synth.generate": "GenerateConfig", "train": "SFTRecipe",
+        "train.import-model": "ImportModelConfig", "train.make-student": "MakeStudentConfig", "eval": "PerplexityRecipe",
+    }  # fmt: skip
+    config = parse_config(getattr(module, configs[data["stage"]]), data, str(recipe))
+    assert config.resolved()["name"] == data["name"]
+
+
+def test_help_everywhere(cli):
+    for args in (
+        ["--help"],
+        ["corpus", "build", "--help"],
+        ["train", "--help"],
+        ["manifests", "trace", "--help"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            cli(*args)
+        assert exit_.value.code == 0

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests.data import read_table
+
+from .conftest import ROOT, docs, write_jsonl, write_recipe
+
+
+def test_demo_corpus_recipe_reads_both_formats_with_source_pointers(cli, store):
+    result = cli("--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml")
+    assert result.code == 0, result.err
+    m = store.resolve("demo-corpus")
+    table = read_table(m)
+    sources = table.column("source").to_pylist()
+    uris = {s["uri"] for s in sources}
+    assert "examples/sample/web.jsonl" in uris
+    assert any(u.startswith("examples/sample/notes/") for u in uris)
+    # The pointer leads back to the exact input line.
+    lines = (ROOT / "examples/sample/web.jsonl").read_text().splitlines()
+    for row in table.slice(0, 50).to_pylist():
+        src = row["source"]
+        if src["uri"].endswith(".jsonl"):
+            assert json.loads(lines[src["line"] - 1])["text"] == row["text"]
+    assert len(set(table.column("id").to_pylist())) == table.num_rows
+    stats = m.stats["steps"]
+    assert stats["min_words"]["dropped"]["too_short"] >= 10
+    assert stats["exact_dedup"]["dropped"]["exact_duplicate"] >= 12  # 8 + 4 normalised in JSONL, 3 in notes
+    assert m.stats["rows_in"] == 250 and m.stats["rows_out"] == table.num_rows
+
+
+def test_ledger_records_reasons_and_the_kept_duplicate_without_text(cli, tmp_path, store):
+    rows = docs(5) + [{"text": "too short"}] + [{"text": docs(5)[2]["text"].upper() + "  "}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\nmin_words: 3\n"
+    )
+    assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    m = store.resolve("c")
+    ledger = pa.concat_tables([pq.read_table(m.location / f.path) for f in m.ledger]).to_pylist()
+    reasons = {e["reason"] for e in ledger}
+    assert reasons == {"too_short", "exact_duplicate"}
+    assert set(ledger[0]) == {"id", "step", "action", "reason", "score", "detail"}
+    kept = read_table(m).to_pylist()
+    dup = next(e for e in ledger if e["reason"] == "exact_duplicate")
+    assert json.loads(dup["detail"])["duplicate_of"] == kept[2]["id"]
+    assert all(r["text"] not in json.dumps(ledger) for r in kept)
+
+
+def test_parquet_input_and_row_pointers(cli, tmp_path, store):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"body": [d["text"] for d in docs(4)]}), src)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"stage: corpus.build\nname: p\ninputs: [{{path: {src}, format: parquet, text_field: body}}]\nmin_words: 1\n",
+    )
+    assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    rows = read_table(store.resolve("p")).to_pylist()
+    assert [r["source"]["row"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_malformed_jsonl_names_file_and_line_and_publishes_nothing(cli, tmp_path, store):
+    src = tmp_path / "bad.jsonl"
+    src.write_text(json.dumps(docs(1)[0]) + "\n{not json\n")
+    recipe = write_recipe(tmp_path / "r.yaml", f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\n")
+    result = cli("--store", store.root, "corpus", "build", recipe)
+    assert result.code == 2
+    assert "bad.jsonl line 2: not valid JSON" in result.err
+    assert store.list() == []
+    assert not any(p for p in (store.root / "datasets" / "c").iterdir())
+
+
+def test_diff_between_two_versions(cli, tmp_path, store):
+    src = write_jsonl(tmp_path / "in.jsonl", docs(10) + [{"text": "one two three four"}])
+    for min_words in (3, 5):
+        recipe = write_recipe(
+            tmp_path / "r.yaml",
+            f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\nmin_words: {min_words}\n",
+        )
+        assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    old, new = store.list(kind="dataset")
+    result = cli("--store", store.root, "manifests", "diff", old.ref, new.ref)
+    assert result.code == 0
+    assert "+0 added, -1 removed, 10 kept" in result.out
+    assert "recipe min_words: 3 → 5" in result.out

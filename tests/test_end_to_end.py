@@ -1,0 +1,139 @@
+"""The whole chain, as `make demo` runs it (smaller): real model, real training steps, real hashes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from manifests.store import Store
+from manifests.verify import verify
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def distillery(*args: str, store) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "manifests.cli", "--store", str(store), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "store"
+    result = distillery("demo", "--tiny", store=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Store(root), result.stdout
+
+
+def test_demo_publishes_every_stage_and_all_verify(demo):
+    store, out = demo
+    stages = {m.producer.stage for m in store.list()}
+    assert stages == {
+        "corpus.build",
+        "train.import-model",
+        "train.make-student",
+        "synth.generate",
+        "train.sft",
+        "eval.perplexity",
+    }
+    for m in store.list():
+        assert verify(m).ok, m.ref
+    assert "demo finished" in out
+
+
+def test_synth_rows_record_their_lineage(demo):
+    store, _ = demo
+    sft = store.resolve("demo-sft")
+    corpus = store.resolve("demo-corpus")
+    assert {p.id for p in sft.parents} == {corpus.id, store.resolve("smollm2-135m-instruct").id}
+    assert set(sft.splits()) == {"train", "test"}
+    corpus_ids = set(
+        pq.read_table(corpus.location / corpus.files[0].path, columns=["id"]).column("id").to_pylist()
+    )
+    for f in sft.data_files():
+        for row in pq.read_table(sft.location / f.path).to_pylist():
+            assert row["parents"][0] in corpus_ids
+            assert row["teacher"]["model"].startswith("smollm2-135m-instruct@")
+            assert json.loads(row["sampling"])["max_new_tokens"] == 24
+            assert row["completion_tokens"] > 0 and row["prompt_tokens"] > row["completion_tokens"]
+            assert row["messages"][-1]["role"] == "assistant" and row["messages"][-1]["content"]
+
+
+def test_training_run_has_losses_and_dataset_parents(demo):
+    store, _ = demo
+    run = store.resolve("demo-sft-run")
+    roles = {p.name: p.role for p in run.parents}
+    assert roles == {"demo-sft": "input", "student-base": "base_model"}
+    losses = [json.loads(line) for line in (run.location / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses] == [1, 2, 3]
+    assert all(r["loss"] > 0 for r in losses)
+    assert (run.location / "checkpoint" / "adapter_config.json").is_file()
+    assert run.producer.recipe["datasets"][0]["ref"] == store.resolve("demo-sft").id
+
+
+def test_eval_compares_before_and_after(demo):
+    store, _ = demo
+    ev = store.resolve("demo-eval")
+    metrics = json.loads((ev.location / "metrics.json").read_text())
+    assert len(metrics) == 2
+    for value in metrics.values():
+        assert value["perplexity"] > 1 and value["tokens"] > 0
+    assert {p.role for p in ev.parents} == {"model", "eval_data"}
+
+
+def test_trace_leads_from_a_training_example_to_its_sample_line(demo):
+    store, out = demo
+    sft = store.resolve("demo-sft")
+    row = pq.read_table(sft.location / sft.data_files("train")[0].path).to_pylist()[0]
+    result = distillery("manifests", "trace", row["id"], store=store.root)
+    assert result.returncode == 0, result.stderr
+    assert "stage synth.generate" in result.stdout and "stage corpus.build" in result.stdout
+    assert "used by run demo-sft-run" in result.stdout
+    source_line = next(line for line in result.stdout.splitlines() if "source:" in line)
+    assert "examples/sample/" in source_line and " line " in source_line
+    # The pointer is right: the corpus row's text is the start of that file line's document.
+    corpus = store.resolve("demo-corpus")
+    doc = next(
+        r
+        for r in pq.read_table(corpus.location / corpus.files[0].path).to_pylist()
+        if r["id"] == row["parents"][0]
+    )
+    src = doc["source"]
+    text = (
+        (ROOT / src["uri"]).read_text().splitlines()[src["line"] - 1]
+        if src["uri"].endswith(".jsonl")
+        else (ROOT / src["uri"]).read_text()
+    )
+    assert (json.loads(text)["text"] if src["uri"].endswith(".jsonl") else text) == doc["text"]
+    assert "trace of training example" in out and "source:" in out
+
+
+def test_lineage_of_the_eval_reaches_the_corpus(demo):
+    store, _ = demo
+    result = distillery("manifests", "lineage", "demo-eval", store=store.root)
+    assert result.returncode == 0, result.stderr
+    for stage in (
+        "eval.perplexity",
+        "train.sft",
+        "synth.generate",
+        "corpus.build",
+        "train.make-student",
+        "train.import-model",
+    ):
+        assert stage in result.stdout
+
+
+def test_rerunning_the_corpus_recipe_gives_the_same_id(demo):
+    store, _ = demo
+    before = store.resolve("demo-corpus").id
+    result = distillery("corpus", "build", "examples/recipes/demo-corpus.yaml", store=store.root)
+    assert result.returncode == 0, result.stderr
+    assert store.resolve("demo-corpus").id == before
+    assert len(store.list(kind="dataset", name="demo-corpus")) == 1
