@@ -90,7 +90,8 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
                 f"{cfg.name}: every document was filtered out ({rows_in} read); loosen min_words?"
             )
         for step in steps:
-            pub.write_ledger(step.ledger, step=f"corpus.build.{step.name}")
+            qualified = f"corpus.build.{step.name}"
+            pub.write_ledger([entry | {"step": qualified} for entry in step.ledger], step=qualified)
         stats: dict[str, Any] = {
             "rows_in": rows_in,
             "rows_out": rows_out,

@@ -91,9 +91,43 @@ def print_published(manifest) -> None:
     )
 
 
+def add_group(sub: argparse._SubParsersAction, name: str, help_: str, description: str, epilog: str):
+    """A package's command group (``distillery corpus …``); returns its verb subparsers."""
+    parser = sub.add_parser(
+        name, help=help_, description=description, epilog=epilog, formatter_class=HelpFormatter
+    )
+    return parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+
+def add_verb(verbs, name: str, func, help_: str, description: str, example: str) -> argparse.ArgumentParser:
+    """One verb with ``--help`` text, an example and ``--store``."""
+    parser = verbs.add_parser(name, help=help_, description=description, formatter_class=HelpFormatter,
+                              epilog=f"example:\n  {example}\n")  # fmt: skip
+    add_store_option(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def add_recipe_verb(
+    verbs, name: str, *, expect: str, help_: str, description: str, example: str, report=None
+):
+    """A verb that runs a recipe of one package's stages (``distillery corpus build RECIPE``)."""
+
+    def run(args: argparse.Namespace) -> int:
+        manifest = run_recipe_file(args.recipe, args.store_obj, args.overrides, expect=expect)
+        print_published(manifest)
+        if report:
+            report(manifest)
+        return 0
+
+    parser = add_verb(verbs, name, run, help_, description, example)
+    parser.add_argument("recipe", help="recipe YAML file")
+    add_set_option(parser)
+    return parser
+
+
 def _run_command(args: argparse.Namespace) -> int:
-    manifest = run_recipe_file(args.recipe, args.store_obj, args.overrides)
-    print_published(manifest)
+    print_published(run_recipe_file(args.recipe, args.store_obj, args.overrides))
     return 0
 
 
@@ -114,34 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_option(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = sub.add_parser(
-        "run",
-        help="run any recipe, dispatched on its stage:",
-        formatter_class=HelpFormatter,
-        description="Run a recipe file; its 'stage:' key picks the stage.",
-        epilog="example:\n  distillery run examples/recipes/demo-sft.yaml --set max_steps=2\n",
-    )
+    run = add_verb(sub, "run", _run_command, "run any recipe, dispatched on its stage:",
+                   "Run a recipe file; its 'stage:' key picks the stage.",
+                   "distillery run examples/recipes/demo-sft.yaml --set max_steps=2")  # fmt: skip
     run.add_argument("recipe", help="recipe YAML file")
     add_set_option(run)
-    add_store_option(run)
-    run.set_defaults(func=_run_command)
-
-    demo = sub.add_parser(
-        "demo",
-        help="run the whole chain on the embedded sample",
-        formatter_class=HelpFormatter,
-        description=(
-            "corpus → model import → synth (local teacher) → LoRA SFT → eval, then trace one\n"
-            "training example back to its source line."
-        ),
-        epilog="example:\n  distillery demo --store /tmp/demo-store\n",
-    )
+    demo = add_verb(
+        sub, "demo", lambda a: importlib.import_module("manifests.demo").main(a),
+        "run the whole chain on the embedded sample",
+        "corpus → model import → student → synth (local teacher) → LoRA SFT → eval, then trace one\n"
+        "training example back to its source line.",
+        "distillery demo --store /tmp/demo-store",
+    )  # fmt: skip
     demo.add_argument("--recipes", default="examples/recipes", help="folder with the demo-*.yaml recipes")
     demo.add_argument(
         "--tiny", action="store_true", help="a smaller run (fewer prompts and steps), as the tests use"
     )
-    add_store_option(demo)
-    demo.set_defaults(func=lambda a: importlib.import_module("manifests.demo").main(a))
 
     for module in PACKAGE_CLIS.values():
         importlib.import_module(module).register(sub)

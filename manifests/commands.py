@@ -112,7 +112,11 @@ def print_trace(step: TraceStep, store, indent: int = 0) -> None:
     else:
         console.print(f"{pad}    (not in the data: removed or never present)")
     for entry in step.ledger:
-        console.print(f"{pad}    ledger: {entry['step']} {entry['action']} ({entry['reason']})")
+        score = f" score {entry['score']:g}" if entry.get("score") is not None else ""
+        detail = f" {entry['detail']}" if entry.get("detail") else ""
+        console.print(
+            f"{pad}    [yellow]ledger: {entry['step']} {entry['action']} ({entry['reason']}){score}{detail}[/]"
+        )
     if indent == 0:
         for child in store.children(m.id):
             console.print(f"{pad}    used by {child.kind} {child.ref} (stage {child.producer.stage})")
@@ -141,32 +145,23 @@ def _diff(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from manifests.cli import HelpFormatter, add_store_option
+    from manifests.cli import add_group, add_verb
 
-    parser = sub.add_parser(
-        "manifests",
-        help="inspect and audit the store: list, show, verify, lineage, trace, diff",
-        formatter_class=HelpFormatter,
-        description="Inspect and audit published datasets, runs and evals.",
-        epilog=(
-            "references: NAME (latest), NAME@ID-PREFIX (pinned), or a folder path\n\n"
-            "examples:\n"
-            "  distillery manifests list --kind dataset\n"
-            "  distillery manifests show demo-corpus\n"
-            "  distillery manifests verify demo-corpus@3f9c\n"
-            "  distillery manifests lineage demo-sft-run\n"
-            "  distillery manifests trace 7f3c0a9e12b4c5d6e7f8\n"
-            "  distillery manifests diff demo-corpus@3f9c demo-corpus\n"
-        ),
-    )
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verbs = add_group(
+        sub, "manifests", "inspect and audit the store: list, show, verify, lineage, trace, diff",
+        "Inspect and audit published datasets, runs and evals.",
+        "references: NAME (latest), NAME@ID-PREFIX (pinned), or a folder path\n\n"
+        "examples:\n"
+        "  distillery manifests list --kind dataset\n"
+        "  distillery manifests show demo-corpus\n"
+        "  distillery manifests verify demo-corpus@3f9c\n"
+        "  distillery manifests lineage demo-sft-run\n"
+        "  distillery manifests trace 7f3c0a9e12b4c5d6e7f8\n"
+        "  distillery manifests diff demo-corpus@3f9c demo-corpus\n",
+    )  # fmt: skip
 
-    def verb(name: str, func, help_: str, example: str) -> argparse.ArgumentParser:
-        p = verbs.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter,
-                             epilog=f"example:\n  {example}\n")  # fmt: skip
-        add_store_option(p)
-        p.set_defaults(func=func)
-        return p
+    def verb(name, func, help_, example):
+        return add_verb(verbs, name, func, help_, help_, example)
 
     p = verb("list", _list, "list published manifests, oldest first", "distillery manifests list --kind run")
     p.add_argument("--kind", choices=["dataset", "run", "eval"])

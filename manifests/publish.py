@@ -14,6 +14,7 @@ Publishing the same content twice yields the same id and keeps the first copy.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests import __version__
+from manifests.errors import DistilleryError
 from manifests.hashing import manifest_id, sha256_file
 from manifests.provenance import git_state, hardware, library_versions
 from manifests.schema import SCHEMA_VERSION, FileEntry, Kind, Manifest, ParentRef, Producer
@@ -41,6 +43,27 @@ LEDGER_SCHEMA = pa.schema(
 )
 """Ledger rows: which record, which step, ``drop``/``change``/``flag``, a reason code, an optional
 score and a JSON ``detail`` (e.g. ``{"duplicate_of": "…"}``) — never the record's text."""
+
+
+_SECRET_KEY = re.compile(
+    r"(^|_)(api_key|apikey|secret|password|access_token|auth_token|bearer)$", re.IGNORECASE
+)
+
+
+def refuse_secrets(recipe: Any, path: str = "") -> None:
+    """Fail if a recipe holds a secret value: manifests name secrets by environment variable only."""
+    if isinstance(recipe, dict):
+        for key, value in recipe.items():
+            where = f"{path}.{key}" if path else str(key)
+            if _SECRET_KEY.search(str(key)) and isinstance(value, str) and value:
+                raise DistilleryError(
+                    f"recipe key '{where}' holds a secret; name its environment variable instead "
+                    f"('{key}_env: MY_API_KEY') so that it never enters a manifest"
+                )
+            refuse_secrets(value, where)
+    elif isinstance(recipe, list):
+        for i, value in enumerate(recipe):
+            refuse_secrets(value, f"{path}[{i}]")
 
 
 def now() -> datetime:
@@ -75,6 +98,7 @@ class Publisher:
         parent_roles: dict[str, str] | None = None,
         seed: int | None = None,
     ):
+        refuse_secrets(recipe)
         self.store = store
         self.kind = kind
         self.name = name

@@ -86,3 +86,22 @@ def test_diff_between_two_versions(cli, tmp_path, store):
     assert result.code == 0
     assert "+0 added, -1 removed, 10 kept" in result.out
     assert "recipe min_words: 3 → 5" in result.out
+
+
+def test_trace_of_a_dropped_record_shows_why_and_the_kept_copy(cli, tmp_path, store):
+    rows = docs(3)
+    src = write_jsonl(tmp_path / "in.jsonl", rows + [rows[1]])
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\nmin_words: 1\n"
+    )
+    assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    m = store.resolve("c")
+    dropped = pq.read_table(m.location / m.ledger[0].path).to_pylist()[0]
+    kept = read_table(m).to_pylist()[1]
+    result = cli("--store", store.root, "manifests", "trace", dropped["id"])
+    assert result.code == 0
+    assert "not in the data" in result.out
+    assert "corpus.build.exact_dedup drop (exact_duplicate)" in result.out
+    assert kept["id"] in result.out
+    result = cli("--store", store.root, "manifests", "trace", kept["id"])
+    assert "source: " in result.out and "in.jsonl line 2" in result.out

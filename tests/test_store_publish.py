@@ -156,3 +156,17 @@ def test_references_latest_pinned_ambiguous_missing_and_path(store, cli):
     assert store.resolve(str(path)).name == "notes"
     result = cli("--store", store.root, "manifests", "show", "web@abc")
     assert result.code == 2 and result.err.startswith("error: ") and "Traceback" not in result.err
+
+
+def test_a_secret_in_a_recipe_never_reaches_a_manifest(store):
+    with pytest.raises(
+        DistilleryError, match=r"'teacher.api_key' holds a secret; name its environment variable"
+    ):
+        Publisher(store, kind="dataset", name="x", stage="t", recipe={"teacher": {"api_key": "sk-123"}})
+    Publisher(
+        store,
+        kind="dataset",
+        name="x",
+        stage="t",
+        recipe={"teacher": {"api_key_env": "OPENAI_API_KEY", "max_tokens": 5}},
+    )
