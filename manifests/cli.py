@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     except DistilleryError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        # The machine said no (permissions, disk full, a path that vanished): name it, no traceback.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published for the unfinished stage", file=sys.stderr)
         return 130

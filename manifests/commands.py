@@ -105,6 +105,8 @@ def print_trace(step: TraceStep, store, indent: int = 0) -> None:
         for key, value in step.row.items():
             if key not in _ROW_SKIP and value is not None:
                 console.print(f"{pad}    {key}: {short(value)}")
+        for message in step.row.get("messages") or []:
+            console.print(f"{pad}    {message['role']}: {short(message['content'])}")
         if "text" in step.row:
             console.print(f"{pad}    text: {short(step.row['text'])}")
         if step.row.get("source"):

@@ -213,10 +213,17 @@ class Publisher:
         _fsync_file(tmp_manifest)
         os.replace(tmp_manifest, self.dir / "manifest.json")
         _fsync_dir(self.dir)
-        if final.exists():
+        if final.exists() and not (final / "manifest.json").is_file():
             # A folder without a manifest under the final name is debris of a crashed rename.
             shutil.rmtree(final)
-        os.replace(self.dir, final)
+        try:
+            os.replace(self.dir, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():
+                raise
+            # Another job published the same content meanwhile: theirs is ours.
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return load_manifest(final)
         _fsync_dir(final.parent)
         manifest._location = final.resolve()
         return manifest

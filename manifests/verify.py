@@ -41,9 +41,12 @@ class VerifyReport:
         )
 
 
-def _cache_file(manifest: Manifest) -> Path:
-    # <store>/<kind>s/<name>/<id> → <store>/.cache/verified/<id>.json
-    return manifest.location.parent.parent.parent / ".cache" / "verified" / f"{manifest.id}.json"
+def _cache_file(manifest: Manifest) -> Path | None:
+    """``<store>/.cache/verified/<id>.json`` for a manifest inside a store, else None."""
+    folder = manifest.location
+    if folder.name != manifest.id or folder.parent.parent.name != f"{manifest.kind}s":
+        return None  # read by path from outside a store: always re-hash
+    return folder.parent.parent.parent / ".cache" / "verified" / f"{manifest.id}.json"
 
 
 def verify(manifest: Manifest, *, use_cache: bool = False) -> VerifyReport:
@@ -52,7 +55,7 @@ def verify(manifest: Manifest, *, use_cache: bool = False) -> VerifyReport:
     report = VerifyReport(manifest)
     cache_path = _cache_file(manifest)
     cache: dict[str, list] = {}
-    if use_cache and cache_path.is_file():
+    if use_cache and cache_path is not None and cache_path.is_file():
         try:
             cache = json.loads(cache_path.read_text())
         except (OSError, ValueError):
@@ -78,7 +81,7 @@ def verify(manifest: Manifest, *, use_cache: bool = False) -> VerifyReport:
         rel = path.relative_to(root).as_posix()
         if rel != "manifest.json" and rel not in expected:
             report.extra.append(rel)
-    if report.ok:
+    if report.ok and cache_path is not None:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")

@@ -133,3 +133,36 @@ def test_help_everywhere(cli):
         with pytest.raises(SystemExit) as exit_:
             cli(*args)
         assert exit_.value.code == 0
+
+
+def test_set_overrides_nested_values_and_rejects_malformed(cli, tmp_path, store):
+    from manifests.overrides import apply_overrides
+
+    data = apply_overrides({"teacher": {"model": "m"}}, ["teacher.max_new_tokens=8", "splits={train: 1.0}"])
+    assert data == {"teacher": {"model": "m", "max_new_tokens": 8}, "splits": {"train": 1.0}}
+    result = cli(
+        "--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml", "--set", "min_words"
+    )
+    _one_line_error(result)
+    assert "expected KEY=VALUE" in result.err
+    assert (
+        cli(
+            "--store",
+            store.root,
+            "corpus",
+            "build",
+            "examples/recipes/demo-corpus.yaml",
+            "--set",
+            "min_words=100",
+        ).code
+        == 0
+    )
+    assert store.resolve("demo-corpus").producer.recipe["min_words"] == 100
+
+
+def test_an_unwritable_store_is_one_line(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = cli("--store", blocker / "store", "corpus", "build", "examples/recipes/demo-corpus.yaml")
+    _one_line_error(result, code=1)
+    assert str(blocker) in result.err
