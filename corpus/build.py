@@ -21,7 +21,7 @@ from corpus.sources import RECORD_SCHEMA, SourceConfig, read_source
 from corpus.steps import ExactDedupFilter, Filter, MinWordsFilter
 from manifests.errors import DistilleryError
 from manifests.publish import Publisher
-from manifests.recipes import RecipeConfig, parse_config
+from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
 
@@ -29,7 +29,7 @@ from manifests.store import Store
 class CorpusBuildConfig(RecipeConfig):
     """Build a text dataset from files."""
 
-    name: str
+    name: Name
     """Name of the output dataset in the store."""
     inputs: list[SourceConfig] = Field(min_length=1)
     """Input files or folders, read in order (order decides which duplicate is kept)."""
@@ -53,9 +53,19 @@ def _steps(cfg: CorpusBuildConfig) -> list[Filter]:
     return steps
 
 
+def _check_unique(batch: pa.RecordBatch, seen: set[str], where: str) -> None:
+    for rid in batch.column("id").to_pylist():
+        if rid in seen:
+            raise DistilleryError(
+                f"input {where}: record {rid} was already read (is this input listed twice?)"
+            )
+        seen.add(rid)
+
+
 def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
     steps = _steps(cfg)
     rows_in = rows_out = 0
+    seen_ids: set[str] = set()
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     with Publisher(
@@ -76,6 +86,7 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
             for source in cfg.inputs:
                 for batch in read_source(source):
                     rows_in += batch.num_rows
+                    _check_unique(batch, seen_ids, source.path)
                     for step in steps:
                         batch = step(batch)
                     if batch.num_rows:

@@ -1,7 +1,7 @@
 """Readers for input files: JSONL, plain-text folders and Parquet, streamed as Arrow batches.
 
-Each record gets a stable id (a hash of the file's content hash, its name and the line or row)
-and a source pointer, so that any derived row can be traced to the exact line it came from::
+Each record gets a stable id (a hash of the file's path as given, the line or row, and the text:
+appending to a file keeps the ids of the lines already there) and a source pointer, so that any derived row can be traced to the exact line it came from::
 
     {"id": "c0ffee0123456789abcd", "parents": [], "text": "…",
      "source": {"uri": "examples/sample/web.jsonl", "sha256": "…", "line": 42, "url": "https://…"}}
@@ -9,6 +9,7 @@ and a source pointer, so that any derived row can be traced to the exact line it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -74,6 +75,10 @@ def _files(cfg: SourceConfig) -> list[Path]:
     return files
 
 
+def _text_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
 def _batch(rows: list[dict]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist(rows, schema=RECORD_SCHEMA)
 
@@ -85,8 +90,14 @@ def _source(uri: str, sha: str, line=None, row=None, url=None) -> dict:
 def _read_jsonl(path: Path, cfg: SourceConfig, batch_size: int) -> Iterator[pa.RecordBatch]:
     uri, sha = _display_path(path), sha256_file(path)
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DistilleryError(
+                    f"{uri} line {line_no}: not UTF-8 text; convert the file to UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -102,7 +113,7 @@ def _read_jsonl(path: Path, cfg: SourceConfig, batch_size: int) -> Iterator[pa.R
                 )
             url = obj.get(cfg.url_field) if cfg.url_field else None
             rows.append(
-                {"id": record_id(sha, path.name, line_no), "parents": [], "text": text,
+                {"id": record_id(uri, line_no, _text_hash(text)), "parents": [], "text": text,
                  "source": _source(uri, sha, line=line_no, url=url if isinstance(url, str) else None)}
             )  # fmt: skip
             if len(rows) >= batch_size:
@@ -123,7 +134,7 @@ def _read_text(path: Path, cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
     yield _batch(
         [
             {
-                "id": record_id(sha, path.name, 1),
+                "id": record_id(uri, 1, _text_hash(text)),
                 "parents": [],
                 "text": text,
                 "source": _source(uri, sha, line=1),
@@ -138,20 +149,26 @@ def _read_parquet(path: Path, cfg: SourceConfig, batch_size: int) -> Iterator[pa
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise DistilleryError(f"{uri}: not a readable Parquet file ({e})") from None
-    if cfg.text_field not in pf.schema_arrow.names:
+    schema = pf.schema_arrow
+    if cfg.text_field not in schema.names:
         raise DistilleryError(
-            f"{uri}: no column '{cfg.text_field}' (has {', '.join(pf.schema_arrow.names)}); set 'text_field'"
+            f"{uri}: no column '{cfg.text_field}' (has {', '.join(schema.names)}); set 'text_field'"
         )
-    columns = [cfg.text_field] + (
-        [cfg.url_field] if cfg.url_field and cfg.url_field in pf.schema_arrow.names else []
-    )
+    columns = [cfg.text_field] + ([cfg.url_field] if cfg.url_field and cfg.url_field in schema.names else [])
+    for column in columns:
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DistilleryError(
+                f"{uri}: column '{column}' holds {kind}, not text; point the recipe at a string column"
+            )
     row_no = 0
     for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
         texts = batch.column(cfg.text_field).to_pylist()
         urls = batch.column(cfg.url_field).to_pylist() if len(columns) > 1 else [None] * len(texts)
         rows = []
         for text, url in zip(texts, urls, strict=True):
-            rows.append({"id": record_id(sha, path.name, row_no), "parents": [], "text": text or "",
+            text = text or ""
+            rows.append({"id": record_id(uri, row_no, _text_hash(text)), "parents": [], "text": text,
                          "source": _source(uri, sha, row=row_no, url=url)})  # fmt: skip
             row_no += 1
         yield _batch(rows)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from rich.progress import Progress
@@ -23,7 +23,7 @@ from manifests.data import read_table, require_columns
 from manifests.errors import DistilleryError
 from manifests.models import load_causal_lm
 from manifests.publish import Publisher
-from manifests.recipes import RecipeConfig, parse_config
+from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
 
@@ -37,8 +37,8 @@ class EvalData(RecipeConfig):
 class PerplexityRecipe(RecipeConfig):
     """Perplexity of one or more models on the answers of a chat dataset."""
 
-    name: str
-    metric: str = "perplexity"
+    name: Name
+    metric: Literal["perplexity"] = "perplexity"
     models: list[str] = Field(min_length=1)
     """Run references (full checkpoints or adapters)."""
     dataset: EvalData

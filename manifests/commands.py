@@ -71,6 +71,9 @@ def _verify(args) -> int:
 
 def _lineage_tree(node: LineageNode, tree: Tree) -> None:
     m = node.manifest
+    if m is None:
+        tree.add(f"[red]{node.missing} ({node.role}) — missing from this store[/]")
+        return
     label = f"[bold]{m.kind} {m.ref}[/] ({node.role}) stage [cyan]{m.producer.stage}[/]"
     if node.repeated:
         tree.add(label + "  (shown above)")
@@ -95,6 +98,11 @@ def print_trace(step: TraceStep, store, indent: int = 0) -> None:
     pad = "  " * indent
     arrow = "← " if indent else ""
     m = step.manifest
+    if m is None:
+        console.print(
+            f"{pad}{arrow}[red]record {step.record_id}: not found — its dataset is missing from this store[/]"
+        )
+        return
     console.print(
         f"{pad}{arrow}[bold]{m.kind} {m.ref}[/] (stage [cyan]{m.producer.stage}[/]) record {step.record_id}"
     )

@@ -19,15 +19,19 @@ import pyarrow.parquet as pq
 from manifests.errors import DistilleryError
 from manifests.schema import Manifest
 from manifests.store import Store
+from manifests.verify import ensure_verified
 
 
 @dataclass
 class LineageNode:
-    manifest: Manifest
+    manifest: Manifest | None
+    """None when the parent named by id is missing from the store."""
     role: str
     parents: list[LineageNode] = field(default_factory=list)
     repeated: bool = False
     """Already shown elsewhere in the DAG (its parents are not listed again)."""
+    missing: str | None = None
+    """``name@id`` of a parent that is not in the store."""
 
 
 def lineage(
@@ -44,12 +48,16 @@ def lineage(
         try:
             pm = store.get(parent.id)
         except DistilleryError:
+            node.parents.append(
+                LineageNode(None, parent.role, missing=f"{parent.kind} {parent.name}@{parent.id[:12]}")
+            )
             continue
         node.parents.append(lineage(store, pm, parent.role, seen))
     return node
 
 
 def _find_rows(manifest: Manifest, record_id: str) -> list[dict[str, Any]]:
+    ensure_verified(manifest)
     rows: list[dict[str, Any]] = []
     for f in manifest.data_files():
         path = manifest.location / f.path
@@ -67,6 +75,7 @@ def _find_rows(manifest: Manifest, record_id: str) -> list[dict[str, Any]]:
 
 
 def _ledger_entries(manifest: Manifest, record_id: str) -> list[dict[str, Any]]:
+    ensure_verified(manifest)
     entries: list[dict[str, Any]] = []
     for f in manifest.ledger:
         table = pq.read_table(manifest.location / f.path)
@@ -76,7 +85,8 @@ def _ledger_entries(manifest: Manifest, record_id: str) -> list[dict[str, Any]]:
 
 @dataclass
 class TraceStep:
-    manifest: Manifest
+    manifest: Manifest | None
+    """None when no dataset in the store holds the parent record (a parent dataset is missing)."""
     record_id: str
     row: dict[str, Any] | None
     ledger: list[dict[str, Any]]
@@ -107,7 +117,7 @@ def _trace_in(store: Store, manifest: Manifest, record_id: str, depth: int) -> T
                 step.parents.append(found)
                 break
         else:
-            step.parents.append(TraceStep(manifest, pid, None, []))
+            step.parents.append(TraceStep(None, pid, None, []))
     return step
 
 
@@ -169,6 +179,7 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, A
 
 
 def _ids(manifest: Manifest) -> pa.Array:
+    ensure_verified(manifest)
     tables = [pq.read_table(manifest.location / f.path, columns=["id"]) for f in manifest.data_files()]
     return pa.concat_tables(tables).column("id").combine_chunks() if tables else pa.array([], pa.string())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,6 +71,16 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -108,14 +119,30 @@ class Publisher:
         self.parent_roles = parent_roles or {}
         self.seed = seed
         self.started_at = now()
-        self.dir = store.kind_dir(kind) / name / f".tmp-{uuid.uuid4().hex}"
+        self.dir = (
+            store.name_dir(kind, name) / f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+        )
         self._splits: dict[str, str] = {}
         self._shards: dict[str, int] = {}
         self._schema: pa.Schema | None = None
 
     def __enter__(self) -> Publisher:
+        self._remove_stale()
         self.dir.mkdir(parents=True)
         return self
+
+    def _remove_stale(self) -> None:
+        """Remove what killed jobs of this name left on this host (their process is gone)."""
+        folder = self.dir.parent
+        if not folder.is_dir():
+            return
+        prefix = f".tmp-{socket.gethostname()}-"
+        for tmp in folder.glob(".tmp-*"):
+            if not tmp.name.startswith(prefix):
+                continue
+            pid = tmp.name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.dir.exists():
@@ -176,8 +203,11 @@ class Publisher:
         )
         final = self.store.artefact_dir(self.kind, self.name, id_)
         if (final / "manifest.json").is_file():
-            # Same content and recipe as an existing version: that version is this artefact.
-            return load_manifest(final)
+            # Same content and recipe as an existing version: that version is this artefact,
+            # and it becomes the latest of its name again.
+            existing = load_manifest(final)
+            self.store.record_publish(existing)
+            return existing
         commit, dirty = git_state()
         finished = now()
         manifest = Manifest(
@@ -223,7 +253,9 @@ class Publisher:
                 raise
             # Another job published the same content meanwhile: theirs is ours.
             shutil.rmtree(self.dir, ignore_errors=True)
-            return load_manifest(final)
-        _fsync_dir(final.parent)
-        manifest._location = final.resolve()
+            manifest = load_manifest(final)
+        else:
+            _fsync_dir(final.parent)
+            manifest._location = final.resolve()
+        self.store.record_publish(manifest)
         return manifest

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from manifests.errors import DistilleryError
+from manifests.store import NAME_PATTERN
 
 C = TypeVar("C", bound=BaseModel)
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN.pattern)]
+"""An artefact name: letters, digits, '.', '_' and '-' (a folder in the store, never a path)."""
 
 
 class RecipeConfig(BaseModel):
@@ -40,7 +44,9 @@ def read_recipe(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise DistilleryError(f"recipe {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DistilleryError(f"recipe {path}: not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -49,8 +55,10 @@ def read_recipe(path: Path | str) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise DistilleryError(f"recipe {path}: expected a mapping of keys at the top level")
-    if "stage" not in data:
-        raise DistilleryError(f"recipe {path}: missing 'stage:' (for example 'stage: corpus.build')")
+    if not isinstance(data.get("stage"), str) or not data["stage"]:
+        raise DistilleryError(
+            f"recipe {path}: 'stage:' must name a stage (for example 'stage: corpus.build')"
+        )
     return data
 
 
@@ -85,6 +93,8 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         suggestion = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(valid)}"
         return f"{source}: unknown key '{where}'; {suggestion}"
+    if first["type"] == "string_pattern_mismatch" and loc and loc[-1] == "name":
+        return f"{source}: '{where}': {first.get('input')!r} is not a valid name (letters, digits, '.', '_', '-')"
     if first["type"] == "missing":
         return f"{source}: missing required key '{where}'"
     got = first.get("input")

@@ -28,17 +28,35 @@ SOURCE_TYPE = pa.struct(
 """Where a source record came from: file (and line or row), or URL and WARC offset."""
 
 
-def split_of(record_id: str, fractions: dict[str, float], seed: int = 0) -> str:
-    """Assign a record to a split by hashing its id: stable whatever the order or the batch.
+def _unit(key: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
-    ``fractions`` maps split names to shares that sum to 1 (e.g. ``{"train": 0.9, "test": 0.1}``).
+
+def assign_splits(keys: list[str], fractions: dict[str, float], seed: int = 0) -> list[str]:
+    """Split names for ``keys`` in the given shares (e.g. ``{"train": 0.9, "test": 0.1}``).
+
+    Rows are ordered by a hash of their key and cut into consecutive runs, so the result depends
+    only on the set of keys and the seed (not on their order), the shares are met to within one
+    row, and every split with a positive share gets at least one row when there are enough rows.
     """
-    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    total = 0.0
+    n = len(keys)
     names = list(fractions)
-    for name in names:
-        total += fractions[name]
-        if u < total:
-            return name
-    return names[-1]
+    counts = [int(fractions[name] * n) for name in names]
+    # Largest remainders first, then make sure no positive share ends up empty.
+    by_remainder = sorted(range(len(names)), key=lambda i: fractions[names[i]] * n - counts[i], reverse=True)
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    for i, name in enumerate(names):
+        if fractions[name] > 0 and counts[i] == 0 and n >= len(names):
+            donor = max(range(len(names)), key=lambda j: counts[j])
+            counts[donor] -= 1
+            counts[i] = 1
+    order = sorted(range(n), key=lambda i: (_unit(keys[i], seed), keys[i]))
+    out = [""] * n
+    position = 0
+    for name, count in zip(names, counts, strict=True):
+        for i in order[position : position + count]:
+            out[i] = name
+        position += count
+    return out

@@ -4,6 +4,7 @@ Layout (DESIGN.md)::
 
     distillery-store/
       datasets/<name>/<id>/{manifest.json, data/*.parquet, ledger/*.parquet}
+      datasets/<name>/.published.jsonl      # every publish of this name, in order ("latest")
       runs/<name>/<id>/{manifest.json, checkpoint/…, metrics.jsonl}
       evals/<name>/<id>/{manifest.json, metrics.json}
 
@@ -14,20 +15,34 @@ unfinished job and is never listed or resolved.
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import re
+import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from manifests.errors import DistilleryError
-from manifests.schema import Kind, Manifest
+from manifests.schema import SCHEMA_VERSION, Kind, Manifest
 
 DEFAULT_STORE = "distillery-store"
 KINDS: tuple[Kind, ...] = ("dataset", "run", "eval")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""Artefact names: a folder name on every filesystem, never a path or a glob."""
+HISTORY = ".published.jsonl"
 
 
 def default_store_root() -> Path:
     return Path(os.environ.get("DISTILLERY_STORE", DEFAULT_STORE))
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name or ""):
+        raise DistilleryError(
+            f"'{name}' is not a valid name: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return name
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -39,7 +54,18 @@ def load_manifest(path: Path) -> Manifest:
             f"{path}: no manifest.json here; give a store reference (name or name@id) or a dataset folder"
         )
     try:
-        manifest = Manifest.model_validate_json(file.read_text())
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DistilleryError(
+            f"{file}: not a readable manifest ({e}); restore it or re-run its stage"
+        ) from None
+    version = raw.get("schema_version", SCHEMA_VERSION) if isinstance(raw, dict) else SCHEMA_VERSION
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise DistilleryError(
+            f"{file}: schema version {version} was written by a newer distillery (this one reads {SCHEMA_VERSION}); upgrade"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
@@ -60,54 +86,98 @@ class Store:
     def kind_dir(self, kind: Kind) -> Path:
         return self.root / f"{kind}s"
 
+    def name_dir(self, kind: Kind, name: str) -> Path:
+        return self.kind_dir(kind) / check_name(name)
+
     def artefact_dir(self, kind: Kind, name: str, id_: str) -> Path:
-        return self.kind_dir(kind) / name / id_
+        return self.name_dir(kind, name) / id_
+
+    def record_publish(self, manifest: Manifest) -> None:
+        """Note that ``manifest`` is now the latest of its name (also when it already existed)."""
+        line = json.dumps({"id": manifest.id, "at": manifest.producer.finished_at.isoformat()}) + "\n"
+        # One short O_APPEND write: concurrent publishers interleave whole lines.
+        fd = os.open(
+            self.name_dir(manifest.kind, manifest.name) / HISTORY, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        )
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def _names(self, kind: Kind) -> list[str]:
+        base = self.kind_dir(kind)
+        return (
+            sorted(p.name for p in base.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name))
+            if base.is_dir()
+            else []
+        )
+
+    def _versions(self, kind: Kind, name: str) -> list[Manifest]:
+        folder = self.kind_dir(kind) / name
+        found = []
+        for file in folder.glob("*/manifest.json"):
+            if file.parent.name.startswith("."):
+                continue
+            try:
+                found.append(load_manifest(file))
+            except DistilleryError as e:
+                # One damaged manifest must not hide every other artefact; it fails when asked for.
+                print(f"warning: skipping {e}", file=sys.stderr)
+        order = {id_: i for i, id_ in enumerate(self._history(folder))}
+        return sorted(found, key=lambda m: (order.get(m.id, -1), m.created_at, m.id))
+
+    @staticmethod
+    def _history(folder: Path) -> list[str]:
+        """Ids in the order they were last published (a re-publish moves an id to the end)."""
+        path = folder / HISTORY
+        if not path.is_file():
+            return []
+        ids: list[str] = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                id_ = json.loads(line)["id"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if id_ in ids:
+                ids.remove(id_)
+            ids.append(id_)
+        return ids
 
     def list(self, kind: Kind | None = None, name: str | None = None) -> list[Manifest]:
-        """Published manifests, oldest first."""
+        """Published manifests; the versions of one name are in publish order (latest last)."""
         found: list[Manifest] = []
         for k in [kind] if kind else KINDS:
-            base = self.kind_dir(k)
-            if not base.is_dir():
-                continue
-            pattern = f"{name}/*/manifest.json" if name else "*/*/manifest.json"
-            for file in base.glob(pattern):
-                if file.parent.name.startswith("."):
-                    continue
-                found.append(load_manifest(file))
-        return sorted(found, key=lambda m: (m.created_at, m.id))
+            for n in [name] if name else self._names(k):
+                found += self._versions(k, n)
+        return found if name else sorted(found, key=lambda m: (m.created_at, m.id))
 
     def get(self, id_: str) -> Manifest:
         """The manifest with this full id, wherever it is in the store."""
         for k in KINDS:
-            for file in self.kind_dir(k).glob(f"*/{id_}/manifest.json"):
-                return load_manifest(file)
+            for n in self._names(k):
+                file = self.kind_dir(k) / n / id_ / "manifest.json"
+                if file.is_file():
+                    return load_manifest(file)
         raise DistilleryError(f"no manifest with id {id_} in store {self.root}")
 
     def resolve(self, ref: str, kind: Kind | None = None) -> Manifest:
         """Resolve ``name`` (latest), ``name@<id-prefix>`` (pinned) or a path to a manifest."""
         ref = str(ref)
-        as_path = Path(ref)
         if ("/" in ref or ref.endswith(".json")) and "@" not in ref:
-            if as_path.exists():
-                manifest = load_manifest(as_path)
+            if Path(ref).exists():
+                manifest = load_manifest(Path(ref))
                 if kind and manifest.kind != kind:
                     raise DistilleryError(f"{ref}: is a {manifest.kind} manifest, a {kind} was expected")
                 return manifest
             raise DistilleryError(f"{ref}: no such file or folder")
         name, _, prefix = ref.partition("@")
+        if not NAME_PATTERN.match(name):
+            raise DistilleryError(
+                f"'{ref}' is neither a reference (NAME or NAME@ID-PREFIX) nor an existing path"
+            )
         candidates = self.list(kind=kind, name=name)
         if not candidates:
-            known = sorted({m.name for m in self.list(kind=kind)})
-            what = f"{kind} " if kind else ""
-            hint = difflib.get_close_matches(name, known, n=1)
-            if hint:
-                advice = f"did you mean '{hint[0]}'?"
-            elif known:
-                advice = "known: " + ", ".join(known)
-            else:
-                advice = f"the store at {self.root} holds none yet (set --store or DISTILLERY_STORE?)"
-            raise DistilleryError(f"no {what}manifest named '{name}' in {self.root}; {advice}")
+            raise DistilleryError(self._missing_name(name, kind))
         if not prefix:
             return candidates[-1]
         matches = [m for m in candidates if m.id.startswith(prefix)]
@@ -122,6 +192,18 @@ class Store:
                 f"'{ref}' is ambiguous: {len(matches)} versions match ({ids}); give more of the id"
             )
         return matches[0]
+
+    def _missing_name(self, name: str, kind: Kind | None) -> str:
+        known = sorted({n for k in ([kind] if kind else KINDS) for n in self._names(k)})
+        what = f"{kind} " if kind else ""
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        if close:
+            advice = "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+        elif known:
+            advice = "known: " + ", ".join(known)
+        else:
+            advice = f"the store at {self.root} holds none yet (set --store or DISTILLERY_STORE?)"
+        return f"no {what}manifest named '{name}' in {self.root}; {advice}"
 
     def children(self, id_: str) -> list[Manifest]:
         """Manifests that name this one as a parent."""

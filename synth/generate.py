@@ -32,8 +32,8 @@ from manifests.data import read_table, require_columns
 from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json, record_id
 from manifests.publish import Publisher
-from manifests.recipes import RecipeConfig, parse_config
-from manifests.records import split_of
+from manifests.recipes import Name, RecipeConfig, parse_config
+from manifests.records import assign_splits
 from manifests.schema import Manifest
 from manifests.store import Store
 from synth.teacher import LocalTeacher, TeacherConfig
@@ -59,7 +59,7 @@ OUTPUT_SCHEMA = pa.schema(
 class GenerateConfig(RecipeConfig):
     """Teacher answers for prompts built from a text dataset."""
 
-    name: str
+    name: Name
     input: str
     """Reference of the dataset the prompts are made from (needs ``id`` and ``text``)."""
     teacher: TeacherConfig
@@ -72,7 +72,7 @@ class GenerateConfig(RecipeConfig):
     """Use at most this many documents (a deterministic pick by record id)."""
     samples_per_prompt: int = Field(default=1, ge=1)
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 1.0})
-    """Split shares (e.g. ``{train: 0.8, test: 0.2}``), assigned by hashing each row's prompt id."""
+    """Split shares (e.g. ``{train: 0.8, test: 0.2}``), cut from the prompts ordered by a hash of their id."""
 
     @field_validator("prompt_template")
     @classmethod
@@ -143,11 +143,13 @@ def generate(cfg: GenerateConfig, store: Store) -> Manifest:
         task = progress.add_task("synth.generate", total=len(requests), tps="-")
         for start in range(0, len(requests), cfg.teacher.batch_size):
             chunk = requests[start : start + cfg.teacher.batch_size]
-            answers = teacher.answer([r["messages"] for r in chunk], seed=cfg.teacher.seed + start)
+            # Each request's sampling seed comes from its own key, so answers do not depend on batching.
+            seeds = [int(r["hash"][:8], 16) for r in chunk]
+            answers = teacher.answer([r["messages"] for r in chunk], seeds=seeds)
             for req, ans in zip(chunk, answers, strict=True):
                 tokens += ans.completion_tokens
                 rows.append(
-                    {"id": req["hash"][:20], "parents": [req["doc_id"]], "prompt_id": req["prompt_id"],
+                    {"id": record_id(req["hash"], req["doc_id"]), "parents": [req["doc_id"]], "prompt_id": req["prompt_id"],
                      "request_hash": req["hash"],
                      "messages": req["messages"] + [{"role": "assistant", "content": ans.text}],
                      "teacher": {"model": teacher.model_id, "endpoint": teacher.endpoint},
@@ -168,9 +170,14 @@ def generate(cfg: GenerateConfig, store: Store) -> Manifest:
             raise DistilleryError(
                 f"{cfg.name}: the teacher returned no usable answer for {len(rows)} prompts"
             )
+        # Split by prompt, so that the samples of one prompt never straddle train and test.
+        prompts = sorted({r["prompt_id"] for r in kept})
+        split_of_prompt = dict(
+            zip(prompts, assign_splits(prompts, cfg.splits, cfg.teacher.seed), strict=True)
+        )
         by_split: dict[str, list] = {}
         for r in kept:
-            by_split.setdefault(split_of(r["prompt_id"], cfg.splits, cfg.teacher.seed), []).append(r)
+            by_split.setdefault(split_of_prompt[r["prompt_id"]], []).append(r)
         for split, split_rows in sorted(by_split.items()):
             pub.write_table(pa.Table.from_pylist(split_rows, schema=OUTPUT_SCHEMA), split=split)
         pub.write_ledger(

@@ -69,7 +69,11 @@ class LocalTeacher:
     def model_id(self) -> str:
         return self.manifest.ref
 
-    def answer(self, conversations: list[list[dict[str, str]]], seed: int) -> list[Answer]:
+    def answer(self, conversations: list[list[dict[str, str]]], seeds: list[int]) -> list[Answer]:
+        """Answers in order. Greedy requests share one batched forward pass; sampled ones run one
+        by one under their own seed, so that an answer never depends on what it was batched with."""
+        if self.cfg.temperature > 0 and len(conversations) > 1:
+            return [a for c, s in zip(conversations, seeds, strict=True) for a in self.answer([c], [s])]
         torch = self.torch
         texts = [
             self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
@@ -81,7 +85,7 @@ class LocalTeacher:
                                   "pad_token_id": self.tokenizer.pad_token_id}  # fmt: skip
         if sample:
             kwargs |= {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p}
-            torch.manual_seed(seed)
+            torch.manual_seed(seeds[0])
         with torch.inference_mode():
             out = self.model.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1] :]

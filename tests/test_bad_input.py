@@ -124,12 +124,10 @@ def test_every_shipped_recipe_validates(recipe):
 
 
 def test_help_everywhere(cli):
-    for args in (
-        ["--help"],
-        ["corpus", "build", "--help"],
-        ["train", "--help"],
-        ["manifests", "trace", "--help"],
-    ):
+    verbs = [["corpus", "build"], ["synth", "generate"], ["train", "run"], ["train", "import-model"],
+             ["train", "make-student"], ["eval", "run"], ["run"], ["demo"]]  # fmt: skip
+    verbs += [["manifests", v] for v in ("list", "show", "verify", "lineage", "trace", "diff")]
+    for args in [["--help"]] + [v + ["--help"] for v in verbs]:
         with pytest.raises(SystemExit) as exit_:
             cli(*args)
         assert exit_.value.code == 0

@@ -104,4 +104,5 @@ def test_trace_of_a_dropped_record_shows_why_and_the_kept_copy(cli, tmp_path, st
     assert "corpus.build.exact_dedup drop (exact_duplicate)" in result.out
     assert kept["id"] in result.out
     result = cli("--store", store.root, "manifests", "trace", kept["id"])
+    assert result.code == 0
     assert "source: " in result.out and "in.jsonl line 2" in result.out

@@ -54,9 +54,16 @@ def test_synth_rows_record_their_lineage(demo):
     corpus = store.resolve("demo-corpus")
     assert {p.id for p in sft.parents} == {corpus.id, store.resolve("smollm2-135m-instruct").id}
     assert set(sft.splits()) == {"train", "test"}
-    corpus_ids = set(
-        pq.read_table(corpus.location / corpus.files[0].path, columns=["id"]).column("id").to_pylist()
-    )
+
+    def ids(m):
+        return [
+            i
+            for f in m.data_files()
+            for i in pq.read_table(m.location / f.path, columns=["id"])["id"].to_pylist()
+        ]
+
+    corpus_ids = set(ids(corpus))
+    assert len(ids(sft)) == len(set(ids(sft))) == sft.stats["rows_out"]
     for f in sft.data_files():
         for row in pq.read_table(sft.location / f.path).to_pylist():
             assert row["parents"][0] in corpus_ids

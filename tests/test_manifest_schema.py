@@ -54,3 +54,15 @@ def test_id_depends_on_content_not_order():
     e = manifest_id(files=[("x", "1"), ("y", "2")], **(base | {"parent_ids": ["p1"]}))
     assert a == b
     assert len({a, c, d, e}) == 4
+
+
+def test_splits_meet_their_shares_and_do_not_depend_on_order():
+    from manifests.records import assign_splits
+
+    keys = [f"k{i}" for i in range(10)]
+    splits = assign_splits(keys, {"train": 0.8, "test": 0.2})
+    assert splits.count("train") == 8 and splits.count("test") == 2
+    reordered = assign_splits(keys[::-1], {"train": 0.8, "test": 0.2})
+    assert dict(zip(keys[::-1], reordered, strict=True)) == dict(zip(keys, splits, strict=True))
+    few = assign_splits(keys[:3], {"train": 0.95, "test": 0.05})
+    assert few.count("test") == 1

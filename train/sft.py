@@ -28,7 +28,7 @@ from manifests.data import read_table, require_columns
 from manifests.errors import DistilleryError
 from manifests.models import CHECKPOINT_DIR, load_causal_lm
 from manifests.publish import Publisher
-from manifests.recipes import RecipeConfig, parse_config
+from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
 
@@ -54,7 +54,7 @@ class PeftSettings(RecipeConfig):
 class SFTRecipe(RecipeConfig):
     """Supervised fine-tuning of a causal LM on chat data."""
 
-    name: str
+    name: Name
     method: Literal["sft"] = "sft"
     model: str
     """Run reference of the base checkpoint (from ``train import-model`` or ``make-student``)."""
@@ -125,6 +125,15 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
     model, tokenizer = load_causal_lm(base, store)
     peft_config = None
     if cfg.peft.method == "lora":
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = [m for m in cfg.peft.target_modules if m not in names]
+        if unknown:
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if type(mod).__name__ == "Linear"}
+            )
+            raise DistilleryError(
+                f"peft.target_modules: {', '.join(unknown)} not in model {base.ref}; its linear layers: {', '.join(linear)}"
+            )
         peft_config = LoraConfig(
             r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
             target_modules=cfg.peft.target_modules, task_type="CAUSAL_LM",
