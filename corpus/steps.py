@@ -1,14 +1,26 @@
 """Pipeline steps over Arrow record batches.
 
-A step is a small class with one method over a batch. A filter only says *keep* or *drop with a
-reason*; the ``Filter`` base class applies the mask, counts, and writes the ledger entries
-(``id, step, action, reason, score`` — never the text).
+A step is a small class with one method over a batch:
+
+- a ``Filter`` says *keep* or *drop with a reason* (``decide``);
+- a ``Mapper`` rewrites the text of some rows, saying why (``transform``, e.g. PII scrubbing).
+
+Both may add score columns (``lang``, ``lang_score``, ``gopher_mean_word_length``…) that stay in
+the output for later analysis. The base classes apply the decision, count, time, and write the
+ledger entries (``id, step, action, reason, score, detail`` — never the text).
+
+Each step has a typed config (a ``StepConfig`` with a ``type`` literal) whose ``build()`` makes
+the step; recipes list them under ``steps:``::
+
+    steps:
+      - {type: min_words, min_words: 20}
+      - {type: language, keep: [en], threshold: 0.65}
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,64 +28,166 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from manifests.recipes import RecipeConfig
+
 
 @dataclass
 class Decision:
-    """What a filter decided for one batch: a keep mask, and per-row reasons/scores for drops."""
+    """What a filter decided for one batch.
+
+    ``keep`` is the mask; ``reasons``/``scores``/``details`` are per row (read for dropped rows);
+    ``columns`` are score columns added to every row of the batch before filtering.
+    """
 
     keep: pa.BooleanArray
     reasons: list[str | None] | None = None
     scores: list[float | None] | None = None
     details: list[dict | None] | None = None
+    columns: dict[str, pa.Array] = field(default_factory=dict)
+
+
+@dataclass
+class Change:
+    """What a mapper did to one batch: the new text column and, per changed row, why.
+
+    ``drop`` (optional) removes rows outright — e.g. a document with more PII findings than a
+    scrubber is allowed to rewrite; ``drop_reasons`` says why, per row.
+    """
+
+    text: pa.Array
+    changed: pa.BooleanArray
+    reasons: list[str | None] | None = None
+    details: list[dict | None] | None = None
+    columns: dict[str, pa.Array] = field(default_factory=dict)
+    drop: pa.BooleanArray | None = None
+    drop_reasons: list[str | None] | None = None
 
 
 @dataclass
 class StepStats:
     rows_in: int = 0
     rows_out: int = 0
+    changed: int = 0
+    seconds: float = 0.0
     reasons: Counter = field(default_factory=Counter)
+    """Dropped rows by reason."""
+    changes: Counter = field(default_factory=Counter)
+    """Changed (kept) rows by reason."""
+
+    def merge(self, other: StepStats) -> None:
+        self.rows_in += other.rows_in
+        self.rows_out += other.rows_out
+        self.changed += other.changed
+        self.seconds += other.seconds
+        self.reasons.update(other.reasons)
+        self.changes.update(other.changes)
+
+    def as_dict(self) -> dict:
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "changed": self.changed,
+                "seconds": round(self.seconds, 4), "reasons": dict(sorted(self.reasons.items())),
+                "changes": dict(sorted(self.changes.items()))}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StepStats:
+        return cls(data["rows_in"], data["rows_out"], data["changed"], data["seconds"],
+                   Counter(data["reasons"]), Counter(data.get("changes", {})))  # fmt: skip
 
 
-class Filter(ABC):
-    """Base of keep/drop steps; subclasses implement ``decide``."""
+def _with_columns(batch: pa.RecordBatch, columns: dict[str, pa.Array]) -> pa.RecordBatch:
+    for name, values in columns.items():
+        index = batch.schema.get_field_index(name)
+        if index >= 0:
+            batch = batch.set_column(index, name, values)
+        else:
+            batch = batch.append_column(name, values)
+    return batch
 
-    name = "filter"
-    reason = "dropped"
+
+class Step(ABC):
+    """Common part of filters and mappers: a name, statistics and the ledger."""
+
+    name = "step"
 
     def __init__(self) -> None:
         self.stats = StepStats()
         self.ledger: list[dict] = []
+
+    def _log(self, rid: str, action: str, reason: str, score: float | None, detail: dict | None) -> None:
+        (self.stats.reasons if action == "drop" else self.stats.changes)[reason] += 1
+        self.ledger.append(
+            {"id": rid, "step": self.name, "action": action, "reason": reason, "score": score,
+             "detail": json.dumps(detail, sort_keys=True) if detail else None}
+        )  # fmt: skip
+
+    @abstractmethod
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch: ...
+
+
+class Filter(Step):
+    """Base of keep/drop steps; subclasses implement ``decide``."""
+
+    reason = "dropped"
 
     @abstractmethod
     def decide(self, batch: pa.RecordBatch) -> Decision:
         """Which rows of ``batch`` to keep, and why the others go."""
 
     def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        started = time.perf_counter()
         decision = self.decide(batch)
-        keep = decision.keep
         self.stats.rows_in += batch.num_rows
         ids = batch.column("id").to_pylist()
-        for i, kept in enumerate(keep.to_pylist()):
-            if kept:
-                continue
-            reason = (decision.reasons[i] if decision.reasons else None) or self.reason
-            self.stats.reasons[reason] += 1
-            detail = decision.details[i] if decision.details else None
-            self.ledger.append(
-                {"id": ids[i], "step": self.name, "action": "drop", "reason": reason,
-                 "score": decision.scores[i] if decision.scores else None,
-                 "detail": json.dumps(detail, sort_keys=True) if detail else None}
-            )  # fmt: skip
-        out = batch.filter(keep)
+        for i, kept in enumerate(decision.keep.to_pylist()):
+            if not kept:
+                reason = (decision.reasons[i] if decision.reasons else None) or self.reason
+                score = decision.scores[i] if decision.scores else None
+                self._log(ids[i], "drop", reason, score, decision.details[i] if decision.details else None)
+        out = _with_columns(batch, decision.columns).filter(decision.keep)
         self.stats.rows_out += out.num_rows
+        self.stats.seconds += time.perf_counter() - started
         return out
 
-    def summary(self) -> dict:
-        return {
-            "rows_in": self.stats.rows_in,
-            "rows_out": self.stats.rows_out,
-            "dropped": dict(self.stats.reasons),
-        }
+
+class Mapper(Step):
+    """Base of steps that rewrite text; subclasses implement ``transform``."""
+
+    reason = "changed"
+
+    @abstractmethod
+    def transform(self, batch: pa.RecordBatch) -> Change:
+        """The new text of every row, and which rows changed and why."""
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        started = time.perf_counter()
+        change = self.transform(batch)
+        ids = batch.column("id").to_pylist()
+        dropped = change.drop.to_pylist() if change.drop is not None else [False] * batch.num_rows
+        for i, changed in enumerate(change.changed.to_pylist()):
+            detail = change.details[i] if change.details else None
+            if dropped[i]:
+                reason = (change.drop_reasons[i] if change.drop_reasons else None) or "dropped"
+                self._log(ids[i], "drop", reason, None, detail)
+            elif changed:
+                self.stats.changed += 1
+                reason = (change.reasons[i] if change.reasons else None) or self.reason
+                self._log(ids[i], "change", reason, None, detail)
+        out = batch.set_column(batch.schema.get_field_index("text"), "text", change.text)
+        out = _with_columns(out, change.columns)
+        if change.drop is not None:
+            out = out.filter(pc.invert(change.drop))
+        self.stats.rows_in += batch.num_rows
+        self.stats.rows_out += out.num_rows
+        self.stats.seconds += time.perf_counter() - started
+        return out
+
+
+class StepConfig(RecipeConfig):
+    """Base of step configs: ``type`` names the step; ``build`` makes it."""
+
+    type: str
+
+    def build(self) -> Step:  # pragma: no cover - every subclass overrides
+        raise TypeError(f"step type {self.type} cannot be built")
 
 
 def word_counts(texts: pa.Array) -> pa.Array:
@@ -101,36 +215,3 @@ def normalise(texts: pa.Array, case_fold: bool = True) -> pa.Array:
     """Collapse whitespace runs and trim; optionally lower-case (column-wise)."""
     out = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, pattern=r"\s+", replacement=" "))
     return pc.utf8_lower(out) if case_fold else out
-
-
-class ExactDedupFilter(Filter):
-    """Keep the first document of each normalised text; later copies name it in the ledger.
-
-    Holds one 16-byte digest per kept document: fine for the thin path and for millions of
-    documents; corpus-scale dedup (out-of-core, MinHash) is its own global step.
-    """
-
-    name = "exact_dedup"
-    reason = "exact_duplicate"
-
-    def __init__(self, case_fold: bool = True):
-        super().__init__()
-        self.case_fold = case_fold
-        self.seen: dict[bytes, str] = {}
-
-    def decide(self, batch: pa.RecordBatch) -> Decision:
-        texts = normalise(batch.column("text"), self.case_fold).to_pylist()
-        ids = batch.column("id").to_pylist()
-        keep: list[bool] = []
-        details: list[dict | None] = []
-        for rid, text in zip(ids, texts, strict=True):
-            digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
-            first = self.seen.get(digest)
-            if first is None:
-                self.seen[digest] = rid
-                keep.append(True)
-                details.append(None)
-            else:
-                keep.append(False)
-                details.append({"duplicate_of": first})
-        return Decision(keep=pa.array(keep, pa.bool_()), details=details)

@@ -114,7 +114,10 @@ def add_recipe_verb(
     """A verb that runs a recipe of one package's stages (``distillery corpus build RECIPE``)."""
 
     def run(args: argparse.Namespace) -> int:
-        manifest = run_recipe_file(args.recipe, args.store_obj, args.overrides, expect=expect)
+        overrides = list(args.overrides)
+        if getattr(args, "workers", None):
+            overrides.append(f"workers={args.workers}")
+        manifest = run_recipe_file(args.recipe, args.store_obj, overrides, expect=expect)
         print_published(manifest)
         if report:
             report(manifest)

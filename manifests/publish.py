@@ -108,6 +108,7 @@ class Publisher:
         parents: list[Manifest] | None = None,
         parent_roles: dict[str, str] | None = None,
         seed: int | None = None,
+        execution: dict[str, Any] | None = None,
     ):
         refuse_secrets(recipe)
         self.store = store
@@ -118,6 +119,7 @@ class Publisher:
         self.parents = parents or []
         self.parent_roles = parent_roles or {}
         self.seed = seed
+        self.execution = execution or {}
         self.started_at = now()
         self.dir = (
             store.name_dir(kind, name) / f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
@@ -147,6 +149,11 @@ class Publisher:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def schema(self) -> pa.Schema | None:
+        """The schema of the shards written so far (None before the first)."""
+        return self._schema
 
     def write_table(self, table: pa.Table, split: str = "train") -> Path:
         """Write one Parquet shard of ``split``; all shards of an artefact share one schema."""
@@ -230,6 +237,7 @@ class Publisher:
                 started_at=self.started_at,
                 finished_at=finished,
                 hardware=hardware(),
+                execution=self.execution,
             ),
             files=files,
             ledger=ledger,

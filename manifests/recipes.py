@@ -13,6 +13,8 @@ into the output manifest.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -62,37 +64,62 @@ def read_recipe(path: Path | str) -> dict[str, Any]:
     return data
 
 
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that owns the field at ``loc`` (for key suggestions)."""
-    current: Any = model
+def _members(tp: Any) -> list[Any]:
+    """The types a field annotation can hold (through Annotated, Optional, unions and lists)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _members(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(tp) for m in _members(arg)]
+    if origin in (list, tuple, set, dict):
+        return [m for arg in typing.get_args(tp) for m in _members(arg)]
+    return [tp]
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, str]:
+    """(the model owning the last key of ``loc``, the location as the user wrote it).
+
+    Pydantic puts the tag of a discriminated union into the location (``steps.0.min_words.x``);
+    the user wrote ``steps[0].x``, so the tag is followed but not shown.
+    """
+    current: list[Any] = [model]
+    shown: list[str] = []
+    owner: type[BaseModel] | None = model
     for part in loc:
+        models = [m for m in current if isinstance(m, type) and issubclass(m, BaseModel)]
         if isinstance(part, int):
+            shown.append(str(part))
             continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(part)
-        if field is None:
-            return None
-        current = field.annotation
-        args = getattr(current, "__args__", ())
-        for arg in args:
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                current = arg
-                break
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+        tagged = [m for m in models if "type" in m.model_fields and m.model_fields["type"].default == part]
+        if tagged and len(models) > 1:
+            current = tagged
+            continue
+        owner = next((m for m in models if part in m.model_fields), models[0] if models else None)
+        shown.append(str(part))
+        field = owner.model_fields.get(part) if owner else None
+        current = _members(field.annotation) if field else []
+    models = [m for m in current if isinstance(m, type) and issubclass(m, BaseModel)]
+    return (models[0] if len(models) == 1 else owner), ".".join(shown)
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel], source: str) -> str:
     """One line for the first problem of a config, with the nearest valid key for a typo."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
-    where = ".".join(str(x) for x in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
-        owner = _model_at(model, loc[:-1]) or model
+        owner, where = _walk(model, loc[:-1])
+        owner = owner or model
+        where = f"{where}.{loc[-1]}" if where else str(loc[-1])
         valid = [k for k in owner.model_fields if k != "stage"]
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         suggestion = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(valid)}"
         return f"{source}: unknown key '{where}'; {suggestion}"
+    _, where = _walk(model, loc)
+    where = where or "(top level)"
+    if first["type"] == "union_tag_invalid":
+        expected = first.get("ctx", {}).get("expected_tags", "")
+        tag = first.get("ctx", {}).get("tag", first.get("input"))
+        return f"{source}: '{where}': unknown type {tag!r}; known types: {expected}"
     if first["type"] == "string_pattern_mismatch" and loc and loc[-1] == "name":
         return f"{source}: '{where}': {first.get('input')!r} is not a valid name (letters, digits, '.', '_', '-')"
     if first["type"] == "missing":

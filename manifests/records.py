@@ -23,6 +23,9 @@ SOURCE_TYPE = pa.struct(
         ("row", pa.int64()),
         ("offset", pa.int64()),
         ("url", pa.string()),
+        ("fetch_date", pa.string()),
+        ("http_status", pa.int32()),
+        ("content_type", pa.string()),
     ]
 )
 """Where a source record came from: file (and line or row), or URL and WARC offset."""

@@ -67,6 +67,8 @@ class Producer(BaseModel):
     started_at: datetime
     finished_at: datetime
     hardware: dict[str, Any] = Field(default_factory=dict)
+    execution: dict[str, Any] = Field(default_factory=dict)
+    """How it ran (workers, executor): recorded, but not part of the id — the output does not depend on it."""
 
 
 class Manifest(BaseModel):

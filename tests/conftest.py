@@ -54,7 +54,7 @@ def write_recipe(path: Path, text: str) -> Path:
 def corpus_recipe(tmp_path: Path, source: Path, name: str = "c", extra: str = "") -> Path:
     return write_recipe(
         tmp_path / f"{name}.yaml",
-        f"stage: corpus.build\nname: {name}\ninputs:\n  - {{path: {source}, format: jsonl}}\nmin_words: 3\n{extra}",
+        f"stage: corpus.build\nname: {name}\ninputs:\n  - {{path: {source}, format: jsonl}}\nsteps: [{{type: min_words, min_words: 3}}]\n{extra}",
     )
 
 

@@ -25,11 +25,12 @@ def test_missing_recipe_file(cli, store):
 
 def test_mistyped_key_names_it_and_suggests_the_nearest(cli, tmp_path, store):
     recipe = write_recipe(
-        tmp_path / "r.yaml", "stage: corpus.build\nname: c\ninputs: [{path: x}]\nmin_wrods: 3\n"
+        tmp_path / "r.yaml",
+        "stage: corpus.build\nname: c\ninputs: [{path: x}]\nsteps: [{type: min_words, min_wrods: 3}]\n",
     )
     result = cli("--store", store.root, "run", recipe)
     _one_line_error(result)
-    assert "unknown key 'min_wrods'; did you mean 'min_words'?" in result.err
+    assert "unknown key 'steps.0.min_wrods'; did you mean 'min_words'?" in result.err
 
 
 def test_mistyped_nested_key(cli, tmp_path, store):
@@ -43,11 +44,11 @@ def test_mistyped_nested_key(cli, tmp_path, store):
 
 def test_wrong_type(cli, tmp_path, store):
     recipe = write_recipe(
-        tmp_path / "r.yaml", "stage: corpus.build\nname: c\ninputs: [{path: x}]\nmin_words: many\n"
+        tmp_path / "r.yaml", "stage: corpus.build\nname: c\ninputs: [{path: x}]\nworkers: many\n"
     )
     result = cli("--store", store.root, "run", recipe)
     _one_line_error(result)
-    assert "'min_words'" in result.err and "'many'" in result.err
+    assert "'workers'" in result.err and "'many'" in result.err
 
 
 def test_unknown_stage_and_invalid_yaml(cli, tmp_path, store):
@@ -139,7 +140,7 @@ def test_set_overrides_nested_values_and_rejects_malformed(cli, tmp_path, store)
     data = apply_overrides({"teacher": {"model": "m"}}, ["teacher.max_new_tokens=8", "splits={train: 1.0}"])
     assert data == {"teacher": {"model": "m", "max_new_tokens": 8}, "splits": {"train": 1.0}}
     result = cli(
-        "--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml", "--set", "min_words"
+        "--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml", "--set", "workers"
     )
     _one_line_error(result)
     assert "expected KEY=VALUE" in result.err
@@ -151,11 +152,11 @@ def test_set_overrides_nested_values_and_rejects_malformed(cli, tmp_path, store)
             "build",
             "examples/recipes/demo-corpus.yaml",
             "--set",
-            "min_words=100",
+            "dedup.exact=false",
         ).code
         == 0
     )
-    assert store.resolve("demo-corpus").producer.recipe["min_words"] == 100
+    assert store.resolve("demo-corpus").producer.recipe["dedup"]["exact"] is False
 
 
 def test_an_unwritable_store_is_one_line(cli, tmp_path):

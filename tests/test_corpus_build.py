@@ -26,9 +26,9 @@ def test_demo_corpus_recipe_reads_both_formats_with_source_pointers(cli, store):
         if src["uri"].endswith(".jsonl"):
             assert json.loads(lines[src["line"] - 1])["text"] == row["text"]
     assert len(set(table.column("id").to_pylist())) == table.num_rows
-    stats = m.stats["steps"]
-    assert stats["min_words"]["dropped"]["too_short"] >= 10
-    assert stats["exact_dedup"]["dropped"]["exact_duplicate"] >= 12  # 8 + 4 normalised in JSONL, 3 in notes
+    funnel = {row["step"]: row for row in m.stats["funnel"]}
+    assert funnel["min_words"]["removed"]["too_short"] >= 10
+    assert funnel["exact_dedup"]["removed"]["exact_duplicate"] >= 12  # 8 + 4 normalised in JSONL, 3 in notes
     assert m.stats["rows_in"] == 250 and m.stats["rows_out"] == table.num_rows
 
 
@@ -36,7 +36,8 @@ def test_ledger_records_reasons_and_the_kept_duplicate_without_text(cli, tmp_pat
     rows = docs(5) + [{"text": "too short"}] + [{"text": docs(5)[2]["text"].upper() + "  "}]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     recipe = write_recipe(
-        tmp_path / "r.yaml", f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\nmin_words: 3\n"
+        tmp_path / "r.yaml",
+        f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\nsteps: [{{type: min_words, min_words: 3}}]\n",
     )
     assert cli("--store", store.root, "corpus", "build", recipe).code == 0
     m = store.resolve("c")
@@ -55,7 +56,7 @@ def test_parquet_input_and_row_pointers(cli, tmp_path, store):
     pq.write_table(pa.table({"body": [d["text"] for d in docs(4)]}), src)
     recipe = write_recipe(
         tmp_path / "r.yaml",
-        f"stage: corpus.build\nname: p\ninputs: [{{path: {src}, format: parquet, text_field: body}}]\nmin_words: 1\n",
+        f"stage: corpus.build\nname: p\ninputs: [{{path: {src}, format: parquet, text_field: body}}]\nsteps: [{{type: min_words, min_words: 1}}]\n",
     )
     assert cli("--store", store.root, "corpus", "build", recipe).code == 0
     rows = read_table(store.resolve("p")).to_pylist()
@@ -78,21 +79,22 @@ def test_diff_between_two_versions(cli, tmp_path, store):
     for min_words in (3, 5):
         recipe = write_recipe(
             tmp_path / "r.yaml",
-            f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\nmin_words: {min_words}\n",
+            f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\nsteps: [{{type: min_words, min_words: {min_words}}}]\n",
         )
         assert cli("--store", store.root, "corpus", "build", recipe).code == 0
     old, new = store.list(kind="dataset")
     result = cli("--store", store.root, "manifests", "diff", old.ref, new.ref)
     assert result.code == 0
     assert "+0 added, -1 removed, 10 kept" in result.out
-    assert "recipe min_words: 3 → 5" in result.out
+    assert "recipe steps: " in result.out
 
 
 def test_trace_of_a_dropped_record_shows_why_and_the_kept_copy(cli, tmp_path, store):
     rows = docs(3)
     src = write_jsonl(tmp_path / "in.jsonl", rows + [rows[1]])
     recipe = write_recipe(
-        tmp_path / "r.yaml", f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\nmin_words: 1\n"
+        tmp_path / "r.yaml",
+        f"stage: corpus.build\nname: c\ninputs: [{{path: {src}}}]\nsteps: [{{type: min_words, min_words: 1}}]\n",
     )
     assert cli("--store", store.root, "corpus", "build", recipe).code == 0
     m = store.resolve("c")

@@ -40,8 +40,8 @@ def test_latest_is_the_last_published_even_when_it_existed_before(cli, tmp_path,
     src = write_jsonl(tmp_path / "in.jsonl", docs(10) + [{"text": "a b c d"}])
     ids = []
     for min_words in (3, 5, 3):
-        recipe = corpus_recipe(tmp_path, src, "c", f"min_words: {min_words}\n".replace("min_words: 3\n", ""))
-        recipe.write_text(recipe.read_text().replace("min_words: 3\n", f"min_words: {min_words}\n"))
+        recipe = corpus_recipe(tmp_path, src, "c")
+        recipe.write_text(recipe.read_text().replace("min_words: 3}", f"min_words: {min_words}}}"))
         assert cli("--store", store.root, "corpus", "build", recipe).code == 0
         ids.append(store.resolve("c").id)
     assert ids[0] == ids[2] != ids[1]
@@ -82,7 +82,7 @@ def test_an_input_listed_twice_is_an_error_not_duplicate_ids(cli, tmp_path, stor
     src = write_jsonl(tmp_path / "in.jsonl", docs(3))
     recipe = write_recipe(
         tmp_path / "r.yaml",
-        f"stage: corpus.build\nname: c\nexact_dedup: false\ninputs: [{{path: {src}}}, {{path: {src}}}]\n",
+        f"stage: corpus.build\nname: c\ndedup: {{exact: false}}\ninputs: [{{path: {src}}}, {{path: {src}}}]\n",
     )
     result = cli("--store", store.root, "corpus", "build", recipe)
     _one_line_error(result)
@@ -203,12 +203,13 @@ def test_interrupt_publishes_nothing(cli, tmp_path, store, monkeypatch):
         yield from ()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus.build, "read_source", interrupted)
+    monkeypatch.setattr(corpus.build, "read_task", interrupted)
     src = write_jsonl(tmp_path / "in.jsonl", docs(3))
     result = cli("--store", store.root, "corpus", "build", corpus_recipe(tmp_path, src))
     _one_line_error(result, code=130)
     assert store.list() == []
-    assert list((store.root / "datasets" / "c").iterdir()) == []
+    # Only the resumable work folder stays (never listed); no half-published dataset.
+    assert [p.name.split("-")[0] for p in (store.root / "datasets" / "c").iterdir()] == [".work"]
 
 
 def test_model_source_that_is_neither_package_nor_folder(cli, store, monkeypatch):
