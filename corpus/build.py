@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -34,10 +35,12 @@ import pyarrow.parquet as pq
 from pydantic import Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from corpus.classifier import ClassifierConfig
 from corpus.executor import run_tasks
 from corpus.language import LanguageConfig
 from corpus.sources import RECORD_SCHEMA, ReadLog, SourceConfig, Task, plan_tasks, read_task
 from corpus.steps import MinWordsFilter, StepConfig, StepStats, normalise
+from corpus.toxicity import ToxicityConfig
 from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json
 from manifests.publish import LEDGER_SCHEMA, Publisher
@@ -52,11 +55,13 @@ class MinWordsConfig(StepConfig):
     type: Literal["min_words"] = "min_words"
     min_words: int = Field(default=20, ge=0)
 
-    def build(self) -> MinWordsFilter:
+    def build(self, store=None) -> MinWordsFilter:
         return MinWordsFilter(self.min_words)
 
 
-AnyStep = Annotated[MinWordsConfig | LanguageConfig, Field(discriminator="type")]
+AnyStep = Annotated[
+    MinWordsConfig | LanguageConfig | ToxicityConfig | ClassifierConfig, Field(discriminator="type")
+]
 
 
 class DedupConfig(RecipeConfig):
@@ -95,10 +100,11 @@ def _step_name(step) -> str:
     return f"corpus.build.{step.name}"
 
 
-def run_task(task: Task, cfg_json: str, work: str) -> dict[str, Any]:
+def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str, Any]:
     """Phase 1 for one task (in a worker): read, apply the steps, leave rows + ledger + marker."""
     cfg = CorpusBuildConfig.model_validate_json(cfg_json)
-    steps = [s.build() for s in cfg.steps]
+    store = Store(store_root)
+    steps = [s.build(store) for s in cfg.steps]
     log = ReadLog()
     folder = Path(work)
     stem = folder / f"task-{task.index:05d}"
@@ -139,7 +145,7 @@ def _work_dir(cfg: CorpusBuildConfig, tasks: list[Task], store: Store) -> Path:
     return store.name_dir("dataset", cfg.name) / f".work-{digest}"
 
 
-def _phase1(cfg: CorpusBuildConfig, tasks: list[Task], work: Path) -> dict[int, dict[str, Any]]:
+def _phase1(cfg: CorpusBuildConfig, tasks: list[Task], work: Path, store: Store) -> dict[int, dict[str, Any]]:
     results: dict[int, dict[str, Any]] = {}
     todo = []
     for task in tasks:
@@ -156,7 +162,9 @@ def _phase1(cfg: CorpusBuildConfig, tasks: list[Task], work: Path) -> dict[int, 
             "corpus.build tasks", total=len(tasks), completed=len(results), docs=0, rate="-"
         )
         docs = 0
-        for result in run_tasks(run_task, [(t, cfg_json, str(work)) for t in todo], cfg.workers):
+        for result in run_tasks(
+            run_task, [(t, cfg_json, str(work), str(store.root)) for t in todo], cfg.workers
+        ):
             results[result["index"]] = result
             docs += result["rows_in"]
             elapsed = progress.tasks[0].elapsed or 1e-9
@@ -207,6 +215,8 @@ def _phase2(
             rows_out += pending_rows
         pending, pending_rows = [], 0
 
+    cuts = _global_cuts(cfg, tasks, results, work)
+    cut_ledger: list[dict] = []
     ledgers: dict[str, list[pa.Table]] = {}
     for task in tasks:
         result = results[task.index]
@@ -224,6 +234,16 @@ def _phase2(
                         f"input {where}: record {rid} was already read (is this input listed twice?)"
                     )
                 seen_ids.add(rid)
+            for column, cutoff, reason in cuts:
+                scores = batch.column(column)
+                keep = pc.greater_equal(scores, cutoff)
+                for rid, score, kept in zip(
+                    batch.column("id").to_pylist(), scores.to_pylist(), keep.to_pylist(), strict=True
+                ):
+                    if not kept:
+                        cut_ledger.append({"id": rid, "step": f"corpus.build.{column}", "action": "drop", "reason": reason,
+                                           "score": score, "detail": json.dumps({"cutoff": cutoff})})  # fmt: skip
+                batch = batch.filter(keep)
             if dedup is not None:
                 batch = dedup(batch)
             if schema is None:
@@ -234,16 +254,44 @@ def _phase2(
             if pending_rows >= cfg.shard_rows:
                 flush()
     flush()
+    for step in sorted({entry["step"] for entry in cut_ledger}):
+        rows = [entry for entry in cut_ledger if entry["step"] == step]
+        ledgers.setdefault(step, []).append(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA))
     if dedup is not None and dedup.ledger:
         ledgers.setdefault("corpus.build.exact_dedup", []).append(
             pa.Table.from_pylist(dedup.ledger, schema=LEDGER_SCHEMA)
         )
     for step, tables in ledgers.items():
         pub.write_ledger(pa.concat_tables(tables), step=step)
-    return _funnel(cfg, results, len(dedup.ledger) if dedup else 0, rows_out)
+    return _funnel(cfg, results, cut_ledger, len(dedup.ledger) if dedup else 0, rows_out)
 
 
-def _funnel(cfg: CorpusBuildConfig, results: dict, dedup_dropped: int, rows_out: int) -> dict[str, Any]:
+def _global_cuts(
+    cfg: CorpusBuildConfig, tasks: list[Task], results: dict, work: Path
+) -> list[tuple[str, float, str]]:
+    """(column, cutoff, reason) for every step that keeps a top fraction of the whole build."""
+    cuts = []
+    for step in cfg.steps:
+        cut = step.global_cut()
+        if cut is None:
+            continue
+        column, fraction, reason = cut
+        files = [work / results[t.index]["data"] for t in tasks if results[t.index]["data"]]
+        ranked = sorted(
+            (s for f in files for s in pq.read_table(f, columns=[column]).column(column).to_pylist()),
+            reverse=True,
+        )
+        if not ranked:
+            continue
+        keep = max(1, math.ceil(fraction * len(ranked)))
+        # Ties at the cutoff are all kept: the cut never depends on row order.
+        cuts.append((column, ranked[keep - 1], reason))
+    return cuts
+
+
+def _funnel(
+    cfg: CorpusBuildConfig, results: dict, cut_ledger: list[dict], dedup_dropped: int, rows_out: int
+) -> dict[str, Any]:
     skipped: Counter = Counter()
     steps: dict[str, StepStats] = {}
     for result in results.values():
@@ -259,6 +307,12 @@ def _funnel(cfg: CorpusBuildConfig, results: dict, dedup_dropped: int, rows_out:
         funnel.append({"step": name, "in": stats.rows_in, "out": stats.rows_out, "changed": stats.changed,
                        "removed": dict(sorted(stats.reasons.items())), "changes": dict(sorted(stats.changes.items())),
                        "seconds": round(stats.seconds, 3)})  # fmt: skip
+    cut_counts = Counter(entry["step"].removeprefix("corpus.build.") for entry in cut_ledger)
+    after_steps = funnel[-1]["out"]
+    for column, dropped in sorted(cut_counts.items()):
+        funnel.append({"step": f"{column} (top fraction)", "in": after_steps, "out": after_steps - dropped,
+                       "removed": {f"{column}_below_top_fraction": dropped}})  # fmt: skip
+        after_steps -= dropped
     if cfg.dedup.exact:
         kept = rows_out
         funnel.append({"step": "exact_dedup", "in": kept + dedup_dropped, "out": kept,
@@ -267,12 +321,14 @@ def _funnel(cfg: CorpusBuildConfig, results: dict, dedup_dropped: int, rows_out:
 
 
 def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
+    parents = [m for step in cfg.steps for m in step.prepare(store)]
     tasks = plan_tasks(cfg.inputs, store, cfg.split_bytes)
     work = _work_dir(cfg, tasks, store)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        results = _phase1(cfg, tasks, work)
+        results = _phase1(cfg, tasks, work, store)
         with Publisher(store, kind="dataset", name=cfg.name, stage="corpus.build", recipe=cfg.content_recipe(),
+                       parents=parents, parent_roles={m.id: "step_model" for m in parents},
                        seed=cfg.seed, execution={"workers": cfg.workers}) as pub:  # fmt: skip
             stats = _phase2(cfg, tasks, results, work, pub)
             if stats["rows_out"] == 0:

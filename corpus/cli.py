@@ -29,3 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--workers", type=int, metavar="N", help="worker processes (overrides the recipe's workers)"
     )
+    add_recipe_verb(
+        verbs, "train-classifier", expect="corpus", help_="train a fastText classifier from two datasets",
+        description="Train a fastText classifier (e.g. curated vs random web text, as DCLM does) and\n"
+        "publish it as a run; the 'classifier' step of corpus.build scores documents with it.",
+        example="distillery corpus train-classifier examples/recipes/quality-classifier.yaml",
+    )  # fmt: skip

@@ -99,5 +99,5 @@ class LanguageConfig(StepConfig):
     max_chars: int = Field(default=10_000, ge=1)
     """Characters of each document read by the model (the start is enough to tell the language)."""
 
-    def build(self) -> LanguageFilter:
+    def build(self, store=None) -> LanguageFilter:
         return LanguageFilter(self.keep, self.threshold, self.model_path, self.max_chars)

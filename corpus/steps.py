@@ -182,11 +182,24 @@ class Mapper(Step):
 
 
 class StepConfig(RecipeConfig):
-    """Base of step configs: ``type`` names the step; ``build`` makes it."""
+    """Base of step configs: ``type`` names the step; ``build`` makes it (once per worker).
+
+    A step that needs artefacts from the store (a trained classifier) resolves and pins them in
+    ``prepare`` — run once, before any task — and returns their manifests, which become parents of
+    the output. A step whose decision needs the whole build (keep the top 10%) says so in
+    ``global_cut``: phase 1 only scores, phase 2 cuts.
+    """
 
     type: str
 
-    def build(self) -> Step:  # pragma: no cover - every subclass overrides
+    def prepare(self, store) -> list:
+        return []
+
+    def global_cut(self) -> tuple[str, float, str] | None:
+        """(score column, fraction of documents to keep, reason for the rest), or None."""
+        return None
+
+    def build(self, store=None) -> Step:  # pragma: no cover - every subclass overrides
         raise TypeError(f"step type {self.type} cannot be built")
 
 
