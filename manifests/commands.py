@@ -154,6 +154,25 @@ def _diff(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    import os
+    from pathlib import Path
+
+    from manifests.report import render_html, summarise
+
+    m = args.store_obj.resolve(args.ref)
+    summary = summarise(m)
+    if args.format == "json":
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    out = Path(args.out or f"{m.name}-{m.id[:12]}.html")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(render_html(summary), encoding="utf-8")
+    os.replace(tmp, out)
+    console.print(f"report for {m.ref} → {out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from manifests.cli import add_group, add_verb
 
@@ -192,6 +211,11 @@ def register(sub: argparse._SubParsersAction) -> None:
              "distillery manifests trace 7f3c0a9e12b4c5d6e7f8")  # fmt: skip
     p.add_argument("record_id")
     p.add_argument("--in", dest="ref", help="dataset to start from (default: search the store)")
+    p = verb("report", _report, "an HTML page (funnel, languages, lengths, scores, PII) or JSON for a dataset",
+             "distillery manifests report demo-corpus --out report.html")  # fmt: skip
+    p.add_argument("ref")
+    p.add_argument("--format", choices=["html", "json"], default="html")
+    p.add_argument("--out", help="HTML file to write (default: NAME-ID.html here)")
     p = verb(
         "diff", _diff, "what changed between two versions of a dataset", "distillery manifests diff old new"
     )

@@ -98,3 +98,17 @@ def test_toxicity_step_scores_and_drops(cli, tmp_path, store):
 def test_toxicity_config_rejects_an_unknown_language():
     with pytest.raises(Exception, match="no word list for 'xx'"):
         ToxicityConfig(languages=["xx"]).build()
+
+
+def test_report_html_and_json(cli, tmp_path, store):
+    assert cli("--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml").code == 0
+    result = cli("--store", store.root, "manifests", "report", "demo-corpus", "--format", "json")
+    summary = json.loads(result.out)
+    assert summary["rows"] == sum(summary["languages"].values()) and set(summary["languages"]) == {"en"}
+    assert summary["funnel"][0]["step"] == "read" and summary["funnel"][-1]["out"] == summary["rows"]
+    assert summary["scores"]["language_score"]["min"] >= 0.65
+    assert summary["length_words"]["min"] >= 20
+    out = tmp_path / "r.html"
+    assert cli("--store", store.root, "manifests", "report", "demo-corpus", "--out", out).code == 0
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "exact_duplicate" in page and "<table>" in page

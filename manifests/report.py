@@ -1,0 +1,152 @@
+"""Dataset reports: one self-contained HTML page (plots inlined) or JSON for machines.
+
+    distillery manifests report demo-corpus                 # → demo-corpus-<id>.html
+    distillery manifests report demo-corpus --format json
+
+What it shows: the funnel (documents in, removed per step with reasons, out), the language
+distribution, document length, every numeric score column, and PII counts — read from the
+manifest's stats and the dataset's columns (the text itself is only measured, never shown).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from manifests.errors import DistilleryError
+from manifests.schema import Manifest
+from manifests.verify import ensure_verified
+
+_SKIP_NUMERIC = {"line", "row", "offset", "http_status"}
+_BINS = 30
+
+
+def _histogram(values: list[float], bins: int = _BINS) -> dict[str, Any]:
+    if not values:
+        return {"count": 0}
+    lo, hi = min(values), max(values)
+    width = (hi - lo) / bins or 1.0
+    counts = [0] * bins
+    for v in values:
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {"count": len(values), "min": lo, "max": hi, "mean": sum(values) / len(values), "median": median,
+            "bin_edges": [lo + i * width for i in range(bins + 1)], "counts": counts}  # fmt: skip
+
+
+def summarise(manifest: Manifest) -> dict[str, Any]:
+    """Everything the report shows, as plain data (the ``--format json`` output)."""
+    if manifest.kind != "dataset":
+        raise DistilleryError(f"report describes datasets; {manifest.ref} is a {manifest.kind}")
+    ensure_verified(manifest)
+    languages: Counter = Counter()
+    chars: list[float] = []
+    words: list[float] = []
+    scores: dict[str, list[float]] = {}
+    pii: Counter = Counter()
+    for f in manifest.data_files():
+        table = pq.read_table(manifest.location / f.path)
+        if "text" in table.column_names:
+            text = table.column("text")
+            chars += pc.utf8_length(text).to_pylist()
+            words += pc.list_value_length(pc.utf8_split_whitespace(text)).to_pylist()
+        if "language" in table.column_names:
+            languages.update(table.column("language").to_pylist())
+        for field in table.schema:
+            if field.name in _SKIP_NUMERIC or not (
+                pa.types.is_floating(field.type) or pa.types.is_integer(field.type)
+            ):
+                continue
+            scores.setdefault(field.name, []).extend(
+                v for v in table.column(field.name).to_pylist() if v is not None
+            )
+        if "pii_counts" in table.column_names:
+            for counts in table.column("pii_counts").to_pylist():
+                pii.update(json.loads(counts) if isinstance(counts, str) else (counts or {}))
+    stats = manifest.stats
+    pii.update(stats.get("pii", {}) if not pii else {})
+    return {
+        "dataset": manifest.ref, "id": manifest.id, "stage": manifest.producer.stage,
+        "rows": sum(f.rows or 0 for f in manifest.data_files()), "splits": manifest.splits(),
+        "funnel": stats.get("funnel", []),
+        "languages": dict(languages.most_common()),
+        "length_chars": _histogram(chars), "length_words": _histogram(words),
+        "scores": {name: _histogram(values) for name, values in sorted(scores.items())},
+        "pii": dict(pii.most_common()),
+    }  # fmt: skip
+
+
+def _plot(draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen: render to memory
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    draw(ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _hist_plot(title: str, hist: dict[str, Any]) -> str:
+    if not hist.get("count"):
+        return ""
+
+    def draw(ax):
+        edges = hist["bin_edges"]
+        ax.bar(edges[:-1], hist["counts"], width=(edges[1] - edges[0]) or 1, align="edge", color="#4a78a8")
+        ax.set_title(title)
+        ax.set_ylabel("documents")
+
+    return _plot(draw)
+
+
+def _bar_plot(title: str, counts: dict[str, int]) -> str:
+    if not counts:
+        return ""
+    items = list(counts.items())[:20]
+
+    def draw(ax):
+        ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#4a78a8")
+        ax.set_title(title)
+
+    return _plot(draw)
+
+
+def render_html(summary: dict[str, Any]) -> str:
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(str(r['step']))}</td><td>{r['in']}</td><td>{r['out']}</td><td>{r.get('changed', '')}</td>"
+        f"<td>{esc(', '.join(f'{k}: {v}' for k, v in r.get('removed', {}).items()))}</td></tr>"
+        for r in summary["funnel"]
+    )
+    sections = [
+        f"<h1>Dataset {esc(summary['dataset'])}</h1>",
+        f"<p>id <code>{summary['id']}</code> · stage {esc(summary['stage'])} · {summary['rows']} rows · "
+        f"splits {esc(', '.join(summary['splits']))}</p>",
+        "<h2>Funnel</h2><table><tr><th>step</th><th>in</th><th>out</th><th>changed</th><th>removed</th></tr>"
+        f"{rows}</table>" if rows else "",
+        "<h2>Languages</h2>" + _bar_plot("documents per language", summary["languages"]) if summary["languages"] else "",
+        "<h2>Length</h2>" + _hist_plot("characters per document", summary["length_chars"])
+        + _hist_plot("words per document", summary["length_words"]),
+        "<h2>Scores</h2>" + "".join(_hist_plot(name, hist) for name, hist in summary["scores"].items())
+        if summary["scores"] else "",
+        "<h2>PII found</h2>" + _bar_plot("findings per entity type", summary["pii"]) if summary["pii"] else "",
+    ]  # fmt: skip
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}")  # fmt: skip
+    body = "\n".join(s for s in sections if s)
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(summary['dataset'])}</title><style>{style}</style></head><body>{body}</body></html>\n"
