@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 from collections import Counter
@@ -30,16 +29,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from corpus.classifier import ClassifierConfig
+from corpus.combine import Combiner, add_keys, global_counts, use_returning_memory_pool, write_ledgers
 from corpus.executor import run_tasks
 from corpus.language import LanguageConfig
+from corpus.pii import PiiConfig
 from corpus.sources import RECORD_SCHEMA, ReadLog, SourceConfig, Task, plan_tasks, read_task
-from corpus.steps import MinWordsFilter, StepConfig, StepStats, normalise
+from corpus.steps import MinWordsFilter, StepConfig, StepStats
 from corpus.toxicity import ToxicityConfig
 from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json
@@ -60,7 +60,8 @@ class MinWordsConfig(StepConfig):
 
 
 AnyStep = Annotated[
-    MinWordsConfig | LanguageConfig | ToxicityConfig | ClassifierConfig, Field(discriminator="type")
+    MinWordsConfig | LanguageConfig | ToxicityConfig | ClassifierConfig | PiiConfig,
+    Field(discriminator="type"),
 ]
 
 
@@ -103,6 +104,7 @@ def _step_name(step) -> str:
 def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str, Any]:
     """Phase 1 for one task (in a worker): read, apply the steps, leave rows + ledger + marker."""
     cfg = CorpusBuildConfig.model_validate_json(cfg_json)
+    use_returning_memory_pool()
     store = Store(store_root)
     steps = [s.build(store) for s in cfg.steps]
     log = ReadLog()
@@ -116,6 +118,7 @@ def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str,
             for step in steps:
                 batch = step(batch)
             if batch.num_rows:
+                batch = add_keys(batch, cfg.dedup.case_fold)
                 if writer is None:
                     writer = pq.ParquetWriter(f"{stem}.parquet", batch.schema, compression="zstd")
                 writer.write_batch(batch)
@@ -172,133 +175,36 @@ def _phase1(cfg: CorpusBuildConfig, tasks: list[Task], work: Path, store: Store)
     return results
 
 
-class _ExactDedup:
-    """First-seen-wins exact dedup over whitespace-normalised (optionally case-folded) text.
-
-    Holds one 16-byte digest per kept document: fine up to hundreds of millions of documents;
-    near-duplicate dedup at corpus scale is its own out-of-core step.
-    """
-
-    def __init__(self, case_fold: bool):
-        self.case_fold = case_fold
-        self.seen: dict[bytes, str] = {}
-        self.ledger: list[dict] = []
-
-    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        texts = normalise(batch.column("text"), self.case_fold).to_pylist()
-        keep = []
-        for rid, text in zip(batch.column("id").to_pylist(), texts, strict=True):
-            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-            first = self.seen.setdefault(digest, rid)
-            keep.append(first == rid)
-            if first != rid:
-                self.ledger.append({"id": rid, "step": "corpus.build.exact_dedup", "action": "drop",
-                                    "reason": "exact_duplicate", "score": None,
-                                    "detail": json.dumps({"duplicate_of": first})})  # fmt: skip
-        return batch.filter(pa.array(keep, pa.bool_()))
-
-
 def _phase2(
     cfg: CorpusBuildConfig, tasks: list[Task], results: dict, work: Path, pub: Publisher
 ) -> dict[str, Any]:
-    """Combine task outputs in task order: unique ids, exact dedup, shards, ledgers, funnel."""
-    dedup = _ExactDedup(cfg.dedup.case_fold) if cfg.dedup.exact else None
-    seen_ids: set[str] = set()
-    pending: list[pa.RecordBatch] = []
-    pending_rows = rows_out = 0
-    schema: pa.Schema | None = None
-
-    def flush() -> None:
-        nonlocal pending, pending_rows, rows_out
-        if pending:
-            pub.write_table(pa.Table.from_batches(pending, schema=schema))
-            rows_out += pending_rows
-        pending, pending_rows = [], 0
-
-    cuts = _global_cuts(cfg, tasks, results, work)
-    cut_ledger: list[dict] = []
-    ledgers: dict[str, list[pa.Table]] = {}
-    for task in tasks:
-        result = results[task.index]
-        if result["ledger"]:
-            table = pq.read_table(work / result["ledger"])
-            for step in sorted(set(table.column("step").to_pylist())):
-                ledgers.setdefault(step, []).append(table.filter(pc.equal(table.column("step"), step)))
-        if not result["data"]:
-            continue
-        for batch in pq.ParquetFile(work / result["data"]).iter_batches(batch_size=10_000):
-            for rid in batch.column("id").to_pylist():
-                if rid in seen_ids:
-                    where = cfg.inputs[task.input_index].path or cfg.inputs[task.input_index].dataset
-                    raise DistilleryError(
-                        f"input {where}: record {rid} was already read (is this input listed twice?)"
-                    )
-                seen_ids.add(rid)
-            for column, cutoff, reason in cuts:
-                scores = batch.column(column)
-                keep = pc.greater_equal(scores, cutoff)
-                for rid, score, kept in zip(
-                    batch.column("id").to_pylist(), scores.to_pylist(), keep.to_pylist(), strict=True
-                ):
-                    if not kept:
-                        cut_ledger.append({"id": rid, "step": f"corpus.build.{column}", "action": "drop", "reason": reason,
-                                           "score": score, "detail": json.dumps({"cutoff": cutoff})})  # fmt: skip
-                batch = batch.filter(keep)
-            if dedup is not None:
-                batch = dedup(batch)
-            if schema is None:
-                schema = batch.schema
-            if batch.num_rows:
-                pending.append(batch)
-                pending_rows += batch.num_rows
-            if pending_rows >= cfg.shard_rows:
-                flush()
-    flush()
-    for step in sorted({entry["step"] for entry in cut_ledger}):
-        rows = [entry for entry in cut_ledger if entry["step"] == step]
-        ledgers.setdefault(step, []).append(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA))
-    if dedup is not None and dedup.ledger:
-        ledgers.setdefault("corpus.build.exact_dedup", []).append(
-            pa.Table.from_pylist(dedup.ledger, schema=LEDGER_SCHEMA)
-        )
-    for step, tables in ledgers.items():
-        pub.write_ledger(pa.concat_tables(tables), step=step)
-    return _funnel(cfg, results, cut_ledger, len(dedup.ledger) if dedup else 0, rows_out)
+    """Combine task outputs in task order: unique ids, global cuts, exact dedup, shards, ledgers."""
+    with_data = [t for t in tasks if results[t.index]["data"]]
+    inputs = [cfg.inputs[t.input_index].path or cfg.inputs[t.input_index].dataset or "" for t in with_data]
+    cuts = [cut for step in cfg.steps if (cut := step.global_cut()) is not None]
+    combiner = Combiner([work / results[t.index]["data"] for t in with_data], inputs, cfg.dedup.exact, cuts)
+    rows_out, ledger = combiner.stream(pub, cfg.shard_rows)
+    write_ledgers(
+        pub, [work / results[t.index]["ledger"] for t in tasks if results[t.index]["ledger"]], ledger
+    )
+    return _funnel(cfg, results, global_counts(ledger), rows_out)
 
 
-def _global_cuts(
-    cfg: CorpusBuildConfig, tasks: list[Task], results: dict, work: Path
-) -> list[tuple[str, float, str]]:
-    """(column, cutoff, reason) for every step that keeps a top fraction of the whole build."""
-    cuts = []
-    for step in cfg.steps:
-        cut = step.global_cut()
-        if cut is None:
-            continue
-        column, fraction, reason = cut
-        files = [work / results[t.index]["data"] for t in tasks if results[t.index]["data"]]
-        ranked = sorted(
-            (s for f in files for s in pq.read_table(f, columns=[column]).column(column).to_pylist()),
-            reverse=True,
-        )
-        if not ranked:
-            continue
-        keep = max(1, math.ceil(fraction * len(ranked)))
-        # Ties at the cutoff are all kept: the cut never depends on row order.
-        cuts.append((column, ranked[keep - 1], reason))
-    return cuts
+_STANDARD_STATS = {"rows_in", "rows_out", "changed", "seconds", "reasons", "changes"}
 
 
-def _funnel(
-    cfg: CorpusBuildConfig, results: dict, cut_ledger: list[dict], dedup_dropped: int, rows_out: int
-) -> dict[str, Any]:
+def _funnel(cfg: CorpusBuildConfig, results: dict, removed: Counter, rows_out: int) -> dict[str, Any]:
     skipped: Counter = Counter()
     steps: dict[str, StepStats] = {}
+    tallies: dict[str, dict[str, Counter]] = {}
     for result in results.values():
         skipped.update(result["skipped"])
         for name, stats in result["steps"].items():
-            merged = steps.setdefault(name, StepStats())
-            merged.merge(StepStats.from_dict(stats))
+            steps.setdefault(name, StepStats()).merge(StepStats.from_dict(stats))
+            # Step-specific tallies (e.g. PII findings per entity type) are summed as they are.
+            for key, value in stats.items():
+                if key not in _STANDARD_STATS and isinstance(value, dict):
+                    tallies.setdefault(name, {}).setdefault(key, Counter()).update(value)
     rows_read = sum(r["rows_in"] for r in results.values())
     funnel = [
         {"step": "read", "in": rows_read + sum(skipped.values()), "out": rows_read, "removed": dict(skipped)}
@@ -306,21 +212,35 @@ def _funnel(
     for name, stats in steps.items():
         funnel.append({"step": name, "in": stats.rows_in, "out": stats.rows_out, "changed": stats.changed,
                        "removed": dict(sorted(stats.reasons.items())), "changes": dict(sorted(stats.changes.items())),
-                       "seconds": round(stats.seconds, 3)})  # fmt: skip
-    cut_counts = Counter(entry["step"].removeprefix("corpus.build.") for entry in cut_ledger)
-    after_steps = funnel[-1]["out"]
-    for column, dropped in sorted(cut_counts.items()):
-        funnel.append({"step": f"{column} (top fraction)", "in": after_steps, "out": after_steps - dropped,
-                       "removed": {f"{column}_below_top_fraction": dropped}})  # fmt: skip
-        after_steps -= dropped
+                       "seconds": round(stats.seconds, 3)} | {k: dict(sorted(v.items())) for k, v in tallies.get(name, {}).items()})  # fmt: skip
+    remaining = funnel[-1]["out"]
+    for step in cfg.steps:
+        if (cut := step.global_cut()) is not None:
+            column, _, reason = cut
+            dropped = removed.get(column, 0)
+            funnel.append({"step": f"{column} (top fraction)", "in": remaining, "out": remaining - dropped,
+                           "removed": {reason: dropped} if dropped else {}})  # fmt: skip
+            remaining -= dropped
     if cfg.dedup.exact:
-        kept = rows_out
-        funnel.append({"step": "exact_dedup", "in": kept + dedup_dropped, "out": kept,
-                       "removed": {"exact_duplicate": dedup_dropped} if dedup_dropped else {}})  # fmt: skip
-    return {"rows_in": funnel[0]["in"], "rows_out": rows_out, "tasks": len(results), "funnel": funnel}
+        dropped = removed.get("exact_dedup", 0)
+        funnel.append({"step": "exact_dedup", "in": remaining, "out": remaining - dropped,
+                       "removed": {"exact_duplicate": dropped} if dropped else {}})  # fmt: skip
+    stats: dict[str, Any] = {
+        "rows_in": funnel[0]["in"],
+        "rows_out": rows_out,
+        "tasks": len(results),
+        "funnel": funnel,
+    }
+    pii = Counter()
+    for per_step in tallies.values():
+        pii.update(per_step.get("pii_counts", {}))
+    if pii:
+        stats["pii"] = dict(sorted(pii.items()))
+    return stats
 
 
 def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
+    use_returning_memory_pool()
     parents = [m for step in cfg.steps for m in step.prepare(store)]
     tasks = plan_tasks(cfg.inputs, store, cfg.split_bytes)
     work = _work_dir(cfg, tasks, store)

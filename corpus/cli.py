@@ -35,3 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "publish it as a run; the 'classifier' step of corpus.build scores documents with it.",
         example="distillery corpus train-classifier examples/recipes/quality-classifier.yaml",
     )  # fmt: skip
+    add_recipe_verb(
+        verbs, "crawl", expect="corpus", help_="crawl the web politely into WARC files and a page index",
+        description="Fetch pages from seed URLs or a URL list: robots.txt and Crawl-delay obeyed, per-host\n"
+        "rate limits, Retry-After honoured, private addresses refused unless allowed; resumable.\n"
+        "Feed the result to corpus.build with an input '{dataset: NAME, format: warc}'.",
+        example="distillery corpus crawl examples/recipes/crawl-local.yaml --set 'seeds=[https://example.org/]'",
+    )  # fmt: skip

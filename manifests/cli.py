@@ -18,6 +18,7 @@ from manifests.store import Store
 
 STAGES = {
     "corpus.build": "corpus.build:run_recipe",
+    "corpus.crawl": "corpus.crawl:run_recipe",
     "corpus.train-classifier": "corpus.classifier:run_train",
     "synth.generate": "synth.generate:run_recipe",
     "train": "train.sft:run_recipe",

@@ -94,6 +94,42 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+class ShardWriter:
+    """Writes batches into consecutive Parquet shards of one split (memory: one batch)."""
+
+    def __init__(self, publisher: Publisher, split: str, shard_rows: int):
+        self.publisher, self.split, self.shard_rows = publisher, split, shard_rows
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_shard = 0
+        self.rows = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        while batch.num_rows:
+            if self._writer is None:
+                batch = self.publisher._conform(batch)
+                _, path = self.publisher._next_shard(self.split)
+                self._writer = pq.ParquetWriter(path, self.publisher._schema, compression="zstd")
+                self._rows_in_shard = 0
+            room = self.shard_rows - self._rows_in_shard
+            part, batch = batch.slice(0, room), batch.slice(room)
+            self._writer.write_batch(self.publisher._conform(part))
+            self._rows_in_shard += part.num_rows
+            self.rows += part.num_rows
+            if self._rows_in_shard >= self.shard_rows:
+                self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Publisher:
     """Collects the files of one artefact and publishes them with their manifest, atomically."""
 
@@ -155,20 +191,32 @@ class Publisher:
         """The schema of the shards written so far (None before the first)."""
         return self._schema
 
-    def write_table(self, table: pa.Table, split: str = "train") -> Path:
-        """Write one Parquet shard of ``split``; all shards of an artefact share one schema."""
-        if self._schema is None:
-            self._schema = table.schema
-        elif not table.schema.equals(self._schema):
-            table = table.cast(self._schema)
+    def _next_shard(self, split: str) -> tuple[str, Path]:
         index = self._shards.get(split, 0)
         self._shards[split] = index + 1
         rel = f"data/{split}-{index:05d}.parquet"
         path = self.dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path, compression="zstd")
         self._splits[rel] = split
+        return rel, path
+
+    def _conform(self, table: pa.Table | pa.RecordBatch):
+        if self._schema is None:
+            self._schema = table.schema
+        elif not table.schema.equals(self._schema):
+            table = table.cast(self._schema)
+        return table
+
+    def write_table(self, table: pa.Table, split: str = "train") -> Path:
+        """Write one Parquet shard of ``split``; all shards of an artefact share one schema."""
+        table = self._conform(table)
+        _, path = self._next_shard(split)
+        pq.write_table(table, path, compression="zstd")
         return path
+
+    def shard_writer(self, split: str = "train", shard_rows: int = 50_000) -> ShardWriter:
+        """Stream batches into shards of ``shard_rows`` rows, holding one batch at a time."""
+        return ShardWriter(self, split, shard_rows)
 
     def write_ledger(self, rows: list[dict[str, Any]] | pa.Table, step: str) -> Path | None:
         """Write the ledger of one step (dropped/changed records, without their text)."""

@@ -1,0 +1,386 @@
+"""Crawl policy: which URLs the crawler may fetch, and how politely it fetches them.
+
+Everything here is decided without touching the frontier or the WARC files:
+
+- ``normalise_url`` gives one spelling per URL (``HTTP://Example.COM:80/a/../b?z=1&a=2#top`` →
+  ``http://example.com/b?a=2&z=1``), so de-duplication is a string comparison;
+- ``Scope`` says which hosts a crawl may reach (a domain and its subdomains);
+- ``AddressGuard`` refuses loopback, private, link-local and other non-public addresses at the
+  moment a connection is opened;
+- ``RobotsRules`` applies a robots.txt as RFC 9309 says; ``HostGate`` spaces the requests to one
+  host and honours a server's Retry-After;
+- ``extract_links`` reads the links of an HTML page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+import time
+import urllib.robotparser
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+
+import httpcore
+import httpx
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
+DOMAIN = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+"""A host name as ``normalise_url`` leaves it (lower case, punycode)."""
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+# --- URLs -------------------------------------------------------------------------------------
+
+
+def _normalise_escapes(text: str, safe: str) -> str:
+    """Decode escapes of unreserved characters, upper-case the rest, escape what must be (RFC 3986 6.2.2)."""
+
+    def fix(match: re.Match[str]) -> str:
+        char = chr(int(match.group(1), 16))
+        return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+    return quote(_ESCAPE.sub(fix, text), safe=safe)
+
+
+def _remove_dot_segments(path: str) -> str:
+    segments = path.split("/")
+    out: list[str] = []
+    for segment in segments[1:]:
+        if segment == ".":
+            continue
+        if segment == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")
+    return "/" + "/".join(out)
+
+
+def normalise_url(url: str, base: str | None = None) -> str:
+    """The canonical spelling of an http(s) URL, resolved against ``base``; ``ValueError`` if malformed.
+
+    Scheme and host are lower-cased, an internationalised host becomes punycode, the default port,
+    user info and fragment are dropped, dot segments are resolved, percent-escapes are made
+    canonical and the query parameters are sorted (their order rarely changes the page, and a
+    crawler that treats ``?a=1&b=2`` and ``?b=2&a=1`` as two pages fetches it twice).
+    """
+    try:
+        text = urljoin(base, url.strip()) if base is not None else url.strip()
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"malformed URL ({e})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError("not an http or https URL")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise ValueError("no host")
+    if ":" in host:
+        try:
+            netloc = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            raise ValueError(f"malformed IPv6 host {host!r}") from None
+    else:
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ValueError(f"host {host!r} is not a valid internationalised name") from None
+        if not DOMAIN.match(host):
+            raise ValueError(f"malformed host {host!r}")
+        netloc = host
+    if port is not None and port != DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    path = _normalise_escapes(_remove_dot_segments(parts.path or "/"), safe="/%:@!$&'()*+,;=")
+    params = sorted(_normalise_escapes(p, safe="=%:@!$'()*+,;/?") for p in parts.query.split("&") if p)
+    return urlunsplit((scheme, netloc, path, "&".join(params), ""))
+
+
+def host_key(url: str) -> str:
+    """The host a URL's requests count against (host and port): the unit of politeness."""
+    return urlsplit(url).netloc
+
+
+def origin(url: str) -> str:
+    """``scheme://host[:port]``: the unit robots.txt applies to (RFC 9309 section 2.3)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class Scope:
+    """The hosts a crawl may reach: each listed domain and its subdomains."""
+
+    def __init__(self, domains: Iterable[str]):
+        self.domains = sorted({d.strip().lower().strip(".") for d in domains if d.strip()})
+
+    @classmethod
+    def from_seeds(cls, urls: Iterable[str]) -> Scope:
+        # ``www.`` is dropped so that example.com and www.example.com, which are almost always
+        # one site, stay in scope of each other.
+        hosts = (urlsplit(u).hostname or "" for u in urls)
+        return cls(h[4:] if h.startswith("www.") else h for h in hosts)
+
+    def contains(self, url: str) -> bool:
+        host = (urlsplit(url).hostname or "").rstrip(".")
+        return any(host == d or host.endswith("." + d) for d in self.domains)
+
+
+# --- addresses --------------------------------------------------------------------------------
+
+
+def is_public_address(address: str) -> bool:
+    """True for a globally routable unicast address; False for loopback, private, link-local…"""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv4 address wrapped in IPv6 (::ffff:127.0.0.1, 6to4, Teredo) is judged as itself.
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            ip = embedded
+    return ip.is_global and not ip.is_multicast
+
+
+class PrivateAddressRefused(Exception):
+    """A host resolved to an address the crawl may not connect to."""
+
+    def __init__(self, host: str, address: str):
+        super().__init__(f"{host} resolves to the non-public address {address}")
+        self.host = host
+        self.address = address
+
+
+class AddressGuard(httpcore.AsyncNetworkBackend):
+    """A network backend that only dials public addresses.
+
+    The check sits where the socket is opened and dials the very address it checked, so a DNS
+    answer that changes between a check and the connection (DNS rebinding) cannot slip through,
+    and seeds, links, redirect targets and robots.txt fetches are all covered by one check.
+    """
+
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {e}") from e
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        # One non-public answer refuses the host: a name that mixes public and internal
+        # addresses is exactly what a rebinding attack looks like.
+        for address in addresses:
+            if not is_public_address(address):
+                raise PrivateAddressRefused(host, address)
+        error: Exception = httpcore.ConnectError(f"no address for {host}")
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except httpcore.ConnectError as e:
+                error = e
+        raise error
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
+        raise PrivateAddressRefused(path, "a unix socket")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def http_transport(max_connections: int, allow_private_addresses: bool) -> httpx.AsyncHTTPTransport:
+    """httpx's transport, with every connection checked by ``AddressGuard`` unless private is allowed.
+
+    Proxies from the environment are ignored: through a proxy the address check would judge the
+    proxy, not the host.
+    """
+    limits = httpx.Limits(max_connections=max_connections)
+    transport = httpx.AsyncHTTPTransport(trust_env=False, limits=limits)
+    if not allow_private_addresses:
+        # httpx has no public hook for the network backend; swapping the pool it wraps keeps
+        # httpx's request/response handling and puts the check under every connection.
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=max_connections,
+            network_backend=AddressGuard(),
+        )
+    return transport
+
+
+# --- politeness -------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class HostGate:
+    """Politeness towards one host: a concurrency limit, a minimum spacing between request starts,
+    and a pause the server asked for with Retry-After (which holds back every URL of the host)."""
+
+    def __init__(self, concurrency: int, delay: float):
+        self._slots = asyncio.Semaphore(concurrency)
+        self.delay = delay
+        self._next = 0.0
+        self._blocked_until = 0.0
+
+    def defer(self, seconds: float) -> None:
+        self._blocked_until = max(self._blocked_until, time.monotonic() + seconds)
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        async with self._slots:
+            while True:
+                now = time.monotonic()
+                start = max(now, self._next, self._blocked_until)
+                if start <= now:
+                    self._next = now + self.delay
+                    break
+                # Re-check after waking: another request may have taken this slot meanwhile.
+                await asyncio.sleep(start - now)
+            yield
+
+
+@dataclass
+class RobotsRules:
+    """One origin's robots.txt, applied as RFC 9309 says."""
+
+    parser: urllib.robotparser.RobotFileParser | None
+    """None when nothing is restricted (no robots.txt: 4xx)."""
+    disallow_all: bool = False
+    """The robots.txt was unreachable (5xx, 429, network errors): crawl nothing (RFC 9309 2.3.1.4)."""
+    unreachable: dict[str, Any] | None = None
+    """Why it was unreachable (status or last error), for the ledger."""
+
+    def allows(self, url: str, user_agent: str) -> bool:
+        if self.disallow_all:
+            return False
+        return self.parser is None or self.parser.can_fetch(user_agent, url)
+
+    def delay(self, user_agent: str) -> float | None:
+        """Seconds between requests that the robots.txt asks for (Crawl-delay or Request-rate)."""
+        if self.parser is None:
+            return None
+        delay = self.parser.crawl_delay(user_agent)
+        rate = self.parser.request_rate(user_agent)
+        candidates = [float(delay)] if delay is not None else []
+        if rate is not None and rate.requests > 0:
+            candidates.append(rate.seconds / rate.requests)
+        return max(candidates) if candidates else None
+
+
+ROBOTS_MAX_BYTES = 512 * 1024
+"""RFC 9309 asks crawlers to parse at least the first 500 KiB."""
+
+
+def parse_robots(status: int | None, body: bytes) -> RobotsRules:
+    """Rules from a robots.txt fetch: ``status`` None means it could not be fetched at all."""
+    if status is None or status == 429 or status >= 500:
+        return RobotsRules(parser=None, disallow_all=True, unreachable={"robots_status": status})
+    if not 200 <= status < 300:
+        return RobotsRules(parser=None)
+    parser = urllib.robotparser.RobotFileParser()
+    parser.parse(body[:ROBOTS_MAX_BYTES].decode("utf-8", errors="replace").splitlines())
+    return RobotsRules(parser=parser)
+
+
+# --- links ------------------------------------------------------------------------------------
+
+
+class _LinkParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+        self.base: str | None = None
+        self.nofollow = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {k: v or "" for k, v in attrs}
+        if tag in ("a", "area") and values.get("href"):
+            if "nofollow" not in values.get("rel", "").lower().split():
+                self.hrefs.append(values["href"])
+        elif tag == "base" and values.get("href") and self.base is None:
+            self.base = values["href"]
+        elif tag == "meta" and values.get("name", "").lower() == "robots":
+            self.nofollow |= "nofollow" in values.get("content", "").lower()
+
+
+def media_type(content_type: str | None) -> str:
+    """``text/html; charset=utf-8`` → ``text/html``."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _charset(content_type: str | None) -> str:
+    for param in (content_type or "").split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip():
+            return value.strip().strip("\"'")
+    return "utf-8"
+
+
+def extract_links(body: bytes, content_type: str | None, page_url: str, limit: int) -> list[str]:
+    """Normalised http(s) links of an HTML page, in document order, at most ``limit``.
+
+    ``<base href>`` is honoured, and so are ``rel="nofollow"`` and ``<meta name="robots"
+    content="nofollow">``. Bytes that are not valid in the page's charset become U+FFFD here only:
+    the page itself is stored as it came.
+    """
+    try:
+        text = body.decode(_charset(content_type), errors="replace")
+    except LookupError:
+        text = body.decode("utf-8", errors="replace")
+    parser = _LinkParser()
+    try:
+        parser.feed(text)
+        parser.close()
+    except (AssertionError, ValueError):
+        pass  # html.parser gives up on a few pathological inputs; keep the links found so far
+    if parser.nofollow:
+        return []
+    base = page_url
+    if parser.base:
+        with suppress(ValueError):
+            base = normalise_url(parser.base, page_url)
+    links: dict[str, None] = {}
+    for href in parser.hrefs:
+        if len(links) >= limit:
+            break
+        try:
+            links[normalise_url(href, base)] = None
+        except ValueError:
+            continue  # mailto:, javascript:, malformed: not pages to crawl
+    return list(links)
