@@ -241,14 +241,21 @@ def _funnel(cfg: CorpusBuildConfig, results: dict, removed: Counter, rows_out: i
 
 def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
     use_returning_memory_pool()
-    parents = [m for step in cfg.steps for m in step.prepare(store)]
+    parents = []
+    for source in cfg.inputs:
+        if source.dataset is not None:
+            # Pinned: the dataset's id (and a rerun) then depend on exactly this version of the input.
+            manifest = store.resolve(source.dataset, kind="dataset")
+            source.dataset = f"{manifest.name}@{manifest.id}"
+            parents.append(manifest)
+    parents += [m for step in cfg.steps for m in step.prepare(store)]
     tasks = plan_tasks(cfg.inputs, store, cfg.split_bytes)
     work = _work_dir(cfg, tasks, store)
     work.mkdir(parents=True, exist_ok=True)
     try:
         results = _phase1(cfg, tasks, work, store)
         with Publisher(store, kind="dataset", name=cfg.name, stage="corpus.build", recipe=cfg.content_recipe(),
-                       parents=parents, parent_roles={m.id: "step_model" for m in parents},
+                       parents=parents, parent_roles={m.id: "step_model" for m in parents if m.kind == "run"},
                        seed=cfg.seed, execution={"workers": cfg.workers}) as pub:  # fmt: skip
             stats = _phase2(cfg, tasks, results, work, pub)
             if stats["rows_out"] == 0:

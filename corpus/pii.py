@@ -342,7 +342,7 @@ class PiiConfig(StepConfig):
         value = os.environ.get(self.hash_key_env)
         return value.encode() if value else None
 
-    def build(self) -> PiiScrubber:
+    def build(self, store=None) -> PiiScrubber:
         actions = {e: self.actions.get(e, self.action) for e in self.entities}
         key = self.hash_key()
         if "hash" in actions.values() and not key:

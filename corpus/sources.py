@@ -92,6 +92,10 @@ class Task:
     """Byte offset where this task starts reading (JSONL split into ranges)."""
     end: int | None = None
     first_line: int = 1
+    index_files: tuple[str, ...] = ()
+    """For a crawl dataset's WARC file: its index shards, whose rows become each record's parent."""
+    warc_name: str | None = None
+    """The WARC file's path inside its dataset, as the index names it."""
 
     def key(self) -> dict:
         """What identifies the task's input, cheaply (for resuming)."""
@@ -176,8 +180,10 @@ def plan_tasks(
                 raise DistilleryError(
                     f"input dataset {manifest.ref} has no WARC files; give 'path' for a table"
                 )
+            index = tuple(str(manifest.location / f.path) for f in manifest.data_files())
             for f in warcs:
-                tasks.append(Task(len(tasks), i, "warc", (str(manifest.location / f.path),), (f.sha256,)))
+                tasks.append(Task(len(tasks), i, "warc", (str(manifest.location / f.path),), (f.sha256,),
+                                  index_files=index, warc_name=f.path))  # fmt: skip
             continue
         files = _files(cfg)
         if cfg.format == "text":
@@ -311,6 +317,17 @@ def _read_parquet(task: Task, cfg: SourceConfig, batcher: _Batcher) -> Iterator[
                 yield batch
 
 
+def _crawl_index(task: Task) -> dict[int, list[str]]:
+    """WARC offset → [index row id] for a crawl dataset's WARC file (empty for plain files)."""
+    found: dict[int, list[str]] = {}
+    for path in task.index_files:
+        table = pq.read_table(path, columns=["id", "warc_file", "warc_offset"])
+        for rid, name, offset in zip(*(table.column(c).to_pylist() for c in ("id", "warc_file", "warc_offset")), strict=True):
+            if name == task.warc_name:
+                found[offset] = [rid]
+    return found
+
+
 def _read_warc(task: Task, cfg: SourceConfig, batcher: _Batcher, log: ReadLog) -> Iterator[pa.RecordBatch]:
     from warcio.archiveiterator import ArchiveIterator
     from warcio.exceptions import ArchiveLoadFailed
@@ -318,6 +335,7 @@ def _read_warc(task: Task, cfg: SourceConfig, batcher: _Batcher, log: ReadLog) -
     path = Path(task.files[0])
     uri, sha = display_path(path), task.sha256[0]
     limits = ExtractLimits(max_bytes=cfg.max_bytes, timeout_s=cfg.extract_timeout_s)
+    parents = _crawl_index(task)
     wanted = "conversion" if task.format == "wet" else "response"
     with open(path, "rb") as f:
         records = ArchiveIterator(f)
@@ -352,7 +370,7 @@ def _read_warc(task: Task, cfg: SourceConfig, batcher: _Batcher, log: ReadLog) -
                 if text is None:
                     log.skip(rid, reason or "extract_empty", {"url": url, "offset": offset, "status": status})
                     continue
-                row = {"id": rid, "parents": [], "text": text,
+                row = {"id": rid, "parents": parents.get(offset, []), "text": text,
                        "source": _source(uri, sha, offset=offset, url=url, fetch_date=date, http_status=status,
                                          content_type=content_type)}  # fmt: skip
                 if (batch := batcher.add(row)) is not None:

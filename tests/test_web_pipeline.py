@@ -1,0 +1,128 @@
+"""The example web pipeline end to end: crawl a loopback site, then extract → language → toxicity
+→ PII → dedup, and trace a document back to its URL and WARC offset."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from manifests.data import read_table
+
+from .test_crawl import respond, site  # noqa: F401 - the fixture is used by name
+
+pytestmark = pytest.mark.network
+
+ARTICLE = (
+    "<html><head><title>{title}</title></head><body><nav>Home | Recipes | About | Shop</nav>"
+    "<article><h1>{title}</h1><p>{body}</p></article><footer>Cookie settings</footer></body></html>"
+)
+BREAD = (
+    "Good bread needs time more than skill. Mix the flour, water, salt and yeast, then leave the dough "
+    "to rise slowly in a cool kitchen overnight, so that the flavour develops and the crumb stays open. "
+) * 3
+GARDEN = (
+    "Tomatoes grow best against a sunny wall, watered deeply twice a week rather than a little every day, "
+    "which pushes the roots down into cooler soil where they find moisture during the summer. "
+) * 3
+CONTACT = (
+    "Our bakery class runs every Saturday morning in the village hall and welcomes complete beginners. "
+    "Write to jane.doe@example.com or call 555-867-5309 to book a place for the next session. "
+) * 2
+FRENCH = (
+    "Le pain demande du temps plutôt que du talent. Mélangez la farine, l'eau, le sel et la levure, puis "
+    "laissez reposer la pâte toute la nuit dans une cuisine fraîche pour développer les arômes. "
+) * 3
+TOXIC = (
+    "You are a fucking idiot and a worthless bitch, shit for brains, fuck off and never come back here. " * 3
+)
+
+
+def _serve(site):  # noqa: F811 - the fixture's value
+    links = [
+        "/bread",
+        "/garden",
+        "/contact",
+        "/french",
+        "/toxic",
+        "/private/secret",
+        "/loop",
+        "/big",
+        "/logo.png",
+        "/latin",
+        "/bread-copy",
+    ]
+    site.page("/robots.txt", "User-agent: *\nDisallow: /private/\n", "text/plain")
+    site.page(
+        "/", "<html><body>" + "".join(f'<a href="{link}">{link}</a>' for link in links) + "</body></html>"
+    )
+    for path, title, body in [
+        ("/bread", "Bread", BREAD),
+        ("/garden", "Tomatoes", GARDEN),
+        ("/contact", "Classes", CONTACT),
+        ("/french", "Pain", FRENCH),
+        ("/toxic", "Rant", TOXIC),
+        ("/bread-copy", "Bread", BREAD),
+    ]:
+        site.page(path, ARTICLE.format(title=title, body=body))
+    site.page("/private/secret", ARTICLE.format(title="Secret", body=BREAD))
+    site.page("/big", ARTICLE.format(title="Big", body="word " * 400_000))
+    site.page("/logo.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png")
+    site.page(
+        "/latin",
+        ARTICLE.format(title="Latin", body=GARDEN.replace("soil", "s\xf6il")).encode("latin-1"),
+        "text/html",
+    )
+    site.routes["/loop"] = lambda h, n: respond(h, 302, Location="/loop2")
+    site.routes["/loop2"] = lambda h, n: respond(h, 302, Location="/loop")
+
+
+def test_crawl_then_clean_then_trace(site, cli, store):  # noqa: F811
+    _serve(site)
+    seeds = f"seeds=[{site.url('/')}]"
+    result = cli("--store", store.root, "corpus", "crawl", "examples/recipes/crawl-local.yaml", "--set", seeds,
+                 "--set", "max_page_bytes=500000")  # fmt: skip
+    assert result.code == 0, result.err
+    crawl = store.resolve("crawl-local")
+    crawl_ledger = {json.loads(e["detail"])["url"].rsplit("/", 1)[-1]: e["reason"]
+                    for e in pq.read_table(crawl.location / crawl.ledger[0].path).to_pylist()}  # fmt: skip
+    assert crawl_ledger["secret"] == "robots_disallowed"
+    assert crawl_ledger["big"] == "too_large"
+    assert crawl_ledger["logo.png"] == "content_type_not_allowed"
+    assert crawl_ledger["loop"] == "redirect_loop"
+
+    result = cli("--store", store.root, "corpus", "build", "examples/recipes/web-corpus.yaml")
+    assert result.code == 0, result.err
+    web = store.resolve("web-corpus")
+    assert (
+        web.parents[0].id == crawl.id
+        and web.producer.recipe["inputs"][0]["dataset"] == f"crawl-local@{crawl.id}"
+    )
+    rows = {r["source"]["url"].rsplit("/", 1)[-1]: r for r in read_table(web).to_pylist()}
+    assert set(rows) == {
+        "bread",
+        "garden",
+        "contact",
+        "latin",
+    }  # french, toxic dropped; the copy deduplicated
+    assert "Home | Recipes" not in rows["bread"]["text"] and rows["bread"]["language"] == "en"
+    assert "jane.doe@example.com" not in rows["contact"]["text"] and "<EMAIL>" in rows["contact"]["text"]
+    assert "\ufffd" in rows["latin"]["text"] or "s\xf6il" in rows["latin"]["text"]
+    funnel = {row["step"]: row for row in web.stats["funnel"]}
+    assert funnel["language"]["removed"] == {"language_not_kept": 1}
+    assert funnel["toxicity"]["removed"]["toxic_words"] == 1
+    assert funnel["exact_dedup"]["removed"] == {"exact_duplicate": 1}
+    assert web.stats["pii"]["EMAIL"] == 2 and web.stats["pii"]["PHONE"] == 2
+
+    trace = cli("--store", store.root, "manifests", "trace", rows["contact"]["id"])
+    assert trace.code == 0
+    assert f"dataset crawl-local@{crawl.id[:12]}" in trace.out and "/contact" in trace.out
+    src = rows["contact"]["source"]
+    assert src["offset"] is not None and src["http_status"] == 200
+    assert all(
+        "jane.doe" not in e
+        for e in pq.read_table(web.location / "ledger" / "corpus.build.pii.parquet")
+        .column("detail")
+        .to_pylist()
+    )
