@@ -322,7 +322,9 @@ def _crawl_index(task: Task) -> dict[int, list[str]]:
     found: dict[int, list[str]] = {}
     for path in task.index_files:
         table = pq.read_table(path, columns=["id", "warc_file", "warc_offset"])
-        for rid, name, offset in zip(*(table.column(c).to_pylist() for c in ("id", "warc_file", "warc_offset")), strict=True):
+        for rid, name, offset in zip(
+            *(table.column(c).to_pylist() for c in ("id", "warc_file", "warc_offset")), strict=True
+        ):
             if name == task.warc_name:
                 found[offset] = [rid]
     return found
