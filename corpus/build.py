@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from corpus.classifier import ClassifierConfig
 from corpus.combine import Combiner, add_keys, global_counts, use_returning_memory_pool, write_ledgers
-from corpus.executor import run_tasks
+from corpus.executor import run_tasks, run_tasks_ray
 from corpus.language import LanguageConfig
 from corpus.pii import PiiConfig
 from corpus.sources import RECORD_SCHEMA, ReadLog, SourceConfig, Task, plan_tasks, read_task
@@ -74,6 +74,9 @@ class DedupConfig(RecipeConfig):
     """Also fold case before comparing."""
 
 
+EXECUTION_FIELDS = {"workers", "executor", "ray_address"}
+
+
 class CorpusBuildConfig(RecipeConfig):
     """Build a text dataset from files or crawls."""
 
@@ -91,10 +94,14 @@ class CorpusBuildConfig(RecipeConfig):
     seed: int = 0
     workers: int = Field(default=1, ge=1)
     """Worker processes for phase 1 (execution only: the output and its id do not depend on it)."""
+    executor: Literal["local", "ray"] = "local"
+    """``local``: processes on this machine; ``ray``: tasks on a Ray cluster (needs the ``ray`` extra)."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster (None starts a local one with ``workers`` CPUs)."""
 
     def content_recipe(self) -> dict[str, Any]:
         """The resolved recipe without execution settings: what the dataset's id depends on."""
-        return {k: v for k, v in self.resolved().items() if k != "workers"}
+        return {k: v for k, v in self.resolved().items() if k not in EXECUTION_FIELDS}
 
 
 def _step_name(step) -> str:
@@ -165,9 +172,12 @@ def _phase1(cfg: CorpusBuildConfig, tasks: list[Task], work: Path, store: Store)
             "corpus.build tasks", total=len(tasks), completed=len(results), docs=0, rate="-"
         )
         docs = 0
-        for result in run_tasks(
-            run_task, [(t, cfg_json, str(work), str(store.root)) for t in todo], cfg.workers
-        ):
+        jobs = [(t, cfg_json, str(work.resolve()), str(store.root.resolve())) for t in todo]
+        if cfg.executor == "ray":
+            finished = run_tasks_ray(run_task, jobs, cfg.workers, cfg.ray_address)
+        else:
+            finished = run_tasks(run_task, jobs, cfg.workers)
+        for result in finished:
             results[result["index"]] = result
             docs += result["rows_in"]
             elapsed = progress.tasks[0].elapsed or 1e-9
@@ -256,7 +266,7 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
         results = _phase1(cfg, tasks, work, store)
         with Publisher(store, kind="dataset", name=cfg.name, stage="corpus.build", recipe=cfg.content_recipe(),
                        parents=parents, parent_roles={m.id: "step_model" for m in parents if m.kind == "run"},
-                       seed=cfg.seed, execution={"workers": cfg.workers}) as pub:  # fmt: skip
+                       seed=cfg.seed, execution={k: getattr(cfg, k) for k in sorted(EXECUTION_FIELDS)}) as pub:  # fmt: skip
             stats = _phase2(cfg, tasks, results, work, pub)
             if stats["rows_out"] == 0:
                 raise DistilleryError(

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--workers", type=int, metavar="N", help="worker processes (overrides the recipe's workers)"
     )
+    build.add_argument("--executor", choices=["local", "ray"], help="where tasks run (overrides the recipe)")
+    build.add_argument("--address", metavar="HOST:PORT", help="an existing Ray cluster (with --executor ray)")
     add_recipe_verb(
         verbs, "train-classifier", expect="corpus", help_="train a fastText classifier from two datasets",
         description="Train a fastText classifier (e.g. curated vs random web text, as DCLM does) and\n"

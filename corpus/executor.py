@@ -1,4 +1,4 @@
-"""Running corpus tasks: in this process, or in a pool of local worker processes.
+"""Running corpus tasks: in this process, in a pool of local worker processes, or on Ray.
 
 Tasks are independent and their results are combined in task order, so the output never depends
 on the number of workers. A task whose result marker exists is not run again: a killed build
@@ -50,3 +50,33 @@ def run_tasks(
                 nxt = next(queued, None)
                 if nxt is not None:
                     pending.add(pool.submit(fn, *nxt))
+
+
+def run_tasks_ray(
+    fn: Callable[..., dict[str, Any]], jobs: Iterable[tuple], workers: int, address: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """The same on a Ray cluster (``address``) or a local one of ``workers`` CPUs.
+
+    The work folder must be on storage every node sees (a shared filesystem), as task outputs are
+    written there by whichever node runs the task.
+    """
+    try:
+        import ray
+    except ImportError:
+        from manifests.errors import DistilleryError
+
+        raise DistilleryError("executor 'ray' needs Ray: pip install 'distillery[ray]'") from None
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": workers}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    remote = ray.remote(num_cpus=1)(fn)
+    jobs = list(jobs)
+    in_flight = max(1, workers) * 2
+    pending = [remote.remote(*job) for job in jobs[:in_flight]]
+    queued = iter(jobs[in_flight:])
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+        nxt = next(queued, None)
+        if nxt is not None:
+            pending.append(remote.remote(*nxt))

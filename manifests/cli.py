@@ -117,8 +117,11 @@ def add_recipe_verb(
 
     def run(args: argparse.Namespace) -> int:
         overrides = list(args.overrides)
-        if getattr(args, "workers", None):
-            overrides.append(f"workers={args.workers}")
+        for option in ("workers", "executor", "address"):
+            if getattr(args, option, None):
+                overrides.append(
+                    f"{'ray_address' if option == 'address' else option}={getattr(args, option)}"
+                )
         manifest = run_recipe_file(args.recipe, args.store_obj, overrides, expect=expect)
         print_published(manifest)
         if report:

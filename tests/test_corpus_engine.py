@@ -48,7 +48,7 @@ def test_output_and_id_do_not_depend_on_the_number_of_workers(cli, tmp_path, sto
         ids.append(m.id)
         shards.append([(f.path, f.sha256) for f in m.files + m.ledger])
         assert m.stats["tasks"] > 3  # the JSONL was cut into byte ranges
-        assert m.producer.execution == {"workers": workers}
+        assert m.producer.execution == {"executor": "local", "ray_address": None, "workers": workers}
     assert ids[0] == ids[1] and shards[0] == shards[1]
     assert "exact_duplicate: 20" in result.out  # the funnel table
 
@@ -194,3 +194,18 @@ def test_an_input_needs_exactly_one_location(cli, tmp_path, store, bad):
     recipe = write_recipe(tmp_path / "r.yaml", f"stage: corpus.build\nname: c\ninputs: [{bad}]\n")
     result = cli("--store", store.root, "corpus", "build", recipe)
     assert result.code == 2 and "exactly one of 'path' or 'dataset'" in result.err
+
+
+@pytest.mark.ray
+def test_ray_executor_gives_the_same_dataset(cli, tmp_path, store):
+    pytest.importorskip("ray")
+    big, notes = _inputs(tmp_path)
+    recipe = _recipe(tmp_path, big, notes, 2)
+    assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    from manifests.store import Store
+
+    on_ray = Store(tmp_path / "ray-store")
+    result = cli("--store", on_ray.root, "corpus", "build", recipe, "--executor", "ray")
+    assert result.code == 0, result.err
+    assert on_ray.resolve("c").id == store.resolve("c").id
+    assert on_ray.resolve("c").producer.execution["executor"] == "ray"
