@@ -38,6 +38,7 @@ from corpus.combine import Combiner, add_keys, global_counts, use_returning_memo
 from corpus.executor import run_tasks, run_tasks_ray
 from corpus.language import LanguageConfig
 from corpus.pii import PiiConfig
+from corpus.quality import C4QualityConfig, FineWebQualityConfig, GopherQualityConfig, GopherRepetitionConfig
 from corpus.sources import RECORD_SCHEMA, ReadLog, SourceConfig, Task, plan_tasks, read_task
 from corpus.steps import MinWordsFilter, StepConfig, StepStats
 from corpus.toxicity import ToxicityConfig
@@ -60,7 +61,15 @@ class MinWordsConfig(StepConfig):
 
 
 AnyStep = Annotated[
-    MinWordsConfig | LanguageConfig | ToxicityConfig | ClassifierConfig | PiiConfig,
+    MinWordsConfig
+    | LanguageConfig
+    | GopherQualityConfig
+    | GopherRepetitionConfig
+    | C4QualityConfig
+    | FineWebQualityConfig
+    | ToxicityConfig
+    | ClassifierConfig
+    | PiiConfig,
     Field(discriminator="type"),
 ]
 

@@ -19,23 +19,37 @@ ARTICLE = (
     "<article><h1>{title}</h1><p>{body}</p></article><footer>Cookie settings</footer></body></html>"
 )
 BREAD = (
-    "Good bread needs time more than skill. Mix the flour, water, salt and yeast, then leave the dough "
-    "to rise slowly in a cool kitchen overnight, so that the flavour develops and the crumb stays open. "
-) * 3
+    "Good bread needs time more than it needs skill. Mix the flour, water, salt and yeast in a large bowl, "
+    "then cover it and leave the dough to rise slowly in a cool kitchen overnight. The long rest lets the "
+    "flavour develop and keeps the crumb open. In the morning, shape the loaf gently on a floured board, "
+    "and let it prove for another hour while the oven heats with a heavy pot inside. Bake it with the lid "
+    "on for half an hour, then without it until the crust is deep brown and the loaf sounds hollow."
+)
 GARDEN = (
-    "Tomatoes grow best against a sunny wall, watered deeply twice a week rather than a little every day, "
-    "which pushes the roots down into cooler soil where they find moisture during the summer. "
-) * 3
+    "Tomatoes grow best against a sunny wall that holds the heat of the afternoon. Water them deeply twice "
+    "a week rather than a little every day, which pushes the roots down into the cooler soil where they "
+    "find moisture during a dry summer. Pinch out the side shoots as they appear, tie the main stem to a "
+    "cane, and feed the plants with a seaweed mixture once the first flowers have set. Pick the fruit as "
+    "soon as it colours, and the plants will keep cropping until the first frost arrives in the autumn. Save a few seeds from the best fruit for next year."
+)
 CONTACT = (
     "Our bakery class runs every Saturday morning in the village hall and welcomes complete beginners. "
-    "Write to jane.doe@example.com or call 555-867-5309 to book a place for the next session. "
-) * 2
+    "We start with a simple white loaf and move on to rye and sourdough once everyone feels confident. "
+    "Bring an apron and a container to take your bread home, and we will provide the flour and the ovens. "
+    "Places are limited to twelve people, so that everyone gets help when the dough misbehaves. "
+    "Write to jane.doe@example.com or call 555-867-5309 to book a place for the next session."
+)
 FRENCH = (
-    "Le pain demande du temps plutôt que du talent. Mélangez la farine, l'eau, le sel et la levure, puis "
-    "laissez reposer la pâte toute la nuit dans une cuisine fraîche pour développer les arômes. "
-) * 3
+    "Le pain demande du temps plutôt que du talent. Mélangez la farine, l'eau, le sel et la levure dans un "
+    "grand saladier, puis laissez reposer la pâte toute la nuit dans une cuisine fraîche. Le matin, "
+    "façonnez la miche sur un plan fariné et laissez-la lever encore une heure pendant que le four chauffe. "
+    "Faites cuire avec le couvercle pendant une demi-heure, puis sans lui jusqu'à ce que la croûte soit dorée."
+)
 TOXIC = (
-    "You are a fucking idiot and a worthless bitch, shit for brains, fuck off and never come back here. " * 3
+    "I am so tired of the people at the council and their fucking excuses about the road. Every week the "
+    "same shit happens and nobody in that office gives a fuck about the families who live on the hill. "
+    "They are a bunch of lazy bastards who only care about their pensions and their parking spaces. "
+    "The potholes are still there, the lights are still broken, and the bins are still overflowing today. Nobody ever answers the phone when you call them about it."
 )
 
 
@@ -113,7 +127,7 @@ def test_crawl_then_clean_then_trace(site, cli, store):  # noqa: F811
     assert funnel["language"]["removed"] == {"language_not_kept": 1}
     assert funnel["toxicity"]["removed"]["toxic_words"] == 1
     assert funnel["exact_dedup"]["removed"] == {"exact_duplicate": 1}
-    assert web.stats["pii"]["EMAIL"] == 2 and web.stats["pii"]["PHONE"] == 2
+    assert web.stats["pii"]["EMAIL"] == 1 and web.stats["pii"]["PHONE"] == 1
 
     trace = cli("--store", store.root, "manifests", "trace", rows["contact"]["id"])
     assert trace.code == 0
