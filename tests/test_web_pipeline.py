@@ -66,6 +66,7 @@ def _serve(site):  # noqa: F811 - the fixture's value
         "/logo.png",
         "/latin",
         "/bread-copy",
+        "/busy",
     ]
     site.page("/robots.txt", "User-agent: *\nDisallow: /private/\n", "text/plain")
     site.page(
@@ -88,6 +89,11 @@ def _serve(site):  # noqa: F811 - the fixture's value
         ARTICLE.format(title="Latin", body=GARDEN.replace("soil", "s\xf6il")).encode("latin-1"),
         "text/html",
     )
+    busy = ARTICLE.format(title="Busy", body=GARDEN.replace("Tomatoes", "Beans")).encode()
+    # Busy the first time (429 with Retry-After), then served.
+    site.routes["/busy"] = lambda h, n: (
+        respond(h, 429, Retry_After="1") if n == 1 else respond(h, 200, busy, Content_Type="text/html")
+    )
     site.routes["/loop"] = lambda h, n: respond(h, 302, Location="/loop2")
     site.routes["/loop2"] = lambda h, n: respond(h, 302, Location="/loop")
 
@@ -105,6 +111,7 @@ def test_crawl_then_clean_then_trace(site, cli, store):  # noqa: F811
     assert crawl_ledger["big"] == "too_large"
     assert crawl_ledger["logo.png"] == "content_type_not_allowed"
     assert crawl_ledger["loop"] == "redirect_loop"
+    assert "busy" not in crawl_ledger and site.count("/busy") == 2  # waited, then fetched
 
     result = cli("--store", store.root, "corpus", "build", "examples/recipes/web-corpus.yaml")
     assert result.code == 0, result.err
