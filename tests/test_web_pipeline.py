@@ -126,6 +126,7 @@ def test_crawl_then_clean_then_trace(site, cli, store):  # noqa: F811
         "garden",
         "contact",
         "latin",
+        "busy",
     }  # french, toxic dropped; the copy deduplicated
     assert "Home | Recipes" not in rows["bread"]["text"] and rows["bread"]["language"] == "en"
     assert "jane.doe@example.com" not in rows["contact"]["text"] and "<EMAIL>" in rows["contact"]["text"]
