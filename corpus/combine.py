@@ -77,60 +77,77 @@ def use_returning_memory_pool() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
 
 
+PARTITION_ROWS = 1_000_000
+"""Keys compared at once: memory for the global decisions stays near 24 MB however large the build."""
+
+
 class Combiner:
     """Decides, then streams. Built from the task outputs listed in task order.
 
     Global cuts come first (each over the documents that reached it), then exact dedup among the
-    documents still kept — so a duplicate never points at a document that was cut.
+    documents still kept — so a duplicate never points at a document that was cut. Keys are
+    compared one hash partition at a time (``PARTITION_ROWS`` keys each); what is kept between
+    partitions grows only with the number of *removed* documents.
     """
 
     def __init__(
-        self, files: list[Path], task_inputs: list[str], dedup: bool, cuts: list[tuple[str, float, str]]
-    ):
+        self, files: list[Path], task_inputs: list[str], dedup: bool, cuts: list[tuple[str, float, str]],
+        partition_rows: int | None = None,
+    ):  # fmt: skip
         self.files = files
         self.task_inputs = task_inputs
-        columns = list(KEY_COLUMNS) + [c for c, _, _ in cuts]
-        counts, id_keys, text_keys, scores = [], [], [], {c: [] for c, _, _ in cuts}
-        for f in files:
-            table = pq.read_table(f, columns=columns)
-            counts.append(table.num_rows)
-            id_keys.append(_keys(table.column(ID_KEY), np.dtype(">u8")))
-            text_keys.append(_keys(table.column(DEDUP_KEY), _KEY128))
-            for c in scores:
-                scores[c].append(table.column(c).to_numpy())
+        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.n = n = int(self.offsets[-1])
-        self._check_unique_ids(np.concatenate(id_keys) if id_keys else np.zeros(0, ">u8"))
-        alive = np.ones(n, dtype=bool)
+        self.n = int(self.offsets[-1])
+        self.parts = max(1, math.ceil(self.n / (partition_rows or PARTITION_ROWS)))
+        self._check_unique_ids()
+        removed = np.zeros(0, np.int64)
         self.cuts: list[tuple[str, float, str, np.ndarray]] = []
         for column, fraction, reason in cuts:
-            values = np.concatenate(scores[column]) if n else np.zeros(0)
-            candidates = values[alive]
-            if not len(candidates):
-                continue
-            keep_n = max(1, math.ceil(fraction * len(candidates)))
-            cutoff = float(np.sort(candidates)[::-1][keep_n - 1])  # ties at the cutoff are all kept
-            below = alive & (values < cutoff)
-            self.cuts.append((column, cutoff, reason, below))
-            alive &= ~below
-        self.first_of = np.arange(n)
-        if dedup and alive.any():
-            idx = np.flatnonzero(alive)
-            _, first, inverse = np.unique(
-                np.concatenate(text_keys)[idx], return_index=True, return_inverse=True
+            # A score per document (4-8 bytes): the cutoff needs the whole distribution.
+            scores = np.concatenate(
+                [pq.read_table(f, columns=[column]).column(column).to_numpy() for f in files]
             )
-            self.first_of[idx] = idx[first[inverse.reshape(-1)]]
-        self.duplicate = alive & (self.first_of != np.arange(n))
-        self.keep = alive & ~self.duplicate
+            scores[removed] = np.inf  # already gone: neither counted nor cut again
+            alive = self.n - len(removed)
+            if not alive:
+                continue
+            keep_n = max(1, math.ceil(fraction * alive))
+            cutoff = float(
+                np.sort(scores[np.isfinite(scores)])[::-1][keep_n - 1]
+            )  # ties at the cutoff are all kept
+            below = np.flatnonzero(scores < cutoff)
+            self.cuts.append((column, cutoff, reason, below))
+            removed = np.union1d(removed, below)
+            del scores
+        self.duplicates, self.duplicate_of = self._dedup(removed) if dedup else (np.zeros(0, np.int64),) * 2
         # Ids of the rows that others duplicate, for the ledger's duplicate_of (few, kept as strings).
-        self._wanted = set(np.unique(self.first_of[self.duplicate]).tolist())
+        self._wanted = set(self.duplicate_of.tolist())
         self._first_ids: dict[int, str] = {}
 
-    def _check_unique_ids(self, keys: np.ndarray) -> None:
-        if len(keys) == len(np.unique(keys)):
-            return
-        values, counts = np.unique(keys, return_counts=True)
-        clash = set(values[counts > 1].tolist())
+    def _partition(self, column: str, dtype: np.dtype, part: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, global row indices, ascending) of one hash partition of a key column."""
+        keys, rows = [], []
+        for index, f in enumerate(self.files):
+            values = _keys(pq.read_table(f, columns=[column]).column(column), dtype)
+            first = values["hi"] if dtype.names else values
+            mask = (first % np.uint64(self.parts)) == part if self.parts > 1 else np.ones(len(values), bool)
+            keys.append(values[mask])
+            rows.append(np.flatnonzero(mask) + self.offsets[index])
+        return (
+            (np.concatenate(keys), np.concatenate(rows))
+            if keys
+            else (np.zeros(0, dtype), np.zeros(0, np.int64))
+        )
+
+    def _check_unique_ids(self) -> None:
+        for part in range(self.parts):
+            keys, _ = self._partition(ID_KEY, np.dtype(">u8"), part)
+            values, counts = np.unique(keys, return_counts=True)
+            if (counts > 1).any():
+                self._name_duplicate_id(set(values[counts > 1].tolist()))
+
+    def _name_duplicate_id(self, clash: set[int]) -> None:
         seen: set[str] = set()
         for task, f in enumerate(self.files):
             table = pq.read_table(f, columns=["id", ID_KEY])
@@ -146,6 +163,31 @@ class Combiner:
                         )
                     seen.add(rid)
 
+    def _dedup(self, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows that duplicate an earlier kept row, the row each duplicates), both by global index."""
+        duplicates, firsts = [], []
+        for part in range(self.parts):
+            keys, rows = self._partition(DEDUP_KEY, _KEY128, part)
+            alive = ~np.isin(rows, removed)
+            keys, rows = keys[alive], rows[alive]
+            if not len(rows):
+                continue
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            first_rows = rows[first[inverse.reshape(-1)]]  # rows are ascending: first = earliest
+            dup = first_rows != rows
+            duplicates.append(rows[dup])
+            firsts.append(first_rows[dup])
+        if not duplicates:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows, of = np.concatenate(duplicates), np.concatenate(firsts)
+        order = np.argsort(rows)
+        return rows[order], of[order]
+
+    @staticmethod
+    def _in_range(sorted_rows: np.ndarray, start: int, end: int) -> np.ndarray:
+        lo, hi = np.searchsorted(sorted_rows, [start, end])
+        return np.arange(lo, hi)
+
     def stream(self, pub: Publisher, shard_rows: int) -> tuple[int, list[dict]]:
         """Write the kept rows to shards; return (rows written, ledger rows of the global decisions)."""
         ledger: list[dict] = []
@@ -158,18 +200,20 @@ class Combiner:
                     for row in range(n):
                         if start + row in self._wanted:
                             self._first_ids[start + row] = ids[row]
+                    keep = np.ones(n, bool)
                     for column, cutoff, reason, below in self.cuts:
                         values = batch.column(column).to_numpy(zero_copy_only=False)
-                        for row in np.flatnonzero(below[start : start + n]):
+                        for row in below[self._in_range(below, start, start + n)] - start:
+                            keep[row] = False
                             ledger.append({"id": ids[row], "step": f"corpus.build.{column}", "action": "drop", "reason": reason,
                                            "score": float(values[row]), "detail": json.dumps({"cutoff": cutoff})})  # fmt: skip
-                    for row in np.flatnonzero(self.duplicate[start : start + n]):
-                        first = self._first_ids[int(self.first_of[start + row])]
+                    for k in self._in_range(self.duplicates, start, start + n):
+                        row = int(self.duplicates[k]) - start
+                        keep[row] = False
+                        first = self._first_ids[int(self.duplicate_of[k])]
                         ledger.append({"id": ids[row], "step": "corpus.build.exact_dedup", "action": "drop",
                                        "reason": "exact_duplicate", "score": None, "detail": json.dumps({"duplicate_of": first})})  # fmt: skip
-                    kept = batch.filter(pa.array(self.keep[start : start + n])).drop_columns(
-                        list(KEY_COLUMNS)
-                    )
+                    kept = batch.filter(pa.array(keep)).drop_columns(list(KEY_COLUMNS))
                     if kept.num_rows:
                         writer.write(kept)
                     start += n

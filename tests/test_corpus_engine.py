@@ -209,3 +209,19 @@ def test_ray_executor_gives_the_same_dataset(cli, tmp_path, store):
     assert result.code == 0, result.err
     assert on_ray.resolve("c").id == store.resolve("c").id
     assert on_ray.resolve("c").producer.execution["executor"] == "ray"
+
+
+def test_global_decisions_are_the_same_when_keys_are_partitioned(cli, tmp_path, store, monkeypatch):
+    big, notes = _inputs(tmp_path)
+    recipe = _recipe(tmp_path, big, notes, 1)
+    assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    import corpus.combine
+    from manifests.store import Store
+
+    monkeypatch.setattr(corpus.combine, "PARTITION_ROWS", 7)  # ~50 partitions
+    small = Store(tmp_path / "partitioned")
+    assert cli("--store", small.root, "corpus", "build", recipe).code == 0
+    a, b = store.resolve("c"), small.resolve("c")
+    assert a.id == b.id
+    ledger = pq.read_table(b.location / "ledger" / "corpus.build.exact_dedup.parquet").to_pylist()
+    assert len(ledger) == 20 and all(json.loads(e["detail"])["duplicate_of"] for e in ledger)
