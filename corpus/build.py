@@ -79,6 +79,8 @@ class DedupConfig(RecipeConfig):
 
     exact: bool = True
     """Drop documents whose whitespace-normalised text was seen before (first seen is kept)."""
+    url: bool = False
+    """Drop documents whose normalised URL was seen before (first seen is kept; before exact dedup)."""
     case_fold: bool = True
     """Also fold case before comparing."""
 
@@ -201,7 +203,8 @@ def _phase2(
     with_data = [t for t in tasks if results[t.index]["data"]]
     inputs = [cfg.inputs[t.input_index].path or cfg.inputs[t.input_index].dataset or "" for t in with_data]
     cuts = [cut for step in cfg.steps if (cut := step.global_cut()) is not None]
-    combiner = Combiner([work / results[t.index]["data"] for t in with_data], inputs, cfg.dedup.exact, cuts)
+    files = [work / results[t.index]["data"] for t in with_data]
+    combiner = Combiner(files, inputs, cfg.dedup.exact, cuts, url_dedup=cfg.dedup.url)
     rows_out, ledger = combiner.stream(pub, cfg.shard_rows)
     write_ledgers(
         pub, [work / results[t.index]["ledger"] for t in tasks if results[t.index]["ledger"]], ledger
@@ -240,6 +243,11 @@ def _funnel(cfg: CorpusBuildConfig, results: dict, removed: Counter, rows_out: i
             funnel.append({"step": f"{column} (top fraction)", "in": remaining, "out": remaining - dropped,
                            "removed": {reason: dropped} if dropped else {}})  # fmt: skip
             remaining -= dropped
+    if cfg.dedup.url:
+        dropped = removed.get("url_dedup", 0)
+        funnel.append({"step": "url_dedup", "in": remaining, "out": remaining - dropped,
+                       "removed": {"duplicate_url": dropped} if dropped else {}})  # fmt: skip
+        remaining -= dropped
     if cfg.dedup.exact:
         dropped = removed.get("exact_dedup", 0)
         funnel.append({"step": "exact_dedup", "in": remaining, "out": remaining - dropped,

@@ -20,32 +20,49 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from corpus.crawl_policy import normalise_url
 from corpus.steps import normalise
 from manifests.errors import DistilleryError
 from manifests.publish import LEDGER_SCHEMA, Publisher
 
 ID_KEY = "_id_key"
 DEDUP_KEY = "_dedup_key"
-KEY_COLUMNS = (ID_KEY, DEDUP_KEY)
+URL_KEY = "_url_key"
+KEY_COLUMNS = (ID_KEY, DEDUP_KEY, URL_KEY)
 """Hidden columns phase 1 adds to its task files; they never reach the published shards."""
 _KEY128 = np.dtype([("hi", ">u8"), ("lo", ">u8")])
 
 
+def _url_key(url: str | None) -> bytes:
+    """8 bytes per normalised URL; zero for a document without one (never a duplicate)."""
+    if not url:
+        return bytes(8)
+    try:
+        url = normalise_url(url)
+    except ValueError:
+        url = url.strip()
+    return hashlib.blake2b(url.encode(), digest_size=8).digest() or bytes(8)
+
+
+def _fixed(values: bytes, width: int, n: int) -> pa.Array:
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(values)])
+
+
 def add_keys(batch: pa.RecordBatch, case_fold: bool) -> pa.RecordBatch:
-    """Append the id and dedup keys (computed in the worker, where the text already is)."""
+    """Append the id, text and URL keys (computed in the worker, where the text already is)."""
+    n = batch.num_rows
     ids = batch.column("id").to_pylist()
+    has_source = "source" in batch.schema.names
+    urls = pc.struct_field(batch.column("source"), "url").to_pylist() if has_source else [None] * n
     texts = normalise(batch.column("text"), case_fold).to_pylist()
     id_keys = b"".join(hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids)
     text_keys = b"".join(
         hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts
     )
-    n = batch.num_rows
-    batch = batch.append_column(
-        ID_KEY, pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), n, [None, pa.py_buffer(id_keys)])
-    )
-    return batch.append_column(
-        DEDUP_KEY, pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(text_keys)])
-    )
+    url_keys = b"".join(_url_key(u) for u in urls)
+    batch = batch.append_column(ID_KEY, _fixed(id_keys, 8, n))
+    batch = batch.append_column(DEDUP_KEY, _fixed(text_keys, 16, n))
+    return batch.append_column(URL_KEY, _fixed(url_keys, 8, n))
 
 
 def _keys(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
@@ -92,7 +109,7 @@ class Combiner:
 
     def __init__(
         self, files: list[Path], task_inputs: list[str], dedup: bool, cuts: list[tuple[str, float, str]],
-        partition_rows: int | None = None,
+        partition_rows: int | None = None, url_dedup: bool = False,
     ):  # fmt: skip
         self.files = files
         self.task_inputs = task_inputs
@@ -120,9 +137,16 @@ class Combiner:
             self.cuts.append((column, cutoff, reason, below))
             removed = np.union1d(removed, below)
             del scores
-        self.duplicates, self.duplicate_of = self._dedup(removed) if dedup else (np.zeros(0, np.int64),) * 2
+        none = np.zeros(0, np.int64)
+        self.url_duplicates, self.url_duplicate_of = (
+            self._dedup(URL_KEY, np.dtype(">u8"), removed) if url_dedup else (none, none)
+        )
+        removed = np.union1d(removed, self.url_duplicates)
+        self.duplicates, self.duplicate_of = (
+            self._dedup(DEDUP_KEY, _KEY128, removed) if dedup else (none, none)
+        )
         # Ids of the rows that others duplicate, for the ledger's duplicate_of (few, kept as strings).
-        self._wanted = set(self.duplicate_of.tolist())
+        self._wanted = set(self.duplicate_of.tolist()) | set(self.url_duplicate_of.tolist())
         self._first_ids: dict[int, str] = {}
 
     def _partition(self, column: str, dtype: np.dtype, part: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,12 +187,14 @@ class Combiner:
                         )
                     seen.add(rid)
 
-    def _dedup(self, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _dedup(self, column: str, dtype: np.dtype, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows that duplicate an earlier kept row, the row each duplicates), both by global index."""
         duplicates, firsts = [], []
         for part in range(self.parts):
-            keys, rows = self._partition(DEDUP_KEY, _KEY128, part)
+            keys, rows = self._partition(column, dtype, part)
             alive = ~np.isin(rows, removed)
+            if column == URL_KEY:
+                alive &= keys != 0  # no URL: nothing to compare
             keys, rows = keys[alive], rows[alive]
             if not len(rows):
                 continue
@@ -207,12 +233,15 @@ class Combiner:
                             keep[row] = False
                             ledger.append({"id": ids[row], "step": f"corpus.build.{column}", "action": "drop", "reason": reason,
                                            "score": float(values[row]), "detail": json.dumps({"cutoff": cutoff})})  # fmt: skip
-                    for k in self._in_range(self.duplicates, start, start + n):
-                        row = int(self.duplicates[k]) - start
-                        keep[row] = False
-                        first = self._first_ids[int(self.duplicate_of[k])]
-                        ledger.append({"id": ids[row], "step": "corpus.build.exact_dedup", "action": "drop",
-                                       "reason": "exact_duplicate", "score": None, "detail": json.dumps({"duplicate_of": first})})  # fmt: skip
+                    for rows, of, step, reason in (
+                        (self.url_duplicates, self.url_duplicate_of, "url_dedup", "duplicate_url"),
+                        (self.duplicates, self.duplicate_of, "exact_dedup", "exact_duplicate"),
+                    ):
+                        for k in self._in_range(rows, start, start + n):
+                            row = int(rows[k]) - start
+                            keep[row] = False
+                            ledger.append({"id": ids[row], "step": f"corpus.build.{step}", "action": "drop", "reason": reason,
+                                           "score": None, "detail": json.dumps({"duplicate_of": self._first_ids[int(of[k])]})})  # fmt: skip
                     kept = batch.filter(pa.array(keep)).drop_columns(list(KEY_COLUMNS))
                     if kept.num_rows:
                         writer.write(kept)

@@ -108,3 +108,20 @@ def test_trace_of_a_dropped_record_shows_why_and_the_kept_copy(cli, tmp_path, st
     result = cli("--store", store.root, "manifests", "trace", kept["id"])
     assert result.code == 0
     assert "source: " in result.out and "in.jsonl line 2" in result.out
+
+
+def test_url_dedup_keeps_the_first_page_of_each_normalised_url(cli, tmp_path, store):
+    rows = [{"text": f"page {i} " + "words " * 5, "url": u} for i, u in enumerate(
+        ["https://A.example/x#top", "https://a.example/x", "https://a.example:443/x", "https://a.example/y", None, None])]  # fmt: skip
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"stage: corpus.build\nname: u\ninputs: [{{path: {src}}}]\ndedup: {{url: true}}\n",
+    )
+    assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    m = store.resolve("u")
+    kept = read_table(m).to_pylist()
+    assert [r["text"].split()[1] for r in kept] == ["0", "3", "4", "5"]
+    ledger = pq.read_table(m.location / "ledger" / "corpus.build.url_dedup.parquet").to_pylist()
+    assert [json.loads(e["detail"])["duplicate_of"] for e in ledger] == [kept[0]["id"]] * 2
+    assert {r["step"]: r["removed"] for r in m.stats["funnel"]}["url_dedup"] == {"duplicate_url": 2}
