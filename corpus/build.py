@@ -37,6 +37,7 @@ from corpus.classifier import ClassifierConfig
 from corpus.combine import Combiner, add_keys, global_counts, use_returning_memory_pool, write_ledgers
 from corpus.executor import run_tasks, run_tasks_ray
 from corpus.language import LanguageConfig
+from corpus.lines import LineDedupConfig, add_unit_keys
 from corpus.pii import PiiConfig
 from corpus.quality import C4QualityConfig, FineWebQualityConfig, GopherQualityConfig, GopherRepetitionConfig
 from corpus.sources import RECORD_SCHEMA, ReadLog, SourceConfig, Task, plan_tasks, read_task
@@ -83,6 +84,8 @@ class DedupConfig(RecipeConfig):
     """Drop documents whose normalised URL was seen before (first seen is kept; before exact dedup)."""
     case_fold: bool = True
     """Also fold case before comparing."""
+    lines: LineDedupConfig | None = None
+    """Remove lines or paragraphs that recur across many documents (CCNet), after document dedup."""
 
 
 EXECUTION_FIELDS = {"workers", "executor", "ray_address"}
@@ -137,6 +140,8 @@ def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str,
                 batch = step(batch)
             if batch.num_rows:
                 batch = add_keys(batch, cfg.dedup.case_fold)
+                if cfg.dedup.lines is not None:
+                    batch = add_unit_keys(batch, cfg.dedup.lines)
                 if writer is None:
                     writer = pq.ParquetWriter(f"{stem}.parquet", batch.schema, compression="zstd")
                 writer.write_batch(batch)
@@ -204,18 +209,21 @@ def _phase2(
     inputs = [cfg.inputs[t.input_index].path or cfg.inputs[t.input_index].dataset or "" for t in with_data]
     cuts = [cut for step in cfg.steps if (cut := step.global_cut()) is not None]
     files = [work / results[t.index]["data"] for t in with_data]
-    combiner = Combiner(files, inputs, cfg.dedup.exact, cuts, url_dedup=cfg.dedup.url)
+    combiner = Combiner(files, inputs, cfg.dedup.exact, cuts, url_dedup=cfg.dedup.url, lines=cfg.dedup.lines)
     rows_out, ledger = combiner.stream(pub, cfg.shard_rows)
     write_ledgers(
         pub, [work / results[t.index]["ledger"] for t in tasks if results[t.index]["ledger"]], ledger
     )
-    return _funnel(cfg, results, global_counts(ledger), rows_out)
+    removed, changed = global_counts(ledger)
+    return _funnel(cfg, results, removed, changed, rows_out)
 
 
 _STANDARD_STATS = {"rows_in", "rows_out", "changed", "seconds", "reasons", "changes"}
 
 
-def _funnel(cfg: CorpusBuildConfig, results: dict, removed: Counter, rows_out: int) -> dict[str, Any]:
+def _funnel(
+    cfg: CorpusBuildConfig, results: dict, removed: Counter, changed: Counter, rows_out: int
+) -> dict[str, Any]:
     skipped: Counter = Counter()
     steps: dict[str, StepStats] = {}
     tallies: dict[str, dict[str, Counter]] = {}
@@ -252,6 +260,12 @@ def _funnel(cfg: CorpusBuildConfig, results: dict, removed: Counter, rows_out: i
         dropped = removed.get("exact_dedup", 0)
         funnel.append({"step": "exact_dedup", "in": remaining, "out": remaining - dropped,
                        "removed": {"exact_duplicate": dropped} if dropped else {}})  # fmt: skip
+        remaining -= dropped
+    if cfg.dedup.lines is not None:
+        dropped = removed.get("line_dedup", 0)
+        funnel.append({"step": "line_dedup", "in": remaining, "out": remaining - dropped,
+                       "changed": changed.get("line_dedup", 0),
+                       "removed": {"all_units_repeated": dropped} if dropped else {}})  # fmt: skip
     stats: dict[str, Any] = {
         "rows_in": funnel[0]["in"],
         "rows_out": rows_out,

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from corpus.crawl_policy import normalise_url
+from corpus.lines import UNIT_KEYS, LineDedupConfig, strip_repeated
 from corpus.steps import normalise
 from manifests.errors import DistilleryError
 from manifests.publish import LEDGER_SCHEMA, Publisher
@@ -109,7 +110,7 @@ class Combiner:
 
     def __init__(
         self, files: list[Path], task_inputs: list[str], dedup: bool, cuts: list[tuple[str, float, str]],
-        partition_rows: int | None = None, url_dedup: bool = False,
+        partition_rows: int | None = None, url_dedup: bool = False, lines: LineDedupConfig | None = None,
     ):  # fmt: skip
         self.files = files
         self.task_inputs = task_inputs
@@ -147,6 +148,8 @@ class Combiner:
         )
         # Ids of the rows that others duplicate, for the ledger's duplicate_of (few, kept as strings).
         self._wanted = set(self.duplicate_of.tolist()) | set(self.url_duplicate_of.tolist())
+        self.lines = lines
+        self.frequent_units = self._frequent_units() if lines is not None else set()
         self._first_ids: dict[int, str] = {}
 
     def _partition(self, column: str, dtype: np.dtype, part: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,10 +212,46 @@ class Combiner:
         order = np.argsort(rows)
         return rows[order], of[order]
 
+    def _frequent_units(self) -> set[int]:
+        """Unit keys found in more documents than allowed, counted one hash partition at a time."""
+        frequent: set[int] = set()
+        for part in range(self.parts):
+            keys = []
+            for f in self.files:
+                flat = pc.list_flatten(
+                    pq.read_table(f, columns=[UNIT_KEYS]).column(UNIT_KEYS).combine_chunks()
+                ).to_numpy()
+                keys.append(flat[flat % np.uint64(self.parts) == part] if self.parts > 1 else flat)
+            values, counts = np.unique(
+                np.concatenate(keys) if keys else np.zeros(0, np.uint64), return_counts=True
+            )
+            frequent.update(values[counts > self.lines.max_documents].tolist())
+        return frequent
+
     @staticmethod
     def _in_range(sorted_rows: np.ndarray, start: int, end: int) -> np.ndarray:
         lo, hi = np.searchsorted(sorted_rows, [start, end])
         return np.arange(lo, hi)
+
+    def _strip_units(
+        self, batch: pa.RecordBatch, keep: np.ndarray, ids: list[str], ledger: list[dict]
+    ) -> pa.RecordBatch:
+        """Cut the frequent units out of the kept documents; a document left empty is dropped."""
+        texts = batch.column("text").to_pylist()
+        for row in np.flatnonzero(keep):
+            new, units, chars = strip_repeated(texts[row], self.lines, self.frequent_units)
+            if not units:
+                continue
+            share = round(chars / max(len(texts[row]), 1), 4)
+            if new.strip():
+                texts[row] = new
+                ledger.append({"id": ids[row], "step": "corpus.build.line_dedup", "action": "change", "reason": "repeated_units",
+                               "score": share, "detail": json.dumps({"units_removed": units, "chars_removed": chars})})  # fmt: skip
+            else:
+                keep[row] = False
+                ledger.append({"id": ids[row], "step": "corpus.build.line_dedup", "action": "drop", "reason": "all_units_repeated",
+                               "score": share, "detail": json.dumps({"units_removed": units})})  # fmt: skip
+        return batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
 
     def stream(self, pub: Publisher, shard_rows: int) -> tuple[int, list[dict]]:
         """Write the kept rows to shards; return (rows written, ledger rows of the global decisions)."""
@@ -242,7 +281,11 @@ class Combiner:
                             keep[row] = False
                             ledger.append({"id": ids[row], "step": f"corpus.build.{step}", "action": "drop", "reason": reason,
                                            "score": None, "detail": json.dumps({"duplicate_of": self._first_ids[int(of[k])]})})  # fmt: skip
-                    kept = batch.filter(pa.array(keep)).drop_columns(list(KEY_COLUMNS))
+                    if self.frequent_units:
+                        batch = self._strip_units(batch, keep, ids, ledger)
+                    kept = batch.filter(pa.array(keep)).drop_columns(
+                        [c for c in (*KEY_COLUMNS, UNIT_KEYS) if c in batch.schema.names]
+                    )
                     if kept.num_rows:
                         writer.write(kept)
                     start += n
@@ -264,6 +307,10 @@ def write_ledgers(pub: Publisher, task_ledgers: list[Path], extra: list[dict]) -
         pub.write_ledger(pa.concat_tables(tables), step=step)
 
 
-def global_counts(ledger: list[dict]) -> Counter:
-    """Documents removed by each global decision (``quality_score``, ``exact_dedup``)."""
-    return Counter(entry["step"].removeprefix("corpus.build.") for entry in ledger)
+def global_counts(ledger: list[dict]) -> tuple[Counter, Counter]:
+    """Documents removed, and changed, by each global decision (``quality_score``, ``exact_dedup``…)."""
+    removed: Counter = Counter()
+    changed: Counter = Counter()
+    for entry in ledger:
+        (removed if entry["action"] == "drop" else changed)[entry["step"].removeprefix("corpus.build.")] += 1
+    return removed, changed

@@ -125,3 +125,26 @@ def test_url_dedup_keeps_the_first_page_of_each_normalised_url(cli, tmp_path, st
     ledger = pq.read_table(m.location / "ledger" / "corpus.build.url_dedup.parquet").to_pylist()
     assert [json.loads(e["detail"])["duplicate_of"] for e in ledger] == [kept[0]["id"]] * 2
     assert {r["step"]: r["removed"] for r in m.stats["funnel"]}["url_dedup"] == {"duplicate_url": 2}
+
+
+def test_line_dedup_cuts_boilerplate_that_recurs_across_documents(cli, tmp_path, store):
+    boiler = "Subscribe to our newsletter for weekly updates"
+    rows = [
+        {"text": f"{boiler}\nUnique story number {i} about gardens and rivers.\nShare this"} for i in range(4)
+    ]
+    rows.append({"text": f"{boiler}\n{boiler.upper()}"})  # nothing left once the boilerplate goes
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    recipe = write_recipe(tmp_path / "r.yaml", f"stage: corpus.build\nname: l\ninputs: [{{path: {src}}}]\n"
+                          "dedup: {lines: {unit: line, max_documents: 2, min_chars: 5}}\n")  # fmt: skip
+    result = cli("--store", store.root, "corpus", "build", recipe)
+    assert result.code == 0, result.err
+    m = store.resolve("l")
+    texts = [r["text"] for r in read_table(m).to_pylist()]
+    assert texts == [f"Unique story number {i} about gardens and rivers." for i in range(4)]
+    ledger = pq.read_table(m.location / "ledger" / "corpus.build.line_dedup.parquet").to_pylist()
+    assert [e["action"] for e in ledger] == ["change"] * 4 + ["drop"]
+    assert (
+        all(0 < e["score"] < 1 for e in ledger[:4]) and json.loads(ledger[0]["detail"])["units_removed"] == 2
+    )
+    line_row = {r["step"]: r for r in m.stats["funnel"]}["line_dedup"]
+    assert line_row["changed"] == 4 and line_row["removed"] == {"all_units_repeated": 1}
