@@ -43,7 +43,7 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 
-Format = Literal["jsonl", "text", "parquet", "warc", "wet"]
+Format = Literal["jsonl", "text", "parquet", "warc", "wet", "table"]
 
 
 class SourceConfig(RecipeConfig):
@@ -55,7 +55,8 @@ class SourceConfig(RecipeConfig):
     """A dataset reference whose WARC files to read (the output of ``corpus crawl``)."""
     format: Format = "jsonl"
     """``jsonl``: one JSON object a line; ``text``: one document a file; ``parquet``: one a row;
-    ``warc``: HTTP responses, HTML extracted with trafilatura; ``wet``: extracted-text records."""
+    ``warc``: HTTP responses, HTML extracted with trafilatura; ``wet``: extracted-text records;
+    ``table`` (a ``dataset`` input's default): the dataset's own rows, every column kept."""
     text_field: str = "text"
     """The field (JSONL) or column (Parquet) holding the document text."""
     url_field: str | None = "url"
@@ -75,6 +76,11 @@ class SourceConfig(RecipeConfig):
     def _one_location(self) -> SourceConfig:
         if (self.path is None) == (self.dataset is None):
             raise ValueError("give exactly one of 'path' or 'dataset'")
+        if self.dataset is not None and self.format not in ("warc", "table"):
+            # A dataset is read as its rows unless it is a crawl's WARC files.
+            object.__setattr__(self, "format", "table")
+        if self.dataset is None and self.format == "table":
+            raise ValueError("format 'table' reads a dataset: give 'dataset', not 'path'")
         return self
 
 
@@ -175,6 +181,15 @@ def plan_tasks(
             from manifests.verify import ensure_verified
 
             ensure_verified(manifest)
+            if cfg.format == "table":
+                from manifests.data import require_columns
+
+                require_columns(manifest, ["id", "text"], "corpus.build")
+                for f in manifest.data_files():
+                    tasks.append(
+                        Task(len(tasks), i, "table", (str(manifest.location / f.path),), (f.sha256,))
+                    )
+                continue
             warcs = [f for f in manifest.files if f.path.endswith((".warc", ".warc.gz"))]
             if not warcs:
                 raise DistilleryError(
@@ -392,6 +407,11 @@ def read_task(
         yield from _read_text(task, cfg, batcher)
     elif task.format == "parquet":
         yield from _read_parquet(task, cfg, batcher)
+    elif task.format == "table":
+        # A published dataset's rows, as they are (ids, parents, sources and score columns kept).
+        pf = pq.ParquetFile(task.files[0])
+        for group in range(pf.metadata.num_row_groups):
+            yield from pf.read_row_group(group).to_batches(max_chunksize=batch_size)
     else:
         yield from _read_warc(task, cfg, batcher, log)
     if (batch := batcher.flush()) is not None:

@@ -148,3 +148,20 @@ def test_line_dedup_cuts_boilerplate_that_recurs_across_documents(cli, tmp_path,
     )
     line_row = {r["step"]: r for r in m.stats["funnel"]}["line_dedup"]
     assert line_row["changed"] == 4 and line_row["removed"] == {"all_units_repeated": 1}
+
+
+def test_a_published_dataset_is_an_input_with_its_rows_kept(cli, tmp_path, store):
+    assert cli("--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml").code == 0
+    source = store.resolve("demo-corpus")
+    recipe = write_recipe(tmp_path / "r.yaml", "stage: corpus.build\nname: again\ninputs: [{dataset: demo-corpus}]\n"
+                          "steps: [{type: min_words, min_words: 150}]\n")  # fmt: skip
+    assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    again = store.resolve("again")
+    assert again.parents[0].id == source.id and again.producer.recipe["inputs"][0]["format"] == "table"
+    before = {r["id"]: r for r in read_table(source).to_pylist()}
+    rows = read_table(again).to_pylist()
+    assert 0 < len(rows) < len(before)
+    for row in rows:  # the same records: ids, sources and the language columns kept
+        assert (
+            row["source"] == before[row["id"]]["source"] and row["language"] == before[row["id"]]["language"]
+        )
