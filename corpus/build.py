@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from corpus.classifier import ClassifierConfig
 from corpus.combine import Combiner, add_keys, global_counts, use_returning_memory_pool, write_ledgers
+from corpus.decontam import DecontaminateConfig
 from corpus.executor import run_tasks, run_tasks_ray
 from corpus.language import LanguageConfig
 from corpus.lines import LineDedupConfig, add_unit_keys
@@ -70,7 +71,8 @@ AnyStep = Annotated[
     | FineWebQualityConfig
     | ToxicityConfig
     | ClassifierConfig
-    | PiiConfig,
+    | PiiConfig
+    | DecontaminateConfig,
     Field(discriminator="type"),
 ]
 
@@ -215,26 +217,27 @@ def _phase2(
         pub, [work / results[t.index]["ledger"] for t in tasks if results[t.index]["ledger"]], ledger
     )
     removed, changed = global_counts(ledger)
-    return _funnel(cfg, results, removed, changed, rows_out)
+    return _funnel(cfg, results, removed, changed, rows_out, pub.store)
 
 
 _STANDARD_STATS = {"rows_in", "rows_out", "changed", "seconds", "reasons", "changes"}
 
 
 def _funnel(
-    cfg: CorpusBuildConfig, results: dict, removed: Counter, changed: Counter, rows_out: int
+    cfg: CorpusBuildConfig, results: dict, removed: Counter, changed: Counter, rows_out: int, store: Store
 ) -> dict[str, Any]:
     skipped: Counter = Counter()
     steps: dict[str, StepStats] = {}
-    tallies: dict[str, dict[str, Counter]] = {}
+    tallies: dict[str, dict[str, Any]] = {}
     for result in results.values():
         skipped.update(result["skipped"])
         for name, stats in result["steps"].items():
             steps.setdefault(name, StepStats()).merge(StepStats.from_dict(stats))
-            # Step-specific tallies (e.g. PII findings per entity type) are summed as they are.
+            # Step-specific tallies (PII findings per type, contamination per benchmark) are summed.
             for key, value in stats.items():
                 if key not in _STANDARD_STATS and isinstance(value, dict):
-                    tallies.setdefault(name, {}).setdefault(key, Counter()).update(value)
+                    per_step = tallies.setdefault(name, {})
+                    per_step[key] = _add_tally(per_step.get(key, {}), value)
     rows_read = sum(r["rows_in"] for r in results.values())
     funnel = [
         {"step": "read", "in": rows_read + sum(skipped.values()), "out": rows_read, "removed": dict(skipped)}
@@ -242,7 +245,7 @@ def _funnel(
     for name, stats in steps.items():
         funnel.append({"step": name, "in": stats.rows_in, "out": stats.rows_out, "changed": stats.changed,
                        "removed": dict(sorted(stats.reasons.items())), "changes": dict(sorted(stats.changes.items())),
-                       "seconds": round(stats.seconds, 3)} | {k: dict(sorted(v.items())) for k, v in tallies.get(name, {}).items()})  # fmt: skip
+                       "seconds": round(stats.seconds, 3)} | tallies.get(name, {}))  # fmt: skip
     remaining = funnel[-1]["out"]
     for step in cfg.steps:
         if (cut := step.global_cut()) is not None:
@@ -272,12 +275,23 @@ def _funnel(
         "tasks": len(results),
         "funnel": funnel,
     }
-    pii = Counter()
+    pii: dict = {}
     for per_step in tallies.values():
-        pii.update(per_step.get("pii_counts", {}))
+        pii = _add_tally(pii, per_step.get("pii_counts", {}))
     if pii:
-        stats["pii"] = dict(sorted(pii.items()))
+        stats["pii"] = pii
+    for step in cfg.steps:
+        if isinstance(step, DecontaminateConfig) and "contamination" in tallies.get("decontaminate", {}):
+            stats["contamination"] = step.report(tallies["decontaminate"]["contamination"], store)
     return stats
+
+
+def _add_tally(total: dict, more: dict) -> dict:
+    """Sum nested count dictionaries; keys sorted, so the result never depends on task order."""
+    out = dict(total)
+    for key, value in more.items():
+        out[key] = _add_tally(out.get(key, {}), value) if isinstance(value, dict) else out.get(key, 0) + value
+    return dict(sorted(out.items()))
 
 
 def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:

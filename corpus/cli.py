@@ -44,3 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Feed the result to corpus.build with an input '{dataset: NAME, format: warc}'.",
         example="distillery corpus crawl examples/recipes/crawl-local.yaml --set 'seeds=[https://example.org/]'",
     )  # fmt: skip
+    add_recipe_verb(
+        verbs, "decontam-index", expect="corpus", help_="build an n-gram index of evaluation sets",
+        description="Index the 13-grams (by default) of evaluation sets — files or datasets — including those\n"
+        "spanning question and answer; the 'decontaminate' step of corpus.build drops or flags\n"
+        "training documents that share them.",
+        example="distillery corpus decontam-index examples/recipes/decontam-index.yaml",
+    )  # fmt: skip

@@ -19,6 +19,7 @@ from manifests.store import Store
 STAGES = {
     "corpus.build": "corpus.build:run_recipe",
     "corpus.crawl": "corpus.crawl:run_recipe",
+    "corpus.decontam-index": "corpus.decontam:run_build_index",
     "corpus.train-classifier": "corpus.classifier:run_train",
     "synth.generate": "synth.generate:run_recipe",
     "train": "train.sft:run_recipe",

@@ -4,7 +4,8 @@
     distillery manifests report demo-corpus --format json
 
 What it shows: the funnel (documents in, removed per step with reasons, out), the language
-distribution, document length, every numeric score column, and PII counts — read from the
+distribution, document length, every numeric score column, PII counts and contamination per
+benchmark — read from the
 manifest's stats and the dataset's columns (the text itself is only measured, never shown).
 """
 
@@ -83,6 +84,7 @@ def summarise(manifest: Manifest) -> dict[str, Any]:
         "length_chars": _histogram(chars), "length_words": _histogram(words),
         "scores": {name: _histogram(values) for name, values in sorted(scores.items())},
         "pii": dict(pii.most_common()),
+        "contamination": stats.get("contamination", {}),
     }  # fmt: skip
 
 
@@ -145,6 +147,11 @@ def render_html(summary: dict[str, Any]) -> str:
         "<h2>Scores</h2>" + "".join(_hist_plot(name, hist) for name, hist in summary["scores"].items())
         if summary["scores"] else "",
         "<h2>PII found</h2>" + _bar_plot("findings per entity type", summary["pii"]) if summary["pii"] else "",
+        "<h2>Contamination</h2><table><tr><th>benchmark</th><th>documents removed or flagged</th><th>examples hit</th>"
+        "<th>examples</th><th>fraction</th></tr>" + "".join(
+            f"<tr><td>{esc(name)}</td><td>{c['documents']}</td><td>{c['examples_hit']}</td><td>{c['examples']}</td>"
+            f"<td>{c['fraction']:.2%}</td></tr>" for name, c in summary["contamination"].items()) + "</table>"
+        if summary["contamination"] else "",
     ]  # fmt: skip
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}")  # fmt: skip

@@ -45,6 +45,12 @@ FRENCH = (
     "façonnez la miche sur un plan fariné et laissez-la lever encore une heure pendant que le four chauffe. "
     "Faites cuire avec le couvercle pendant une demi-heure, puis sans lui jusqu'à ce que la croûte soit dorée."
 )
+QUIZ = (
+    "Here is a puzzle from our weekend quiz that readers keep sending us answers for. A lighthouse keeper "
+    "winds the clock every evening at six and again each morning at six. How many hours pass between two "
+    "windings? Twelve hours pass between one winding and the next. We print a new puzzle every Friday, "
+    "and the best answers win a loaf from the bakery. Send yours before Thursday evening to enter."
+)
 TOXIC = (
     "I am so tired of the people at the council and their fucking excuses about the road. Every week the "
     "same shit happens and nobody in that office gives a fuck about the families who live on the hill. "
@@ -67,6 +73,7 @@ def _serve(site):  # noqa: F811 - the fixture's value
         "/latin",
         "/bread-copy",
         "/busy",
+        "/quiz",
     ]
     site.page("/robots.txt", "User-agent: *\nDisallow: /private/\n", "text/plain")
     site.page(
@@ -89,6 +96,7 @@ def _serve(site):  # noqa: F811 - the fixture's value
         ARTICLE.format(title="Latin", body=GARDEN.replace("soil", "s\xf6il")).encode("latin-1"),
         "text/html",
     )
+    site.page("/quiz", ARTICLE.format(title="Quiz", body=QUIZ))
     busy = ARTICLE.format(title="Busy", body=GARDEN.replace("Tomatoes", "Beans")).encode()
     # Busy the first time (429 with Retry-After), then served.
     site.routes["/busy"] = lambda h, n: (
@@ -113,6 +121,10 @@ def test_crawl_then_clean_then_trace(site, cli, store):  # noqa: F811
     assert crawl_ledger["loop"] == "redirect_loop"
     assert "busy" not in crawl_ledger and site.count("/busy") == 2  # waited, then fetched
 
+    assert (
+        cli("--store", store.root, "corpus", "decontam-index", "examples/recipes/decontam-index.yaml").code
+        == 0
+    )
     result = cli("--store", store.root, "corpus", "build", "examples/recipes/web-corpus.yaml")
     assert result.code == 0, result.err
     web = store.resolve("web-corpus")
@@ -136,6 +148,15 @@ def test_crawl_then_clean_then_trace(site, cli, store):  # noqa: F811
     assert funnel["toxicity"]["removed"]["toxic_words"] == 1
     assert funnel["exact_dedup"]["removed"] == {"exact_duplicate": 1}
     assert web.stats["pii"]["EMAIL"] == 1 and web.stats["pii"]["PHONE"] == 1
+    assert web.stats["contamination"]["tiny-qa"] == {
+        "documents": 1,
+        "examples_hit": 1,
+        "examples": 20,
+        "fraction": 0.05,
+    }
+    decontam = pq.read_table(web.location / "ledger" / "corpus.build.decontaminate.parquet").to_pylist()
+    assert [json.loads(e["detail"])["contamination"] for e in decontam] == [{"tiny-qa": ["tq-00"]}]
+    assert {p.role for p in web.parents} >= {"input", "step_model"}
 
     trace = cli("--store", store.root, "manifests", "trace", rows["contact"]["id"])
     assert trace.code == 0
