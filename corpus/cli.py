@@ -11,8 +11,32 @@ def _print_funnel(manifest) -> None:
     print_funnel(manifest)
 
 
+def _build_from(args, data: dict, source: str) -> int:
+    """Run a corpus.build made from command-line options (the standalone global steps)."""
+    from corpus.build import run_recipe
+    from manifests.cli import print_published
+
+    data |= {"name": args.name, "inputs": [{"dataset": args.dataset}], "workers": args.workers or 1}
+    manifest = run_recipe(data, args.store_obj, source)
+    print_published(manifest)
+    _print_funnel(manifest)
+    return 0
+
+
+def _dedup(args) -> int:
+    dedup = {"exact": not args.no_exact, "url": args.url}
+    if args.lines:
+        dedup["lines"] = {"unit": args.lines, "max_documents": args.max_documents}
+    return _build_from(args, {"dedup": dedup}, "corpus dedup")
+
+
+def _decontaminate(args) -> int:
+    step = {"type": "decontaminate", "index": args.index, "action": "flag" if args.flag else "drop"}
+    return _build_from(args, {"steps": [step], "dedup": {"exact": False}}, "corpus decontaminate")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    from manifests.cli import add_group, add_recipe_verb
+    from manifests.cli import add_group, add_recipe_verb, add_verb
 
     verbs = add_group(
         sub, "corpus", "build text datasets from files: ids, source pointers, filters, ledger",
@@ -51,3 +75,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "training documents that share them.",
         example="distillery corpus decontam-index examples/recipes/decontam-index.yaml",
     )  # fmt: skip
+    dedup = add_verb(
+        verbs, "dedup", _dedup, "deduplicate a published dataset (exact, URL, lines) into a new one",
+        "Read a dataset's rows and drop exact duplicates (and, if asked, repeated URLs and lines that\n"
+        "recur across documents); the same global steps as corpus.build's 'dedup:' section.",
+        "distillery corpus dedup web-corpus --name web-dedup --url --lines line",
+    )  # fmt: skip
+    decontaminate = add_verb(
+        verbs, "decontaminate", _decontaminate, "drop (or flag) documents that contain evaluation n-grams",
+        "Read a dataset's rows and remove those sharing n-grams with an index from 'corpus decontam-index'.",
+        "distillery corpus decontaminate web-corpus --index evals-index --name web-clean",
+    )  # fmt: skip
+    for verb in (dedup, decontaminate):
+        verb.add_argument("dataset", help="dataset reference to read")
+        verb.add_argument("--name", required=True, help="name of the output dataset")
+        verb.add_argument("--workers", type=int, metavar="N", help="worker processes")
+    dedup.add_argument("--no-exact", action="store_true", help="keep exact duplicates")
+    dedup.add_argument("--url", action="store_true", help="drop documents whose normalised URL was seen")
+    dedup.add_argument(
+        "--lines", choices=["line", "paragraph"], help="remove units recurring across documents"
+    )
+    dedup.add_argument(
+        "--max-documents", type=int, default=2, help="with --lines: allowed documents per unit"
+    )
+    decontaminate.add_argument("--index", required=True, help="run reference of the n-gram index")
+    decontaminate.add_argument("--flag", action="store_true", help="keep and mark instead of dropping")

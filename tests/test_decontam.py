@@ -246,3 +246,45 @@ def test_benchmarks_from_a_dataset_and_a_parquet_file(store, tmp_path):
     f(batch(texts))
     found = {e["id"]: json.loads(e["detail"])["contamination"] for e in f.ledger}
     assert found == {"doc-0": {"held-out": ["d-0"]}, "doc-1": {"spiders": ["0"]}}
+
+
+def test_standalone_dedup_and_decontaminate_verbs(cli, tmp_path, store):
+    from manifests.data import read_table
+
+    quiz = json.loads(Path("examples/sample/evals/tiny-qa.jsonl").read_text().splitlines()[3])
+    rows = [
+        {"text": f"Story {i}: the river flooded the meadow again this spring and the ducks were pleased."}
+        for i in range(5)
+    ]
+    rows += [
+        rows[0],
+        {"text": "Trivia night notes. " + quiz["question"] + " " + quiz["answer"] + " Then we had cake."},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(
+        f"stage: corpus.build\nname: raw\ndedup: {{exact: false}}\ninputs: [{{path: {tmp_path / 'in.jsonl'}}}]\n"
+    )
+    assert cli("--store", store.root, "corpus", "build", tmp_path / "r.yaml").code == 0
+    result = cli("--store", store.root, "corpus", "dedup", "raw", "--name", "deduped")
+    assert result.code == 0, result.err
+    assert read_table(store.resolve("deduped")).num_rows == 6
+    assert (
+        cli("--store", store.root, "corpus", "decontam-index", "examples/recipes/decontam-index.yaml").code
+        == 0
+    )
+    result = cli(
+        "--store",
+        store.root,
+        "corpus",
+        "decontaminate",
+        "deduped",
+        "--index",
+        "evals-index",
+        "--name",
+        "clean",
+    )
+    assert result.code == 0, result.err
+    clean = store.resolve("clean")
+    assert read_table(clean).num_rows == 5
+    assert clean.stats["contamination"]["tiny-qa"]["examples_hit"] == 1
+    assert [p.name for p in clean.parents] == ["deduped", "evals-index"]
