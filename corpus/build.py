@@ -34,11 +34,19 @@ from pydantic import Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from corpus.classifier import ClassifierConfig
-from corpus.combine import Combiner, add_keys, global_counts, use_returning_memory_pool, write_ledgers
+from corpus.combine import (
+    MINHASH_KEYS,
+    Combiner,
+    add_keys,
+    global_counts,
+    use_returning_memory_pool,
+    write_ledgers,
+)
 from corpus.decontam import DecontaminateConfig
 from corpus.executor import run_tasks, run_tasks_ray
 from corpus.language import LanguageConfig
 from corpus.lines import LineDedupConfig, add_unit_keys
+from corpus.minhash import MinHashConfig, band_keys
 from corpus.pii import PiiConfig
 from corpus.quality import C4QualityConfig, FineWebQualityConfig, GopherQualityConfig, GopherRepetitionConfig
 from corpus.sources import RECORD_SCHEMA, ReadLog, SourceConfig, Task, plan_tasks, read_task
@@ -86,6 +94,8 @@ class DedupConfig(RecipeConfig):
     """Drop documents whose normalised URL was seen before (first seen is kept; before exact dedup)."""
     case_fold: bool = True
     """Also fold case before comparing."""
+    minhash: MinHashConfig | None = None
+    """Near-duplicate dedup with MinHash LSH (after exact dedup), e.g. ``{threshold: 0.8}``."""
     lines: LineDedupConfig | None = None
     """Remove lines or paragraphs that recur across many documents (CCNet), after document dedup."""
 
@@ -144,6 +154,10 @@ def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str,
                 batch = add_keys(batch, cfg.dedup.case_fold)
                 if cfg.dedup.lines is not None:
                     batch = add_unit_keys(batch, cfg.dedup.lines)
+                if cfg.dedup.minhash is not None:
+                    batch = batch.append_column(
+                        MINHASH_KEYS, band_keys(batch.column("text"), cfg.dedup.minhash)
+                    )
                 if writer is None:
                     writer = pq.ParquetWriter(f"{stem}.parquet", batch.schema, compression="zstd")
                 writer.write_batch(batch)
@@ -211,7 +225,8 @@ def _phase2(
     inputs = [cfg.inputs[t.input_index].path or cfg.inputs[t.input_index].dataset or "" for t in with_data]
     cuts = [cut for step in cfg.steps if (cut := step.global_cut()) is not None]
     files = [work / results[t.index]["data"] for t in with_data]
-    combiner = Combiner(files, inputs, cfg.dedup.exact, cuts, url_dedup=cfg.dedup.url, lines=cfg.dedup.lines)
+    combiner = Combiner(files, inputs, cfg.dedup.exact, cuts, url_dedup=cfg.dedup.url, lines=cfg.dedup.lines,
+                        minhash=cfg.dedup.minhash)  # fmt: skip
     rows_out, ledger = combiner.stream(pub, cfg.shard_rows)
     write_ledgers(
         pub, [work / results[t.index]["ledger"] for t in tasks if results[t.index]["ledger"]], ledger
@@ -263,6 +278,11 @@ def _funnel(
         dropped = removed.get("exact_dedup", 0)
         funnel.append({"step": "exact_dedup", "in": remaining, "out": remaining - dropped,
                        "removed": {"exact_duplicate": dropped} if dropped else {}})  # fmt: skip
+        remaining -= dropped
+    if cfg.dedup.minhash is not None:
+        dropped = removed.get("minhash_dedup", 0)
+        funnel.append({"step": "minhash_dedup", "in": remaining, "out": remaining - dropped,
+                       "removed": {"near_duplicate": dropped} if dropped else {}})  # fmt: skip
         remaining -= dropped
     if cfg.dedup.lines is not None:
         dropped = removed.get("line_dedup", 0)

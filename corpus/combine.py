@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from corpus.crawl_policy import normalise_url
 from corpus.lines import UNIT_KEYS, LineDedupConfig, strip_repeated
+from corpus.minhash import MinHashConfig, find_duplicates
 from corpus.steps import normalise
 from manifests.errors import DistilleryError
 from manifests.publish import LEDGER_SCHEMA, Publisher
@@ -29,6 +30,7 @@ from manifests.publish import LEDGER_SCHEMA, Publisher
 ID_KEY = "_id_key"
 DEDUP_KEY = "_dedup_key"
 URL_KEY = "_url_key"
+MINHASH_KEYS = "_minhash_keys"
 KEY_COLUMNS = (ID_KEY, DEDUP_KEY, URL_KEY)
 """Hidden columns phase 1 adds to its task files; they never reach the published shards."""
 _KEY128 = np.dtype([("hi", ">u8"), ("lo", ">u8")])
@@ -111,6 +113,7 @@ class Combiner:
     def __init__(
         self, files: list[Path], task_inputs: list[str], dedup: bool, cuts: list[tuple[str, float, str]],
         partition_rows: int | None = None, url_dedup: bool = False, lines: LineDedupConfig | None = None,
+        minhash: MinHashConfig | None = None,
     ):  # fmt: skip
         self.files = files
         self.task_inputs = task_inputs
@@ -146,8 +149,14 @@ class Combiner:
         self.duplicates, self.duplicate_of = (
             self._dedup(DEDUP_KEY, _KEY128, removed) if dedup else (none, none)
         )
+        removed = np.union1d(removed, self.duplicates)
+        self.near, self.near_of, self.near_similarity = (
+            self._near_duplicates(minhash, removed) if minhash is not None else (none, none, np.zeros(0))
+        )
         # Ids of the rows that others duplicate, for the ledger's duplicate_of (few, kept as strings).
-        self._wanted = set(self.duplicate_of.tolist()) | set(self.url_duplicate_of.tolist())
+        self._wanted = (
+            set(self.duplicate_of.tolist()) | set(self.url_duplicate_of.tolist()) | set(self.near_of.tolist())
+        )
         self.lines = lines
         self.frequent_units = self._frequent_units() if lines is not None else set()
         self._first_ids: dict[int, str] = {}
@@ -212,6 +221,40 @@ class Combiner:
         order = np.argsort(rows)
         return rows[order], of[order]
 
+    def _near_duplicates(
+        self, cfg: MinHashConfig, removed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """MinHash LSH over the documents still kept: (removed rows, kept row of each, similarity).
+
+        The band keys of every remaining document are held at once (8 bytes a band); the text of
+        candidate rows is read back only to verify them.
+        """
+        keys, lengths = [], []
+        for f in self.files:
+            table = pq.read_table(
+                f, columns=[MINHASH_KEYS, "text"] if cfg.keep == "longest" else [MINHASH_KEYS]
+            )
+            keys.append(table.column(MINHASH_KEYS).combine_chunks())
+            if cfg.keep == "longest":
+                lengths.append(pc.utf8_length(table.column("text")).to_numpy())
+        alive = np.setdiff1d(np.arange(self.n), removed)
+        all_keys = pa.concat_arrays(keys).take(pa.array(alive)) if keys else pa.array([], pa.binary(8))
+        order = np.concatenate(lengths)[alive] if lengths else None
+
+        def texts(rows: np.ndarray) -> list[str]:
+            wanted = alive[rows]
+            out: dict[int, str] = {}
+            for index, f in enumerate(self.files):
+                lo, hi = self.offsets[index], self.offsets[index + 1]
+                here = wanted[(wanted >= lo) & (wanted < hi)]
+                if len(here):
+                    column = pq.read_table(f, columns=["text"]).column("text")
+                    out.update(zip(here.tolist(), column.take(pa.array(here - lo)).to_pylist(), strict=True))
+            return [out[int(r)] for r in wanted]
+
+        dropped, kept, similarity = find_duplicates(all_keys, order, cfg, texts if cfg.verify else None)
+        return alive[dropped], alive[kept], similarity
+
     def _frequent_units(self) -> set[int]:
         """Unit keys found in more documents than allowed, counted one hash partition at a time."""
         frequent: set[int] = set()
@@ -272,19 +315,24 @@ class Combiner:
                             keep[row] = False
                             ledger.append({"id": ids[row], "step": f"corpus.build.{column}", "action": "drop", "reason": reason,
                                            "score": float(values[row]), "detail": json.dumps({"cutoff": cutoff})})  # fmt: skip
-                    for rows, of, step, reason in (
-                        (self.url_duplicates, self.url_duplicate_of, "url_dedup", "duplicate_url"),
-                        (self.duplicates, self.duplicate_of, "exact_dedup", "exact_duplicate"),
+                    for rows, of, similarity, step, reason in (
+                        (self.url_duplicates, self.url_duplicate_of, None, "url_dedup", "duplicate_url"),
+                        (self.duplicates, self.duplicate_of, None, "exact_dedup", "exact_duplicate"),
+                        (self.near, self.near_of, self.near_similarity, "minhash_dedup", "near_duplicate"),
                     ):
                         for k in self._in_range(rows, start, start + n):
                             row = int(rows[k]) - start
                             keep[row] = False
+                            score = round(float(similarity[k]), 4) if similarity is not None else None
+                            detail = {"duplicate_of": self._first_ids[int(of[k])]} | (
+                                {"similarity": score} if score is not None else {}
+                            )
                             ledger.append({"id": ids[row], "step": f"corpus.build.{step}", "action": "drop", "reason": reason,
-                                           "score": None, "detail": json.dumps({"duplicate_of": self._first_ids[int(of[k])]})})  # fmt: skip
+                                           "score": score, "detail": json.dumps(detail)})  # fmt: skip
                     if self.frequent_units:
                         batch = self._strip_units(batch, keep, ids, ledger)
                     kept = batch.filter(pa.array(keep)).drop_columns(
-                        [c for c in (*KEY_COLUMNS, UNIT_KEYS) if c in batch.schema.names]
+                        [c for c in (*KEY_COLUMNS, UNIT_KEYS, MINHASH_KEYS) if c in batch.schema.names]
                     )
                     if kept.num_rows:
                         writer.write(kept)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -165,3 +166,23 @@ def test_a_published_dataset_is_an_input_with_its_rows_kept(cli, tmp_path, store
         assert (
             row["source"] == before[row["id"]]["source"] and row["language"] == before[row["id"]]["language"]
         )
+
+
+def test_minhash_dedup_removes_near_duplicates_and_names_the_kept_copy(cli, tmp_path, store):
+    base = [
+        json.loads(line)["text"] for line in Path("examples/sample/web.jsonl").read_text().splitlines()[:40]
+    ]
+    base = [t for t in base if len(t.split()) > 60][:10]
+    edited = [t.replace(" the ", " a ", 1) + " Updated." for t in base[:4]]  # near copies (Jaccard ~0.9)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in base + edited])
+    recipe = write_recipe(tmp_path / "r.yaml", f"stage: corpus.build\nname: n\ninputs: [{{path: {src}}}]\n"
+                          "dedup: {exact: true, minhash: {threshold: 0.7}}\nworkers: 2\nsplit_bytes: 2048\n")  # fmt: skip
+    result = cli("--store", store.root, "corpus", "build", recipe)
+    assert result.code == 0, result.err
+    m = store.resolve("n")
+    kept = read_table(m).to_pylist()
+    assert [r["text"] for r in kept] == base
+    ledger = pq.read_table(m.location / "ledger" / "corpus.build.minhash_dedup.parquet").to_pylist()
+    assert [json.loads(e["detail"])["duplicate_of"] for e in ledger] == [r["id"] for r in kept[:4]]
+    assert all(0.7 <= e["score"] < 1 for e in ledger)
+    assert {r["step"]: r["removed"] for r in m.stats["funnel"]}["minhash_dedup"] == {"near_duplicate": 4}

@@ -1,0 +1,263 @@
+"""MinHash LSH near-duplicates: signatures, banding, verification, clusters and keep rules."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pydantic import ValidationError
+
+import corpus.minhash as minhash
+from corpus.minhash import (
+    MinHashConfig,
+    band_keys,
+    candidate_pairs,
+    find_duplicates,
+    key_matrix,
+    optimal_banding,
+    shingle_sets,
+    signatures,
+)
+from corpus.minhash_clusters import connected_components, pair_jaccard
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference_shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    words = text.lower().split()
+    if len(words) < n:
+        return {tuple(words)} if words else set()
+    return set(zip(*(words[i:] for i in range(n)), strict=False))
+
+
+def reference_jaccard(a: str, b: str) -> float:
+    sa, sb = reference_shingles(a), reference_shingles(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+@pytest.fixture(scope="module")
+def seeds() -> list[str]:
+    """30 distinct documents of the embedded sample (no two share a fifth of their shingles)."""
+    docs = [
+        json.loads(line)["text"] for line in (ROOT / "examples/sample/web.jsonl").read_text().splitlines()
+    ]
+    kept: list[str] = []
+    for doc in docs:
+        if len(doc.split()) >= 80 and all(reference_jaccard(doc, k) < 0.2 for k in kept):
+            kept.append(doc)
+    return kept[:30]
+
+
+def substitute(text: str, count: int, rng: random.Random) -> str:
+    words = text.split()
+    for _ in range(count):
+        words[rng.randrange(len(words))] = f"zz{rng.randrange(10**6)}"
+    return " ".join(words)
+
+
+def texts_of(texts: list[str]):
+    return lambda rows: [texts[i] for i in rows]
+
+
+@pytest.fixture(scope="module")
+def labelled(seeds) -> tuple[list[str], dict[int, int]]:
+    """Originals, then one light copy of each of the first 15 (shuffled in): copy row -> original row."""
+    rng = random.Random(3)
+    docs = [(text, None) for text in seeds]
+    docs += [(substitute(text, 1, rng), i) for i, text in enumerate(seeds[:15])]
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    row_of = {old: new for new, old in enumerate(order)}
+    texts = [docs[old][0] for old in order]
+    copy_of = {row_of[old]: row_of[docs[old][1]] for old in order if docs[old][1] is not None}
+    assert all(reference_jaccard(texts[c], texts[o]) >= 0.8 for c, o in copy_of.items())
+    return texts, copy_of
+
+
+# ------------------------------------------------------------------ detection
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_near_duplicates_found_and_unrelated_kept(labelled, verify):
+    texts, copy_of = labelled
+    # Unverified, datasketch's balanced banding (9 x 13) would miss some copies; ask for 16 x 8.
+    cfg = MinHashConfig(verify=verify) if verify else MinHashConfig(verify=False, bands=16, rows=8)
+    removed, kept, similarity = find_duplicates(band_keys(pa.array(texts), cfg), None, cfg, texts_of(texts))
+    expected = sorted(max(c, o) for c, o in copy_of.items())
+    assert removed.tolist() == expected
+    assert kept.tolist() == [min(c, o) for c, o in sorted(copy_of.items(), key=lambda p: max(p))]
+    # Unverified, the similarity is estimated from the share of equal bands: coarse, but high.
+    assert (similarity > (0.8 if verify else 0.6)).all()
+    if verify:
+        exact = [reference_jaccard(texts[r], texts[k]) for r, k in zip(removed, kept, strict=True)]
+        np.testing.assert_allclose(similarity, exact)
+
+
+def test_char_shingles_find_a_near_duplicate_in_non_ascii_text(seeds):
+    original = seeds[0].replace("e", "é").replace("a", "å") + " 東京の天気は晴れです。"
+    copy = original.replace("é", "e", 2)
+    cfg = MinHashConfig(shingle="char", ngram=7)
+    texts = [original, seeds[1], copy]
+    removed, kept, _ = find_duplicates(band_keys(pa.array(texts), cfg), None, cfg, texts_of(texts))
+    assert removed.tolist() == [2] and kept.tolist() == [0]
+
+
+def test_shingle_sets_match_the_reference_definition(seeds):
+    cfg = MinHashConfig()
+    for text, hashed in zip(seeds, shingle_sets(seeds, cfg), strict=True):
+        assert len(hashed) == len(reference_shingles(text))
+    a, b = seeds[0], substitute(seeds[0], 3, random.Random(1))
+    sa, sb = shingle_sets([a, b], cfg)
+    assert len(np.intersect1d(sa, sb)) / len(np.union1d(sa, sb)) == pytest.approx(reference_jaccard(a, b))
+
+
+def test_signature_agreement_estimates_jaccard_without_bias(seeds):
+    """The 32-bit permutations behave like ideal ones: mean error ~0, binomial spread."""
+    rng = random.Random(0)
+    pairs = [(t, substitute(t, k, rng)) for t in seeds for k in (1, 3, 6, 12)]
+    cfg = MinHashConfig(bands=32, rows=4)
+    sig_a, _ = signatures(pa.array([a for a, _ in pairs]), cfg)
+    sig_b, _ = signatures(pa.array([b for _, b in pairs]), cfg)
+    exact = np.array([reference_jaccard(a, b) for a, b in pairs])
+    error = (sig_a == sig_b).mean(axis=0) - exact
+    z = error / np.sqrt(exact * (1 - exact) / 128)
+    assert abs(error.mean()) < 0.01
+    assert 0.7 < z.std() < 1.3
+
+
+def test_empty_and_short_documents(seeds):
+    cfg = MinHashConfig()
+    texts = ["", "   \n", "hello world", seeds[0], "Hello   World", None, "hello there world"]
+    keys = key_matrix(band_keys(pa.array(texts), cfg), cfg.banding()[0])
+    assert (keys[[0, 1, 5]] == 0).all() and (keys[[2, 3, 4, 6]] != 0).all()
+    removed, kept, similarity = find_duplicates(keys, None, cfg, texts_of([t or "" for t in texts]))
+    assert removed.tolist() == [4] and kept.tolist() == [2] and similarity.tolist() == [1.0]
+
+
+# ------------------------------------------------------------------ determinism
+
+
+def test_band_keys_do_not_depend_on_batching(seeds, monkeypatch):
+    texts = pa.array(seeds * 3, type=pa.large_string())
+    cfg = MinHashConfig()
+    whole = band_keys(texts, cfg)
+    batched = pa.concat_arrays([band_keys(texts.slice(i, 7), cfg) for i in range(0, len(texts), 7)])
+    assert batched.equals(whole)
+    reordered = [band_keys(texts.slice(i, 11), cfg) for i in range(0, len(texts), 11)][::-1]
+    assert pa.concat_arrays(reordered[::-1]).equals(whole)
+    assert band_keys(pa.chunked_array([texts.cast(pa.string())]), cfg).equals(whole)
+    # A document split across the internal shingle chunks gets the same minima.
+    monkeypatch.setattr(minhash, "CHUNK_SHINGLES", 37)
+    assert band_keys(texts, cfg).equals(whole)
+
+
+def test_clusters_do_not_depend_on_pair_order():
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 300, 400)
+    v = rng.integers(0, 300, 400)
+    members, root = connected_components(u, v)
+    perm = rng.permutation(len(u))
+    members2, root2 = connected_components(v[perm], u[perm])
+    assert members.tolist() == members2.tolist() and root.tolist() == root2.tolist()
+    # The root is the lowest row of a component: a chain 9-8-...-0 ends at 0.
+    chain = np.arange(9, 0, -1)
+    assert connected_components(chain, chain - 1)[1].tolist() == [0] * 10
+
+
+# ------------------------------------------------------------------ verification and keep rules
+
+
+def test_verify_removes_a_planted_false_candidate(seeds):
+    cfg = MinHashConfig(bands=16, rows=8)
+    bands, rows = cfg.banding()
+    texts = [seeds[0], seeds[1]]
+    keys = key_matrix(band_keys(pa.array(texts), cfg), bands).copy()
+    keys[1, 3] = keys[0, 3]  # the two unrelated documents now collide in one band
+    assert find_duplicates(keys, None, cfg, texts_of(texts))[0].tolist() == []
+    unverified = cfg.model_copy(update={"verify": False})
+    removed, kept, similarity = find_duplicates(keys, None, unverified)
+    assert removed.tolist() == [1] and kept.tolist() == [0]
+    assert similarity[0] == pytest.approx((1 / bands) ** (1 / rows))
+
+
+def test_keep_rules(seeds):
+    base = seeds[2]
+    texts = [seeds[3], base, base + " and a few more words at the end", base + " extra words", base]
+    lengths = np.array([len(t) for t in texts])
+    keys = band_keys(pa.array(texts), MinHashConfig())
+    first = find_duplicates(keys, None, MinHashConfig(), texts_of(texts))
+    assert first[0].tolist() == [2, 3, 4] and first[1].tolist() == [1, 1, 1]
+    longest = find_duplicates(keys, lengths, MinHashConfig(keep="longest"), texts_of(texts))
+    assert longest[0].tolist() == [1, 3, 4] and longest[1].tolist() == [2, 2, 2]
+    # Ties go to the lowest row.
+    tied = find_duplicates(keys, np.array([5, 9, 1, 1, 9]), MinHashConfig(keep="longest"), texts_of(texts))
+    assert tied[0].tolist() == [2, 3, 4] and tied[1].tolist() == [1, 1, 1]
+
+
+def test_bucket_blow_up_is_bounded(seeds):
+    texts = [seeds[4]] * 1000
+    cfg = MinHashConfig()
+    start = time.perf_counter()
+    keys = band_keys(pa.array(texts), cfg)
+    u, _ = candidate_pairs(key_matrix(keys, cfg.banding()[0]))
+    assert len(u) == 999  # one star per bucket, the same star in every band
+    removed, kept, similarity = find_duplicates(keys, None, cfg, texts_of(texts))
+    assert removed.tolist() == list(range(1, 1000)) and set(kept.tolist()) == {0}
+    assert (similarity == 1.0).all()
+    assert time.perf_counter() - start < 5
+
+
+def test_pair_jaccard_counts_intersections():
+    values = np.array([1, 2, 3, 2, 3, 4, 9], dtype=np.uint64)
+    offsets = np.array([0, 3, 6, 7, 7])
+    got = pair_jaccard(values, offsets, np.array([0, 0, 2, 3]), np.array([1, 2, 2, 3]))
+    assert got.tolist() == [0.5, 0.0, 1.0, 0.0]
+
+
+# ------------------------------------------------------------------ config and bad input
+
+
+def test_banding_follows_datasketch():
+    # datasketch.lsh._optimal_param with its default equal weights.
+    assert optimal_banding(0.8, 128, 0.5) == (9, 13)
+    assert optimal_banding(0.5, 128, 0.5) == (25, 5)
+    assert optimal_banding(0.9, 128, 0.5) == (5, 25)
+    assert MinHashConfig(verify=False).banding() == (9, 13)
+    assert MinHashConfig().banding() == (16, 8)  # verification: misses weigh more than candidates
+    assert MinHashConfig(bands=20, rows=6).banding() == (20, 6)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"bands": 16}, "both"),
+        ({"rows": 8}, "both"),
+        ({"bands": 20, "rows": 7}, "exceeds num_perm"),
+        ({"threshold": 0}, "greater than 0"),
+        ({"shingle": "sentence"}, "'word' or 'char'"),
+        ({"treshold": 0.7}, "Extra inputs"),
+    ],
+)
+def test_config_validation(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        MinHashConfig(**fields)
+
+
+def test_bad_input_to_find_duplicates(seeds):
+    cfg = MinHashConfig()
+    keys = band_keys(pa.array(seeds[:3]), cfg)
+    with pytest.raises(ValueError, match="texts_for_verify"):
+        find_duplicates(keys, None, cfg)
+    with pytest.raises(ValueError, match="order_keys"):
+        find_duplicates(keys, None, MinHashConfig(keep="longest"), texts_of(seeds))
+    with pytest.raises(ValueError, match="fixed_size_binary"):
+        find_duplicates(
+            band_keys(pa.array(seeds[:3]), MinHashConfig(bands=4, rows=4)), None, cfg, texts_of(seeds)
+        )
+    with pytest.raises(ValueError, match="expects"):
+        find_duplicates(np.zeros((3, 4), np.uint64), None, cfg, texts_of(seeds))
