@@ -43,6 +43,7 @@ from corpus.combine import (
     write_ledgers,
 )
 from corpus.decontam import DecontaminateConfig
+from corpus.dedup_index import LoadedIndex
 from corpus.executor import run_tasks, run_tasks_ray
 from corpus.language import LanguageConfig
 from corpus.lines import LineDedupConfig, add_unit_keys
@@ -94,6 +95,8 @@ class DedupConfig(RecipeConfig):
     """Drop documents whose normalised URL was seen before (first seen is kept; before exact dedup)."""
     case_fold: bool = True
     """Also fold case before comparing."""
+    against: list[str] = Field(default_factory=list)
+    """Dedup indexes of earlier datasets (``corpus dedup-index``): their documents are dropped here too."""
     minhash: MinHashConfig | None = None
     """Near-duplicate dedup with MinHash LSH (after exact dedup), e.g. ``{threshold: 0.8}``."""
     lines: LineDedupConfig | None = None
@@ -218,7 +221,12 @@ def _phase1(cfg: CorpusBuildConfig, tasks: list[Task], work: Path, store: Store)
 
 
 def _phase2(
-    cfg: CorpusBuildConfig, tasks: list[Task], results: dict, work: Path, pub: Publisher
+    cfg: CorpusBuildConfig,
+    tasks: list[Task],
+    results: dict,
+    work: Path,
+    pub: Publisher,
+    indexes: list[LoadedIndex],
 ) -> dict[str, Any]:
     """Combine task outputs in task order: unique ids, global cuts, exact dedup, shards, ledgers."""
     with_data = [t for t in tasks if results[t.index]["data"]]
@@ -226,7 +234,7 @@ def _phase2(
     cuts = [cut for step in cfg.steps if (cut := step.global_cut()) is not None]
     files = [work / results[t.index]["data"] for t in with_data]
     combiner = Combiner(files, inputs, cfg.dedup.exact, cuts, url_dedup=cfg.dedup.url, lines=cfg.dedup.lines,
-                        minhash=cfg.dedup.minhash)  # fmt: skip
+                        minhash=cfg.dedup.minhash, against=indexes)  # fmt: skip
     rows_out, ledger = combiner.stream(pub, cfg.shard_rows)
     write_ledgers(
         pub, [work / results[t.index]["ledger"] for t in tasks if results[t.index]["ledger"]], ledger
@@ -314,6 +322,12 @@ def _add_tally(total: dict, more: dict) -> dict:
     return dict(sorted(out.items()))
 
 
+def _roles(parents: list[Manifest]) -> dict[str, str]:
+    """Why each run is a parent: a dedup index, or a model a step used (datasets are inputs)."""
+    return {m.id: "dedup_index" if m.producer.stage == "corpus.dedup-index" else "step_model"
+            for m in parents if m.kind == "run"}  # fmt: skip
+
+
 def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
     use_returning_memory_pool()
     parents = []
@@ -324,15 +338,23 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
             source.dataset = f"{manifest.name}@{manifest.id}"
             parents.append(manifest)
     parents += [m for step in cfg.steps for m in step.prepare(store)]
+    indexes = []
+    for i, ref in enumerate(cfg.dedup.against):
+        manifest = store.resolve(ref, kind="run")
+        indexes.append(
+            LoadedIndex(manifest, cfg.dedup.case_fold, cfg.dedup.minhash)
+        )  # settings checked before any work
+        cfg.dedup.against[i] = f"{manifest.name}@{manifest.id}"
+        parents.append(manifest)
     tasks = plan_tasks(cfg.inputs, store, cfg.split_bytes)
     work = _work_dir(cfg, tasks, store)
     work.mkdir(parents=True, exist_ok=True)
     try:
         results = _phase1(cfg, tasks, work, store)
         with Publisher(store, kind="dataset", name=cfg.name, stage="corpus.build", recipe=cfg.content_recipe(),
-                       parents=parents, parent_roles={m.id: "step_model" for m in parents if m.kind == "run"},
+                       parents=parents, parent_roles=_roles(parents),
                        seed=cfg.seed, execution={k: getattr(cfg, k) for k in sorted(EXECUTION_FIELDS)}) as pub:  # fmt: skip
-            stats = _phase2(cfg, tasks, results, work, pub)
+            stats = _phase2(cfg, tasks, results, work, pub, indexes)
             if stats["rows_out"] == 0:
                 raise DistilleryError(
                     f"{cfg.name}: every document was removed ({stats['rows_in']} read); loosen the steps?"

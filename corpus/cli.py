@@ -24,10 +24,23 @@ def _build_from(args, data: dict, source: str) -> int:
 
 
 def _dedup(args) -> int:
-    dedup = {"exact": not args.no_exact, "url": args.url}
+    dedup = {"exact": not args.no_exact, "url": args.url, "against": args.against}
+    if args.minhash_threshold:
+        dedup["minhash"] = {"threshold": args.minhash_threshold}
     if args.lines:
         dedup["lines"] = {"unit": args.lines, "max_documents": args.max_documents}
     return _build_from(args, {"dedup": dedup}, "corpus dedup")
+
+
+def _dedup_index(args) -> int:
+    from corpus.dedup_index import run_build_index
+    from manifests.cli import print_published
+
+    data = {"name": args.name, "dataset": args.dataset}
+    if args.minhash_threshold:
+        data["minhash"] = {"threshold": args.minhash_threshold}
+    print_published(run_build_index(data, args.store_obj, "corpus dedup-index"))
+    return 0
 
 
 def _decontaminate(args) -> int:
@@ -98,5 +111,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     dedup.add_argument(
         "--max-documents", type=int, default=2, help="with --lines: allowed documents per unit"
     )
+    dedup.add_argument(
+        "--minhash-threshold", type=float, metavar="J", help="also drop near-duplicates (MinHash, Jaccard J)"
+    )
+    dedup.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="INDEX",
+        help="a dedup index of earlier data; repeatable",
+    )
+    index = add_verb(
+        verbs, "dedup-index", _dedup_index, "index a dataset for incremental dedup of later builds",
+        "Store a dataset's exact-text keys (and MinHash band keys) so that later builds drop what it holds\n"
+        "without reprocessing it ('dedup: {against: [INDEX]}' or 'corpus dedup --against INDEX').",
+        "distillery corpus dedup-index web-2025 --name web-2025-index --minhash-threshold 0.8",
+    )  # fmt: skip
+    index.add_argument("dataset", help="dataset reference to index")
+    index.add_argument("--name", required=True, help="name of the index in the store")
+    index.add_argument("--minhash-threshold", type=float, metavar="J", help="also index MinHash band keys")
     decontaminate.add_argument("--index", required=True, help="run reference of the n-gram index")
     decontaminate.add_argument("--flag", action="store_true", help="keep and mark instead of dropping")

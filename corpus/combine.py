@@ -113,9 +113,10 @@ class Combiner:
     def __init__(
         self, files: list[Path], task_inputs: list[str], dedup: bool, cuts: list[tuple[str, float, str]],
         partition_rows: int | None = None, url_dedup: bool = False, lines: LineDedupConfig | None = None,
-        minhash: MinHashConfig | None = None,
+        minhash: MinHashConfig | None = None, against: list | None = None,
     ):  # fmt: skip
         self.files = files
+        self.against = against or []
         self.task_inputs = task_inputs
         counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -150,13 +151,17 @@ class Combiner:
             self._dedup(DEDUP_KEY, _KEY128, removed) if dedup else (none, none)
         )
         removed = np.union1d(removed, self.duplicates)
+        self.seen, self.seen_of = self._seen_before(removed) if self.against else (none, none)
+        removed = np.union1d(removed, self.seen)
         self.near, self.near_of, self.near_similarity = (
             self._near_duplicates(minhash, removed) if minhash is not None else (none, none, np.zeros(0))
         )
         # Ids of the rows that others duplicate, for the ledger's duplicate_of (few, kept as strings).
-        self._wanted = (
-            set(self.duplicate_of.tolist()) | set(self.url_duplicate_of.tolist()) | set(self.near_of.tolist())
-        )
+        self._wanted = {
+            r
+            for r in (*self.duplicate_of.tolist(), *self.url_duplicate_of.tolist(), *self.near_of.tolist())
+            if r >= 0
+        }
         self.lines = lines
         self.frequent_units = self._frequent_units() if lines is not None else set()
         self._first_ids: dict[int, str] = {}
@@ -227,7 +232,9 @@ class Combiner:
         """MinHash LSH over the documents still kept: (removed rows, kept row of each, similarity).
 
         The band keys of every remaining document are held at once (8 bytes a band); the text of
-        candidate rows is read back only to verify them.
+        candidate rows is read back only to verify them. Documents of earlier datasets (dedup
+        indexes) come first, so that a cluster keeps them: a kept row ``-(k + 1)`` is the
+        ``k``-th document of the indexes.
         """
         keys, lengths = [], []
         for f in self.files:
@@ -237,23 +244,93 @@ class Combiner:
             keys.append(table.column(MINHASH_KEYS).combine_chunks())
             if cfg.keep == "longest":
                 lengths.append(pc.utf8_length(table.column("text")).to_numpy())
+        earlier = [i.band_keys for i in self.against if i.band_keys is not None]
+        m = sum(len(k) for k in earlier)
         alive = np.setdiff1d(np.arange(self.n), removed)
-        all_keys = pa.concat_arrays(keys).take(pa.array(alive)) if keys else pa.array([], pa.binary(8))
-        order = np.concatenate(lengths)[alive] if lengths else None
+        new_keys = pa.concat_arrays(keys).take(pa.array(alive)) if keys else pa.array([], pa.binary(8))
+        all_keys = pa.concat_arrays([*earlier, new_keys]) if earlier else new_keys
+        # Indexed documents are already published: as "longest" they always win their cluster.
+        order = np.r_[np.full(m, np.iinfo(np.int64).max), np.concatenate(lengths)[alive]] if lengths else None
 
         def texts(rows: np.ndarray) -> list[str]:
-            wanted = alive[rows]
             out: dict[int, str] = {}
+            old = rows[rows < m]
+            if len(old):
+                out.update(zip(old.tolist(), self._index_texts(old), strict=True))
+            new_rows = rows[rows >= m]
+            global_rows = alive[new_rows - m]
             for index, f in enumerate(self.files):
-                lo, hi = self.offsets[index], self.offsets[index + 1]
-                here = wanted[(wanted >= lo) & (wanted < hi)]
-                if len(here):
+                inside = (global_rows >= self.offsets[index]) & (global_rows < self.offsets[index + 1])
+                if inside.any():
                     column = pq.read_table(f, columns=["text"]).column("text")
-                    out.update(zip(here.tolist(), column.take(pa.array(here - lo)).to_pylist(), strict=True))
-            return [out[int(r)] for r in wanted]
+                    found = column.take(pa.array(global_rows[inside] - self.offsets[index])).to_pylist()
+                    out.update(zip(new_rows[inside].tolist(), found, strict=True))
+            return [out[int(r)] for r in rows]
 
         dropped, kept, similarity = find_duplicates(all_keys, order, cfg, texts if cfg.verify else None)
-        return alive[dropped], alive[kept], similarity
+        new = dropped >= m  # near-duplicates among the indexed documents are not this build's to drop
+        dropped, kept, similarity = dropped[new], kept[new], similarity[new]
+        kept_rows = np.where(kept >= m, alive[np.maximum(kept - m, 0)] if len(alive) else 0, -(kept + 1))
+        return alive[dropped - m], kept_rows, similarity
+
+    def _index_ref(self, row: int, near: bool) -> str:
+        return self._indexed(row, near)[0].manifest.ref
+
+    def _index_id(self, row: int, near: bool) -> str:
+        index, k = self._indexed(row, near)
+        return index.ids[k]
+
+    def _indexed(self, row: int, near: bool):
+        """(index, position in it) of the ``-(row + 1)``-th indexed document; with ``near``, counting
+        only the indexes that hold band keys (the near-duplicate search sees only those)."""
+        k = -row - 1
+        for index in self.against:
+            size = len(index.ids) if not near or index.band_keys is not None else 0
+            if k < size:
+                return index, k
+            k -= size
+        raise IndexError(row)
+
+    def _seen_before(self, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows whose exact text is in a dedup index: (rows, -(k + 1) for the k-th indexed document)."""
+        earlier = np.concatenate([_keys(pa.chunked_array([i.text_keys]), _KEY128) for i in self.against])
+        seen, of = [], []
+        for part in range(self.parts):
+            keys, rows = self._partition(DEDUP_KEY, _KEY128, part)
+            alive = ~np.isin(rows, removed)
+            keys, rows = keys[alive], rows[alive]
+            old = (
+                np.flatnonzero((earlier["hi"] % np.uint64(self.parts)) == part)
+                if self.parts > 1
+                else np.arange(len(earlier))
+            )
+            if not len(rows) or not len(old):
+                continue
+            _, first, inverse = np.unique(
+                np.concatenate([earlier[old], keys]), return_index=True, return_inverse=True
+            )
+            first_of_new = first[inverse.reshape(-1)[len(old) :]]
+            hit = first_of_new < len(old)
+            seen.append(rows[hit])
+            of.append(-(old[first_of_new[hit]] + 1))
+        if not seen:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows, of_rows = np.concatenate(seen), np.concatenate(of)
+        order = np.argsort(rows)
+        return rows[order], of_rows[order]
+
+    def _index_texts(self, rows: np.ndarray) -> list[str]:
+        """Texts of indexed documents by their position across ``self.against`` (with band keys)."""
+        out, start = [], 0
+        bounds = []
+        for index in self.against:
+            if index.band_keys is not None:
+                bounds.append((start, start + len(index.band_keys), index))
+                start += len(index.band_keys)
+        for r in rows.tolist():
+            lo, _, index = next(b for b in bounds if b[0] <= r < b[1])
+            out.append(index.texts(np.array([r - lo]))[0])
+        return out
 
     def _frequent_units(self) -> set[int]:
         """Unit keys found in more documents than allowed, counted one hash partition at a time."""
@@ -318,15 +395,23 @@ class Combiner:
                     for rows, of, similarity, step, reason in (
                         (self.url_duplicates, self.url_duplicate_of, None, "url_dedup", "duplicate_url"),
                         (self.duplicates, self.duplicate_of, None, "exact_dedup", "exact_duplicate"),
+                        (self.seen, self.seen_of, None, "exact_dedup", "seen_in_index"),
                         (self.near, self.near_of, self.near_similarity, "minhash_dedup", "near_duplicate"),
                     ):
                         for k in self._in_range(rows, start, start + n):
                             row = int(rows[k]) - start
                             keep[row] = False
                             score = round(float(similarity[k]), 4) if similarity is not None else None
-                            detail = {"duplicate_of": self._first_ids[int(of[k])]} | (
-                                {"similarity": score} if score is not None else {}
-                            )
+                            first, near = int(of[k]), similarity is not None
+                            if first >= 0:
+                                detail = {"duplicate_of": self._first_ids[first]}
+                            else:
+                                detail = {
+                                    "duplicate_of": self._index_id(first, near),
+                                    "index": self._index_ref(first, near),
+                                }
+                            if score is not None:
+                                detail["similarity"] = score
                             ledger.append({"id": ids[row], "step": f"corpus.build.{step}", "action": "drop", "reason": reason,
                                            "score": score, "detail": json.dumps(detail)})  # fmt: skip
                     if self.frequent_units:

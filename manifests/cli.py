@@ -20,6 +20,7 @@ STAGES = {
     "corpus.build": "corpus.build:run_recipe",
     "corpus.crawl": "corpus.crawl:run_recipe",
     "corpus.decontam-index": "corpus.decontam:run_build_index",
+    "corpus.dedup-index": "corpus.dedup_index:run_build_index",
     "corpus.train-classifier": "corpus.classifier:run_train",
     "synth.generate": "synth.generate:run_recipe",
     "train": "train.sft:run_recipe",

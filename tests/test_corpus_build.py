@@ -186,3 +186,68 @@ def test_minhash_dedup_removes_near_duplicates_and_names_the_kept_copy(cli, tmp_
     assert [json.loads(e["detail"])["duplicate_of"] for e in ledger] == [r["id"] for r in kept[:4]]
     assert all(0.7 <= e["score"] < 1 for e in ledger)
     assert {r["step"]: r["removed"] for r in m.stats["funnel"]}["minhash_dedup"] == {"near_duplicate": 4}
+
+
+def test_incremental_dedup_against_an_index_of_an_earlier_dataset(cli, tmp_path, store):
+    base = [
+        json.loads(line)["text"] for line in Path("examples/sample/web.jsonl").read_text().splitlines()[:30]
+    ]
+    base = [t for t in base if len(t.split()) > 60][:8]
+    old = write_jsonl(tmp_path / "old.jsonl", [{"text": t} for t in base[:5]])
+    new = write_jsonl(
+        tmp_path / "new.jsonl",
+        [{"text": t} for t in base[3:]] + [{"text": base[0].replace(" the ", " a ", 1) + " Edited."}],
+    )
+    write_recipe(tmp_path / "old.yaml", f"stage: corpus.build\nname: old\ninputs: [{{path: {old}}}]\n")
+    assert cli("--store", store.root, "corpus", "build", tmp_path / "old.yaml").code == 0
+    result = cli(
+        "--store",
+        store.root,
+        "corpus",
+        "dedup-index",
+        "old",
+        "--name",
+        "old-index",
+        "--minhash-threshold",
+        "0.7",
+    )
+    assert result.code == 0, result.err
+    index = store.resolve("old-index")
+    recipe = write_recipe(tmp_path / "new.yaml", f"stage: corpus.build\nname: new\ninputs: [{{path: {new}}}]\n"
+                          "dedup: {exact: true, minhash: {threshold: 0.7}, against: [old-index]}\n")  # fmt: skip
+    result = cli("--store", store.root, "corpus", "build", recipe)
+    assert result.code == 0, result.err
+    m = store.resolve("new")
+    assert [r["text"] for r in read_table(m).to_pylist()] == base[5:]
+    old_ids = {r["text"]: r["id"] for r in read_table(store.resolve("old")).to_pylist()}
+    seen = pq.read_table(m.location / "ledger" / "corpus.build.exact_dedup.parquet").to_pylist()
+    assert [json.loads(e["detail"]) for e in seen] == [
+        {"duplicate_of": old_ids[base[i]], "index": index.ref} for i in (3, 4)
+    ]
+    near = pq.read_table(m.location / "ledger" / "corpus.build.minhash_dedup.parquet").to_pylist()
+    assert json.loads(near[0]["detail"])["duplicate_of"] == old_ids[base[0]] and near[0]["score"] >= 0.7
+    assert {p.role for p in m.parents} == {"dedup_index"}
+
+    other = write_recipe(
+        tmp_path / "other.yaml", recipe.read_text().replace("threshold: 0.7", "threshold: 0.7, ngram: 3")
+    )
+    result = cli("--store", store.root, "corpus", "build", other)
+    assert result.code == 2 and "was built with other shingle settings" in result.err
+
+
+def test_dedup_bad_input_is_one_line(cli, tmp_path, store):
+    from manifests.publish import Publisher
+
+    with Publisher(store, kind="dataset", name="notext", stage="t", recipe={}) as pub:
+        pub.write_table(pa.table({"id": ["a"], "body": ["x"]}))
+        pub.publish()
+    for args in (
+        ["corpus", "dedup-index", "notext", "--name", "i"],
+        ["corpus", "dedup", "notext", "--name", "d"],
+    ):
+        result = cli("--store", store.root, *args)
+        assert result.code == 2 and "lacks column(s) text" in result.err and len(result.err.splitlines()) == 1
+    result = cli("--store", store.root, "corpus", "dedup", "nothing", "--name", "d")
+    assert result.code == 2 and "no dataset manifest named 'nothing'" in result.err
+    result = cli("--store", store.root, "corpus", "dedup", "notext", "--name", "d", "--against", "notext")
+    assert result.code == 2

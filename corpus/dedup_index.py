@@ -1,0 +1,138 @@
+"""Incremental dedup: an index of what earlier datasets hold, so a new build drops what they have.
+
+    distillery corpus dedup-index web-2025 --name web-2025-index --minhash-threshold 0.8
+
+publishes a run holding ``index/keys.parquet`` (each document's id, its exact-text key and, with
+MinHash, its band keys) and ``index/settings.json``; a later build refers to it::
+
+    dedup: {exact: true, minhash: {threshold: 0.8}, against: [web-2025-index]}
+
+and drops documents whose text (or near-duplicate) is already in the index, naming the indexed
+document in the ledger — without reading or reprocessing the earlier datasets. An index built with
+other text or shingle settings than the build's is refused: its keys would not be comparable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from corpus.combine import _fixed
+from corpus.minhash import MinHashConfig, band_keys
+from corpus.steps import normalise
+from manifests.data import read_table, require_columns
+from manifests.errors import DistilleryError
+from manifests.publish import Publisher
+from manifests.recipes import Name, RecipeConfig
+from manifests.schema import Manifest
+from manifests.store import Store
+
+KEYS_FILE = "index/keys.parquet"
+SETTINGS_FILE = "index/settings.json"
+
+
+class DedupIndexConfig(RecipeConfig):
+    """Index a published dataset for later incremental dedup."""
+
+    name: Name
+    dataset: str
+    """The dataset to index (its documents will be dropped from later builds that use the index)."""
+    case_fold: bool = True
+    minhash: MinHashConfig | None = None
+    """Also index MinHash band keys (near-duplicates); must match the later build's settings."""
+
+
+def text_keys(texts: pa.Array, case_fold: bool) -> pa.Array:
+    import hashlib
+
+    normal = normalise(texts, case_fold).to_pylist()
+    data = b"".join(
+        hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in normal
+    )
+    return _fixed(data, 16, len(normal))
+
+
+def settings_of(case_fold: bool, minhash: MinHashConfig | None) -> dict[str, Any]:
+    """What makes keys comparable: text normalisation and, with MinHash, shingles and banding."""
+    settings: dict[str, Any] = {"case_fold": case_fold, "minhash": None}
+    if minhash is not None:
+        bands, rows = minhash.banding()
+        settings["minhash"] = {"shingle": minhash.shingle, "ngram": minhash.ngram, "lowercase": minhash.lowercase,
+                               "num_perm": minhash.num_perm, "seed": minhash.seed, "bands": bands, "rows": rows}  # fmt: skip
+    return settings
+
+
+def build_index(cfg: DedupIndexConfig, store: Store) -> Manifest:
+    dataset = store.resolve(cfg.dataset, kind="dataset")
+    require_columns(dataset, ["id", "text"], "dedup-index")
+    table = read_table(dataset, columns=["id", "text"])
+    if table.num_rows == 0:
+        raise DistilleryError(f"dataset {dataset.ref} is empty: nothing to index")
+    text = table.column("text").combine_chunks()
+    columns = {"id": table.column("id"), "text_key": text_keys(text, cfg.case_fold)}
+    if cfg.minhash is not None:
+        columns["band_keys"] = band_keys(text, cfg.minhash)
+    recipe = cfg.resolved() | {"dataset": dataset.id}
+    with Publisher(store, kind="run", name=cfg.name, stage="corpus.dedup-index", recipe=recipe, parents=[dataset],
+                   parent_roles={dataset.id: "indexed"}) as pub:  # fmt: skip
+        (pub.dir / "index").mkdir()
+        pq.write_table(pa.table(columns), pub.dir / KEYS_FILE, compression="zstd")
+        (pub.dir / SETTINGS_FILE).write_text(
+            json.dumps(settings_of(cfg.case_fold, cfg.minhash), sort_keys=True) + "\n"
+        )
+        return pub.publish(stats={"documents": table.num_rows, "minhash": cfg.minhash is not None})
+
+
+class LoadedIndex:
+    """An index's keys, checked against the settings of the build that uses it."""
+
+    def __init__(self, manifest: Manifest, case_fold: bool, minhash: MinHashConfig | None):
+        self.manifest = manifest
+        folder = manifest.location
+        if not (folder / KEYS_FILE).is_file():
+            raise DistilleryError(
+                f"{manifest.ref} is not a dedup index (no {KEYS_FILE}); build one with 'corpus dedup-index'"
+            )
+        have = json.loads((folder / SETTINGS_FILE).read_text())
+        want = settings_of(case_fold, minhash)
+        if have["case_fold"] != want["case_fold"]:
+            raise DistilleryError(
+                f"dedup index {manifest.ref} was built with case_fold={have['case_fold']}; the build uses {want['case_fold']}"
+            )
+        if minhash is not None and have["minhash"] != want["minhash"]:
+            raise DistilleryError(
+                f"dedup index {manifest.ref} was built with other shingle settings ({have['minhash']}) than the build's "
+                f"minhash ({want['minhash']}); rebuild the index with the same settings"
+            )
+        table = pq.read_table(folder / KEYS_FILE)
+        self.ids = table.column("id").to_pylist()
+        self.text_keys = table.column("text_key").combine_chunks()
+        self.band_keys = (
+            table.column("band_keys").combine_chunks() if "band_keys" in table.column_names else None
+        )
+
+    def texts(self, rows: np.ndarray) -> list[str]:
+        """Texts of indexed documents (for verifying near-duplicate candidates), read from the indexed dataset."""
+        parent = next(p for p in self.manifest.parents if p.role == "indexed")
+        dataset = Store(Path(self.manifest.location).parent.parent.parent).get(parent.id)
+        wanted = {self.ids[int(r)] for r in rows}
+        found: dict[str, str] = {}
+        for f in dataset.data_files():
+            table = pq.read_table(dataset.location / f.path, columns=["id", "text"])
+            for rid, text in zip(
+                table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True
+            ):
+                if rid in wanted:
+                    found[rid] = text
+        return [found[self.ids[int(r)]] for r in rows]
+
+
+def run_build_index(data: dict[str, Any], store: Store, source: str) -> Manifest:
+    from manifests.recipes import parse_config
+
+    return build_index(parse_config(DedupIndexConfig, data, source), store)
