@@ -259,10 +259,10 @@ class Combiner:
                 out.update(zip(old.tolist(), self._index_texts(old), strict=True))
             new_rows = rows[rows >= m]
             global_rows = alive[new_rows - m]
-            for index, f in enumerate(self.files):
+            for index in range(len(self.files)):
                 inside = (global_rows >= self.offsets[index]) & (global_rows < self.offsets[index + 1])
                 if inside.any():
-                    column = pq.read_table(f, columns=["text"]).column("text")
+                    column = self._text_column(index)
                     found = column.take(pa.array(global_rows[inside] - self.offsets[index])).to_pylist()
                     out.update(zip(new_rows[inside].tolist(), found, strict=True))
             return [out[int(r)] for r in rows]
@@ -318,6 +318,15 @@ class Combiner:
         rows, of_rows = np.concatenate(seen), np.concatenate(of)
         order = np.argsort(rows)
         return rows[order], of_rows[order]
+
+    def _text_column(self, index: int) -> pa.ChunkedArray:
+        """A task file's text column; the last two stay cached, as verification asks block by block."""
+        cache = self.__dict__.setdefault("_texts", {})
+        if index not in cache:
+            if len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            cache[index] = pq.read_table(self.files[index], columns=["text"]).column("text")
+        return cache[index]
 
     def _index_texts(self, rows: np.ndarray) -> list[str]:
         """Texts of indexed documents by their position across ``self.against`` (with band keys)."""

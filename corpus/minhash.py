@@ -217,6 +217,10 @@ def _shingles(texts: pa.Array, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarr
     """
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
+    elif not isinstance(texts, pa.Array):
+        texts = pa.array(texts, type=pa.large_string())
+    if texts.type not in (pa.string(), pa.large_string()):
+        texts = texts.cast(pa.large_string())  # string_view, or a dictionary of strings
     texts = pc.fill_null(texts, "")
     if cfg.lowercase:
         texts = pc.utf8_lower(texts)
@@ -292,7 +296,7 @@ def signatures(texts: pa.Array, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndar
     return sig, np.diff(offsets) > 0
 
 
-def band_keys(texts: pa.Array, cfg: MinHashConfig) -> pa.Array:
+def band_keys(texts: pa.Array | list[str], cfg: MinHashConfig) -> pa.Array:
     """Phase 1: one ``fixed_size_binary(8 * bands)`` value per document, its LSH band hashes.
 
     Band ``j`` is the little-endian uint64 at bytes ``8j .. 8j+8``. A document without tokens
@@ -324,8 +328,6 @@ def flat_shingle_sets(texts: list[str] | pa.Array, cfg: MinHashConfig) -> tuple[
     orders everything -- much faster than a two-key ``lexsort``. Two different shingles of a pair
     of documents collide with probability about ``|A| * |B| / 2**48``.
     """
-    if not isinstance(texts, pa.Array | pa.ChunkedArray):
-        texts = pa.array(texts, type=pa.large_string())
     hashes, offsets = _shingles(texts, cfg)
     n = len(offsets) - 1
     items = hashes >> U64(64 - SET_BITS)
@@ -422,6 +424,7 @@ def find_duplicates(
     if cfg.keep == "longest" and (order_keys is None or len(order_keys) != len(keys)):
         raise ValueError("keep: longest needs order_keys (one length per row)")
     u, v = candidate_pairs(keys)
+    verified = np.zeros(0)
     if cfg.verify and len(u):
         verified = exact_jaccard(u, v, texts_for_verify, cfg)
         similar = verified >= cfg.threshold

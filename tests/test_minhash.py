@@ -139,6 +139,24 @@ def test_empty_and_short_documents(seeds):
     assert removed.tolist() == [4] and kept.tolist() == [2] and similarity.tolist() == [1.0]
 
 
+def test_no_candidates_at_all(seeds):
+    # Regression: with verification on and not a single candidate pair, phase 2 crashed.
+    cfg = MinHashConfig()
+    removed, kept, similarity = find_duplicates(band_keys(seeds[:5], cfg), None, cfg, texts_of(seeds))
+    assert removed.tolist() == kept.tolist() == similarity.tolist() == []
+
+
+def test_any_string_input(seeds):
+    cfg = MinHashConfig()
+    expected = band_keys(pa.array(seeds[:4]), cfg)
+    assert band_keys(seeds[:4], cfg).equals(expected)
+    assert band_keys(pa.array(seeds[:4], pa.string_view()), cfg).equals(expected)
+    assert band_keys(pa.array(seeds[:4]).dictionary_encode(), cfg).equals(expected)
+    empty = band_keys(pa.array([], pa.string()), cfg)
+    assert len(empty) == 0 and empty.type == pa.binary(128)
+    assert [len(a) for a in find_duplicates(empty, None, cfg, texts_of([]))] == [0, 0, 0]
+
+
 # ------------------------------------------------------------------ determinism
 
 
