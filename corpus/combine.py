@@ -237,20 +237,23 @@ class Combiner:
         ``k``-th document of the indexes.
         """
         keys, lengths = [], []
+        extra = {"first": [], "longest": ["text"], "score": [cfg.score_column]}[cfg.keep]
         for f in self.files:
-            table = pq.read_table(
-                f, columns=[MINHASH_KEYS, "text"] if cfg.keep == "longest" else [MINHASH_KEYS]
-            )
+            table = pq.read_table(f, columns=[MINHASH_KEYS, *extra])
             keys.append(table.column(MINHASH_KEYS).combine_chunks())
             if cfg.keep == "longest":
                 lengths.append(pc.utf8_length(table.column("text")).to_numpy())
+            elif cfg.keep == "score":
+                lengths.append(
+                    table.column(cfg.score_column).to_numpy(zero_copy_only=False).astype(np.float64)
+                )
         earlier = [i.band_keys for i in self.against if i.band_keys is not None]
         m = sum(len(k) for k in earlier)
         alive = np.setdiff1d(np.arange(self.n), removed)
         new_keys = pa.concat_arrays(keys).take(pa.array(alive)) if keys else pa.array([], pa.binary(8))
         all_keys = pa.concat_arrays([*earlier, new_keys]) if earlier else new_keys
         # Indexed documents are already published: as "longest" they always win their cluster.
-        order = np.r_[np.full(m, np.iinfo(np.int64).max), np.concatenate(lengths)[alive]] if lengths else None
+        order = np.r_[np.full(m, np.inf), np.concatenate(lengths)[alive]] if lengths else None
 
         def texts(rows: np.ndarray) -> list[str]:
             out: dict[int, str] = {}

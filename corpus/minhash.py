@@ -79,11 +79,16 @@ class MinHashConfig(RecipeConfig):
     """Seed of the hash permutations; band keys are only comparable between equal seeds."""
     verify: bool = True
     """Check each candidate pair's exact shingle Jaccard similarity and drop pairs below the threshold."""
-    keep: Literal["first", "longest"] = "first"
-    """Which document of a cluster stays: the first in input order, or the longest (ties: the first)."""
+    keep: Literal["first", "longest", "score"] = "first"
+    """Which document of a cluster stays: the first in input order, the longest, or the one with the
+    highest ``score_column`` (e.g. a quality score from an earlier step); ties go to the first."""
+    score_column: str | None = None
+    """The score column ``keep: score`` reads."""
 
     @model_validator(mode="after")
     def _check_banding(self) -> MinHashConfig:
+        if (self.keep == "score") != (self.score_column is not None):
+            raise ValueError("'keep: score' needs 'score_column' (and 'score_column' needs 'keep: score')")
         if (self.bands is None) != (self.rows is None):
             raise ValueError(
                 "set both 'bands' and 'rows', or neither (they are then chosen from 'threshold')"
@@ -421,7 +426,7 @@ def find_duplicates(
     keys = key_matrix(band_keys, bands)
     if cfg.verify and texts_for_verify is None:
         raise ValueError("verify needs texts_for_verify (or set verify: false)")
-    if cfg.keep == "longest" and (order_keys is None or len(order_keys) != len(keys)):
+    if cfg.keep != "first" and (order_keys is None or len(order_keys) != len(keys)):
         raise ValueError("keep: longest needs order_keys (one length per row)")
     u, v = candidate_pairs(keys)
     verified = np.zeros(0)
@@ -430,7 +435,7 @@ def find_duplicates(
         similar = verified >= cfg.threshold
         u, v, verified = u[similar], v[similar], verified[similar]
     members, root = connected_components(u, v)
-    removed, kept = keep_one_per_cluster(members, root, order_keys if cfg.keep == "longest" else None)
+    removed, kept = keep_one_per_cluster(members, root, order_keys if cfg.keep != "first" else None)
     if cfg.verify:
         # Most (removed, kept) pairs were verified already; compute only the chained ones.
         similarity = np.zeros(len(removed))

@@ -53,7 +53,7 @@ def main(args) -> int:
         console.print(f"[green]published[/] {manifest.kind} {manifest.ref}")
     table = Table("step", "kind", "reference", "seconds", "what", box=None)
     for label, m, secs in made:
-        what = ", ".join(f"{k}={v}" for k, v in m.stats.items() if not isinstance(v, dict))
+        what = ", ".join(f"{k}={v}" for k, v in m.stats.items() if not isinstance(v, dict | list))
         table.add_row(label, m.kind, m.ref, f"{secs:.1f}", what[:90])
     console.rule("[bold]made")
     console.print(table)

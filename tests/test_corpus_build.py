@@ -251,3 +251,23 @@ def test_dedup_bad_input_is_one_line(cli, tmp_path, store):
     assert result.code == 2 and "no dataset manifest named 'nothing'" in result.err
     result = cli("--store", store.root, "corpus", "dedup", "notext", "--name", "d", "--against", "notext")
     assert result.code == 2
+
+
+def test_minhash_keep_the_highest_score_of_a_cluster(cli, tmp_path, store):
+    base = [
+        json.loads(line)["text"] for line in Path("examples/sample/web.jsonl").read_text().splitlines()[:30]
+    ]
+    base = [t for t in base if len(t.split()) > 60][:3]
+    near = base[0].replace(" the ", " a ", 1) + " Edited."
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in base] + [{"text": near}])
+    recipe = write_recipe(tmp_path / "r.yaml", f"stage: corpus.build\nname: s\ninputs: [{{path: {src}}}]\n"
+                          "steps: [{type: language}]\n"
+                          "dedup: {minhash: {threshold: 0.7, keep: score, score_column: language_score}}\n")  # fmt: skip
+    assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    rows = read_table(store.resolve("s")).to_pylist()
+    assert len(rows) == 3
+    scores = {r["text"]: r["language_score"] for r in rows}
+    assert (near in scores) != (base[0] in scores)
+    bad = write_recipe(tmp_path / "b.yaml", recipe.read_text().replace(", score_column: language_score", ""))
+    result = cli("--store", store.root, "corpus", "build", bad)
+    assert result.code == 2 and "needs 'score_column'" in result.err

@@ -31,7 +31,7 @@ def _recipe(tmp_path, big, notes, workers: int, name: str = "c"):
         tmp_path / f"{name}-{workers}.yaml",
         f"stage: corpus.build\nname: {name}\nsplit_bytes: 4096\nworkers: {workers}\n"
         f"inputs:\n  - {{path: {big}}}\n  - {{path: {notes}, format: text}}\n"
-        "steps: [{type: min_words, min_words: 3}]\n",
+        "steps: [{type: min_words, min_words: 3}]\ndedup: {exact: true, minhash: {threshold: 0.8}}\n",
     )
 
 
