@@ -173,6 +173,15 @@ def _fails(values: np.ndarray, limit: float | None, above: bool) -> np.ndarray:
     return values > limit if above else values < limit
 
 
+class _QualityFilter(Filter):
+    """Shared by the four filters: the config, and the word splitter it asks for."""
+
+    def __init__(self, config: _QualityConfig):
+        super().__init__()
+        self.config = config
+        self.splitter = config.splitter()
+
+
 class _QualityConfig(StepConfig):
     """What the four quality configs share: the choice of word splitting."""
 
@@ -217,15 +226,10 @@ class GopherQualityConfig(_QualityConfig):
         return GopherQualityFilter(self)
 
 
-class GopherQualityFilter(Filter):
+class GopherQualityFilter(_QualityFilter):
     """Gopher's quality heuristics; adds ``gopher_words`` and ``gopher_alpha_ratio``."""
 
     name = "gopher_quality"
-
-    def __init__(self, config: GopherQualityConfig):
-        super().__init__()
-        self.config = config
-        self.splitter = config.splitter()
 
     def decide(self, batch: pa.RecordBatch) -> Decision:
         c = self.config
@@ -340,7 +344,7 @@ def _repeated_chars(grams: list[tuple[str, ...]], ends: list[int], n: int) -> in
     return total
 
 
-class GopherRepetitionFilter(Filter):
+class GopherRepetitionFilter(_QualityFilter):
     """Gopher's repetition heuristics; adds ``gopher_dup_line_char_frac``.
 
     Paragraph and line repetition is column-wise; the n-gram rules run per document, only for
@@ -348,11 +352,6 @@ class GopherRepetitionFilter(Filter):
     """
 
     name = "gopher_repetition"
-
-    def __init__(self, config: GopherRepetitionConfig):
-        super().__init__()
-        self.config = config
-        self.splitter = config.splitter()
 
     def decide(self, batch: pa.RecordBatch) -> Decision:
         c = self.config
@@ -446,15 +445,10 @@ class C4QualityConfig(_QualityConfig):
         return C4QualityFilter(self)
 
 
-class C4QualityFilter(Filter):
+class C4QualityFilter(_QualityFilter):
     """C4's document decisions; adds ``c4_kept_lines`` (the lines C4's line rules keep)."""
 
     name = "c4_quality"
-
-    def __init__(self, config: C4QualityConfig):
-        super().__init__()
-        self.config = config
-        self.splitter = config.splitter()
 
     def decide(self, batch: pa.RecordBatch) -> Decision:
         c = self.config
@@ -566,15 +560,13 @@ class FineWebQualityConfig(_QualityConfig):
         return FineWebQualityFilter(self)
 
 
-class FineWebQualityFilter(Filter):
+class FineWebQualityFilter(_QualityFilter):
     """FineWeb's heuristics; adds ``fineweb_line_punct_ratio``."""
 
     name = "fineweb_quality"
 
     def __init__(self, config: FineWebQualityConfig):
-        super().__init__()
-        self.config = config
-        self.splitter = config.splitter()
+        super().__init__(config)
         stops = TERMINAL_PUNCTUATION if config.stop_chars is None else config.stop_chars
         self._ends_with_stop = f"[{_re_class(set(stops))}]$"
 
