@@ -47,6 +47,13 @@ def _url_key(url: str | None) -> bytes:
     return hashlib.blake2b(url.encode(), digest_size=8).digest() or bytes(8)
 
 
+def text_key_bytes(normalised: list[str]) -> bytes:
+    """16-byte keys of normalised texts, concatenated: exact dedup and dedup indexes share them."""
+    return b"".join(
+        hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in normalised
+    )
+
+
 def _fixed(values: bytes, width: int, n: int) -> pa.Array:
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(values)])
 
@@ -59,9 +66,7 @@ def add_keys(batch: pa.RecordBatch, case_fold: bool) -> pa.RecordBatch:
     urls = pc.struct_field(batch.column("source"), "url").to_pylist() if has_source else [None] * n
     texts = normalise(batch.column("text"), case_fold).to_pylist()
     id_keys = b"".join(hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids)
-    text_keys = b"".join(
-        hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts
-    )
+    text_keys = text_key_bytes(texts)
     url_keys = b"".join(_url_key(u) for u in urls)
     batch = batch.append_column(ID_KEY, _fixed(id_keys, 8, n))
     batch = batch.append_column(DEDUP_KEY, _fixed(text_keys, 16, n))
@@ -333,16 +338,18 @@ class Combiner:
 
     def _index_texts(self, rows: np.ndarray) -> list[str]:
         """Texts of indexed documents by their position across ``self.against`` (with band keys)."""
-        out, start = [], 0
+        start = 0
         bounds = []
         for index in self.against:
             if index.band_keys is not None:
                 bounds.append((start, start + len(index.band_keys), index))
                 start += len(index.band_keys)
-        for r in rows.tolist():
-            lo, _, index = next(b for b in bounds if b[0] <= r < b[1])
-            out.append(index.texts(np.array([r - lo]))[0])
-        return out
+        found: dict[int, str] = {}
+        for lo, hi, index in bounds:
+            mine = rows[(rows >= lo) & (rows < hi)]
+            if len(mine):  # one read of the indexed dataset per index, not per row
+                found.update(zip(mine.tolist(), index.texts(mine - lo), strict=True))
+        return [found[int(r)] for r in rows]
 
     def _frequent_units(self) -> set[int]:
         """Unit keys found in more documents than allowed, counted one hash partition at a time."""

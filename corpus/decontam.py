@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
+from corpus.sources import jsonl_objects
 from corpus.steps import Decision, Filter, StepConfig, StepStats
 from manifests.data import read_table, require_columns
 from manifests.errors import DistilleryError
@@ -213,25 +214,16 @@ def _as_text(value: Any) -> str:
 
 def _read_jsonl(bench: BenchmarkConfig, path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistilleryError(
-                    f"benchmark {bench.name}: {path} line {number} is not JSON ({e.msg})"
-                ) from None
-            if not isinstance(record, dict):
-                raise DistilleryError(f"benchmark {bench.name}: {path} line {number} is not a JSON object")
-            missing = [k for k in [*bench.fields, bench.id_field] if k is not None and k not in record]
-            if missing:
-                raise DistilleryError(
-                    f"benchmark {bench.name}: {path} line {number} has no field {', '.join(map(repr, missing))}; "
-                    f"it has: {', '.join(record) or 'none'} (fix 'fields' or 'id_field')"
-                )
-            records.append(record)
+    for number, record in jsonl_objects(path, f"benchmark {bench.name}: {path}"):
+        if not isinstance(record, dict):
+            raise DistilleryError(f"benchmark {bench.name}: {path} line {number} is not a JSON object")
+        missing = [k for k in [*bench.fields, bench.id_field] if k is not None and k not in record]
+        if missing:
+            raise DistilleryError(
+                f"benchmark {bench.name}: {path} line {number} has no field {', '.join(map(repr, missing))}; "
+                f"it has: {', '.join(record) or 'none'} (fix 'fields' or 'id_field')"
+            )
+        records.append(record)
     return records
 
 

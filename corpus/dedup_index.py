@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus.combine import _fixed
+from corpus.combine import _fixed, text_key_bytes
 from corpus.minhash import MinHashConfig, band_keys
 from corpus.steps import normalise
 from manifests.data import read_table, require_columns
@@ -48,13 +48,9 @@ class DedupIndexConfig(RecipeConfig):
 
 
 def text_keys(texts: pa.Array, case_fold: bool) -> pa.Array:
-    import hashlib
-
+    """The same keys a build's exact dedup computes, so that indexed and new documents compare."""
     normal = normalise(texts, case_fold).to_pylist()
-    data = b"".join(
-        hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in normal
-    )
-    return _fixed(data, 16, len(normal))
+    return _fixed(text_key_bytes(normal), 16, len(normal))
 
 
 def settings_of(case_fold: bool, minhash: MinHashConfig | None) -> dict[str, Any]:

@@ -243,13 +243,16 @@ class _Batcher:
         return batch
 
 
-def _read_jsonl(task: Task, cfg: SourceConfig, batcher: _Batcher) -> Iterator[pa.RecordBatch]:
-    path = Path(task.files[0])
-    uri, sha = display_path(path), task.sha256[0]
+def jsonl_objects(path: Path, where: str, start: int = 0, end: int | None = None, first_line: int = 1):
+    """(line number, parsed value) for each non-blank line of a JSONL file (or a byte range of it).
+
+    Read as bytes and decoded line by line, so that an invalid byte or a malformed line is one
+    error naming its line, not a traceback.
+    """
     with open(path, "rb") as f:
-        f.seek(task.start)
-        line_no = task.first_line - 1
-        while task.end is None or f.tell() < task.end:
+        f.seek(start)
+        line_no = first_line - 1
+        while end is None or f.tell() < end:
             raw = f.readline()
             if not raw:
                 break
@@ -258,26 +261,32 @@ def _read_jsonl(task: Task, cfg: SourceConfig, batcher: _Batcher) -> Iterator[pa
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise DistilleryError(
-                    f"{uri} line {line_no}: not UTF-8 text; convert the file to UTF-8"
+                    f"{where} line {line_no}: not UTF-8 text; convert the file to UTF-8"
                 ) from None
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DistilleryError(
-                    f"{uri} line {line_no}: not valid JSON ({e.msg}); fix or remove the line"
+                    f"{where} line {line_no}: not valid JSON ({e.msg}); fix or remove the line"
                 ) from None
-            text = obj.get(cfg.text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise DistilleryError(
-                    f"{uri} line {line_no}: no string field '{cfg.text_field}'; set 'text_field'"
-                )
-            url = obj.get(cfg.url_field) if cfg.url_field else None
-            row = {"id": record_id(uri, line_no, text_hash(text)), "parents": [], "text": text,
-                   "source": _source(uri, sha, line=line_no, url=url if isinstance(url, str) else None)}  # fmt: skip
-            if (batch := batcher.add(row)) is not None:
-                yield batch
+
+
+def _read_jsonl(task: Task, cfg: SourceConfig, batcher: _Batcher) -> Iterator[pa.RecordBatch]:
+    path = Path(task.files[0])
+    uri, sha = display_path(path), task.sha256[0]
+    for line_no, obj in jsonl_objects(path, uri, task.start, task.end, task.first_line):
+        text = obj.get(cfg.text_field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise DistilleryError(
+                f"{uri} line {line_no}: no string field '{cfg.text_field}'; set 'text_field'"
+            )
+        url = obj.get(cfg.url_field) if cfg.url_field else None
+        row = {"id": record_id(uri, line_no, text_hash(text)), "parents": [], "text": text,
+               "source": _source(uri, sha, line=line_no, url=url if isinstance(url, str) else None)}  # fmt: skip
+        if (batch := batcher.add(row)) is not None:
+            yield batch
 
 
 def _read_text(task: Task, cfg: SourceConfig, batcher: _Batcher) -> Iterator[pa.RecordBatch]:

@@ -39,6 +39,13 @@ def cli(capsys):
     return run
 
 
+def assert_one_line_error(result, code: int = 2) -> None:
+    """A user's mistake: one ``error:`` line, the exit code, no traceback."""
+    assert result.code == code, (result.code, result.err)
+    assert result.err.startswith("error: ") and len(result.err.strip().splitlines()) == 1, result.err
+    assert "Traceback" not in result.err
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -7,19 +7,12 @@ import pytest
 from manifests.cli import STAGES
 from manifests.recipes import parse_config, read_recipe
 
-from .conftest import ROOT, write_recipe
-
-
-def _one_line_error(result, code=2):
-    assert result.code == code
-    assert result.err.startswith("error: ")
-    assert len(result.err.strip().splitlines()) == 1
-    assert "Traceback" not in result.err
+from .conftest import ROOT, assert_one_line_error, write_recipe
 
 
 def test_missing_recipe_file(cli, store):
     result = cli("--store", store.root, "run", "nope.yaml")
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "nope.yaml: no such file" in result.err
 
 
@@ -29,7 +22,7 @@ def test_mistyped_key_names_it_and_suggests_the_nearest(cli, tmp_path, store):
         "stage: corpus.build\nname: c\ninputs: [{path: x}]\nsteps: [{type: min_words, min_wrods: 3}]\n",
     )
     result = cli("--store", store.root, "run", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "unknown key 'steps.0.min_wrods'; did you mean 'min_words'?" in result.err
 
 
@@ -38,7 +31,7 @@ def test_mistyped_nested_key(cli, tmp_path, store):
         tmp_path / "r.yaml", "stage: train\nname: r\nmodel: m\ndatasets: [{ref: d}]\npeft: {rank: 4}\n"
     )
     result = cli("--store", store.root, "run", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "unknown key 'peft.rank'" in result.err
 
 
@@ -47,7 +40,7 @@ def test_wrong_type(cli, tmp_path, store):
         tmp_path / "r.yaml", "stage: corpus.build\nname: c\ninputs: [{path: x}]\nworkers: many\n"
     )
     result = cli("--store", store.root, "run", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "'workers'" in result.err and "'many'" in result.err
 
 
@@ -55,10 +48,10 @@ def test_unknown_stage_and_invalid_yaml(cli, tmp_path, store):
     result = cli(
         "--store", store.root, "run", write_recipe(tmp_path / "a.yaml", "stage: corpus.buld\nname: c\n")
     )
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "did you mean 'corpus.build'" in result.err
     result = cli("--store", store.root, "run", write_recipe(tmp_path / "b.yaml", "stage: [unclosed\n"))
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "not valid YAML" in result.err
 
 
@@ -67,7 +60,7 @@ def test_missing_input_file(cli, tmp_path, store):
         tmp_path / "r.yaml", f"stage: corpus.build\nname: c\ninputs: [{{path: {tmp_path}/absent.jsonl}}]\n"
     )
     result = cli("--store", store.root, "corpus", "build", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "absent.jsonl: no such file" in result.err
     assert store.list() == []
 
@@ -77,9 +70,9 @@ def test_reference_to_a_missing_manifest(cli, tmp_path, store):
         tmp_path / "r.yaml", "stage: synth.generate\nname: s\ninput: nothing-here\nteacher: {model: m}\n"
     )
     result = cli("--store", store.root, "synth", "generate", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "no dataset manifest named 'nothing-here'" in result.err
-    _one_line_error(cli("--store", store.root, "manifests", "trace", "0123456789"))
+    assert_one_line_error(cli("--store", store.root, "manifests", "trace", "0123456789"))
 
 
 def test_train_on_a_dataset_without_messages_names_its_columns(cli, tmp_path, store):
@@ -88,7 +81,7 @@ def test_train_on_a_dataset_without_messages_names_its_columns(cli, tmp_path, st
         tmp_path / "r.yaml", "stage: train\nname: r\nmodel: m\ndatasets: [{ref: demo-corpus}]\n"
     )
     result = cli("--store", store.root, "train", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "lacks column(s) messages needed for SFT; it has: id, parents, text, source" in result.err
 
 
@@ -102,7 +95,7 @@ def test_tampered_input_stops_the_next_stage(cli, tmp_path, store):
         "stage: synth.generate\nname: s\ninput: demo-corpus\nteacher: {model: demo-corpus}\n",
     )
     result = cli("--store", store.root, "synth", "generate", recipe)
-    _one_line_error(result, code=1)
+    assert_one_line_error(result, code=1)
     assert "altered: data/train-00000.parquet" in result.err
     assert [m.name for m in store.list()] == ["demo-corpus"]
 
@@ -142,7 +135,7 @@ def test_set_overrides_nested_values_and_rejects_malformed(cli, tmp_path, store)
     result = cli(
         "--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml", "--set", "workers"
     )
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "expected KEY=VALUE" in result.err
     assert (
         cli(
@@ -163,5 +156,5 @@ def test_an_unwritable_store_is_one_line(cli, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     result = cli("--store", blocker / "store", "corpus", "build", "examples/recipes/demo-corpus.yaml")
-    _one_line_error(result, code=1)
+    assert_one_line_error(result, code=1)
     assert str(blocker) in result.err

@@ -209,8 +209,14 @@ def test_bad_benchmark_input_is_one_clear_line(store, tmp_path):
             store, benchmarks=[{"name": "pq", "path": str(tmp_path / "qa.parquet"), "fields": ["answer"]}]
         )
     (tmp_path / "bad.jsonl").write_text('{"question": "ok", "answer": "ok"}\nnot json\n')
-    with pytest.raises(DistilleryError, match=r"bad.jsonl line 2 is not JSON"):
+    with pytest.raises(DistilleryError, match=r"bad.jsonl line 2: not valid JSON"):
         make_index(store, benchmarks=[TINY | {"path": str(tmp_path / "bad.jsonl")}])
+    # Regression: a file that is not UTF-8 was a UnicodeDecodeError traceback.
+    (tmp_path / "latin.jsonl").write_bytes(
+        b'{"question": "ok", "answer": "ok"}\n{"question": "caf\xe9", "answer": "x"}\n'
+    )
+    with pytest.raises(DistilleryError, match=r"latin.jsonl line 2: not UTF-8 text"):
+        make_index(store, benchmarks=[TINY | {"path": str(tmp_path / "latin.jsonl")}])
     write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DistilleryError, match="holds no examples"):
         make_index(store, benchmarks=[TINY | {"path": str(tmp_path / "empty.jsonl")}])

@@ -13,13 +13,7 @@ from manifests.errors import DistilleryError
 from manifests.publish import Publisher
 from manifests.store import Store
 
-from .conftest import corpus_recipe, docs, write_jsonl, write_recipe
-
-
-def _one_line_error(result, code=2):
-    assert result.code == code, (result.code, result.err)
-    assert result.err.startswith("error: ") and len(result.err.strip().splitlines()) == 1, result.err
-    assert "Traceback" not in result.err
+from .conftest import assert_one_line_error, corpus_recipe, docs, write_jsonl, write_recipe
 
 
 @pytest.mark.parametrize("name", ["../../escape", "team/web", "", "*", ".hidden"])
@@ -29,7 +23,7 @@ def test_names_that_are_paths_or_globs_are_refused(cli, tmp_path, store, name):
         tmp_path / "r.yaml", f"stage: corpus.build\nname: '{name}'\ninputs: [{{path: {src}}}]\n"
     )
     result = cli("--store", store.root, "corpus", "build", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "not a valid name" in result.err
     assert not (tmp_path / "escape").exists()
     with pytest.raises(DistilleryError, match="not a valid name"):
@@ -62,7 +56,7 @@ def test_verify_catches_a_manifest_edited_to_match_an_altered_shard(cli, tmp_pat
     raw["files"][0]["bytes"] = shard.stat().st_size
     (m.location / "manifest.json").write_text(json.dumps(raw))
     result = cli("--store", store.root, "manifests", "verify", "c")
-    _one_line_error(result, code=1)
+    assert_one_line_error(result, code=1)
     assert "altered: manifest.json" in result.err
 
 
@@ -85,7 +79,7 @@ def test_an_input_listed_twice_is_an_error_not_duplicate_ids(cli, tmp_path, stor
         f"stage: corpus.build\nname: c\ndedup: {{exact: false}}\ninputs: [{{path: {src}}}, {{path: {src}}}]\n",
     )
     result = cli("--store", store.root, "corpus", "build", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "listed twice" in result.err
     assert store.list() == []
 
@@ -95,18 +89,18 @@ def test_stage_must_be_a_name(cli, tmp_path, store, stage):
     result = cli(
         "--store", store.root, "run", write_recipe(tmp_path / "r.yaml", f"stage: {stage}\nname: c\n")
     )
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "'stage:' must name a stage" in result.err
 
 
 def test_non_utf8_recipe_and_input(cli, tmp_path, store):
     bad = tmp_path / "r.yaml"
     bad.write_bytes(b"stage: corpus.build\nname: \xff\xfe\n")
-    _one_line_error(cli("--store", store.root, "run", bad))
+    assert_one_line_error(cli("--store", store.root, "run", bad))
     src = tmp_path / "in.jsonl"
     src.write_bytes(json.dumps(docs(1)[0]).encode() + b"\n" + b'{"text": "caf\xe9 au lait"}\n')
     result = cli("--store", store.root, "corpus", "build", corpus_recipe(tmp_path, src))
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "line 2: not UTF-8" in result.err
 
 
@@ -117,7 +111,7 @@ def test_parquet_column_that_is_not_text(cli, tmp_path, store):
         tmp_path / "r.yaml", f"stage: corpus.build\nname: c\ninputs: [{{path: {src}, format: parquet}}]\n"
     )
     result = cli("--store", store.root, "corpus", "build", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "column 'text' holds int64, not text" in result.err
 
 
@@ -127,8 +121,8 @@ def test_trace_and_diff_of_a_corrupt_shard_are_one_line(cli, tmp_path, store):
     m = store.resolve("c")
     rid = pq.read_table(m.location / m.files[0].path).column("id")[0].as_py()
     (m.location / m.files[0].path).write_bytes(b"garbage")
-    _one_line_error(cli("--store", store.root, "manifests", "trace", rid, "--in", "c"), code=1)
-    _one_line_error(cli("--store", store.root, "manifests", "diff", "c", "c"), code=1)
+    assert_one_line_error(cli("--store", store.root, "manifests", "trace", rid, "--in", "c"), code=1)
+    assert_one_line_error(cli("--store", store.root, "manifests", "diff", "c", "c"), code=1)
 
 
 def test_one_broken_manifest_does_not_hide_the_others(cli, tmp_path, store, capsys):
@@ -140,7 +134,7 @@ def test_one_broken_manifest_does_not_hide_the_others(cli, tmp_path, store, caps
     result = cli("--store", store.root, "manifests", "list")
     assert result.code == 0 and "good@" in result.out
     assert "warning: skipping" in result.err
-    _one_line_error(cli("--store", store.root, "manifests", "show", str(broken)))
+    assert_one_line_error(cli("--store", store.root, "manifests", "show", str(broken)))
 
 
 def test_newer_schema_version_is_refused(store, tmp_path):
@@ -177,7 +171,7 @@ def test_unknown_metric_is_refused(cli, tmp_path, store):
         tmp_path / "r.yaml", "stage: eval\nname: e\nmetric: bleu\nmodels: [m]\ndataset: {ref: d}\n"
     )
     result = cli("--store", store.root, "run", recipe)
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "'metric'" in result.err
 
 
@@ -206,7 +200,7 @@ def test_interrupt_publishes_nothing(cli, tmp_path, store, monkeypatch):
     monkeypatch.setattr(corpus.build, "read_task", interrupted)
     src = write_jsonl(tmp_path / "in.jsonl", docs(3))
     result = cli("--store", store.root, "corpus", "build", corpus_recipe(tmp_path, src))
-    _one_line_error(result, code=130)
+    assert_one_line_error(result, code=130)
     assert store.list() == []
     # Only the resumable work folder stays (never listed); no half-published dataset.
     assert [p.name.split("-")[0] for p in (store.root / "datasets" / "c").iterdir()] == [".work"]
@@ -217,8 +211,8 @@ def test_model_source_that_is_neither_package_nor_folder(cli, store, monkeypatch
     result = cli(
         "--store", store.root, "train", "import-model", "--source", "Org/Some-Model", "--gguf-file", ""
     )
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "model source 'Org/Some-Model'" in result.err
     result = cli("--store", store.root, "train", "import-model", "--source", "Org/Some-Model")
-    _one_line_error(result)
+    assert_one_line_error(result)
     assert "no file SmolLM2-135M-Instruct.Q4_1.gguf" in result.err
