@@ -37,11 +37,14 @@ def make_input(path: Path, n: int, seed: int = 0) -> None:
             )
 
 
-def peak_rss_of_build(data: Path, store: Path, workers: int, dedup: bool) -> tuple[float, float]:
+def peak_rss_of_build(
+    data: Path, store: Path, workers: int, dedup: bool, minhash: bool
+) -> tuple[float, float]:
     recipe = store.parent / f"{data.stem}.yaml"
+    near = ", minhash: {threshold: 0.8}" if minhash else ""
     recipe.write_text(
         f"stage: corpus.build\nname: {data.stem}\nworkers: {workers}\ninputs: [{{path: {data}}}]\n"
-        f"dedup: {{exact: {str(dedup).lower()}}}\n"
+        f"dedup: {{exact: {str(dedup).lower()}{near}}}\n"
         "steps: [{type: min_words, min_words: 20}, {type: language, keep: [en]}]\n"
     )
     started = time.perf_counter()
@@ -62,7 +65,14 @@ def main() -> None:
     )
     parser.add_argument("--docs", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--no-dedup", action="store_true", help="leave out the global exact dedup (its keys grow with the corpus)")
+    parser.add_argument(
+        "--no-dedup",
+        action="store_true",
+        help="leave out the global exact dedup (its keys grow with the corpus)",
+    )
+    parser.add_argument(
+        "--minhash", action="store_true", help="add MinHash near-duplicate dedup (threshold 0.8)"
+    )
     args = parser.parse_args()
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
@@ -72,7 +82,9 @@ def main() -> None:
         for n in (args.docs, args.docs * 10):
             data = Path(tmp) / f"docs-{n}.jsonl"
             make_input(data, n)
-            peak, seconds = peak_rss_of_build(data, Path(tmp) / "store", args.workers, not args.no_dedup)
+            peak, seconds = peak_rss_of_build(
+                data, Path(tmp) / "store", args.workers, not args.no_dedup, args.minhash
+            )
             rows.append((n, data.stat().st_size / 2**20, peak, seconds))
             print(
                 f"{n:>9} docs  {rows[-1][1]:8.1f} MiB input  peak RSS {peak:8.1f} MiB  {seconds:6.1f} s  {n / seconds:8.0f} docs/s"

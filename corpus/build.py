@@ -13,9 +13,11 @@
 
 Phase 1 runs the steps over each task in a worker and leaves its rows, ledger and a ``.done``
 marker in a work folder beside the dataset (``.work-<plan hash>``); a killed build resumes from
-the tasks already done. Phase 2 reads the task outputs in task order, drops exact duplicates
-(first seen is kept), and publishes shards, ledgers and the funnel — the same bytes whatever the
-number of workers.
+the tasks already done. Phase 2 makes the global decisions over the task outputs in task order
+(global cuts, URL and exact dedup with the first seen kept, dedup against earlier indexes), finds
+MinHash near-duplicates in phases of tasks (map → reduce → verify → clusters), and filters the
+task outputs into shards in workers; its tasks leave markers too, so a kill anywhere resumes. The
+output has the same bytes whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -190,6 +193,28 @@ def _work_dir(cfg: CorpusBuildConfig, tasks: list[Task], store: Store) -> Path:
     return store.name_dir("dataset", cfg.name) / f".work-{digest}"
 
 
+def _runner(cfg: CorpusBuildConfig) -> Callable[[str, Callable, list[tuple]], Iterator[dict[str, Any]]]:
+    """``run(label, fn, jobs)`` on the build's executor, with a progress bar per phase."""
+
+    def run(label: str, fn: Callable, jobs: list[tuple], done: int = 0) -> Iterator[dict[str, Any]]:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[docs]}"), TimeRemainingColumn()]  # fmt: skip
+        with Progress(*columns, transient=True) as progress:
+            bar = progress.add_task(f"corpus.build {label}", total=len(jobs) + done, completed=done, docs="")
+            docs = 0
+            if cfg.executor == "ray":
+                finished = run_tasks_ray(fn, jobs, cfg.workers, cfg.ray_address, label=label)
+            else:
+                finished = run_tasks(fn, jobs, cfg.workers, label=label)
+            for result in finished:
+                docs += result.get("rows_in", 0)
+                rate = docs / (progress.tasks[0].elapsed or 1e-9)
+                progress.update(bar, advance=1, docs=f"{docs} docs, {rate:.0f} docs/s" if docs else "")
+                yield result
+
+    return run
+
+
 def _phase1(cfg: CorpusBuildConfig, tasks: list[Task], work: Path, store: Store) -> dict[int, dict[str, Any]]:
     results: dict[int, dict[str, Any]] = {}
     todo = []
@@ -199,24 +224,9 @@ def _phase1(cfg: CorpusBuildConfig, tasks: list[Task], work: Path, store: Store)
             results[task.index] = json.loads(marker.read_text())
         else:
             todo.append(task)
-    cfg_json = cfg.model_dump_json()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[docs]} docs"),
-               TextColumn("{task.fields[rate]} docs/s"), TimeRemainingColumn()]  # fmt: skip
-    with Progress(*columns, transient=True) as progress:
-        bar = progress.add_task(
-            "corpus.build tasks", total=len(tasks), completed=len(results), docs=0, rate="-"
-        )
-        docs = 0
-        jobs = [(t, cfg_json, str(work.resolve()), str(store.root.resolve())) for t in todo]
-        if cfg.executor == "ray":
-            finished = run_tasks_ray(run_task, jobs, cfg.workers, cfg.ray_address)
-        else:
-            finished = run_tasks(run_task, jobs, cfg.workers)
-        for result in finished:
-            results[result["index"]] = result
-            docs += result["rows_in"]
-            elapsed = progress.tasks[0].elapsed or 1e-9
-            progress.update(bar, advance=1, docs=docs, rate=f"{docs / elapsed:.0f}")
+    jobs = [(t, cfg.model_dump_json(), str(work.resolve()), str(store.root.resolve())) for t in todo]
+    for result in _runner(cfg)("tasks", run_task, jobs, done=len(results)):
+        results[result["index"]] = result
     return results
 
 
@@ -228,18 +238,22 @@ def _phase2(
     pub: Publisher,
     indexes: list[LoadedIndex],
 ) -> dict[str, Any]:
-    """Combine task outputs in task order: unique ids, global cuts, exact dedup, shards, ledgers."""
+    """Combine task outputs in task order: unique ids, global cuts, dedup, then the filter phase."""
     with_data = [t for t in tasks if results[t.index]["data"]]
     inputs = [cfg.inputs[t.input_index].path or cfg.inputs[t.input_index].dataset or "" for t in with_data]
     cuts = [cut for step in cfg.steps if (cut := step.global_cut()) is not None]
     files = [work / results[t.index]["data"] for t in with_data]
     combiner = Combiner(files, inputs, cfg.dedup.exact, cuts, url_dedup=cfg.dedup.url, lines=cfg.dedup.lines,
-                        minhash=cfg.dedup.minhash, against=indexes)  # fmt: skip
-    rows_out, ledger = combiner.stream(pub, cfg.shard_rows)
-    write_ledgers(
-        pub, [work / results[t.index]["ledger"] for t in tasks if results[t.index]["ledger"]], ledger
-    )
+                        minhash=cfg.dedup.minhash, against=indexes, work=work, run=_runner(cfg))  # fmt: skip
+    rows_out, ledger, line_ledgers = combiner.publish_rows(pub, cfg.shard_rows)
+    task_ledgers = [work / results[t.index]["ledger"] for t in tasks if results[t.index]["ledger"]]
+    write_ledgers(pub, task_ledgers + line_ledgers, ledger)
     removed, changed = global_counts(ledger)
+    for path in line_ledgers:
+        for entry in pq.read_table(path, columns=["step", "action"]).to_pylist():
+            (removed if entry["action"] == "drop" else changed)[
+                entry["step"].removeprefix("corpus.build.")
+            ] += 1
     return _funnel(cfg, results, removed, changed, rows_out, pub.store)
 
 

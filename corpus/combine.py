@@ -1,10 +1,12 @@
-"""Phase 2 of a corpus build: combine the task outputs, in task order, into the published shards.
+"""Phase 2 of a corpus build: global decisions over the task outputs, then the filter phase.
 
 What needs the whole build is decided here from compact NumPy key arrays (24 bytes a document),
 never from Python objects per document: every record id is unique (a 64-bit key, confirmed on
 the strings when two keys meet), exact duplicates are dropped with the first seen kept (a 128-bit
-key of the normalised text), and global cuts (keep the top fraction by a score) find their cutoff.
-The rows then stream from the task files into the shards, one batch at a time.
+key of the normalised text), global cuts (keep the top fraction by a score) find their cutoff, and
+MinHash near-duplicates are found phase by phase on the executor (``corpus/minhash_phases.py``).
+Then the filter phase: tasks in workers drop the removed rows from consecutive task files, strip
+repeated lines, and write finished shards, which the publisher takes in task order.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,10 +27,12 @@ import pyarrow.parquet as pq
 
 from corpus.crawl_policy import normalise_url
 from corpus.lines import UNIT_KEYS, LineDedupConfig, strip_repeated
-from corpus.minhash import MinHashConfig, find_duplicates
+from corpus.minhash import MinHashConfig
+from corpus.minhash_phases import Part, Runner, _save, near_duplicates
+from corpus.sources import RECORD_SCHEMA
 from corpus.steps import normalise
 from manifests.errors import DistilleryError
-from manifests.publish import LEDGER_SCHEMA, Publisher
+from manifests.publish import LEDGER_SCHEMA, Publisher, ShardWriter
 
 ID_KEY = "_id_key"
 DEDUP_KEY = "_dedup_key"
@@ -107,7 +114,7 @@ PARTITION_ROWS = 1_000_000
 
 
 class Combiner:
-    """Decides, then streams. Built from the task outputs listed in task order.
+    """Decides, then filters. Built from the task outputs listed in task order.
 
     Global cuts come first (each over the documents that reached it), then exact dedup among the
     documents still kept — so a duplicate never points at a document that was cut. Keys are
@@ -118,9 +125,12 @@ class Combiner:
     def __init__(
         self, files: list[Path], task_inputs: list[str], dedup: bool, cuts: list[tuple[str, float, str]],
         partition_rows: int | None = None, url_dedup: bool = False, lines: LineDedupConfig | None = None,
-        minhash: MinHashConfig | None = None, against: list | None = None,
+        minhash: MinHashConfig | None = None, against: list | None = None, work: Path | None = None,
+        run: Runner | None = None,
     ):  # fmt: skip
         self.files = files
+        self.work = work or Path(files[0]).parent
+        self.run = run or (lambda label, fn, jobs: [fn(*job) for job in jobs])
         self.against = against or []
         self.task_inputs = task_inputs
         counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
@@ -161,15 +171,8 @@ class Combiner:
         self.near, self.near_of, self.near_similarity = (
             self._near_duplicates(minhash, removed) if minhash is not None else (none, none, np.zeros(0))
         )
-        # Ids of the rows that others duplicate, for the ledger's duplicate_of (few, kept as strings).
-        self._wanted = {
-            r
-            for r in (*self.duplicate_of.tolist(), *self.url_duplicate_of.tolist(), *self.near_of.tolist())
-            if r >= 0
-        }
         self.lines = lines
         self.frequent_units = self._frequent_units() if lines is not None else set()
-        self._first_ids: dict[int, str] = {}
 
     def _partition(self, column: str, dtype: np.dtype, part: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys, global row indices, ascending) of one hash partition of a key column."""
@@ -236,50 +239,24 @@ class Combiner:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """MinHash LSH over the documents still kept: (removed rows, kept row of each, similarity).
 
-        The band keys of every remaining document are held at once (8 bytes a band); the text of
-        candidate rows is read back only to verify them. Documents of earlier datasets (dedup
-        indexes) come first, so that a cluster keeps them: a kept row ``-(k + 1)`` is the
-        ``k``-th document of the indexes.
+        Runs phase by phase on the executor (``corpus/minhash_phases.py``). Documents of earlier
+        datasets (dedup indexes) come first, so that a cluster keeps them: a kept row ``-(k + 1)``
+        is the ``k``-th document of the indexes that hold band keys.
         """
-        keys, lengths = [], []
-        extra = {"first": [], "longest": ["text"], "score": [cfg.score_column]}[cfg.keep]
-        for f in self.files:
-            table = pq.read_table(f, columns=[MINHASH_KEYS, *extra])
-            keys.append(table.column(MINHASH_KEYS).combine_chunks())
-            if cfg.keep == "longest":
-                lengths.append(pc.utf8_length(table.column("text")).to_numpy())
-            elif cfg.keep == "score":
-                lengths.append(
-                    table.column(cfg.score_column).to_numpy(zero_copy_only=False).astype(np.float64)
-                )
-        earlier = [i.band_keys for i in self.against if i.band_keys is not None]
-        m = sum(len(k) for k in earlier)
-        alive = np.setdiff1d(np.arange(self.n), removed)
-        new_keys = pa.concat_arrays(keys).take(pa.array(alive)) if keys else pa.array([], pa.binary(8))
-        all_keys = pa.concat_arrays([*earlier, new_keys]) if earlier else new_keys
-        # Indexed documents are already published: as "longest" they always win their cluster.
-        order = np.r_[np.full(m, np.inf), np.concatenate(lengths)[alive]] if lengths else None
-
-        def texts(rows: np.ndarray) -> list[str]:
-            out: dict[int, str] = {}
-            old = rows[rows < m]
-            if len(old):
-                out.update(zip(old.tolist(), self._index_texts(old), strict=True))
-            new_rows = rows[rows >= m]
-            global_rows = alive[new_rows - m]
-            for index in range(len(self.files)):
-                inside = (global_rows >= self.offsets[index]) & (global_rows < self.offsets[index + 1])
-                if inside.any():
-                    column = self._text_column(index)
-                    found = column.take(pa.array(global_rows[inside] - self.offsets[index])).to_pylist()
-                    out.update(zip(new_rows[inside].tolist(), found, strict=True))
-            return [out[int(r)] for r in rows]
-
-        dropped, kept, similarity = find_duplicates(all_keys, order, cfg, texts if cfg.verify else None)
+        parts, first = [], 0
+        for index in self.against:
+            if index.band_keys is not None:
+                location = str(index.manifest.location)
+                parts.append(Part(first, len(index.band_keys), str(index.keys_path), "band_keys", location))
+                first += len(index.band_keys)
+        m = first
+        for index, f in enumerate(self.files):
+            count = int(self.offsets[index + 1] - self.offsets[index])
+            parts.append(Part(m + int(self.offsets[index]), count, str(f), MINHASH_KEYS))
+        dropped, kept, similarity = near_duplicates(parts, removed + m, cfg, self.work, self.run)
         new = dropped >= m  # near-duplicates among the indexed documents are not this build's to drop
         dropped, kept, similarity = dropped[new], kept[new], similarity[new]
-        kept_rows = np.where(kept >= m, alive[np.maximum(kept - m, 0)] if len(alive) else 0, -(kept + 1))
-        return alive[dropped - m], kept_rows, similarity
+        return dropped - m, np.where(kept >= m, kept - m, -(kept + 1)), similarity
 
     def _index_ref(self, row: int, near: bool) -> str:
         return self._indexed(row, near)[0].manifest.ref
@@ -327,30 +304,6 @@ class Combiner:
         order = np.argsort(rows)
         return rows[order], of_rows[order]
 
-    def _text_column(self, index: int) -> pa.ChunkedArray:
-        """A task file's text column; the last two stay cached, as verification asks block by block."""
-        cache = self.__dict__.setdefault("_texts", {})
-        if index not in cache:
-            if len(cache) >= 2:
-                cache.pop(next(iter(cache)))
-            cache[index] = pq.read_table(self.files[index], columns=["text"]).column("text")
-        return cache[index]
-
-    def _index_texts(self, rows: np.ndarray) -> list[str]:
-        """Texts of indexed documents by their position across ``self.against`` (with band keys)."""
-        start = 0
-        bounds = []
-        for index in self.against:
-            if index.band_keys is not None:
-                bounds.append((start, start + len(index.band_keys), index))
-                start += len(index.band_keys)
-        found: dict[int, str] = {}
-        for lo, hi, index in bounds:
-            mine = rows[(rows >= lo) & (rows < hi)]
-            if len(mine):  # one read of the indexed dataset per index, not per row
-                found.update(zip(mine.tolist(), index.texts(mine - lo), strict=True))
-        return [found[int(r)] for r in rows]
-
     def _frequent_units(self) -> set[int]:
         """Unit keys found in more documents than allowed, counted one hash partition at a time."""
         frequent: set[int] = set()
@@ -367,81 +320,165 @@ class Combiner:
             frequent.update(values[counts > self.lines.max_documents].tolist())
         return frequent
 
-    @staticmethod
-    def _in_range(sorted_rows: np.ndarray, start: int, end: int) -> np.ndarray:
-        lo, hi = np.searchsorted(sorted_rows, [start, end])
-        return np.arange(lo, hi)
+    def _decisions(self) -> list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str, str]]:
+        """(rows removed, the row each duplicates, similarity, step, reason) of every global decision."""
+        out = [(below, None, None, column, reason) for column, _, reason, below in self.cuts]
+        return out + [
+            (self.url_duplicates, self.url_duplicate_of, None, "url_dedup", "duplicate_url"),
+            (self.duplicates, self.duplicate_of, None, "exact_dedup", "exact_duplicate"),
+            (self.seen, self.seen_of, None, "exact_dedup", "seen_in_index"),
+            (self.near, self.near_of, self.near_similarity, "minhash_dedup", "near_duplicate"),
+        ]
 
-    def _strip_units(
-        self, batch: pa.RecordBatch, keep: np.ndarray, ids: list[str], ledger: list[dict]
-    ) -> pa.RecordBatch:
-        """Cut the frequent units out of the kept documents; a document left empty is dropped."""
-        texts = batch.column("text").to_pylist()
-        for row in np.flatnonzero(keep):
-            new, units, chars = strip_repeated(texts[row], self.lines, self.frequent_units)
-            if not units:
-                continue
-            share = round(chars / max(len(texts[row]), 1), 4)
-            if new.strip():
-                texts[row] = new
-                ledger.append({"id": ids[row], "step": "corpus.build.line_dedup", "action": "change", "reason": "repeated_units",
-                               "score": share, "detail": json.dumps({"units_removed": units, "chars_removed": chars})})  # fmt: skip
-            else:
-                keep[row] = False
-                ledger.append({"id": ids[row], "step": "corpus.build.line_dedup", "action": "drop", "reason": "all_units_repeated",
-                               "score": share, "detail": json.dumps({"units_removed": units})})  # fmt: skip
-        return batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+    def _column_at(self, column: str, rows: np.ndarray) -> dict[int, Any]:
+        """Values of ``column`` at ascending global rows, one task file at a time."""
+        found: dict[int, Any] = {}
+        for index, f in enumerate(self.files):
+            lo, hi = np.searchsorted(rows, self.offsets[index : index + 2])
+            if hi > lo:
+                local = pa.array(rows[lo:hi] - self.offsets[index])
+                values = pq.read_table(f, columns=[column]).column(column).take(local).to_pylist()
+                found.update(zip(rows[lo:hi].tolist(), values, strict=True))
+        return found
 
-    def stream(self, pub: Publisher, shard_rows: int) -> tuple[int, list[dict]]:
-        """Write the kept rows to shards; return (rows written, ledger rows of the global decisions)."""
-        ledger: list[dict] = []
-        with pub.shard_writer(shard_rows=shard_rows) as writer:
-            for index, f in enumerate(self.files):
-                start = int(self.offsets[index])
-                for batch in _row_groups(f):
-                    n = batch.num_rows
-                    ids = batch.column("id").to_pylist()
-                    for row in range(n):
-                        if start + row in self._wanted:
-                            self._first_ids[start + row] = ids[row]
-                    keep = np.ones(n, bool)
-                    for column, cutoff, reason, below in self.cuts:
-                        values = batch.column(column).to_numpy(zero_copy_only=False)
-                        for row in below[self._in_range(below, start, start + n)] - start:
-                            keep[row] = False
-                            ledger.append({"id": ids[row], "step": f"corpus.build.{column}", "action": "drop", "reason": reason,
-                                           "score": float(values[row]), "detail": json.dumps({"cutoff": cutoff})})  # fmt: skip
-                    for rows, of, similarity, step, reason in (
-                        (self.url_duplicates, self.url_duplicate_of, None, "url_dedup", "duplicate_url"),
-                        (self.duplicates, self.duplicate_of, None, "exact_dedup", "exact_duplicate"),
-                        (self.seen, self.seen_of, None, "exact_dedup", "seen_in_index"),
-                        (self.near, self.near_of, self.near_similarity, "minhash_dedup", "near_duplicate"),
-                    ):
-                        for k in self._in_range(rows, start, start + n):
-                            row = int(rows[k]) - start
-                            keep[row] = False
-                            score = round(float(similarity[k]), 4) if similarity is not None else None
-                            first, near = int(of[k]), similarity is not None
-                            if first >= 0:
-                                detail = {"duplicate_of": self._first_ids[first]}
-                            else:
-                                detail = {
-                                    "duplicate_of": self._index_id(first, near),
-                                    "index": self._index_ref(first, near),
-                                }
-                            if score is not None:
-                                detail["similarity"] = score
-                            ledger.append({"id": ids[row], "step": f"corpus.build.{step}", "action": "drop", "reason": reason,
-                                           "score": score, "detail": json.dumps(detail)})  # fmt: skip
-                    if self.frequent_units:
-                        batch = self._strip_units(batch, keep, ids, ledger)
-                    kept = batch.filter(pa.array(keep)).drop_columns(
-                        [c for c in (*KEY_COLUMNS, UNIT_KEYS, MINHASH_KEYS) if c in batch.schema.names]
-                    )
-                    if kept.num_rows:
-                        writer.write(kept)
-                    start += n
-        return writer.rows, ledger
+    def decision_ledger(self) -> list[dict]:
+        """Ledger rows of the global decisions, in row order; a duplicate names the kept document."""
+        decisions = self._decisions()
+        named = np.unique(np.concatenate([np.zeros(0, np.int64)] + [r for r, *_ in decisions] +
+                                         [of[of >= 0] for _, of, *_ in decisions if of is not None]))  # fmt: skip
+        ids = self._column_at("id", named)
+        entries: list[tuple[int, dict]] = []
+        for column, cutoff, reason, below in self.cuts:
+            scores = self._column_at(column, below)
+            entries += [(r, {"id": ids[r], "step": f"corpus.build.{column}", "action": "drop", "reason": reason,
+                             "score": float(scores[r]), "detail": json.dumps({"cutoff": cutoff})})
+                        for r in below.tolist()]  # fmt: skip
+        for rows, of, similarity, step, reason in decisions[len(self.cuts) :]:
+            near = similarity is not None
+            for k, row in enumerate(rows.tolist()):
+                first = int(of[k])
+                detail = ({"duplicate_of": ids[first]} if first >= 0 else
+                          {"duplicate_of": self._index_id(first, near), "index": self._index_ref(first, near)})  # fmt: skip
+                score = round(float(similarity[k]), 4) if near else None
+                if near:
+                    detail["similarity"] = score
+                entries.append((row, {"id": ids[row], "step": f"corpus.build.{step}", "action": "drop",
+                                      "reason": reason, "score": score, "detail": json.dumps(detail)}))  # fmt: skip
+        entries.sort(key=lambda e: e[0])  # stable: one row is removed by one decision only
+        return [e for _, e in entries]
+
+    def _filter_groups(self, shard_rows: int) -> list[list[int]]:
+        """Consecutive task files of at most ``shard_rows`` rows together (one file at least):
+        one filter task each, so that small tasks still make full shards."""
+        groups: list[list[int]] = []
+        rows = shard_rows
+        for index in range(len(self.files)):
+            count = int(self.offsets[index + 1] - self.offsets[index])
+            if rows + count > shard_rows:
+                groups.append([])
+                rows = 0
+            groups[-1].append(index)
+            rows += count
+        return groups
+
+    def publish_rows(self, pub: Publisher, shard_rows: int) -> tuple[int, list[dict], list[Path]]:
+        """The filter phase: consecutive task files' kept rows become shards, written by tasks in
+        workers (resumable: a task's marker lists its shards), then taken into ``pub`` in order.
+
+        Returns (rows written, ledger rows of the global decisions, line-dedup ledger files).
+        """
+        ledger = self.decision_ledger()
+        folder = self.work / "filter"
+        folder.mkdir(parents=True, exist_ok=True)
+        removed = np.unique(np.concatenate([np.zeros(0, np.int64)] + [r for r, *_ in self._decisions()]))
+        removed_path, units_path = folder / "removed.npy", folder / "units.npy"
+        _save(removed_path, removed)
+        _save(units_path, np.array(sorted(self.frequent_units), np.uint64))
+        schema = pq.read_schema(self.files[0]) if self.files else RECORD_SCHEMA
+        schema = pa.schema([f for f in schema.remove_metadata() if f.name not in HIDDEN_COLUMNS])
+        lines = self.lines.model_dump_json() if self.frequent_units else None
+        groups = self._filter_groups(shard_rows)
+        markers = [folder / f"group-{k:05d}.json" for k in range(len(groups))]
+        jobs = [([(str(self.files[i]), int(self.offsets[i])) for i in group], str(removed_path), str(units_path),
+                 lines, schema.serialize().to_pybytes(), shard_rows, str(marker))
+                for group, marker in zip(groups, markers, strict=True) if not marker.is_file()]  # fmt: skip
+        list(self.run("filter", filter_task, jobs))
+        rows, line_ledgers = 0, []
+        for marker in markers:
+            result = json.loads(marker.read_text())
+            for shard in result["shards"]:
+                pub.add_shard(Path(shard))
+            rows += result["rows"]
+            if result["ledger"]:
+                line_ledgers.append(Path(result["ledger"]))
+        return rows, ledger, line_ledgers
+
+
+HIDDEN_COLUMNS = (*KEY_COLUMNS, UNIT_KEYS, MINHASH_KEYS)
+
+
+def strip_units(
+    batch: pa.RecordBatch, keep: np.ndarray, lines: LineDedupConfig, units: set[int], ledger: list[dict]
+) -> pa.RecordBatch:
+    """Cut the frequent units out of the kept documents; a document left empty is dropped."""
+    texts = batch.column("text").to_pylist()
+    ids = batch.column("id").to_pylist()
+    for row in np.flatnonzero(keep):
+        new, count, chars = strip_repeated(texts[row], lines, units)
+        if not count:
+            continue
+        share = round(chars / max(len(texts[row]), 1), 4)
+        if new.strip():
+            texts[row] = new
+            ledger.append({"id": ids[row], "step": "corpus.build.line_dedup", "action": "change", "reason": "repeated_units",
+                           "score": share, "detail": json.dumps({"units_removed": count, "chars_removed": chars})})  # fmt: skip
+        else:
+            keep[row] = False
+            ledger.append({"id": ids[row], "step": "corpus.build.line_dedup", "action": "drop", "reason": "all_units_repeated",
+                           "score": share, "detail": json.dumps({"units_removed": count})})  # fmt: skip
+    return batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+
+
+def filter_task(
+    files: list[tuple[str, int]], removed: str, units: str, lines_json: str | None, schema: bytes,
+    shard_rows: int, marker: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Filter task files (``(path, first global row)``, in a worker): drop the removed rows, strip
+    repeated lines, write shards."""
+    use_returning_memory_pool()
+    target = pa.ipc.read_schema(pa.py_buffer(schema))
+    lines = LineDedupConfig.model_validate_json(lines_json) if lines_json else None
+    frequent = set(np.load(units).tolist()) if lines is not None else set()
+    gone = np.load(removed, mmap_mode="r")
+    stem = marker.removesuffix(".json")
+    chunks = iter(range(1 << 30))
+    ledger: list[dict] = []
+    with ShardWriter(
+        lambda: Path(f"{stem}-{next(chunks):04d}.parquet"), lambda b: b.cast(target), shard_rows
+    ) as writer:
+        for path, start in files:
+            for batch in _row_groups(Path(path)):
+                n = batch.num_rows
+                keep = np.ones(n, bool)
+                lo, hi = np.searchsorted(gone, [start, start + n])
+                keep[np.asarray(gone[lo:hi]) - start] = False
+                if frequent:
+                    batch = strip_units(batch, keep, lines, frequent, ledger)
+                kept = batch.filter(pa.array(keep)).drop_columns(
+                    [c for c in HIDDEN_COLUMNS if c in batch.schema.names]
+                )
+                if kept.num_rows:
+                    writer.write(kept)
+                start += n
+    ledger_path = None
+    if ledger:
+        ledger_path = f"{stem}.ledger.parquet"
+        pq.write_table(pa.Table.from_pylist(ledger, schema=LEDGER_SCHEMA), ledger_path)
+    result = {"shards": [str(p) for p in writer.paths], "rows": writer.rows, "ledger": ledger_path}
+    tmp = Path(marker + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, marker)  # last: a task without its marker is redone
+    return result
 
 
 def write_ledgers(pub: Publisher, task_ledgers: list[Path], extra: list[dict]) -> None:
@@ -459,7 +496,7 @@ def write_ledgers(pub: Publisher, task_ledgers: list[Path], extra: list[dict]) -
         pub.write_ledger(pa.concat_tables(tables), step=step)
 
 
-def global_counts(ledger: list[dict]) -> tuple[Counter, Counter]:
+def global_counts(ledger: Iterable[dict]) -> tuple[Counter, Counter]:
     """Documents removed, and changed, by each global decision (``quality_score``, ``exact_dedup``…)."""
     removed: Counter = Counter()
     changed: Counter = Counter()

@@ -30,7 +30,7 @@ from manifests.errors import DistilleryError
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig
 from manifests.schema import Manifest
-from manifests.store import Store
+from manifests.store import Store, load_manifest
 
 KEYS_FILE = "index/keys.parquet"
 SETTINGS_FILE = "index/settings.json"
@@ -105,7 +105,8 @@ class LoadedIndex:
                 f"dedup index {manifest.ref} was built with other shingle settings ({have['minhash']}) than the build's "
                 f"minhash ({want['minhash']}); rebuild the index with the same settings"
             )
-        table = pq.read_table(folder / KEYS_FILE)
+        self.keys_path = folder / KEYS_FILE
+        table = pq.read_table(self.keys_path)
         self.ids = table.column("id").to_pylist()
         self.text_keys = table.column("text_key").combine_chunks()
         self.band_keys = (
@@ -113,19 +114,27 @@ class LoadedIndex:
         )
 
     def texts(self, rows: np.ndarray) -> list[str]:
-        """Texts of indexed documents (for verifying near-duplicate candidates), read from the indexed dataset."""
-        parent = next(p for p in self.manifest.parents if p.role == "indexed")
-        dataset = Store(Path(self.manifest.location).parent.parent.parent).get(parent.id)
-        wanted = {self.ids[int(r)] for r in rows}
-        found: dict[str, str] = {}
-        for f in dataset.data_files():
-            table = pq.read_table(dataset.location / f.path, columns=["id", "text"])
-            for rid, text in zip(
-                table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True
-            ):
-                if rid in wanted:
-                    found[rid] = text
-        return [found[self.ids[int(r)]] for r in rows]
+        """Texts of indexed documents (for verifying near-duplicate candidates)."""
+        return indexed_texts(self.manifest.location, rows)
+
+
+def indexed_texts(folder: Path, rows: np.ndarray) -> list[str]:
+    """Texts of the documents at positions ``rows`` of the index in ``folder``, read from the
+    indexed dataset (one pass over its shards, keeping only the wanted texts)."""
+    manifest = load_manifest(folder)
+    parent = next(p for p in manifest.parents if p.role == "indexed")
+    dataset = Store(Path(folder).parent.parent.parent).get(parent.id)
+    ids = (
+        pq.read_table(Path(folder) / KEYS_FILE, columns=["id"]).column("id").take(pa.array(rows)).to_pylist()
+    )
+    wanted = set(ids)
+    found: dict[str, str] = {}
+    for f in dataset.data_files():
+        table = pq.read_table(dataset.location / f.path, columns=["id", "text"])
+        for rid, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True):
+            if rid in wanted:
+                found[rid] = text
+    return [found[i] for i in ids]
 
 
 def run_build_index(data: dict[str, Any], store: Store, source: str) -> Manifest:

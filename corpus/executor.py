@@ -14,14 +14,21 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
 FAULT_ENV = "DISTILLERY_FAULT_EXIT_AFTER_TASKS"
-"""Fault injection for tests: the build process exits abruptly after this many tasks finish."""
+"""Fault injection for tests: the build process exits abruptly after this many tasks finish
+(``3``), or after this many tasks of one phase (``minhash reduce:2``)."""
+
+
+def _fault_after(label: str) -> int:
+    value = os.environ.get(FAULT_ENV, "")
+    phase, _, count = value.rpartition(":")
+    return int(count or 0) if phase in ("", label) else 0
 
 
 def run_tasks(
-    fn: Callable[..., dict[str, Any]], jobs: Iterable[tuple], workers: int = 1
+    fn: Callable[..., dict[str, Any]], jobs: Iterable[tuple], workers: int = 1, label: str = "tasks"
 ) -> Iterator[dict[str, Any]]:
     """Run ``fn(*job)`` for every job; yield results as they finish (any order)."""
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    fault_after = _fault_after(label)
     finished = 0
 
     def check_fault() -> None:
@@ -53,8 +60,9 @@ def run_tasks(
 
 
 def run_tasks_ray(
-    fn: Callable[..., dict[str, Any]], jobs: Iterable[tuple], workers: int, address: str | None = None
-) -> Iterator[dict[str, Any]]:
+    fn: Callable[..., dict[str, Any]], jobs: Iterable[tuple], workers: int, address: str | None = None,
+    label: str = "tasks",
+) -> Iterator[dict[str, Any]]:  # fmt: skip
     """The same on a Ray cluster (``address``) or a local one of ``workers`` CPUs.
 
     The work folder must be on storage every node sees (a shared filesystem), as task outputs are

@@ -377,6 +377,24 @@ def key_matrix(keys: pa.Array | pa.ChunkedArray | np.ndarray, bands: int) -> np.
     return raw[keys.offset * bands : (keys.offset + len(keys)) * bands].reshape(-1, bands).astype(U64)
 
 
+def link_to_first(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, other) pairs linking every row of a run of equal keys to the run's first row.
+
+    ``keys`` must be sorted with ``rows`` ascending inside each run (a stable sort of rows taken in
+    ascending order does that); zero keys (documents without shingles) are never linked. A bucket
+    of a thousand identical documents gives 999 pairs, not half a million.
+    """
+    same = (keys[1:] == keys[:-1]) & (keys[1:] != U64(EMPTY_KEY))
+    if not same.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    position = np.arange(len(keys), dtype=np.int64)
+    run_start = np.maximum.accumulate(np.where(np.r_[True, ~same], position, 0))
+    members = np.flatnonzero(same) + 1
+    first, other = rows[run_start[members]], rows[members]
+    differ = first != other  # one document whose two bands collide (chance 2**-64) is no pair
+    return first[differ].astype(np.int64), other[differ].astype(np.int64)
+
+
 def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first, other) row pairs sharing a band bucket: each member linked to its bucket's lowest row.
 
@@ -384,17 +402,10 @@ def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     n = len(keys)
     found = []
-    rows = np.arange(n, dtype=np.int64)
     for band in range(keys.shape[1]):
-        column = keys[:, band]
-        order = np.argsort(column, kind="stable")  # stable: each bucket's rows stay ascending
-        ordered = column[order]
-        same = (ordered[1:] == ordered[:-1]) & (ordered[1:] != U64(EMPTY_KEY))
-        if not same.any():
-            continue
-        run_start = np.maximum.accumulate(np.where(np.r_[True, ~same], rows, 0))
-        members = np.flatnonzero(same) + 1
-        found.append(order[run_start[members]] * n + order[members])
+        order = np.argsort(keys[:, band], kind="stable")  # stable: each bucket's rows stay ascending
+        first, other = link_to_first(keys[order, band], order)
+        found.append(first * n + other)
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     pairs = np.unique(np.concatenate(found))
@@ -429,25 +440,46 @@ def find_duplicates(
     if cfg.keep != "first" and (order_keys is None or len(order_keys) != len(keys)):
         raise ValueError("keep: longest needs order_keys (one length per row)")
     u, v = candidate_pairs(keys)
-    verified = np.zeros(0)
-    if cfg.verify and len(u):
-        verified = exact_jaccard(u, v, texts_for_verify, cfg)
+    verify = (lambda a, b: exact_jaccard(a, b, texts_for_verify, cfg)) if cfg.verify else None
+    weights = (lambda members: np.asarray(order_keys)[members]) if cfg.keep != "first" else None
+    return resolve_clusters(
+        u, v, verify(u, v) if verify else None, cfg, weights,
+        verify or (lambda a, b: band_similarity(keys, a, b, rows)),
+    )  # fmt: skip
+
+
+def resolve_clusters(
+    u: np.ndarray,
+    v: np.ndarray,
+    verified: np.ndarray | None,
+    cfg: MinHashConfig,
+    weights_of: Callable[[np.ndarray], np.ndarray] | None,
+    similarity_of: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate pairs (sorted by ``(u, v)``, ``u < v``) to ``(removed, kept, similarity)``.
+
+    ``verified`` holds the exact Jaccard of each pair (pairs below the threshold are dropped), or
+    None to take the candidates as they are. ``weights_of(members)`` gives the keep rule's weight
+    of each row (None: the first row stays). A removed row whose kept row was not one of its own
+    pairs (a chain a-b-c) gets its similarity from ``similarity_of``.
+    """
+    if verified is not None and len(u):
         similar = verified >= cfg.threshold
         u, v, verified = u[similar], v[similar], verified[similar]
     members, root = connected_components(u, v)
-    removed, kept = keep_one_per_cluster(members, root, order_keys if cfg.keep != "first" else None)
-    if cfg.verify:
-        # Most (removed, kept) pairs were verified already; compute only the chained ones.
-        similarity = np.zeros(len(removed))
-        n = len(keys)
-        low, high = np.minimum(removed, kept), np.maximum(removed, kept)
-        at = np.searchsorted(u * n + v, low * n + high) if len(u) else np.zeros(len(removed), np.int64)
-        known = at < len(u)
-        known[known] = (u[at[known]] == low[known]) & (v[at[known]] == high[known])
-        similarity[known] = verified[at[known]]
-        similarity[~known] = exact_jaccard(removed[~known], kept[~known], texts_for_verify, cfg)
-    else:
-        similarity = band_similarity(keys, removed, kept, rows)
+    removed, kept = keep_one_per_cluster(members, root, weights_of(members) if weights_of else None)
+    if verified is None:
+        return removed, kept, similarity_of(removed, kept)
+    # Most (removed, kept) pairs were verified already; compute only the chained ones.
+    similarity = np.zeros(len(removed))
+    low, high = np.minimum(removed, kept), np.maximum(removed, kept)
+    span = int(max(v.max(initial=0), high.max(initial=0))) + 1  # (u, v) sorted = u * span + v sorted
+    codes = u * span + v
+    at = np.searchsorted(codes, low * span + high) if len(u) else np.zeros(len(removed), np.int64)
+    known = at < len(u)
+    known[known] = codes[at[known]] == (low * span + high)[known]
+    similarity[known] = verified[at[known]]
+    similarity[~known] = similarity_of(removed[~known], kept[~known])
     return removed, kept, similarity
 
 

@@ -70,17 +70,17 @@ def connected_components(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def keep_one_per_cluster(
-    members: np.ndarray, root: np.ndarray, order_keys: np.ndarray | None = None
+    members: np.ndarray, root: np.ndarray, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(removed rows ascending, the kept row of each one's cluster).
 
-    Without ``order_keys`` the lowest row (first seen) stays; with them, the row with the
-    largest key (the longest document), ties going to the lowest row.
+    Without ``weights`` (one per member) the lowest row (first seen) stays; with them, the row
+    with the largest weight (the longest document, the best score), ties going to the lowest row.
     """
-    if order_keys is None:
+    if weights is None:
         kept_of = root
     else:
-        weight = np.asarray(order_keys)[members].astype(np.float64)
+        weight = np.asarray(weights, dtype=np.float64)
         order = np.lexsort((members, -weight, root))
         sorted_root = root[order]
         first = np.r_[True, sorted_root[1:] != sorted_root[:-1]]

@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -95,24 +96,33 @@ def _fsync_file(path: Path) -> None:
 
 
 class ShardWriter:
-    """Writes batches into consecutive Parquet shards of one split (memory: one batch)."""
+    """Writes batches into consecutive Parquet shards of ``shard_rows`` rows (memory: one batch).
 
-    def __init__(self, publisher: Publisher, split: str, shard_rows: int):
-        self.publisher, self.split, self.shard_rows = publisher, split, shard_rows
+    ``next_path()`` names each new shard; ``conform(batch)`` gives every batch the shards' schema.
+    """
+
+    def __init__(
+        self,
+        next_path: Callable[[], Path],
+        conform: Callable[[pa.RecordBatch], pa.RecordBatch],
+        shard_rows: int,
+    ):
+        self.next_path, self.conform, self.shard_rows = next_path, conform, shard_rows
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_shard = 0
         self.rows = 0
+        self.paths: list[Path] = []
 
     def write(self, batch: pa.RecordBatch) -> None:
         while batch.num_rows:
             if self._writer is None:
-                batch = self.publisher._conform(batch)
-                _, path = self.publisher._next_shard(self.split)
-                self._writer = pq.ParquetWriter(path, self.publisher._schema, compression="zstd")
+                batch = self.conform(batch)
+                self.paths.append(self.next_path())
+                self._writer = pq.ParquetWriter(self.paths[-1], batch.schema, compression="zstd")
                 self._rows_in_shard = 0
             room = self.shard_rows - self._rows_in_shard
             part, batch = batch.slice(0, room), batch.slice(room)
-            self._writer.write_batch(self.publisher._conform(part))
+            self._writer.write_batch(self.conform(part))
             self._rows_in_shard += part.num_rows
             self.rows += part.num_rows
             if self._rows_in_shard >= self.shard_rows:
@@ -216,7 +226,21 @@ class Publisher:
 
     def shard_writer(self, split: str = "train", shard_rows: int = 50_000) -> ShardWriter:
         """Stream batches into shards of ``shard_rows`` rows, holding one batch at a time."""
-        return ShardWriter(self, split, shard_rows)
+        return ShardWriter(lambda: self._next_shard(split)[1], self._conform, shard_rows)
+
+    def add_shard(self, source: Path, split: str = "train") -> None:
+        """Take a finished Parquet file, written elsewhere with this artefact's schema, as the next
+        shard of ``split`` (a hard link where the filesystem allows: no copy, and the source stays)."""
+        schema = pq.read_schema(source).remove_metadata()
+        if self._schema is None:
+            self._schema = schema
+        elif not schema.equals(self._schema, check_metadata=False):
+            raise ValueError(f"{source}: schema differs from this artefact's shards")
+        _, path = self._next_shard(split)
+        try:
+            os.link(source, path)
+        except OSError:
+            shutil.copyfile(source, path)
 
     def write_ledger(self, rows: list[dict[str, Any]] | pa.Table, step: str) -> Path | None:
         """Write the ledger of one step (dropped/changed records, without their text)."""

@@ -7,6 +7,9 @@ core:
 
 - **ours**: ``band_keys`` over batches of ``--batch`` documents, then ``find_duplicates`` with
   exact verification of candidate pairs (the default), keep first; kept rows to Parquet;
+- **ours-phased**: the same as a build runs it at scale (``corpus/minhash_phases.py``): task files
+  of ``--batch`` documents with their band keys in Parquet, then the map, reduce (``--buckets``),
+  verify and clusters phases, every intermediate on disk, run one task after another here;
 - **datatrove**: its four MinHash stages (signatures, buckets, clusters, filter) with
   ``LocalPipelineExecutor(workers=1)``, JSONL in and out; one task per stage except the buckets
   stage, which datatrove requires to run as one task per band (``tasks=bands``, still one worker);
@@ -69,6 +72,37 @@ OURS = textwrap.dedent(
     lengths = np.asarray(pc.utf8_length(texts))
     removed, kept, similarity = find_duplicates(keys, lengths, cfg, lambda rows: texts.take(pa.array(rows)))
     mask = np.ones(len(texts), bool)
+    mask[removed] = False
+    pq.write_table(table.filter(pa.array(mask)), out / "kept.parquet")
+    (out / "pairs.json").write_text(json.dumps(np.c_[removed, kept].tolist()))
+    (out / "removed.json").write_text(json.dumps(removed.tolist()))
+    """
+)
+
+PHASED = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import numpy as np, pyarrow as pa, pyarrow.json as pj, pyarrow.parquet as pq
+    import corpus.minhash_phases as phases
+    from corpus.combine import MINHASH_KEYS
+    from corpus.minhash import MinHashConfig, band_keys
+
+    data, out, settings = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    batch, buckets = settings.pop("batch"), settings.pop("buckets")
+    cfg = MinHashConfig(**settings)
+    table = pj.read_json(data)
+    parts = []
+    # As phase 1 of a build leaves them: task files of text + band keys, then the phases in one process.
+    for k, lo in enumerate(range(0, table.num_rows, batch)):
+        chunk = table.slice(lo, batch)
+        chunk = chunk.append_column(MINHASH_KEYS, band_keys(chunk.column("text"), cfg))
+        pq.write_table(chunk, out / f"task-{k:05d}.parquet")
+        parts.append(phases.Part(lo, chunk.num_rows, str(out / f"task-{k:05d}.parquet"), MINHASH_KEYS))
+    phases.BUCKET_ENTRIES = -(-table.num_rows * cfg.banding()[0] // buckets)
+    run = lambda label, fn, jobs: [fn(*job) for job in jobs]
+    removed, kept, similarity = phases.near_duplicates(parts, np.zeros(0, np.int64), cfg, out / "work", run)
+    mask = np.ones(table.num_rows, bool)
     mask[removed] = False
     pq.write_table(table.filter(pa.array(mask)), out / "kept.parquet")
     (out / "pairs.json").write_text(json.dumps(np.c_[removed, kept].tolist()))
@@ -161,7 +195,12 @@ PEAK = textwrap.dedent(
 )
 WORKERS = {
     name: code + PEAK
-    for name, code in {"ours": OURS, "datatrove": DATATROVE, "datasketch": DATASKETCH}.items()
+    for name, code in {
+        "ours": OURS,
+        "ours-phased": PHASED,
+        "datatrove": DATATROVE,
+        "datasketch": DATASKETCH,
+    }.items()
 }
 
 
@@ -268,6 +307,9 @@ def main() -> None:
     parser.add_argument("--bands", type=int, help="with --rows: explicit banding for all three sides")
     parser.add_argument("--rows", type=int)
     parser.add_argument("--batch", type=int, default=2000, help="documents per band_keys call (ours)")
+    parser.add_argument(
+        "--buckets", type=int, default=8, help="reduce buckets of the phased run (ours-phased)"
+    )
     parser.add_argument("--only", nargs="*", choices=list(WORKERS), default=list(WORKERS))
     args = parser.parse_args()
 
@@ -297,6 +339,7 @@ def main() -> None:
                 f.write(json.dumps({"id": str(row), "text": text}) + "\n")
         for name in args.only:
             extra = {"batch": args.batch} if name == "ours" else {}
+            extra = {"batch": args.batch, "buckets": args.buckets} if name == "ours-phased" else extra
             results[name] = run_worker(WORKERS[name], data, Path(tmp) / name, settings | extra)
             results[name] |= score(bench, args.threshold, results[name])
             print(f"  {name}: {results[name]['wall']:.1f} s wall", flush=True)
