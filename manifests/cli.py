@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiny", action="store_true", help="a smaller run (fewer prompts and steps), as the tests use"
     )
 
+    importlib.import_module("synth.serve").register(sub)
     for module in PACKAGE_CLIS.values():
         importlib.import_module(module).register(sub)
     return parser

@@ -26,7 +26,7 @@ STEPS = [
 ]
 
 TINY = {
-    "demo-synth.yaml": ["limit=10", "teacher.max_new_tokens=24"],
+    "demo-synth.yaml": ["limit=10", "sampling.max_tokens=24"],
     "demo-sft.yaml": ["max_steps=3"],
 }
 """Overrides for ``--tiny`` (the end-to-end test): same chain, fewer prompts and steps."""

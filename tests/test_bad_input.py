@@ -67,7 +67,7 @@ def test_missing_input_file(cli, tmp_path, store):
 
 def test_reference_to_a_missing_manifest(cli, tmp_path, store):
     recipe = write_recipe(
-        tmp_path / "r.yaml", "stage: synth.generate\nname: s\ninput: nothing-here\nteacher: {model: m}\n"
+        tmp_path / "r.yaml", "stage: synth.generate\nname: s\ninput: nothing-here\nteachers: [{serve: m}]\n"
     )
     result = cli("--store", store.root, "synth", "generate", recipe)
     assert_one_line_error(result)
@@ -92,7 +92,7 @@ def test_tampered_input_stops_the_next_stage(cli, tmp_path, store):
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     recipe = write_recipe(
         tmp_path / "r.yaml",
-        "stage: synth.generate\nname: s\ninput: demo-corpus\nteacher: {model: demo-corpus}\n",
+        "stage: synth.generate\nname: s\ninput: demo-corpus\nteachers: [{serve: demo-corpus}]\n",
     )
     result = cli("--store", store.root, "synth", "generate", recipe)
     assert_one_line_error(result, code=1)

@@ -67,9 +67,16 @@ def test_synth_rows_record_their_lineage(demo):
     for f in sft.data_files():
         for row in pq.read_table(sft.location / f.path).to_pylist():
             assert row["parents"][0] in corpus_ids
-            assert row["teacher"]["model"].startswith("smollm2-135m-instruct@")
-            assert json.loads(row["sampling"])["max_new_tokens"] == 24
-            assert row["completion_tokens"] > 0 and row["prompt_tokens"] > row["completion_tokens"]
+            assert row["teacher"] == "smollm2-135m-instruct"
+            (request,) = row["requests"]  # served on loopback through the teacher engine
+            assert request["endpoint"] == f"serve:{store.resolve('smollm2-135m-instruct').id}"
+            assert request["served_model"] == "smollm2-135m-instruct" and request[
+                "system_fingerprint"
+            ].startswith("fp_")
+            assert json.loads(request["sampling"])["max_tokens"] == 24 and request["attempts"] == 1
+            assert (
+                request["completion_tokens"] > 0 and request["prompt_tokens"] > request["completion_tokens"]
+            )
             assert row["messages"][-1]["role"] == "assistant" and row["messages"][-1]["content"]
 
 

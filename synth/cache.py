@@ -1,0 +1,80 @@
+"""The request cache: every answer a teacher gave, keyed by everything that determined it.
+
+A request's key is the SHA-256 of the canonical JSON of its endpoint, model, messages (system
+prompt included), sampling parameters, seed and sample index (``request_key``). An answer is
+written the moment it arrives (SQLite in WAL mode, one small transaction each), so a run that is
+killed and started again re-sends nothing that was answered, and a changed prompt re-sends only
+itself. Failures are never cached: a rerun tries them again.
+
+The cache lives in the store (``<store>/cache/synth.sqlite``) and is shared by every synth run
+of that store: two recipes asking the same question pay for it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from manifests.hashing import canonical_json
+
+
+def request_key(
+    endpoint: str, model: str, messages: list[dict], sampling: dict[str, Any], sample_index: int
+) -> str:
+    """The key of one request: everything that determines its answer."""
+    payload = {
+        "endpoint": endpoint,
+        "model": model,
+        "messages": messages,
+        "sampling": sampling,
+        "n": sample_index,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+class RequestCache:
+    """Answers by request key, in one SQLite file; safe to share between threads of one process."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a killed process (not a power cut), at no fsync per answer.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, answer TEXT NOT NULL, created REAL NOT NULL)"
+        )
+
+    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for lo in range(0, len(keys), 500):
+                chunk = keys[lo : lo + 500]
+                marks = ",".join("?" * len(chunk))
+                for key, answer in self._db.execute(
+                    f"SELECT key, answer FROM answers WHERE key IN ({marks})", chunk
+                ):
+                    found[key] = json.loads(answer)
+        return found
+
+    def put(self, key: str, answer: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers (key, answer, created) VALUES (?, ?, ?)",
+                (key, json.dumps(answer, sort_keys=True), time.time()),
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,529 @@
+"""The teacher engine: OpenAI-compatible requests that never pay twice.
+
+One asyncio engine per run sends every request a task asks for to its teacher's endpoint (the
+OpenAI API, vLLM, SGLang, Ollama, ``distillery serve``) with the ``openai`` client, and:
+
+- **adapts its concurrency**: a 429 halves the teacher's in-flight limit and pauses it for the
+  Retry-After the server asked for; every ``limit`` successes raise it by one again (AIMD, as TCP
+  does), up to ``max_concurrency``. Optional requests/min and tokens/min windows reserve
+  ``max_tokens`` up front and give back what the answer did not use;
+- **retries** 5xx, timeouts, dropped connections and malformed responses with exponential
+  backoff and full jitter, at most ``max_attempts`` times; a request that keeps failing becomes a
+  failed answer carrying its error (never a gap, never an endless loop). Other 4xx are not retried;
+- **caches** each answer the moment it arrives (``synth/cache.py``), so a rerun pays nothing twice;
+- **keeps to a budget**: an estimate before the run, and a clean stop at the cost or token cap with
+  every answer so far saved;
+- records per answer what the row lineage needs: teacher as configured and as served (``model``,
+  ``system_fingerprint``), endpoint, sampling, seed, attempts, finish reason, tokens, cost, cache hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import os
+import random
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from manifests.errors import DistilleryError
+from manifests.recipes import RecipeConfig
+from synth.cache import RequestCache, request_key
+
+
+class TeacherConfig(RecipeConfig):
+    """One teacher: a model behind an OpenAI-compatible endpoint (or served locally for the run)."""
+
+    name: str | None = None
+    """How rows and routing name this teacher (default: the model)."""
+    model: str | None = None
+    """The model name the endpoint expects (``gpt-4o-mini``, ``Qwen/Qwen2.5-7B-Instruct``…)."""
+    base_url: str | None = None
+    """The endpoint, e.g. ``https://api.openai.com/v1``, ``http://localhost:8000/v1`` (vLLM)."""
+    serve: str | None = None
+    """Instead of ``base_url``: a checkpoint in the store, served on loopback for the run
+    (``distillery serve``) -- for development, tests and small local teachers."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (never the key itself)."""
+    price_input: float = Field(default=0.0, ge=0)
+    """Price per million input tokens, for cost tracking and the budget."""
+    price_output: float = Field(default=0.0, ge=0)
+    """Price per million output tokens."""
+    max_concurrency: int = Field(default=16, ge=1)
+    """Requests in flight at most (the adaptive limit starts here and climbs back to it)."""
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Prompt plus ``max_tokens`` are reserved per request; what the answer did not use is given back."""
+    timeout: float = Field(default=120.0, gt=0)
+    """Seconds before a request counts as timed out (and is retried)."""
+    max_attempts: int = Field(default=6, ge=1)
+    """Attempts per request, the first included, before it becomes a failed answer."""
+    backoff: float = Field(default=1.0, gt=0)
+    """Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``, capped at 60)."""
+    serve_max_batch: int = Field(default=8, ge=1)
+    """With ``serve``: requests generated together in one batch."""
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> TeacherConfig:
+        if (self.base_url is None) == (self.serve is None):
+            raise ValueError("give exactly one of 'base_url' (an endpoint) or 'serve' (a store checkpoint)")
+        if self.base_url is not None and not self.model:
+            raise ValueError("'model' is needed with 'base_url'")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model or self.serve or ""
+
+
+class SamplingConfig(RecipeConfig):
+    """Sampling parameters (every one enters the request key)."""
+
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = 0
+    """Sent to the endpoint (sample ``k`` of a prompt uses ``seed + k``); endpoints honour it to
+    different degrees, and the response's ``system_fingerprint`` says which build answered."""
+
+
+class BudgetConfig(RecipeConfig):
+    """A cap on what the run may spend; it stops cleanly there, every answer so far cached."""
+
+    max_cost: float | None = Field(default=None, ge=0)
+    """In the currency of the teachers' prices."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Prompt plus completion tokens sent by this run (cache hits are free)."""
+
+
+@dataclass
+class Request:
+    teacher: str
+    messages: list[dict[str, str]]
+    sampling: dict[str, Any]
+    sample_index: int = 0
+    key: str = ""
+
+
+@dataclass
+class Answer:
+    """What came back for one request, with the lineage a row keeps."""
+
+    key: str
+    teacher: str
+    endpoint: str
+    content: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    served_model: str | None = None
+    system_fingerprint: str | None = None
+    attempts: int = 0
+    cache_hit: bool = False
+    error: str | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class RunStopped(Exception):
+    """No new request starts: the budget is reached or the run was interrupted (SIGINT/SIGTERM).
+    Requests in flight finish and are cached first."""
+
+
+class AdaptiveLimit:
+    """An in-flight limit that halves on a 429 and climbs back by one every ``limit`` successes."""
+
+    def __init__(self, ceiling: int):
+        self.ceiling = self.limit = ceiling
+        self.in_flight = 0
+        self.resume_at = 0.0
+        self._successes = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            while True:
+                pause = self.resume_at - time.monotonic()
+                if pause > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), pause)
+                elif self.in_flight < self.limit:
+                    self.in_flight += 1
+                    return
+                else:
+                    await self._changed.wait()
+
+    async def release(self, outcome: str, retry_after: float = 0.0) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            now = time.monotonic()
+            if outcome == "rate_limited":
+                if now >= self.resume_at:  # one halving per burst of 429s, not one per request in it
+                    self.limit = max(1, self.limit // 2)
+                self.resume_at = max(self.resume_at, now + retry_after)
+                self._successes = 0
+            elif outcome == "ok":
+                self._successes += 1
+                if self._successes >= self.limit and self.limit < self.ceiling:
+                    self.limit += 1
+                    self._successes = 0
+            # Wake only as many waiters as there are free slots: waking all of a long queue on
+            # every answer cost more CPU than the requests themselves.
+            self._changed.notify(max(1, self.limit - self.in_flight))
+
+
+class RateWindow:
+    """Requests and tokens per minute over a sliding 60 s window."""
+
+    def __init__(self, rpm: int | None, tpm: int | None):
+        self.rpm, self.tpm = rpm, tpm
+        self._entries: deque[list[float]] = deque()  # [time, tokens]
+        self._lock = asyncio.Lock()
+
+    async def reserve(self, tokens: int) -> list[float] | None:
+        if self.rpm is None and self.tpm is None:
+            return None
+        tokens = min(tokens, self.tpm or tokens)  # one request larger than the window still goes, alone
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._entries and self._entries[0][0] <= now - 60:
+                    self._entries.popleft()
+                used = sum(e[1] for e in self._entries)
+                if (self.rpm is None or len(self._entries) < self.rpm) and (
+                    self.tpm is None or used + tokens <= self.tpm
+                ):
+                    entry = [now, float(tokens)]
+                    self._entries.append(entry)
+                    return entry
+                await asyncio.sleep(max(0.01, self._entries[0][0] + 60 - now))
+
+    @staticmethod
+    def settle(entry: list[float] | None, tokens_used: int) -> None:
+        if entry is not None:
+            entry[1] = float(tokens_used)  # give back the unused part of the reservation
+
+
+def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    """About four characters a token (the common rule of thumb) plus a few per message."""
+    return sum(len(m.get("content") or "") // 4 + 4 for m in messages)
+
+
+def _retry_after(error: Exception) -> float | None:
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    if "retry-after-ms" in headers:
+        return float(headers["retry-after-ms"]) / 1000
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time())
+
+
+@dataclass
+class Usage:
+    """What this run spent and did, for progress, stats and the budget."""
+
+    sent: int = 0
+    answered: int = 0
+    cache_hits: int = 0
+    failed: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    reserved_cost: float = 0.0
+    reserved_tokens: int = 0
+
+
+class TeacherEngine:
+    """Sends requests to the configured teachers; use as ``async with TeacherEngine(...) as engine``."""
+
+    def __init__(self, teachers: list[TeacherConfig], cache: RequestCache, store=None,
+                 budget: BudgetConfig | None = None):  # fmt: skip
+        labels = [t.label for t in teachers]
+        if len(set(labels)) != len(labels):
+            raise DistilleryError(f"teachers need distinct names, got {labels}; set 'name' on each")
+        self.teachers = {t.label: t for t in teachers}
+        self.cache = cache
+        self.store = store
+        self.budget = budget or BudgetConfig()
+        self.usage = Usage()
+        self.endpoints: dict[str, str] = {}
+        self._clients: dict[str, Any] = {}
+        self._limits: dict[str, AdaptiveLimit] = {}
+        self._windows: dict[str, RateWindow] = {}
+        self._servers: list[Any] = []
+        self._rng = random.Random(0)
+        self.stopped: str | None = None
+        """Why no new request may start (``budget`` or ``interrupted``), once that happens."""
+        self.on_progress = lambda: None
+
+    # ------------------------------------------------------------------ set-up
+
+    def endpoint_of(self, teacher: TeacherConfig) -> str:
+        """The endpoint identity in request keys: stable across runs (a served checkpoint by its id)."""
+        if teacher.serve is not None:
+            return f"serve:{self.store.resolve(teacher.serve, kind='run').id}"
+        return teacher.base_url.rstrip("/")
+
+    def model_of(self, teacher: TeacherConfig) -> str:
+        return teacher.model or teacher.serve
+
+    async def __aenter__(self) -> TeacherEngine:
+        import openai
+
+        for label, teacher in self.teachers.items():
+            self.endpoints[label] = self.endpoint_of(teacher)
+            base_url = teacher.base_url
+            if teacher.serve is not None:
+                from synth.serve import start_server
+
+                server = start_server(teacher.serve, store=self.store, max_batch=teacher.serve_max_batch)
+                self._servers.append(server)
+                base_url = server.url
+            key = "unused"
+            if teacher.api_key_env:
+                key = os.environ.get(teacher.api_key_env, "")
+                if not key:
+                    raise DistilleryError(
+                        f"teacher {label}: environment variable {teacher.api_key_env} is not set; export the API key there"
+                    )
+            # The engine retries itself (and counts attempts): the client's own retries are off.
+            # aiohttp as the transport: the default one spent ~8 ms of CPU per request at 64 in flight
+            # (benchmarks/synth), capping a run near 130 requests/s whatever the endpoint could do.
+            self._clients[label] = openai.AsyncOpenAI(
+                base_url=base_url, api_key=key, max_retries=0, timeout=teacher.timeout,
+                http_client=openai.DefaultAioHttpClient(timeout=teacher.timeout),
+            )  # fmt: skip
+            self._limits[label] = AdaptiveLimit(teacher.max_concurrency)
+            self._windows[label] = RateWindow(teacher.requests_per_minute, teacher.tokens_per_minute)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for client in self._clients.values():
+            await client.close()
+        for server in self._servers:
+            server.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def request(
+        self, teacher: str, messages: list[dict[str, str]], sampling: SamplingConfig, sample_index: int = 0
+    ) -> Request:
+        if teacher not in self.teachers:
+            raise DistilleryError(
+                f"no teacher named {teacher!r}; the recipe declares {sorted(self.teachers)}"
+            )
+        t = self.teachers[teacher]
+        params = sampling.resolved()
+        key = request_key(self.endpoint_of(t), self.model_of(t), messages, params, sample_index)
+        return Request(teacher, messages, params, sample_index, key)
+
+    def estimate(self, requests: list[Request]) -> tuple[float, int]:
+        """(cost, tokens) of the requests not in the cache, at most (every answer ``max_tokens`` long)."""
+        cached = self.cache.get_many([r.key for r in requests])
+        cost, tokens = 0.0, 0
+        for r in requests:
+            if r.key in cached:
+                continue
+            t = self.teachers[r.teacher]
+            prompt = estimate_prompt_tokens(r.messages)
+            cost += (prompt * t.price_input + r.sampling["max_tokens"] * t.price_output) / 1e6
+            tokens += prompt + r.sampling["max_tokens"]
+        return cost, tokens
+
+    async def ask(self, requests: list[Request]) -> list[Answer]:
+        """Answers in request order: from the cache, else from the teacher.
+
+        At the budget cap, or once ``stop()`` was called, no new request starts; those in flight
+        finish (and are cached), then ``RunStopped`` is raised.
+        """
+        cached = self.cache.get_many([r.key for r in requests])
+        results = await asyncio.gather(
+            *(self._one(r, cached.get(r.key)) for r in requests), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
+    def _base(self, r: Request) -> Answer:
+        sent = dict(r.sampling)
+        if sent.get("seed") is not None:
+            sent["seed"] += r.sample_index  # as sent: sample k of a prompt uses seed + k
+        return Answer(key=r.key, teacher=r.teacher, endpoint=self.endpoints[r.teacher], sampling=sent)
+
+    async def _one(self, r: Request, cached: dict[str, Any] | None) -> Answer:
+        if cached is not None:
+            self.usage.cache_hits += 1
+            self.on_progress()
+            return Answer(**(cached | {"cache_hit": True, "key": r.key, "teacher": r.teacher,
+                                       "endpoint": self.endpoints[r.teacher]}))  # fmt: skip
+        t = self.teachers[r.teacher]
+        prompt_estimate = estimate_prompt_tokens(r.messages)
+        limit, window = self._limits[r.teacher], self._windows[r.teacher]
+        answer = self._base(r)
+        error, attempt = "no attempt made", 0
+        while attempt < t.max_attempts:
+            attempt += 1
+            entry = await window.reserve(prompt_estimate + r.sampling["max_tokens"])
+            await limit.acquire()
+            try:  # checked last, right before sending: a stop or the cap may have come while waiting
+                reserved = self._reserve(t, prompt_estimate, r.sampling["max_tokens"])
+            except RunStopped:
+                RateWindow.settle(entry, 0)
+                await limit.release("cancelled")
+                raise
+            outcome, pause = "error", 0.0
+            try:
+                self.usage.sent += 1
+                answer = self._read(t, r, await self._send(t, r), attempt)
+                outcome = "ok"
+            except Exception as e:  # sorted by _classify: which failures are worth another attempt
+                outcome, pause, error = self._classify(e, t, attempt)
+            finally:
+                self._unreserve(reserved)
+                RateWindow.settle(
+                    entry, answer.prompt_tokens + answer.completion_tokens if outcome == "ok" else 0
+                )
+                await limit.release(outcome, pause)
+            if outcome == "ok":
+                self._spend(answer)
+                self.cache.put(r.key, self._cacheable(answer))
+                self.on_progress()
+                return answer
+            if outcome == "fatal":
+                break
+            if attempt < t.max_attempts:
+                self.usage.retries += 1
+                if outcome != "rate_limited":  # after a 429 the limiter itself waits for Retry-After
+                    await asyncio.sleep(pause)
+        self.usage.failed += 1
+        self.on_progress()
+        answer = self._base(r)
+        answer.error, answer.attempts = error, attempt
+        return answer
+
+    def stop(self, reason: str = "interrupted") -> None:
+        """Start no new request (a signal handler calls this); those in flight finish and are cached."""
+        self.stopped = self.stopped or reason
+
+    async def _send(self, t: TeacherConfig, r: Request) -> Any:
+        s = r.sampling
+        kwargs: dict[str, Any] = {"model": self.model_of(t), "messages": r.messages, "max_tokens": s["max_tokens"],
+                                  "temperature": s["temperature"], "top_p": s["top_p"]}  # fmt: skip
+        if s.get("seed") is not None:
+            kwargs["seed"] = s["seed"] + r.sample_index  # sample k of a prompt: its own seed
+        # client.post with a plain body, not chat.completions.create: the latter re-validates the
+        # parameters through typed dicts, about 1 ms of CPU per request (benchmarks/synth).
+        from openai.types.chat import ChatCompletion
+
+        return await self._clients[r.teacher].post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
+
+    def _read(self, t: TeacherConfig, r: Request, response: Any, attempt: int) -> Answer:
+        if not getattr(response, "choices", None):
+            raise ValueError("response without choices")
+        choice = response.choices[0]
+        usage = response.usage
+        prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+        completion = int(getattr(usage, "completion_tokens", 0) or 0)
+        answer = self._base(r)
+        answer.content = choice.message.content or ""
+        answer.finish_reason = choice.finish_reason
+        answer.prompt_tokens, answer.completion_tokens = prompt, completion
+        answer.cost = (prompt * t.price_input + completion * t.price_output) / 1e6
+        answer.served_model = getattr(response, "model", None)
+        answer.system_fingerprint = getattr(response, "system_fingerprint", None)
+        answer.attempts = attempt
+        return answer
+
+    def _classify(self, error: Exception, t: TeacherConfig, attempt: int) -> tuple[str, float, str]:
+        """(``rate_limited``, ``retry`` or ``fatal``; seconds to wait first; the error as one line)."""
+        import openai
+
+        backoff = self._rng.uniform(0, min(60.0, t.backoff * 2 ** (attempt - 1)))  # full jitter
+        if isinstance(error, openai.RateLimitError):
+            self.usage.rate_limited += 1
+            wait = _retry_after(error)
+            return (
+                "rate_limited",
+                backoff if wait is None else wait + self._rng.uniform(0, 0.1),
+                "HTTP 429 (rate limited)",
+            )
+        if isinstance(error, openai.APITimeoutError) and not isinstance(
+            error.__cause__, ConnectionError | OSError
+        ):
+            cause = error.__cause__
+            # The aiohttp transport reports a refused connection as a connect "timeout": say what it was.
+            if (
+                cause is not None
+                and "connect" in type(cause).__name__.lower()
+                and "timed out" not in str(cause)
+            ):
+                return "retry", backoff, f"connection failed: {str(cause)[:200]}"
+            return "retry", backoff, f"timed out after {t.timeout:g} s"
+        if isinstance(error, openai.APIConnectionError):
+            return "retry", backoff, f"connection failed: {error}"
+        if isinstance(error, openai.APIStatusError):
+            status = error.status_code
+            kind = "retry" if status >= 500 or status in (408, 409) else "fatal"
+            return kind, backoff, f"HTTP {status}: {str(error.message)[:300]}"
+        if isinstance(
+            error,
+            (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, AttributeError, TypeError),
+        ):
+            return "retry", backoff, f"malformed response: {str(error)[:200]}"
+        raise error  # a bug here, not the endpoint's failure
+
+    # ------------------------------------------------------------------ budget
+
+    def _reserve(self, t: TeacherConfig, prompt: int, max_tokens: int) -> tuple[float, int]:
+        cost = (prompt * t.price_input + max_tokens * t.price_output) / 1e6
+        tokens = prompt + max_tokens
+        u, b = self.usage, self.budget
+        over_cost = b.max_cost is not None and u.cost + u.reserved_cost + cost > b.max_cost
+        over_tokens = (
+            b.max_tokens is not None
+            and u.prompt_tokens + u.completion_tokens + u.reserved_tokens + tokens > b.max_tokens
+        )
+        if over_cost or over_tokens:
+            self.stopped = self.stopped or "budget"
+        if self.stopped:
+            raise RunStopped(self.stopped)
+        u.reserved_cost += cost
+        u.reserved_tokens += tokens
+        return cost, tokens
+
+    def _unreserve(self, reserved: tuple[float, int]) -> None:
+        self.usage.reserved_cost -= reserved[0]
+        self.usage.reserved_tokens -= reserved[1]
+
+    def _spend(self, answer: Answer) -> None:
+        u = self.usage
+        u.answered += 1
+        u.prompt_tokens += answer.prompt_tokens
+        u.completion_tokens += answer.completion_tokens
+        u.cost += answer.cost
+
+    @staticmethod
+    def _cacheable(answer: Answer) -> dict[str, Any]:
+        data = asdict(answer)
+        for transient in ("cache_hit", "key", "teacher", "endpoint"):
+            data.pop(transient)
+        return data

@@ -1,0 +1,272 @@
+"""Running a synth task: dataset rows in, teacher requests through the engine, rows out.
+
+A task (``synth/generate.py`` and its siblings) is a small class that turns one input row into
+requests and the answers into output rows; everything else is here, written once: reading and
+checking the input, the engine and its cache, the cost estimate and the budget, progress, the
+per-row lineage columns, splits by prompt, the ledger of what was dropped, and publishing.
+
+Every output row carries ``requests``: one entry per teacher request it was made from::
+
+    {"key": "9c41…", "teacher": "smollm2", "endpoint": "serve:0f348e65…", "served_model": "smollm2-135m-instruct",
+     "system_fingerprint": "fp_0f348e65c684", "sampling": "{\\"max_tokens\\":48,…}", "seed": 0, "attempts": 1,
+     "finish_reason": "stop", "prompt_tokens": 161, "completion_tokens": 31, "cost": 0.0, "cache_hit": false}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
+
+from manifests.console import make_console
+from manifests.data import read_table, require_columns
+from manifests.errors import DistilleryError, RunFailed
+from manifests.hashing import canonical_json, record_id
+from manifests.publish import Publisher
+from manifests.recipes import Name, RecipeConfig
+from manifests.records import assign_splits
+from manifests.schema import Manifest
+from manifests.store import Store
+from synth.cache import RequestCache
+from synth.engine import (
+    Answer,
+    BudgetConfig,
+    Request,
+    RunStopped,
+    SamplingConfig,
+    TeacherConfig,
+    TeacherEngine,
+)
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+LINEAGE = pa.struct(
+    [("key", pa.string()), ("teacher", pa.string()), ("endpoint", pa.string()), ("served_model", pa.string()),
+     ("system_fingerprint", pa.string()), ("sampling", pa.string()), ("seed", pa.int64()), ("attempts", pa.int32()),
+     ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+     ("cost", pa.float64()), ("cache_hit", pa.bool_())]
+)  # fmt: skip
+COMMON = [("id", pa.string()), ("parents", pa.list_(pa.string()))]
+TRAILING = [("requests", pa.list_(LINEAGE)), ("verdict", pa.string())]
+CACHE_FILE = "cache/synth.sqlite"
+
+
+class SynthConfig(RecipeConfig):
+    """What every synth task shares: input, teachers, sampling, budget, splits."""
+
+    name: Name
+    """Name of the output dataset."""
+    input: str
+    """Reference of the input dataset."""
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    """One or more teachers (OpenAI-compatible endpoints, or store checkpoints served for the run)."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    limit: int | None = Field(default=None, ge=1)
+    """Use at most this many input rows (the first by record id: a deterministic pick)."""
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 1.0})
+    """Split shares (e.g. ``{train: 0.8, test: 0.2}``), decided per prompt so that a prompt's rows stay together."""
+    seed: int = 0
+    """Seed of the split assignment."""
+    rows_in_flight: int = Field(default=256, ge=1)
+    """Input rows worked on at once (bounds memory; the teachers' concurrency limits requests)."""
+
+    @field_validator("splits")
+    @classmethod
+    def _sums_to_one(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(x < 0 for x in v.values()) or not math.isclose(sum(v.values()), 1.0, abs_tol=1e-6):
+            raise ValueError("split shares must be non-negative and sum to 1")
+        return v
+
+
+@dataclass
+class Output:
+    """One output row: the task's own columns, the answers it was made from, its split group."""
+
+    columns: dict[str, Any]
+    answers: list[Answer]
+    parents: list[str]
+    group: str
+    verdict: str | None = None
+
+
+@dataclass
+class Dropped:
+    """An input row (or one of its samples) that gave no output row, and why."""
+
+    parent: str
+    reason: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    answers: list[Answer] = field(default_factory=list)
+
+
+class SynthTask:
+    """Turns one input row into requests and their answers into ``Output`` rows (or ``Dropped``)."""
+
+    stage: ClassVar[str]
+    required: ClassVar[list[str]] = ["id"]
+    """Input columns the task reads."""
+    columns: ClassVar[list[tuple[str, pa.DataType]]] = []
+    """The task's own output columns (between ``id, parents`` and ``requests, verdict``)."""
+
+    def __init__(self, cfg: SynthConfig, engine: TeacherEngine):
+        self.cfg, self.engine = cfg, engine
+
+    def first_requests(self, row: dict[str, Any]) -> list[Request]:
+        """The requests a row starts with (for the cost estimate before the run)."""
+        return []
+
+    async def run(self, row: dict[str, Any]) -> list[Output | Dropped]:
+        raise NotImplementedError
+
+    @classmethod
+    def schema(cls) -> pa.Schema:
+        return pa.schema(COMMON + cls.columns + TRAILING)
+
+
+def lineage(answer: Answer) -> dict[str, Any]:
+    seed = answer.sampling.get("seed")
+    return {"key": answer.key, "teacher": answer.teacher, "endpoint": answer.endpoint,
+            "served_model": answer.served_model, "system_fingerprint": answer.system_fingerprint,
+            "sampling": canonical_json(answer.sampling), "seed": seed, "attempts": answer.attempts,
+            "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens, "cost": answer.cost, "cache_hit": answer.cache_hit}  # fmt: skip
+
+
+def _progress_text(engine: TeacherEngine, started: float, done: int, total: int) -> str:
+    u = engine.usage
+    elapsed = max(time.monotonic() - started, 1e-9)
+    projected = u.cost / done * total if done else 0.0
+    return (f"{u.answered / elapsed:.1f} req/s  {u.completion_tokens / elapsed:.0f} tok/s  "
+            f"cost {u.cost:.4f} (projected {projected:.4f})  cached {u.cache_hits}  retries {u.retries}  failed {u.failed}")  # fmt: skip
+
+
+async def _run_rows(
+    task_cls: type[SynthTask], cfg: SynthConfig, store: Store, rows: list[dict], cache: RequestCache
+):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = make_console()
+    async with TeacherEngine(cfg.teachers, cache, store, cfg.budget) as engine:
+        task = task_cls(cfg, engine)
+        cost, tokens = engine.estimate([r for row in rows for r in task.first_requests(row)])
+        console.print(f"{task_cls.stage}: {len(rows)} input rows; first requests not yet cached cost at most "
+                      f"{cost:.4f} ({tokens} tokens, every answer at max_tokens)")  # fmt: skip
+        if cfg.budget.max_cost is not None and cost > cfg.budget.max_cost:
+            console.print(
+                f"[yellow]the estimate passes budget.max_cost ({cfg.budget.max_cost}): the run may stop there"
+            )
+        limit = asyncio.Semaphore(cfg.rows_in_flight)
+        started, done = time.monotonic(), 0
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn()]  # fmt: skip
+        with Progress(*columns, console=console, transient=True) as progress:
+            bar = progress.add_task(task_cls.stage, total=len(rows), info="")
+
+            def refresh() -> None:
+                progress.update(bar, completed=done, info=_progress_text(engine, started, done, len(rows)))
+
+            engine.on_progress = refresh
+
+            async def one(row: dict) -> list[Output | Dropped]:
+                nonlocal done
+                async with limit:
+                    result = await task.run(row)
+                done += 1
+                refresh()
+                return result
+
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, engine.stop)
+            try:
+                results = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+        for result in results:
+            if isinstance(result, RunStopped):
+                u = engine.usage
+                what = (
+                    "budget reached" if engine.stopped == "budget" else "interrupted"
+                ) + f" after {u.answered} answers"
+                fix = (
+                    "raise 'budget' and run again"
+                    if engine.stopped == "budget"
+                    else "run the same command again"
+                )
+                raise RunFailed(
+                    f"{cfg.name}: {what} (cost {u.cost:.4f}, {u.prompt_tokens + u.completion_tokens} tokens); every "
+                    f"answer so far is cached in {cache.path} -- {fix} to continue without paying twice",
+                    exit_code=1 if engine.stopped == "budget" else 130,
+                )
+            if isinstance(result, BaseException):
+                raise result
+        return results, engine.usage
+
+
+def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Manifest:
+    """Read the input, run the task over every row through the engine, publish rows + ledger."""
+    source = store.resolve(cfg.input, kind="dataset")
+    require_columns(source, task_cls.required, f"{task_cls.stage} input")
+    table = read_table(source, columns=task_cls.required)
+    table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+    if cfg.limit:
+        table = table.slice(0, cfg.limit)
+    if table.num_rows == 0:
+        raise DistilleryError(f"dataset {source.ref} has no rows to make prompts from")
+    served = [store.resolve(t.serve, kind="run") for t in cfg.teachers if t.serve is not None]
+    cache = RequestCache(store.root / CACHE_FILE)
+    try:
+        results, usage = asyncio.run(_run_rows(task_cls, cfg, store, table.to_pylist(), cache))
+    finally:
+        cache.close()
+    outputs = [o for result in results for o in result if isinstance(o, Output)]
+    dropped = [o for result in results for o in result if isinstance(o, Dropped)]
+    if not outputs:
+        reasons = sorted({f"{d.reason}: {d.detail.get('error', '')}".rstrip(": ") for d in dropped})
+        raise RunFailed(
+            f"{cfg.name}: no output row from {table.num_rows} input rows ({'; '.join(reasons[:3])})"
+        )
+    schema = task_cls.schema()
+    rows = []
+    for o in outputs:
+        rid = record_id(task_cls.stage, *o.parents, *(a.key for a in o.answers), canonical_json(o.columns))
+        rows.append({"id": rid, "parents": o.parents, **o.columns, "requests": [lineage(a) for a in o.answers],
+                     "verdict": o.verdict, "_group": o.group})  # fmt: skip
+    groups = sorted({r["_group"] for r in rows})
+    split_of = dict(zip(groups, assign_splits(groups, cfg.splits, cfg.seed), strict=True))
+    by_split: dict[str, list[dict]] = {}
+    for r in rows:
+        by_split.setdefault(split_of[r.pop("_group")], []).append(r)
+    recipe = cfg.resolved() | {"input": source.id}
+    with Publisher(store, kind="dataset", name=cfg.name, stage=task_cls.stage, recipe=recipe,
+                   parents=[source, *served], parent_roles={m.id: "teacher" for m in served}, seed=cfg.seed) as pub:  # fmt: skip
+        for split, split_rows in sorted(by_split.items()):
+            pub.write_table(pa.Table.from_pylist(split_rows, schema=schema), split=split)
+        pub.write_ledger(
+            [{"id": d.parent, "step": task_cls.stage, "action": "drop", "reason": d.reason, "score": None,
+              "detail": canonical_json(d.detail | {"requests": [a.key for a in d.answers]})} for d in dropped],
+            step=task_cls.stage,
+        )  # fmt: skip
+        answers = [a for o in outputs for a in o.answers]
+        stats = {
+            "input_rows": table.num_rows,
+            "rows_out": len(rows),
+            "rows_per_split": {k: len(v) for k, v in sorted(by_split.items())},
+            "dropped": dict(sorted(Counter(d.reason for d in dropped).items())),
+            "requests": {"sent": usage.sent, "answered": usage.answered, "cache_hits": usage.cache_hits,
+                         "failed": usage.failed, "retries": usage.retries, "rate_limited": usage.rate_limited},
+            "tokens_this_run": {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens},
+            "cost_this_run": round(usage.cost, 6),
+            "cost_of_rows": round(sum(a.cost for a in answers), 6),
+            "finish_reasons": dict(sorted(Counter(str(a.finish_reason) for a in answers).items())),
+        }  # fmt: skip
+        return pub.publish(stats=stats, arrow_schema=schema)

@@ -1,0 +1,274 @@
+"""The teacher engine against ``distillery serve`` on loopback: faults, cache, resume, budget."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from manifests.data import read_table
+from manifests.store import Store
+from synth.serve import start_server
+
+from .conftest import ROOT, assert_one_line_error, corpus_recipe, docs, write_jsonl, write_recipe
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture
+def corpus(cli, tmp_path, store) -> int:
+    """A 30-document dataset ``c`` to make prompts from."""
+    source = write_jsonl(tmp_path / "docs.jsonl", docs(30))
+    assert cli("--store", store.root, "corpus", "build", corpus_recipe(tmp_path, source)).code == 0
+    return read_table(store.resolve("c")).num_rows
+
+
+def _recipe(tmp_path: Path, url: str, name: str = "s", teacher: str = "", extra: str = "") -> Path:
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        f"stage: synth.generate\nname: {name}\ninput: c\nprompt_template: 'Say: {{text}}'\n"
+        f"teachers: [{{model: echo, base_url: '{url}', max_concurrency: 8, backoff: 0.05{teacher}}}]\n"
+        f"sampling: {{max_tokens: 6}}\n{extra}",
+    )
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _answered_twice(log: list[dict]) -> list[str]:
+    # "slow-answered" is an answer the server wrote after the client's timeout: the client had given
+    # up on it (and retried), so it never received it. Only answers a client received count.
+    answered = Counter(e["key"] for e in log if e["outcome"] == "answered")
+    return [k for k, n in answered.items() if n > 1]
+
+
+def _rows(store: Store, name: str = "s") -> list[dict]:
+    return read_table(store.resolve(name)).to_pylist()
+
+
+def test_every_row_exactly_once_through_429s_500s_malformed_and_timeouts(cli, tmp_path, store, corpus):
+    log = tmp_path / "requests.jsonl"
+    # 35% of requests fail one way or another; with 10 attempts a request fails for good at odds of 3e-5.
+    faults = {"fault_429": 0.15, "retry_after": 0, "fault_500": 0.1, "fault_malformed": 0.05, "fault_slow": 0.05,
+              "slow_seconds": 1.5, "request_log": log}  # fmt: skip
+    with start_server("echo", **faults) as server:
+        result = cli(
+            "--store",
+            store.root,
+            "synth",
+            "generate",
+            _recipe(
+                tmp_path,
+                server.url,
+                teacher=", timeout: 0.5, max_attempts: 10",
+                extra="samples_per_prompt: 3\n",
+            ),
+        )
+    assert result.code == 0, result.err
+    rows = _rows(store)
+    assert len(rows) == 3 * corpus and len({(r["parents"][0], r["sample_index"]) for r in rows}) == 3 * corpus
+    outcomes = Counter(e["outcome"] for e in _log(log))
+    assert outcomes["429"] and outcomes["500"] and outcomes["malformed"] and outcomes["slow-answered"]
+    assert not _answered_twice(_log(log)), "a request was answered twice"
+    stats = store.resolve("s").stats["requests"]
+    assert stats["answered"] == 3 * corpus and stats["retries"] >= outcomes["429"] + outcomes["500"]
+    attempts = [r["requests"][0]["attempts"] for r in rows]
+    assert max(attempts) > 1 and all(r["requests"][0]["served_model"] == "echo" for r in rows)
+    for row in rows:  # the answer belongs to its own prompt (the echo teacher repeats the prompt's words)
+        assert row["messages"][-1]["content"].split()[0] in row["messages"][0]["content"]
+
+
+def test_a_rerun_pays_for_nothing_and_a_new_prompt_only_for_itself(cli, tmp_path, store, corpus):
+    log = tmp_path / "requests.jsonl"
+    with start_server("echo", request_log=log) as server:
+        assert (
+            cli(
+                "--store", store.root, "synth", "generate", _recipe(tmp_path, server.url, extra="limit: 20\n")
+            ).code
+            == 0
+        )
+        first = store.resolve("s")
+        assert len(_log(log)) == 20
+        assert (
+            cli(
+                "--store", store.root, "synth", "generate", _recipe(tmp_path, server.url, extra="limit: 20\n")
+            ).code
+            == 0
+        )
+        assert len(_log(log)) == 20  # nothing re-sent
+        result = cli(
+            "--store", store.root, "synth", "generate", _recipe(tmp_path, server.url, extra="limit: 21\n")
+        )
+        assert result.code == 0, result.err
+    assert len(_log(log)) == 21 and not _answered_twice(_log(log))
+    again = store.resolve("s")
+    assert again.stats["requests"]["cache_hits"] == 20 and again.stats["requests"]["sent"] == 1
+    assert first.stats["requests"]["sent"] == 20
+    hits = [r["requests"][0]["cache_hit"] for r in _rows(store)]
+    assert hits.count(True) == 20 and hits.count(False) == 1
+
+
+def test_interrupted_run_finishes_in_flight_requests_and_resumes_without_paying_twice(
+    cli, tmp_path, store, corpus
+):
+    log = tmp_path / "requests.jsonl"
+    with start_server("echo", request_log=log, latency_ms=150) as server:
+        recipe = _recipe(tmp_path, server.url, teacher=", max_concurrency: 3")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "manifests.cli", "--store", str(store.root), "synth", "generate", str(recipe)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while len(_log(log)) < 8 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "interrupted after" in err and "Traceback" not in err
+        assert store.list(kind="dataset") == [store.resolve("c")]  # nothing half-published
+        before = len(_log(log))
+        assert 8 <= before < corpus
+        result = cli("--store", store.root, "synth", "generate", recipe)
+        assert result.code == 0, result.err
+    log_rows = _log(log)
+    assert not _answered_twice(log_rows), "an in-flight request was dropped and sent again"
+    assert len(log_rows) == corpus and len(_rows(store)) == corpus
+
+
+def test_sigkill_midway_then_resume_loses_nothing(cli, tmp_path, store, corpus):
+    log = tmp_path / "requests.jsonl"
+    with start_server("echo", request_log=log, latency_ms=100) as server:
+        recipe = _recipe(tmp_path, server.url, teacher=", max_concurrency: 2")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "manifests.cli", "--store", str(store.root), "synth", "generate", str(recipe)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while len(_log(log)) < 6 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        killed_at = len(_log(log))
+        assert cli("--store", store.root, "synth", "generate", recipe).code == 0
+    rows, log_rows = _rows(store), _log(log)
+    assert len(rows) == len({r["id"] for r in rows}) == corpus
+    # Only what was in flight at the kill (at most max_concurrency) can have been answered twice.
+    assert len(_answered_twice(log_rows)) <= 2 and len(log_rows) <= corpus + 2
+    assert killed_at >= 6
+
+
+def test_budget_stops_cleanly_and_a_larger_budget_continues(cli, tmp_path, store, corpus):
+    log = tmp_path / "requests.jsonl"
+    prices = ", price_input: 1000, price_output: 1000"
+    with start_server("echo", request_log=log) as server:
+        tight = _recipe(
+            tmp_path, server.url, teacher=prices + ", max_concurrency: 1", extra="budget: {max_cost: 0.1}\n"
+        )
+        result = cli("--store", store.root, "synth", "generate", tight)
+        assert_one_line_error(result, code=1)
+        assert "budget reached after" in result.err and "cached" in result.err
+        spent = len(_log(log))
+        assert 0 < spent < corpus and store.list(kind="dataset") == [store.resolve("c")]
+        loose = _recipe(tmp_path, server.url, name="s", teacher=prices, extra="budget: {max_cost: 100}\n")
+        assert cli("--store", store.root, "synth", "generate", loose).code == 0
+    assert len(_log(log)) == corpus and not _answered_twice(_log(log))
+    costs = [r["requests"][0]["cost"] for r in _rows(store)]
+    assert all(c > 0 for c in costs) and store.resolve("s").stats["cost_this_run"] < sum(costs)
+
+
+def test_a_request_that_keeps_failing_is_one_clear_error_not_a_loop(cli, tmp_path, store, corpus):
+    log = tmp_path / "requests.jsonl"
+    with start_server("echo", request_log=log, fault_500=1.0) as server:
+        result = cli("--store", store.root, "synth", "generate",
+                     _recipe(tmp_path, server.url, teacher=", max_attempts: 3", extra="limit: 4\n"))  # fmt: skip
+    assert_one_line_error(result, code=1)
+    assert "request_failed" in result.err and "HTTP 500" in result.err
+    assert len(_log(log)) == 4 * 3  # every request tried exactly max_attempts times
+
+
+def test_some_failures_are_ledgered_and_the_rest_published(cli, tmp_path, store, corpus):
+    with start_server("echo", fault_500=0.5, fault_seed=3) as server:
+        result = cli("--store", store.root, "synth", "generate",
+                     _recipe(tmp_path, server.url, teacher=", max_attempts: 1"))  # fmt: skip
+    assert result.code == 0, result.err
+    m = store.resolve("s")
+    dropped = pq.read_table(m.location / "ledger" / "synth.generate.parquet").to_pylist()
+    assert dropped and all(d["reason"] == "request_failed" and "HTTP 500" in d["detail"] for d in dropped)
+    assert len(dropped) + m.stats["rows_out"] == corpus
+
+
+def test_a_client_error_is_not_retried(cli, tmp_path, store, corpus):
+    log = tmp_path / "requests.jsonl"
+    with start_server("echo", request_log=log) as server:
+        recipe = (
+            _recipe(tmp_path, server.url, extra="limit: 2\n")
+            .read_text()
+            .replace("model: echo", "model: other")
+        )
+        result = cli(
+            "--store", store.root, "synth", "generate", write_recipe(tmp_path / "wrong.yaml", recipe)
+        )
+    assert_one_line_error(result, code=1)
+    assert "HTTP 404" in result.err and len(_log(log)) == 2
+
+
+def test_missing_api_key_variable_is_named(cli, tmp_path, store, corpus, monkeypatch):
+    monkeypatch.delenv("DISTILLERY_TEST_KEY", raising=False)
+    recipe = _recipe(tmp_path, "http://127.0.0.1:9/v1", teacher=", api_key_env: DISTILLERY_TEST_KEY")
+    result = cli("--store", store.root, "synth", "generate", recipe)
+    assert_one_line_error(result)
+    assert "DISTILLERY_TEST_KEY is not set" in result.err
+
+
+def test_an_unreachable_endpoint_fails_after_bounded_attempts(cli, tmp_path, store, corpus):
+    recipe = _recipe(tmp_path, "http://127.0.0.1:9/v1", teacher=", max_attempts: 2", extra="limit: 2\n")
+    started = time.time()
+    result = cli("--store", store.root, "synth", "generate", recipe)
+    assert_one_line_error(result, code=1)
+    assert "connection failed" in result.err and time.time() - started < 30
+
+
+def test_adaptive_limit_halves_on_429_and_climbs_back():
+    from synth.engine import AdaptiveLimit
+
+    async def scenario() -> tuple[int, float, int]:
+        limit = AdaptiveLimit(8)
+        for _ in range(3):
+            await limit.acquire()
+        await limit.release("rate_limited", 0.2)
+        await limit.release("rate_limited", 0.2)  # the same burst: one halving
+        halved = limit.limit
+        started = time.monotonic()
+        await limit.acquire()  # waits out Retry-After
+        waited = time.monotonic() - started
+        await limit.release("ok")
+        await limit.release("ok")
+        for _ in range(40):
+            await limit.acquire()
+            await limit.release("ok")
+        return halved, waited, limit.limit
+
+    halved, waited, climbed = asyncio.run(scenario())
+    assert halved == 4 and waited >= 0.15 and climbed == 8
+
+
+def test_rate_window_gives_back_unused_tokens():
+    from synth.engine import RateWindow
+
+    async def scenario() -> float:
+        window = RateWindow(rpm=None, tpm=100)
+        first = await window.reserve(80)
+        RateWindow.settle(first, 10)  # the answer was short: 70 tokens come back
+        started = time.monotonic()
+        await window.reserve(80)  # fits now, no wait for the window to slide
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 0.5
