@@ -23,6 +23,7 @@ STAGES = {
     "corpus.dedup-index": "corpus.dedup_index:run_build_index",
     "corpus.train-classifier": "corpus.classifier:run_train",
     "synth.generate": "synth.generate:run_recipe",
+    "synth.preferences": "synth.preferences:run_recipe",
     "train": "train.sft:run_recipe",
     "train.import-model": "train.models:run_import",
     "train.make-student": "train.models:run_make_student",

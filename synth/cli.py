@@ -19,3 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as a chat dataset whose rows name their parent records.",
         example="distillery synth generate examples/recipes/demo-synth.yaml",
     )  # fmt: skip
+    add_recipe_verb(
+        verbs, "preferences", expect="synth", help_="run a synth.preferences recipe (chosen/rejected pairs)",
+        description="Have teachers write candidate answers per prompt, score them (an LLM judge asked in\n"
+        "both orders, a reward model, or a verifier) and publish chosen/rejected pairs for DPO.",
+        example="distillery synth preferences examples/recipes/synth-preferences.yaml",
+    )  # fmt: skip

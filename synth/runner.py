@@ -127,6 +127,11 @@ class SynthTask:
         raise NotImplementedError
 
     @classmethod
+    def input_columns(cls, cfg: SynthConfig) -> list[str]:
+        """The input columns to read (``required``, unless the recipe names them)."""
+        return cls.required
+
+    @classmethod
     def schema(cls) -> pa.Schema:
         return pa.schema(COMMON + cls.columns + TRAILING)
 
@@ -215,8 +220,9 @@ async def _run_rows(
 def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Manifest:
     """Read the input, run the task over every row through the engine, publish rows + ledger."""
     source = store.resolve(cfg.input, kind="dataset")
-    require_columns(source, task_cls.required, f"{task_cls.stage} input")
-    table = read_table(source, columns=task_cls.required)
+    required = task_cls.input_columns(cfg)
+    require_columns(source, required, f"{task_cls.stage} input")
+    table = read_table(source, columns=required)
     table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
     if cfg.limit:
         table = table.slice(0, cfg.limit)

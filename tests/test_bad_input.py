@@ -110,7 +110,7 @@ def test_every_shipped_recipe_validates(recipe):
     module_name, func = STAGES[data["stage"]].split(":")
     module = importlib.import_module(module_name)
     configs = {
-        "corpus.build": "CorpusBuildConfig", "corpus.train-classifier": "TrainClassifierConfig", "corpus.crawl": "CrawlConfig", "corpus.decontam-index": "BuildIndexConfig", "synth.generate": "GenerateConfig", "train": "SFTRecipe",
+        "corpus.build": "CorpusBuildConfig", "corpus.train-classifier": "TrainClassifierConfig", "corpus.crawl": "CrawlConfig", "corpus.decontam-index": "BuildIndexConfig", "synth.generate": "GenerateConfig", "synth.preferences": "PreferencesConfig", "train": "SFTRecipe",
         "train.import-model": "ImportModelConfig", "train.make-student": "MakeStudentConfig", "eval": "PerplexityRecipe",
     }  # fmt: skip
     config = parse_config(getattr(module, configs[data["stage"]]), data, str(recipe))
