@@ -272,3 +272,26 @@ def test_rate_window_gives_back_unused_tokens():
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 0.5
+
+
+def test_several_teachers_all_or_routed_by_hash(cli, tmp_path, store, corpus):
+    with start_server("echo") as one, start_server("echo") as two:
+        teachers = (f"teachers: [{{name: a, model: echo, base_url: '{one.url}'}}, "
+                    f"{{name: b, model: echo, base_url: '{two.url}'}}]\n")  # fmt: skip
+        base = "stage: synth.generate\nname: NAME\ninput: c\nprompt_template: 'Say: {text}'\n" + teachers
+        everyone = write_recipe(tmp_path / "all.yaml", base.replace("NAME", "all") + "routing: all\n")
+        routed = write_recipe(
+            tmp_path / "hash.yaml", base.replace("NAME", "hash") + "routing: hash\nweights: {a: 3, b: 1}\n"
+        )
+        assert cli("--store", store.root, "synth", "generate", everyone).code == 0
+        assert cli("--store", store.root, "synth", "generate", routed).code == 0
+    both = Counter(r["teacher"] for r in _rows(store, "all"))
+    assert both == {"a": corpus, "b": corpus}
+    rows = _rows(store, "hash")
+    split = Counter(r["teacher"] for r in rows)
+    assert len(rows) == corpus and split["a"] > split["b"] > 0  # about 3:1
+    # The route is a function of the prompt: a second run routes alike, all from the cache (the
+    # servers are gone: a request sent now would fail).
+    first = store.resolve("hash").id
+    assert cli("--store", store.root, "synth", "generate", routed).code == 0
+    assert store.resolve("hash").id == first
