@@ -67,7 +67,9 @@ def rows(folder: Path, pattern: str = "*.parquet") -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--docs", type=int, default=6000, help="synthetic documents added to the sample")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -86,7 +88,16 @@ def main() -> None:
         )
         started = time.perf_counter()
         ours_wall, ours_cpu = timed(
-            [sys.executable, "-m", "manifests.cli", "--store", str(tmp / "store"), "corpus", "build", str(recipe)]
+            [
+                sys.executable,
+                "-m",
+                "manifests.cli",
+                "--store",
+                str(tmp / "store"),
+                "corpus",
+                "build",
+                str(recipe),
+            ]
         )
         ours_rows = rows(tmp / "store" / "datasets" / "bench", "data/*.parquet")
         theirs_wall, theirs_cpu = timed(
@@ -97,7 +108,9 @@ def main() -> None:
         for name, cpu, wall, kept in (("distillery", ours_cpu, ours_wall, ours_rows),
                                       ("datatrove", theirs_cpu, theirs_wall, theirs_rows)):  # fmt: skip
             print(f"{name:<12} {len(texts) / cpu:>12.0f} {cpu:>8.1f} {wall:>8.1f} {kept:>7}")
-        print(f"speed-up per core: {theirs_cpu / ours_cpu:.1f}x (target >= 3x); total {time.perf_counter() - started:.0f} s")
+        print(
+            f"speed-up per core: {theirs_cpu / ours_cpu:.1f}x (target >= 3x); total {time.perf_counter() - started:.0f} s"
+        )
         print("(CPU time includes each side's start-up: interpreter, imports, executor)")
 
 

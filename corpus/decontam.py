@@ -48,9 +48,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from corpus.sources import jsonl_objects
 from corpus.steps import Decision, Filter, StepConfig, StepStats
-from manifests.data import read_table, require_columns
+from manifests.data import jsonl_objects, read_table, require_columns
 from manifests.errors import DistilleryError
 from manifests.hashing import sha256_file
 from manifests.publish import Publisher

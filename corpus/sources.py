@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from corpus.extract import ExtractLimits, extract_html
+from manifests.data import jsonl_objects
 from manifests.errors import DistilleryError
 from manifests.hashing import record_id, sha256_file
 from manifests.recipes import RecipeConfig
@@ -241,36 +242,6 @@ class _Batcher:
             return None
         batch, self.rows = pa.RecordBatch.from_pylist(self.rows, schema=RECORD_SCHEMA), []
         return batch
-
-
-def jsonl_objects(path: Path, where: str, start: int = 0, end: int | None = None, first_line: int = 1):
-    """(line number, parsed value) for each non-blank line of a JSONL file (or a byte range of it).
-
-    Read as bytes and decoded line by line, so that an invalid byte or a malformed line is one
-    error naming its line, not a traceback.
-    """
-    with open(path, "rb") as f:
-        f.seek(start)
-        line_no = first_line - 1
-        while end is None or f.tell() < end:
-            raw = f.readline()
-            if not raw:
-                break
-            line_no += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DistilleryError(
-                    f"{where} line {line_no}: not UTF-8 text; convert the file to UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistilleryError(
-                    f"{where} line {line_no}: not valid JSON ({e.msg}); fix or remove the line"
-                ) from None
 
 
 def _read_jsonl(task: Task, cfg: SourceConfig, batcher: _Batcher) -> Iterator[pa.RecordBatch]:

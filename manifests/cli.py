@@ -22,6 +22,8 @@ STAGES = {
     "corpus.decontam-index": "corpus.decontam:run_build_index",
     "corpus.dedup-index": "corpus.dedup_index:run_build_index",
     "corpus.train-classifier": "corpus.classifier:run_train",
+    "synth.cot": "synth.cot:run_recipe",
+    "synth.augment": "synth.augment:run_recipe",
     "synth.generate": "synth.generate:run_recipe",
     "synth.preferences": "synth.preferences:run_recipe",
     "train": "train.sft:run_recipe",

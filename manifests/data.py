@@ -1,8 +1,10 @@
-"""Reading published datasets: verified first, then as Arrow tables or Hugging Face datasets."""
+"""Reading data: published datasets (verified first, as Arrow tables) and JSONL files line by line."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,3 +43,33 @@ def require_columns(manifest: Manifest, needed: Iterable[str], purpose: str) -> 
             f"dataset {manifest.ref} lacks column(s) {', '.join(missing)} needed for {purpose}; "
             f"it has: {', '.join(have)}"
         )
+
+
+def jsonl_objects(path: Path, where: str, start: int = 0, end: int | None = None, first_line: int = 1):
+    """(line number, parsed value) for each non-blank line of a JSONL file (or a byte range of it).
+
+    Read as bytes and decoded line by line, so that an invalid byte or a malformed line is one
+    error naming its line, not a traceback.
+    """
+    with open(path, "rb") as f:
+        f.seek(start)
+        line_no = first_line - 1
+        while end is None or f.tell() < end:
+            raw = f.readline()
+            if not raw:
+                break
+            line_no += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DistilleryError(
+                    f"{where} line {line_no}: not UTF-8 text; convert the file to UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DistilleryError(
+                    f"{where} line {line_no}: not valid JSON ({e.msg}); fix or remove the line"
+                ) from None

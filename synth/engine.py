@@ -13,6 +13,8 @@ OpenAI API, vLLM, SGLang, Ollama, ``distillery serve``) with the ``openai`` clie
 - **caches** each answer the moment it arrives (``synth/cache.py``), so a rerun pays nothing twice;
 - **keeps to a budget**: an estimate before the run, and a clean stop at the cost or token cap with
   every answer so far saved;
+- sends the cache misses of a teacher with ``batch: true`` through its Batch API instead, at the batch
+  price, with the same cache and lineage (``synth/batch.py``);
 - records per answer what the row lineage needs: teacher as configured and as served (``model``,
   ``system_fingerprint``), endpoint, sampling, seed, attempts, finish reason, tokens, cost, cache hit.
 """
@@ -68,6 +70,16 @@ class TeacherConfig(RecipeConfig):
     """Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``, capped at 60)."""
     serve_max_batch: int = Field(default=8, ge=1)
     """With ``serve``: requests generated together in one batch."""
+    batch: bool = False
+    """Send this teacher's requests through the endpoint's Batch API (``/v1/files`` + ``/v1/batches``:
+    a lower price, answers within 24 h) instead of one by one; see ``synth/batch.py``. Every row of
+    the run is then in flight at once, so that one batch holds them all."""
+    batch_poll_s: float = Field(default=30.0, gt=0)
+    """With ``batch``: seconds between two looks at a batch's status."""
+    batch_max_requests: int = Field(default=50_000, ge=1)
+    """With ``batch``: requests per batch file at most (OpenAI's limit is 50,000)."""
+    batch_price_factor: float = Field(default=0.5, ge=0)
+    """With ``batch``: the share of ``price_input``/``price_output`` a batch answer costs."""
 
     @model_validator(mode="after")
     def _one_endpoint(self) -> TeacherConfig:
@@ -80,6 +92,10 @@ class TeacherConfig(RecipeConfig):
     @property
     def label(self) -> str:
         return self.name or self.model or self.serve or ""
+
+    @property
+    def price_factor(self) -> float:
+        return self.batch_price_factor if self.batch else 1.0
 
 
 class SamplingConfig(RecipeConfig):
@@ -273,6 +289,8 @@ class TeacherEngine:
         self.stopped: str | None = None
         """Why no new request may start (``budget`` or ``interrupted``), once that happens."""
         self.on_progress = lambda: None
+        self._batch: Any = None
+        """The Batch API client (``synth/batch.py``) when a teacher has ``batch: true``."""
 
     # ------------------------------------------------------------------ set-up
 
@@ -313,9 +331,15 @@ class TeacherEngine:
             )  # fmt: skip
             self._limits[label] = AdaptiveLimit(teacher.max_concurrency)
             self._windows[label] = RateWindow(teacher.requests_per_minute, teacher.tokens_per_minute)
+        if any(t.batch for t in self.teachers.values()):
+            from synth.batch import BatchClient
+
+            self._batch = BatchClient(self)
         return self
 
     async def __aexit__(self, *exc) -> None:
+        if self._batch is not None:
+            await self._batch.close()
         for client in self._clients.values():
             await client.close()
         for server in self._servers:
@@ -344,7 +368,9 @@ class TeacherEngine:
                 continue
             t = self.teachers[r.teacher]
             prompt = estimate_prompt_tokens(r.messages)
-            cost += (prompt * t.price_input + r.sampling["max_tokens"] * t.price_output) / 1e6
+            cost += (
+                (prompt * t.price_input + r.sampling["max_tokens"] * t.price_output) / 1e6 * t.price_factor
+            )
             tokens += prompt + r.sampling["max_tokens"]
         return cost, tokens
 
@@ -376,6 +402,8 @@ class TeacherEngine:
             return Answer(**(cached | {"cache_hit": True, "key": r.key, "teacher": r.teacher,
                                        "endpoint": self.endpoints[r.teacher]}))  # fmt: skip
         t = self.teachers[r.teacher]
+        if t.batch:  # cache misses of a batch teacher wait for their batch (synth/batch.py)
+            return await self._batch.answer(r)
         prompt_estimate = estimate_prompt_tokens(r.messages)
         limit, window = self._limits[r.teacher], self._windows[r.teacher]
         answer = self._base(r)
@@ -424,12 +452,17 @@ class TeacherEngine:
         """Start no new request (a signal handler calls this); those in flight finish and are cached."""
         self.stopped = self.stopped or reason
 
-    async def _send(self, t: TeacherConfig, r: Request) -> Any:
+    def request_body(self, t: TeacherConfig, r: Request) -> dict[str, Any]:
+        """The chat completion request sent for ``r`` (online, or as a line of a batch file)."""
         s = r.sampling
         kwargs: dict[str, Any] = {"model": self.model_of(t), "messages": r.messages, "max_tokens": s["max_tokens"],
                                   "temperature": s["temperature"], "top_p": s["top_p"]}  # fmt: skip
         if s.get("seed") is not None:
             kwargs["seed"] = s["seed"] + r.sample_index  # sample k of a prompt: its own seed
+        return kwargs
+
+    async def _send(self, t: TeacherConfig, r: Request) -> Any:
+        kwargs = self.request_body(t, r)
         # client.post with a plain body, not chat.completions.create: the latter re-validates the
         # parameters through typed dicts, about 1 ms of CPU per request (benchmarks/synth).
         from openai.types.chat import ChatCompletion
@@ -447,7 +480,7 @@ class TeacherEngine:
         answer.content = choice.message.content or ""
         answer.finish_reason = choice.finish_reason
         answer.prompt_tokens, answer.completion_tokens = prompt, completion
-        answer.cost = (prompt * t.price_input + completion * t.price_output) / 1e6
+        answer.cost = (prompt * t.price_input + completion * t.price_output) / 1e6 * t.price_factor
         answer.served_model = getattr(response, "model", None)
         answer.system_fingerprint = getattr(response, "system_fingerprint", None)
         answer.attempts = attempt
@@ -494,7 +527,7 @@ class TeacherEngine:
     # ------------------------------------------------------------------ budget
 
     def _reserve(self, t: TeacherConfig, prompt: int, max_tokens: int) -> tuple[float, int]:
-        cost = (prompt * t.price_input + max_tokens * t.price_output) / 1e6
+        cost = (prompt * t.price_input + max_tokens * t.price_output) / 1e6 * t.price_factor
         tokens = prompt + max_tokens
         u, b = self.usage, self.budget
         over_cost = b.max_cost is not None and u.cost + u.reserved_cost + cost > b.max_cost

@@ -19,6 +19,7 @@ import math
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,7 +28,6 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from manifests.console import make_console
-from manifests.data import read_table, require_columns
 from manifests.errors import DistilleryError, RunFailed
 from manifests.hashing import canonical_json, record_id
 from manifests.publish import Publisher
@@ -45,6 +45,7 @@ from synth.engine import (
     TeacherConfig,
     TeacherEngine,
 )
+from synth.inputs import read_input
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 LINEAGE = pa.struct(
@@ -105,6 +106,8 @@ class Dropped:
     reason: str
     detail: dict[str, Any] = field(default_factory=dict)
     answers: list[Answer] = field(default_factory=list)
+    score: float | None = None
+    """The ledger's ``score``: the measure the drop was decided on, where there is one."""
 
 
 class SynthTask:
@@ -118,13 +121,44 @@ class SynthTask:
 
     def __init__(self, cfg: SynthConfig, engine: TeacherEngine):
         self.cfg, self.engine = cfg, engine
+        self.progress: Callable[[int, int], None] = lambda done, total: None
+        """Set by the runner: ``progress(done, total)`` moves the progress bar."""
 
     def first_requests(self, row: dict[str, Any]) -> list[Request]:
         """The requests a row starts with (for the cost estimate before the run)."""
         return []
 
+    def initial_requests(self, rows: list[dict[str, Any]]) -> list[Request]:
+        """The requests the run starts with, for the cost estimate (every row's ``first_requests``)."""
+        return [r for row in rows for r in self.first_requests(row)]
+
     async def run(self, row: dict[str, Any]) -> list[Output | Dropped]:
         raise NotImplementedError
+
+    async def run_all(self, rows: list[dict[str, Any]]) -> list[list[Output | Dropped]]:
+        """Every row's results. Rows are independent by default: ``run`` on each, ``rows_in_flight`` at
+        a time. A task whose rows depend on each other (Self-Instruct grows one pool round by round)
+        overrides this. Every row finishes -- so requests in flight are answered and cached -- before
+        the first error is raised."""
+        # A batch teacher gathers the requests of every row in flight into one batch: all rows then,
+        # or a large run becomes many batches one after another (each may take hours).
+        batch = any(t.batch for t in self.cfg.teachers)
+        limit = asyncio.Semaphore(len(rows) if batch else self.cfg.rows_in_flight)
+        done = 0
+
+        async def one(row: dict[str, Any]) -> list[Output | Dropped]:
+            nonlocal done
+            async with limit:
+                result = await self.run(row)
+            done += 1
+            self.progress(done, len(rows))
+            return result
+
+        results = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     @classmethod
     def input_columns(cls, cfg: SynthConfig) -> list[str]:
@@ -132,8 +166,18 @@ class SynthTask:
         return cls.required
 
     @classmethod
-    def schema(cls) -> pa.Schema:
-        return pa.schema(COMMON + cls.columns + TRAILING)
+    def output_columns(cls, cfg: SynthConfig) -> list[tuple[str, pa.DataType]]:
+        """The task's own output columns (``columns``, unless the recipe changes them)."""
+        return cls.columns
+
+    @classmethod
+    def schema(cls, cfg: SynthConfig | None = None) -> pa.Schema:
+        return pa.schema(COMMON + (cls.columns if cfg is None else cls.output_columns(cfg)) + TRAILING)
+
+
+def row_id(stage: str, output: Output) -> str:
+    """The id of an output row: a hash of its parents, the answers it was made from and its columns."""
+    return record_id(stage, *output.parents, *(a.key for a in output.answers), canonical_json(output.columns))
 
 
 def lineage(answer: Answer) -> dict[str, Any]:
@@ -161,73 +205,65 @@ async def _run_rows(
     console = make_console()
     async with TeacherEngine(cfg.teachers, cache, store, cfg.budget) as engine:
         task = task_cls(cfg, engine)
-        cost, tokens = engine.estimate([r for row in rows for r in task.first_requests(row)])
+        cost, tokens = engine.estimate(task.initial_requests(rows))
         console.print(f"{task_cls.stage}: {len(rows)} input rows; first requests not yet cached cost at most "
                       f"{cost:.4f} ({tokens} tokens, every answer at max_tokens)")  # fmt: skip
         if cfg.budget.max_cost is not None and cost > cfg.budget.max_cost:
             console.print(
                 f"[yellow]the estimate passes budget.max_cost ({cfg.budget.max_cost}): the run may stop there"
             )
-        limit = asyncio.Semaphore(cfg.rows_in_flight)
-        started, done = time.monotonic(), 0
+        started, done, total = time.monotonic(), 0, len(rows)
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeRemainingColumn()]  # fmt: skip
         with Progress(*columns, console=console, transient=True) as progress:
-            bar = progress.add_task(task_cls.stage, total=len(rows), info="")
+            bar = progress.add_task(task_cls.stage, total=total, info="")
 
             def refresh() -> None:
-                progress.update(bar, completed=done, info=_progress_text(engine, started, done, len(rows)))
+                progress.update(
+                    bar, completed=done, total=total, info=_progress_text(engine, started, done, total)
+                )
 
-            engine.on_progress = refresh
-
-            async def one(row: dict) -> list[Output | Dropped]:
-                nonlocal done
-                async with limit:
-                    result = await task.run(row)
-                done += 1
+            def advance(done_now: int, total_now: int) -> None:
+                nonlocal done, total
+                done, total = done_now, total_now
                 refresh()
-                return result
 
+            engine.on_progress, task.progress = refresh, advance
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, engine.stop)
+            stopped = False
             try:
-                results = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
+                results = await task.run_all(rows)
+            except RunStopped:
+                stopped = True
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
-        for result in results:
-            if isinstance(result, RunStopped):
-                u = engine.usage
-                what = (
-                    "budget reached" if engine.stopped == "budget" else "interrupted"
-                ) + f" after {u.answered} answers"
-                fix = (
-                    "raise 'budget' and run again"
-                    if engine.stopped == "budget"
-                    else "run the same command again"
-                )
-                raise RunFailed(
-                    f"{cfg.name}: {what} (cost {u.cost:.4f}, {u.prompt_tokens + u.completion_tokens} tokens); every "
-                    f"answer so far is cached in {cache.path} -- {fix} to continue without paying twice",
-                    exit_code=1 if engine.stopped == "budget" else 130,
-                )
-            if isinstance(result, BaseException):
-                raise result
+        if stopped:
+            u = engine.usage
+            what = (
+                "budget reached" if engine.stopped == "budget" else "interrupted"
+            ) + f" after {u.answered} answers"
+            fix = (
+                "raise 'budget' and run again" if engine.stopped == "budget" else "run the same command again"
+            )
+            raise RunFailed(
+                f"{cfg.name}: {what} (cost {u.cost:.4f}, {u.prompt_tokens + u.completion_tokens} tokens); every "
+                f"answer so far is cached in {cache.path} -- {fix} to continue without paying twice",
+                exit_code=1 if engine.stopped == "budget" else 130,
+            )
         return results, engine.usage
 
 
 def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Manifest:
     """Read the input, run the task over every row through the engine, publish rows + ledger."""
-    source = store.resolve(cfg.input, kind="dataset")
-    required = task_cls.input_columns(cfg)
-    require_columns(source, required, f"{task_cls.stage} input")
-    table = read_table(source, columns=required)
-    table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+    source = read_input(cfg.input, store, task_cls.input_columns(cfg), f"{task_cls.stage} input")
+    table = source.table.take(pc.sort_indices(source.table, sort_keys=[("id", "ascending")]))
     if cfg.limit:
         table = table.slice(0, cfg.limit)
     if table.num_rows == 0:
-        raise DistilleryError(f"dataset {source.ref} has no rows to make prompts from")
+        raise DistilleryError(f"{source.label} has no rows to make prompts from")
     served = [store.resolve(t.serve, kind="run") for t in cfg.teachers if t.serve is not None]
     cache = RequestCache(store.root / CACHE_FILE)
     try:
@@ -241,28 +277,27 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
         raise RunFailed(
             f"{cfg.name}: no output row from {table.num_rows} input rows ({'; '.join(reasons[:3])})"
         )
-    schema = task_cls.schema()
+    schema = task_cls.schema(cfg)
     rows = []
     for o in outputs:
-        rid = record_id(task_cls.stage, *o.parents, *(a.key for a in o.answers), canonical_json(o.columns))
-        rows.append({"id": rid, "parents": o.parents, **o.columns, "requests": [lineage(a) for a in o.answers],
-                     "verdict": o.verdict, "_group": o.group})  # fmt: skip
+        rows.append({"id": row_id(task_cls.stage, o), "parents": o.parents, **o.columns,
+                     "requests": [lineage(a) for a in o.answers], "verdict": o.verdict, "_group": o.group})  # fmt: skip
     groups = sorted({r["_group"] for r in rows})
     split_of = dict(zip(groups, assign_splits(groups, cfg.splits, cfg.seed), strict=True))
     by_split: dict[str, list[dict]] = {}
     for r in rows:
         by_split.setdefault(split_of[r.pop("_group")], []).append(r)
-    recipe = cfg.resolved() | {"input": source.id}
+    recipe = cfg.resolved() | source.recipe
     with Publisher(store, kind="dataset", name=cfg.name, stage=task_cls.stage, recipe=recipe,
-                   parents=[source, *served], parent_roles={m.id: "teacher" for m in served}, seed=cfg.seed) as pub:  # fmt: skip
+                   parents=[*source.parents, *served], parent_roles={m.id: "teacher" for m in served}, seed=cfg.seed) as pub:  # fmt: skip
         for split, split_rows in sorted(by_split.items()):
             pub.write_table(pa.Table.from_pylist(split_rows, schema=schema), split=split)
         pub.write_ledger(
-            [{"id": d.parent, "step": task_cls.stage, "action": "drop", "reason": d.reason, "score": None,
+            [{"id": d.parent, "step": task_cls.stage, "action": "drop", "reason": d.reason, "score": d.score,
               "detail": canonical_json(d.detail | {"requests": [a.key for a in d.answers]})} for d in dropped],
             step=task_cls.stage,
         )  # fmt: skip
-        answers = [a for o in outputs for a in o.answers]
+        answers = list({a.key: a for o in outputs for a in o.answers}.values())  # rows may share an answer
         stats = {
             "input_rows": table.num_rows,
             "rows_out": len(rows),

@@ -4,7 +4,8 @@
     distillery serve echo --port 0 --latency-ms 200 --fault-429 0.1 --request-log requests.jsonl
 
 ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions`` answer in OpenAI's
-JSON shapes, so the ``openai`` client (and so the synth engine) talks to it unchanged. Handler
+JSON shapes, so the ``openai`` client (and so the synth engine) talks to it unchanged; so do the
+Files and Batches endpoints of the Batch API (``synth/serve_batch.py``). Handler
 threads queue their requests; one generation thread answers up to ``--max-batch`` of them at a
 time, in one batched ``model.generate`` per group of equal sampling settings. The model ``echo``
 loads nothing and answers with the words of the last user message: a teacher for benchmarks and
@@ -13,6 +14,8 @@ hosted APIs fail (429 with Retry-After, 500, a truncated body, a stall), drawn f
 generator, and ``--request-log`` writes one line per request::
 
     {"time": 1718000000.1, "path": "/v1/chat/completions", "key": "5f1c…", "outcome": "429"}
+
+(a batch line is logged under ``/v1/batches/<id>`` with the key of its body and ``batch-answered``).
 
 Only the standard library serves HTTP: no server dependency, and nothing but loopback by default.
 """
@@ -33,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -41,11 +44,16 @@ from manifests.errors import DistilleryError
 from manifests.store import Store
 from synth.teacher import Answer, generate_answers
 
+if TYPE_CHECKING:
+    from synth.serve_batch import BatchOptions
+
 ECHO = "echo"
 """The model name that serves no model (see ``EchoModel``)."""
 DEFAULT_MAX_TOKENS = 64
 MAX_CHOICES = 128
 GENERATION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
+BATCH_PATHS = ("/v1/files", "/v1/batches")
+"""Served by ``synth/serve_batch.py`` (which builds on this module, so it is imported where used)."""
 
 
 class ServeOptions(BaseModel):
@@ -285,6 +293,7 @@ class Response:
     body: bytes
     outcome: str
     headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
 
     @classmethod
     def json(cls, status: int, payload: Any, outcome: str, **headers: str) -> Response:
@@ -388,16 +397,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle("POST")
 
     def _handle(self, method: str) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        raw = self.rfile.read(length) if length > 0 else b""
-        path = self.path.split("?", 1)[0].rstrip("/")
-        response = self.server.app.respond(method, path, raw)
+        raw = self._body()
+        path, _, query = self.path.partition("?")
+        response = self.server.app.respond(
+            method, path.rstrip("/"), raw, self.headers.get("Content-Type", ""), query
+        )
         try:
             self.send_response(response.status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", response.content_type)
             self.send_header("Content-Length", str(len(response.body)))
             for name, value in response.headers.items():
                 self.send_header(name, value)
@@ -405,6 +412,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(response.body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (its timeout fired); nothing to do
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            # Streamed uploads (a batch file through an aiohttp client) come without a length.
+            chunks = []
+            while size := int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(chunks)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        return self.rfile.read(length) if length > 0 else b""
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the request log, when asked for, is the record of requests
@@ -421,8 +444,17 @@ class Server:
     """A running endpoint: ``.url`` (``http://HOST:PORT/v1``), ``.close()``; a context manager."""
 
     def __init__(
-        self, model: str, backend, host: str, port: int, options: ServeOptions, faults: FaultOptions
+        self,
+        model: str,
+        backend,
+        host: str,
+        port: int,
+        options: ServeOptions,
+        faults: FaultOptions,
+        batch: BatchOptions | None = None,
     ):
+        from synth.serve_batch import BatchOptions, BatchService
+
         self.model, self.backend, self.faults = model, backend, faults
         self.created = int(time.time())
         self._rng = random.Random(faults.fault_seed)
@@ -432,6 +464,8 @@ class Server:
         self._httpd.app = self
         self._log = RequestLog(faults.request_log) if faults.request_log else None
         self.batcher = Batcher(backend, options)
+        self.batches = BatchService(self, batch or BatchOptions(), faults.fault_seed, self._log)
+        """The Batch API's files and batches (in memory)."""
         self.host, self.port = self._httpd.server_address[:2]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="distillery-serve", daemon=True
@@ -453,6 +487,7 @@ class Server:
         self._closed = True
         self._httpd.shutdown()
         self._httpd.server_close()
+        self.batches.close()
         self.batcher.close()
         if self._log:
             self._log.close()
@@ -463,10 +498,15 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def respond(self, method: str, path: str, raw: bytes) -> Response:
+    def respond(
+        self, method: str, path: str, raw: bytes, content_type: str = "", query: str = ""
+    ) -> Response:
         """The response to one HTTP request (called in that request's handler thread)."""
         start = time.monotonic()
-        response = self._respond(method, path, raw)
+        if path.startswith(BATCH_PATHS):
+            response = self.batches.respond(method, path, raw, content_type, query)
+        else:
+            response = self._respond(method, path, raw)
         if path in GENERATION_PATHS:
             time.sleep(max(0.0, self.faults.latency_ms / 1000 - (time.monotonic() - start)))
         if self._log:
@@ -498,28 +538,33 @@ class Server:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError):
                 raise BadRequest("the request body is not valid JSON") from None
-            if isinstance(body, dict) and "model" not in body:
-                raise BadRequest("'model' is required")
-            if isinstance(body, dict) and body.get("model") != self.model:
-                raise BadRequest(f"model '{body.get('model')}' is not served here; this server serves "
-                                 f"'{self.model}'", 404, "model_not_found")  # fmt: skip
-            request = parse_request(kind, body)
-            if kind == "chat" and not self.backend.chat_template:
-                raise BadRequest(f"'{self.model}' has no chat template; use /v1/completions")
+            request = self.validate(kind, body)
         except BadRequest as e:
             return Response.error(e.status, str(e), e.code)
         if fault == "malformed":
-            whole = json.dumps(self._completion(kind, request, [])).encode()
+            whole = json.dumps(self.completion(kind, request, [])).encode()
             return Response(200, whole[: len(whole) // 2], "malformed")
         try:
             answers = self.batcher.submit(request)
         except Exception as e:  # already reported by the generation thread
             return Response.error(500, f"generation failed: {e}")
         return Response.json(
-            200, self._completion(kind, request, answers), "slow-answered" if fault else "answered"
+            200, self.completion(kind, request, answers), "slow-answered" if fault else "answered"
         )
 
-    def _completion(self, kind: str, request: GenerationRequest, answers: list[Answer]) -> dict[str, Any]:
+    def validate(self, kind: str, body: Any) -> GenerationRequest:
+        """A chat (``kind`` ``chat``) or text completion request for this server's model; else ``BadRequest``."""
+        if isinstance(body, dict) and "model" not in body:
+            raise BadRequest("'model' is required")
+        if isinstance(body, dict) and body.get("model") != self.model:
+            raise BadRequest(f"model '{body.get('model')}' is not served here; this server serves "
+                             f"'{self.model}'", 404, "model_not_found")  # fmt: skip
+        request = parse_request(kind, body)
+        if kind == "chat" and not self.backend.chat_template:
+            raise BadRequest(f"'{self.model}' has no chat template; use /v1/completions")
+        return request
+
+    def completion(self, kind: str, request: GenerationRequest, answers: list[Answer]) -> dict[str, Any]:
         choices = []
         for i, answer in enumerate(answers):
             text, finish = _apply_stop(answer, request.stop)
@@ -542,15 +587,19 @@ class Server:
         }  # fmt: skip
 
 
-def _options(options: dict[str, Any]) -> tuple[ServeOptions, FaultOptions]:
-    unknown = set(options) - set(ServeOptions.model_fields) - set(FaultOptions.model_fields)
+def _option_models() -> tuple[type[BaseModel], ...]:
+    from synth.serve_batch import BatchOptions
+
+    return ServeOptions, FaultOptions, BatchOptions
+
+
+def _options(options: dict[str, Any]) -> tuple[ServeOptions, FaultOptions, BatchOptions]:
+    models = _option_models()
+    unknown = set(options).difference(*(m.model_fields for m in models))
     if unknown:
         raise TypeError(f"unknown serve options: {', '.join(sorted(unknown))}")
     try:
-        return (
-            ServeOptions(**{k: v for k, v in options.items() if k in ServeOptions.model_fields}),
-            FaultOptions(**{k: v for k, v in options.items() if k in FaultOptions.model_fields}),
-        )
+        return tuple(m(**{k: v for k, v in options.items() if k in m.model_fields}) for m in models)
     except ValidationError as e:
         first = e.errors()[0]
         where = "--" + str(first["loc"][0]).replace("_", "-") + ": " if first["loc"] else ""
@@ -565,14 +614,14 @@ def start_server(
     **options: Any,
 ) -> Server:
     """Serve ``model`` (a run reference in ``store``, or ``echo``) from background threads of this
-    process. ``options`` are the fields of ``ServeOptions`` and ``FaultOptions``."""
-    serve_options, faults = _options(options)
+    process. ``options`` are the fields of ``ServeOptions``, ``FaultOptions`` and ``BatchOptions``."""
+    serve_options, faults, batch = _options(options)
     if model == ECHO:
         backend: Any = EchoModel()
     else:
         store = store if isinstance(store, Store) else Store(store)
         backend = CheckpointModel(store.resolve(model, kind="run"), store)
-    return Server(model, backend, host, port, serve_options, faults)
+    return Server(model, backend, host, port, serve_options, faults, batch)
 
 
 def _add_fields(parser: argparse.ArgumentParser, config: type[BaseModel]) -> None:
@@ -582,17 +631,17 @@ def _add_fields(parser: argparse.ArgumentParser, config: type[BaseModel]) -> Non
         kind = info.annotation if info.annotation in (int, float) else str
         if kind is str:
             metavar = "PATH"
-        elif name.startswith("fault_") and kind is float:
-            metavar = "RATE"
+        elif kind is float and any(getattr(m, "le", None) == 1 for m in info.metadata):
+            metavar = "RATE"  # a share of requests
         else:
-            metavar = {"ms": "MS", "seconds": "S", "after": "S"}.get(name.rsplit("_", 1)[-1], "N")
+            metavar = {"ms": "MS", "seconds": "S", "after": "S", "s": "S"}.get(name.rsplit("_", 1)[-1], "N")
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, metavar=metavar,
                            help=f"{info.description} (default: {info.default})")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     """The CLI verb: serve until SIGINT or SIGTERM, then exit 0."""
-    fields = set(ServeOptions.model_fields) | set(FaultOptions.model_fields)
+    fields = set().union(*(m.model_fields for m in _option_models()))
     options = {k: v for k, v in vars(args).items() if k in fields}
     stopping: list[int] = []
     with start_server(args.model, args.store_obj, args.host, args.port, **options) as server:
@@ -613,8 +662,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = add_verb(
         sub, "serve", run, "serve a checkpoint as a local OpenAI-compatible endpoint (with fault injection)",
         "Serve a store checkpoint (or 'echo', no model) at /v1/models, /v1/chat/completions and\n"
-        "/v1/completions with batched generation, until SIGINT or SIGTERM. The fault options make a\n"
-        "share of requests fail, for testing clients against a misbehaving endpoint.",
+        "/v1/completions with batched generation, and OpenAI's Batch API (/v1/files, /v1/batches),\n"
+        "until SIGINT or SIGTERM. The fault options make a share of requests fail, for testing\n"
+        "clients against a misbehaving endpoint.",
         "distillery serve smollm2-135m-instruct --port 8000 --fault-429 0.1",
     )  # fmt: skip
     parser.add_argument(
@@ -622,5 +672,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    _add_fields(parser, ServeOptions)
-    _add_fields(parser, FaultOptions)
+    for model in _option_models():
+        _add_fields(parser, model)

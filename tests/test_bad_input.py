@@ -110,7 +110,7 @@ def test_every_shipped_recipe_validates(recipe):
     module_name, func = STAGES[data["stage"]].split(":")
     module = importlib.import_module(module_name)
     configs = {
-        "corpus.build": "CorpusBuildConfig", "corpus.train-classifier": "TrainClassifierConfig", "corpus.crawl": "CrawlConfig", "corpus.decontam-index": "BuildIndexConfig", "synth.generate": "GenerateConfig", "synth.preferences": "PreferencesConfig", "train": "SFTRecipe",
+        "corpus.build": "CorpusBuildConfig", "corpus.train-classifier": "TrainClassifierConfig", "corpus.crawl": "CrawlConfig", "corpus.decontam-index": "BuildIndexConfig", "synth.augment": "AugmentConfig", "synth.generate": "GenerateConfig", "synth.preferences": "PreferencesConfig", "synth.cot": "CotConfig", "train": "SFTRecipe",
         "train.import-model": "ImportModelConfig", "train.make-student": "MakeStudentConfig", "eval": "PerplexityRecipe",
     }  # fmt: skip
     config = parse_config(getattr(module, configs[data["stage"]]), data, str(recipe))
@@ -118,7 +118,7 @@ def test_every_shipped_recipe_validates(recipe):
 
 
 def test_help_everywhere(cli):
-    verbs = [["corpus", "build"], ["synth", "generate"], ["train", "run"], ["train", "import-model"],
+    verbs = [["corpus", "build"], ["synth", "generate"], ["synth", "augment"], ["synth", "cot"], ["train", "run"], ["train", "import-model"],
              ["train", "make-student"], ["eval", "run"], ["run"], ["demo"]]  # fmt: skip
     verbs += [["manifests", v] for v in ("list", "show", "verify", "lineage", "trace", "diff")]
     for args in [["--help"]] + [v + ["--help"] for v in verbs]:
