@@ -399,8 +399,9 @@ class TeacherEngine:
         if cached is not None:
             self.usage.cache_hits += 1
             self.on_progress()
-            return Answer(**(cached | {"cache_hit": True, "key": r.key, "teacher": r.teacher,
-                                       "endpoint": self.endpoints[r.teacher]}))  # fmt: skip
+            known = {k: v for k, v in cached.items() if k in Answer.__dataclass_fields__}  # older entries too
+            return Answer(**(known | {"cache_hit": True, "key": r.key, "teacher": r.teacher,
+                                      "endpoint": self.endpoints[r.teacher]}))  # fmt: skip
         t = self.teachers[r.teacher]
         if t.batch:  # cache misses of a batch teacher wait for their batch (synth/batch.py)
             return await self._batch.answer(r)

@@ -204,3 +204,28 @@ def test_the_example_recipe_runs_with_its_teachers_pointed_at_a_loopback_server(
     assert result.code == 0, result.err
     m = store.resolve("demo-prefs")
     assert m.stats["rows_out"] == corpus and m.producer.recipe["candidates"] == 2
+
+
+def test_verifier_scores_pick_the_verified_candidate(cli, tmp_path, store):
+    questions = write_jsonl(
+        tmp_path / "qa.jsonl", [{"text": f"question {i}", "answer": "variant 1 more"} for i in range(4)]
+    )
+    text = (
+        _recipe(tmp_path, "URL")
+        .read_text()
+        .replace("input: c", f"input: {questions}")
+        .replace(
+            "score: {method: judge, judge: judge}",
+            "score: {method: verifier, verifier: exact}\nmin_margin: 1.0",
+        )
+    )
+    with _server(Scripted()) as server:
+        result = cli("--store", store.root, "synth", "preferences",
+                     write_recipe(tmp_path / "v.yaml", text.replace("URL", server.url)))  # fmt: skip
+    assert result.code == 0, result.err
+    rows = read_table(store.resolve("p")).to_pylist()
+    assert len(rows) == 4
+    for row in rows:
+        assert row["chosen"][0]["content"] == "variant 1 more"  # the only one equal to the reference
+        assert row["rejected"][0]["content"] == "variant 0" and row["margin"] == 1.0
+        assert json.loads(row["verdict"])["verified"] == [False, True, False]
