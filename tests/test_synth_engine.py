@@ -292,6 +292,7 @@ def test_several_teachers_all_or_routed_by_hash(cli, tmp_path, store, corpus):
     assert len(rows) == corpus and split["a"] > split["b"] > 0  # about 3:1
     # The route is a function of the prompt: a second run routes alike, all from the cache (the
     # servers are gone: a request sent now would fail).
-    first = store.resolve("hash").id
+    first = {r["id"]: r["teacher"] for r in rows}
     assert cli("--store", store.root, "synth", "generate", routed).code == 0
-    assert store.resolve("hash").id == first
+    assert {r["id"]: r["teacher"] for r in _rows(store, "hash")} == first
+    assert store.resolve("hash").stats["requests"]["sent"] == 0
