@@ -27,13 +27,16 @@ A question that yields no verified answer is a ledger entry (``unverified``, ``n
 a row with ``verified: false``. An output row::
 
     {"id": "…", "parents": ["c0ffee…"], "prompt_id": "…", "teacher": "smollm2-135m-instruct",
-     "question": "A box holds 12 pens…", "reference": "36", "extracted": "36", "verified": true,
+     "question": "A box holds 12 pens…", "reference": "36", "prompt": [{"role": "user", "content": "Solve…"}],
+     "extracted": "36", "verified": true,
      "sample_index": 2, "votes": null, "source": null,
      "messages": [{"role": "user", "content": "Solve…"}, {"role": "assistant", "content": "… Final answer: 36"}],
      "requests": [… one per sample asked …],
      "verdict": "{\\"passed\\":true,\\"method\\":\\"math\\",\\"extracted\\":\\"36\\",\\"tries\\":[…],…}"}
 
-Rows read from a file have no parent record: ``source`` names the file and line instead.
+Rows read from a file have no parent record: ``source`` names the file and line instead. The
+columns serve SFT (``messages``: the reasoning as the answer) and GRPO (``prompt`` with the
+``reference`` answer for a reward function).
 """
 
 from __future__ import annotations
@@ -165,7 +168,8 @@ class CotTask(SynthTask):
     stage = "synth.cot"
     required = ["id", "question", "answer"]
     columns = [("prompt_id", pa.string()), ("teacher", pa.string()), ("question", pa.string()),
-               ("reference", pa.string()), ("messages", pa.list_(MESSAGE)), ("extracted", pa.string()),
+               ("reference", pa.string()), ("prompt", pa.list_(MESSAGE)), ("messages", pa.list_(MESSAGE)),
+               ("extracted", pa.string()),
                ("verified", pa.bool_()), ("sample_index", pa.int32()), ("votes", pa.list_(VOTE)),
                ("source", SOURCE_TYPE)]  # fmt: skip
     cfg: CotConfig
@@ -231,7 +235,7 @@ class CotTask(SynthTask):
     def _output(self, row, messages, prompt_id, answer: Answer, sample_index: int, verdict: Verdict,
                 answers: list[Answer], votes: list[dict] | None, extra: dict[str, Any]) -> Output:  # fmt: skip
         columns = {"prompt_id": prompt_id, "teacher": answer.teacher, "question": str(row[self.cfg.question_column]),
-                   "reference": self._reference(row),
+                   "reference": self._reference(row), "prompt": messages,
                    "messages": messages + [{"role": "assistant", "content": answer.content}],
                    "extracted": verdict.extracted, "verified": verdict.passed, "sample_index": sample_index,
                    "votes": votes, "source": row.get("source")}  # fmt: skip
