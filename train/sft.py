@@ -24,21 +24,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from manifests.data import read_table, require_columns
 from manifests.errors import DistilleryError
 from manifests.models import CHECKPOINT_DIR, load_causal_lm
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
-
-
-class DatasetInput(RecipeConfig):
-    """One training dataset."""
-
-    ref: str
-    """Dataset reference: ``name``, ``name@id-prefix`` or a path."""
-    split: str = "train"
+from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 
 
 class PeftSettings(RecipeConfig):
@@ -72,14 +64,13 @@ class SFTRecipe(RecipeConfig):
     seed: int = 0
 
 
-def _prompt_completion(rows: list[dict[str, Any]], ref: str) -> list[dict[str, Any]]:
-    out = []
-    for row in rows:
-        messages = row["messages"]
-        if not messages or messages[-1]["role"] != "assistant":
-            raise DistilleryError(f"dataset {ref}: row {row['id']} does not end with an assistant message")
-        out.append({"prompt": messages[:-1], "completion": messages[-1:]})
-    return out
+def _prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
+    messages = row["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DistilleryError(
+            f"row {row['id']} does not end with an assistant message; SFT needs one to learn"
+        )
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
 def _metrics_callback(path: Path):
@@ -103,24 +94,15 @@ def _metrics_callback(path: Path):
 
 
 def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
-    datasets = [store.resolve(d.ref, kind="dataset") for d in cfg.datasets]
-    for d, manifest in zip(cfg.datasets, datasets, strict=True):
-        require_columns(manifest, ["id", "messages"], "SFT")
-        if d.split not in manifest.splits():
-            raise DistilleryError(
-                f"dataset {manifest.ref} has no split '{d.split}' (splits: {', '.join(manifest.splits())})"
-            )
+    datasets = resolve_datasets(cfg.datasets, store, ["id", "messages"], "SFT")
     base = store.resolve(cfg.model, kind="run")
 
     import torch
-    from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    rows: list[dict[str, Any]] = []
-    for d, manifest in zip(cfg.datasets, datasets, strict=True):
-        rows += _prompt_completion(read_table(manifest, split=d.split).to_pylist(), manifest.ref)
-    train_data = Dataset.from_list(rows)
+    mixture = load_mixture(cfg.datasets, datasets, ["id", "messages"], cfg.seed)
+    train_data = mixture.map(_prompt_completion, remove_columns=mixture.column_names)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(base, store)
     peft_config = None
@@ -140,7 +122,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
         )  # fmt: skip
     recipe = cfg.resolved() | {
         "model": base.id,
-        "datasets": [d.resolved() | {"ref": m.id} for d, m in zip(cfg.datasets, datasets, strict=True)],
+        "datasets": pinned(cfg.datasets, datasets),
     }
     roles = {base.id: "base_model"}
     with Publisher(store, kind="run", name=cfg.name, stage="train.sft", recipe=recipe, parents=[*datasets, base],
@@ -163,7 +145,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
         losses = [json.loads(line)["loss"] for line in (pub.dir / "metrics.jsonl").read_text().splitlines()]
         stats = {
-            "method": "sft", "peft": cfg.peft.method, "steps": result.global_step, "train_rows": len(rows),
+            "method": "sft", "peft": cfg.peft.method, "steps": result.global_step, "train_rows": len(train_data),
             "first_loss": losses[0], "final_loss": losses[-1], "train_loss": result.training_loss,
             "wall_s": round(time.time() - started, 2),
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
