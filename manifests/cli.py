@@ -26,10 +26,14 @@ STAGES = {
     "synth.augment": "synth.augment:run_recipe",
     "synth.generate": "synth.generate:run_recipe",
     "synth.preferences": "synth.preferences:run_recipe",
-    "train": "train.sft:run_recipe",
+    "train": "train.methods:run_recipe",
     "train.import-model": "train.models:run_import",
     "train.make-student": "train.models:run_make_student",
+    "train.merge": "train.merge:run_recipe",
+    "train.pack": "train.pack:run_recipe",
+    "train.pretrain": "train.pretrain:run_recipe",
     "train.sft": "train.sft:run_recipe",
+    "train.tokenizer": "train.tokenizer:run_recipe",
     "eval": "eval.perplexity:run_recipe",
     "eval.perplexity": "eval.perplexity:run_recipe",
 }
@@ -196,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv)  # as given (a relaunch under torchrun repeats it)
     args.store_obj = Store(getattr(args, "store", None))
     try:
         return int(args.func(args) or 0)

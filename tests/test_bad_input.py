@@ -110,10 +110,17 @@ def test_every_shipped_recipe_validates(recipe):
     module_name, func = STAGES[data["stage"]].split(":")
     module = importlib.import_module(module_name)
     configs = {
-        "corpus.build": "CorpusBuildConfig", "corpus.train-classifier": "TrainClassifierConfig", "corpus.crawl": "CrawlConfig", "corpus.decontam-index": "BuildIndexConfig", "synth.augment": "AugmentConfig", "synth.generate": "GenerateConfig", "synth.preferences": "PreferencesConfig", "synth.cot": "CotConfig", "train": "SFTRecipe",
+        "corpus.build": "CorpusBuildConfig", "corpus.train-classifier": "TrainClassifierConfig", "corpus.crawl": "CrawlConfig", "corpus.decontam-index": "BuildIndexConfig", "synth.augment": "AugmentConfig", "synth.generate": "GenerateConfig", "synth.preferences": "PreferencesConfig", "synth.cot": "CotConfig",
         "train.import-model": "ImportModelConfig", "train.make-student": "MakeStudentConfig", "eval": "PerplexityRecipe",
+        "train.tokenizer": "TokenizerRecipe", "train.pack": "PackRecipe",
     }  # fmt: skip
-    config = parse_config(getattr(module, configs[data["stage"]]), data, str(recipe))
+    if data["stage"] == "train":  # one stage, a module per method
+        from train.methods import recipe_class
+
+        model = recipe_class(data, str(recipe))
+    else:
+        model = getattr(module, configs[data["stage"]])
+    config = parse_config(model, data, str(recipe))
     assert config.resolved()["name"] == data["name"]
 
 
@@ -121,6 +128,7 @@ def test_help_everywhere(cli):
     verbs = [["corpus", "build"], ["synth", "generate"], ["synth", "augment"], ["synth", "cot"], ["train", "run"], ["train", "import-model"],
              ["train", "make-student"], ["eval", "run"], ["run"], ["demo"]]  # fmt: skip
     verbs += [["manifests", v] for v in ("list", "show", "verify", "lineage", "trace", "diff")]
+    verbs += [["train", "tokenizer"], ["train", "pack"]]
     for args in [["--help"]] + [v + ["--help"] for v in verbs]:
         with pytest.raises(SystemExit) as exit_:
             cli(*args)

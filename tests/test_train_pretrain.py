@@ -1,0 +1,199 @@
+"""Pretraining from packed shards: learning, guard rails on a planted NaN, exact resume, DDP, launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+from safetensors.torch import load_file
+
+from manifests.publish import Publisher
+
+from .conftest import ROOT, assert_one_line_error, write_recipe
+
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park", "and", "back", "home", "."]
+SEQ = 16
+
+
+@pytest.fixture
+def packed(store):
+    """A word-level tokenizer run and a packed dataset of 64 sequences (train) + 8 (validation)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from manifests.models import CHECKPOINT_DIR
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    with Publisher(store, kind="run", name="tok", stage="test", recipe={}) as pub:
+        tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
+        pub.publish(stats={})
+    # A repetitive language: "the cat sat on the mat ." cycles, so a model can learn it.
+    text = "the cat sat on the mat . a dog ran to the park and back home ."
+    sentence = [vocab[w] for w in text.split(" ")]
+
+    def rows(n: int, offset: int) -> list[dict]:
+        return [{"id": f"seq-{offset + i}", "parents": [],
+                 "input_ids": [sentence[(i + j) % len(sentence)] for j in range(SEQ)]} for i in range(n)]  # fmt: skip
+
+    schema = pa.schema(
+        [("id", pa.string()), ("parents", pa.list_(pa.string())), ("input_ids", pa.list_(pa.int32()))]
+    )
+    with Publisher(store, kind="dataset", name="packed", stage="test", recipe={}) as pub:
+        pub.write_table(pa.Table.from_pylist(rows(64, 0), schema=schema), split="train")
+        pub.write_table(pa.Table.from_pylist(rows(8, 64), schema=schema), split="validation")
+        pub.publish(stats={})
+    return store
+
+
+def _recipe(tmp_path, extra: str = "", name: str = "lm"):
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        f"stage: train\nmethod: pretrain\nname: {name}\ndatasets: [{{ref: packed}}]\ntokenizer: tok\n"
+        "shape: {hidden_size: 32, layers: 2, heads: 2}\nmax_steps: 8\nper_device_batch_size: 4\n"
+        f"learning_rate: 0.01\nwarmup_steps: 2\nsave_every: 2\neval_every: 4\neval_batches: 2\n{extra}",
+    )
+
+
+def _metrics(m) -> list[dict]:
+    return [json.loads(line) for line in (m.location / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(m) -> dict:
+    return load_file(m.location / "checkpoint" / "model.safetensors")
+
+
+def test_pretraining_learns_and_publishes_a_loadable_checkpoint(cli, tmp_path, packed):
+    result = cli("--store", packed.root, "train", _recipe(tmp_path, "max_steps: 30\n"))
+    assert result.code == 0, result.err
+    m = packed.resolve("lm")
+    steps = [r for r in _metrics(m) if "loss" in r]
+    assert len(steps) == 30 and steps[-1]["loss"] < steps[0]["loss"] * 0.5
+    assert {"lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"} <= set(steps[0])
+    assert steps[1]["lr"] > steps[0]["lr"] and steps[-1]["lr"] < steps[5]["lr"]  # warmup, then cosine
+    assert "eval_loss" in steps[3] and m.stats["eval_loss"] is not None and m.stats["guard_triggers"] == []
+    assert m.stats["tokens"] == 30 * 4 * SEQ
+    roles = {p.name: p.role for p in m.parents}
+    assert roles == {"packed": "input", "tok": "tokenizer"}
+    from manifests.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(m, packed)
+    assert model.config.num_hidden_layers == 2 and tokenizer.eos_token == "<eos>"
+
+
+def test_a_killed_run_resumes_to_the_same_weights(cli, tmp_path, packed):
+    assert cli("--store", packed.root, "train", _recipe(tmp_path)).code == 0
+    straight = packed.resolve("lm")
+    env = {**os.environ, "DISTILLERY_FAULT_EXIT_AFTER_STEP": "4"}
+    killed = subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(packed.root), "train",
+                             str(_recipe(tmp_path, "seed: 0\n", name="lm2"))], cwd=ROOT, env=env, capture_output=True,
+                            text=True)  # fmt: skip
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert not any(m.name == "lm2" for m in packed.list())
+    result = cli("--store", packed.root, "train", _recipe(tmp_path, "seed: 0\n", name="lm2"), "--resume")
+    assert result.code == 0, result.err
+    resumed = packed.resolve("lm2")
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-6 for k in a)
+    assert [r["loss"] for r in _metrics(resumed) if "loss" in r][-4:] == pytest.approx(
+        [r["loss"] for r in _metrics(straight) if "loss" in r][-4:], abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("action", ["skip", "rollback", "stop"])
+def test_a_planted_nan_triggers_the_chosen_guard_action(cli, tmp_path, packed, monkeypatch, action):
+    # Sequence position 21 is in the micro-batch of step 6 (4 sequences a step): after the step-4 checkpoint.
+    monkeypatch.setenv("DISTILLERY_FAULT_NAN_AT", "21")
+    result = cli("--store", packed.root, "train", _recipe(tmp_path, f"guard: {{action: {action}}}\n"))
+    if action == "stop":
+        assert_one_line_error(result, code=1)
+        assert "nan loss at step 5" in result.err and "rollback" in result.err
+        assert not any(m.name == "lm" for m in packed.list())
+        return
+    assert result.code == 0, result.err
+    m = packed.resolve("lm")
+    (trigger,) = m.stats["guard_triggers"]
+    assert trigger["reason"] == "nan_loss" and trigger["action"] == action and trigger["positions"] == [20]
+    assert m.stats["steps"] == 8 and m.stats["final_loss"] == m.stats["final_loss"]  # finite, 8 good steps
+    assert m.stats["skipped_positions"] == ([20] if action == "rollback" else [])
+    assert any("guard" in r for r in _metrics(m))
+
+
+def test_two_processes_give_the_losses_of_one(cli, tmp_path, packed):
+    one = _recipe(tmp_path, name="one")
+    assert cli("--store", packed.root, "train", one).code == 0
+    two = write_recipe(tmp_path / "two.yaml", _recipe(tmp_path, name="two").read_text().replace(
+        "per_device_batch_size: 4", "per_device_batch_size: 2"))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(packed.root), "train", str(two),
+                             "--nproc", "2", "--master-port", "29517"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = [r["loss"] for r in _metrics(packed.resolve("one")) if "loss" in r]
+    b = [r["loss"] for r in _metrics(packed.resolve("two")) if "loss" in r]
+    assert len(a) == len(b) == 8 and b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+def test_emit_slurm_writes_a_torchrun_script(cli, tmp_path, packed):
+    script = tmp_path / "job.sbatch"
+    result = cli("--store", packed.root, "train", "run", _recipe(tmp_path), "--nproc", "4", "--nnodes", "2",
+                 "--emit-slurm", script)  # fmt: skip
+    assert result.code == 0, result.err
+    text = script.read_text()
+    assert "#SBATCH --nodes=2" in text and "--nproc_per_node=4" in text and "torch.distributed.run" in text
+    assert "manifests.cli" in text and str(_recipe(tmp_path)) in text and "--emit-slurm" not in text
+
+
+def test_bad_pretraining_recipes_are_one_line(cli, tmp_path, packed):
+    cases = {
+        "datasets: [{ref: tok}]": "no dataset manifest named 'tok'",
+        "tokenizer: packed": "no run manifest named 'packed'",
+        "model: tok": "give 'model'",
+        "method: pretrian": "did you mean 'pretrain'",
+    }
+    for line, message in cases.items():
+        text = _recipe(tmp_path).read_text()
+        key = line.split(":")[0]
+        text = "\n".join(x for x in text.splitlines() if not x.startswith(key + ":")) + f"\n{line}\n"
+        result = cli("--store", packed.root, "train", write_recipe(tmp_path / "bad.yaml", text))
+        assert_one_line_error(result)
+        assert message in result.err, (line, result.err)
+
+
+def test_the_example_recipe_pretrains_on_the_packed_demo_corpus(cli, tmp_path, store):
+    """corpus → BPE tokenizer → pack → pretrain-tiny.yaml (the tokenizer swapped for speed)."""
+    run = lambda *a: cli("--store", store.root, *map(str, a))  # noqa: E731
+    assert run("corpus", "build", "examples/recipes/demo-corpus.yaml").code == 0
+    assert (
+        run("train", "tokenizer", "examples/recipes/demo-tokenizer.yaml", "--set", "vocab_size=600").code == 0
+    )
+    packed = run(
+        "train",
+        "pack",
+        "examples/recipes/demo-pack.yaml",
+        "--set",
+        "tokenizer=demo-bpe",
+        "--set",
+        "seq_len=64",
+    )
+    assert packed.code == 0, packed.err
+    result = run("train", "examples/recipes/pretrain-tiny.yaml", "--set", "tokenizer=demo-bpe", "--set", "max_steps=6",
+                 "--set", "shape={hidden_size: 32, layers: 1, heads: 2}", "--set", "eval_every=3", "--set", "save_every=3")  # fmt: skip
+    assert result.code == 0, result.err
+    m = store.resolve("tiny-lm")
+    assert m.stats["steps"] == 6 and m.stats["eval_loss"] is not None
+    assert {p.name: p.role for p in m.parents} == {"demo-pack": "input", "demo-bpe": "tokenizer"}
+    # Data packed with another tokenizer is refused before training.
+    assert run("train", "tokenizer", "examples/recipes/demo-tokenizer.yaml", "--set", "vocab_size=500",
+               "--set", "name=other-bpe").code == 0  # fmt: skip
+    wrong = run("train", "examples/recipes/pretrain-tiny.yaml", "--set", "tokenizer=other-bpe")
+    assert_one_line_error(wrong)
+    assert "was packed with tokenizer run" in wrong.err and "other-bpe" in wrong.err

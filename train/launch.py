@@ -1,0 +1,116 @@
+"""One process to many nodes: the same recipe under torchrun, and a Slurm script for it.
+
+    distillery train pretrain.yaml                      # one process
+    distillery train pretrain.yaml --nproc 2            # DDP on this machine (gloo on CPU, NCCL on GPU)
+    distillery train pretrain.yaml --nproc 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1
+    distillery train pretrain.yaml --nproc 8 --nnodes 4 --emit-slurm job.sbatch
+
+``--nproc`` re-runs the same command under ``torch.distributed.run`` (torchrun); each process finds
+its rank in the environment torchrun sets, joins the process group and reads its share of every
+global batch. Rank 0 alone writes metrics, checkpoints and the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--emit-slurm")
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup() -> Dist:
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); else one process."""
+    import torch
+
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist(device="cuda" if torch.cuda.is_available() else "cpu")
+    import torch.distributed as dist
+
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = f"cuda:{local}", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def teardown(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _strip_launch_options(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in LAUNCH_OPTIONS:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def torchrun_command(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[str]:  # fmt: skip
+    """The torchrun command that runs ``distillery ARGV`` in ``nproc`` processes per node."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
+            f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
+            "-m", "manifests.cli", *_strip_launch_options(argv)]  # fmt: skip
+
+
+def relaunch(
+    argv: list[str], nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int
+) -> int:
+    """Run the command again under torchrun and wait for it (its exit code is ours)."""
+    command = torchrun_command(argv, nproc, nnodes, node_rank, master_addr, master_port)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(command, env=env)
+
+
+def slurm_script(argv: list[str], nproc: int, nnodes: int, job_name: str, gpus: bool = True) -> str:
+    """An sbatch script that runs the same command on ``nnodes`` nodes of ``nproc`` processes each."""
+    inner = shlex.join(["-m", "manifests.cli", *_strip_launch_options(argv)])
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+        *([f"#SBATCH --gpus-per-node={nproc}"] if gpus else [f"#SBATCH --cpus-per-task={nproc}"]),
+        "#SBATCH --output=%x-%j.out",
+        "set -euo pipefail",
+        "# One torchrun per node; they meet at the first node of the allocation.",
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"srun {shlex.quote(sys.executable)} -m torch.distributed.run --nnodes={nnodes} --nproc_per_node={nproc} "
+        f'--rdzv_backend=c10d --rdzv_endpoint="$head:29500" --rdzv_id="$SLURM_JOB_ID" {inner}',
+    ]
+    return "\n".join(lines) + "\n"

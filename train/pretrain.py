@@ -1,0 +1,420 @@
+"""``train`` (method ``pretrain``): a causal LM from packed token shards, from scratch or continued.
+
+    stage: train
+    method: pretrain
+    name: tiny-lm
+    datasets: [{ref: demo-packed}]          # from `distillery train pack`: input_ids of seq_len tokens
+    tokenizer: smollm2-135m-instruct         # from scratch: whose tokenizer (or `model:` to continue)
+    shape: {hidden_size: 128, layers: 4, heads: 4}
+    max_steps: 200
+    per_device_batch_size: 8
+    gradient_accumulation_steps: 2
+    learning_rate: 3.0e-4                    # AdamW; linear warmup, then cosine to min_lr_ratio
+    warmup_steps: 20
+    precision: bf16                          # autocast where the hardware has it
+    guard: {action: rollback}                # NaN/inf and loss spikes: skip | rollback | stop
+
+From setup to save in one place: data (``train/data.py``), the model, AdamW with weight decay on
+matrices only, the schedule, the loop (gradient accumulation, clipping, guards), evaluation on the
+validation split, checkpoints (``train/checkpoint.py``: atomic, exact resume) and the published
+run: ``checkpoint/`` (model + tokenizer), ``metrics.jsonl``, and a manifest whose parents are the
+datasets (and the base model or tokenizer) and whose stats hold the losses and every guard trigger.
+
+Data order is a seeded permutation per epoch of the global sequence indexes; each optimizer step
+takes ``per_device_batch_size * processes * gradient_accumulation_steps`` of them and each process
+its own slice, so 2 processes of 2 see what 1 process of 4 sees (``--nproc``, ``train/launch.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from manifests.errors import DistilleryError, RunFailed
+from manifests.hashing import canonical_json
+from manifests.models import CHECKPOINT_DIR, load_causal_lm, load_tokenizer
+from manifests.publish import Publisher
+from manifests.recipes import Name, RecipeConfig, parse_config
+from manifests.schema import Manifest
+from manifests.store import Store
+from train import checkpoint
+from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
+from train.launch import Dist, setup, teardown
+from train.monitor import GuardConfig, Monitor, flops_per_token, peak_flops
+
+FAULT_NAN = "DISTILLERY_FAULT_NAN_AT"
+"""Fault injection for tests: the loss of the micro-batch holding this global sequence index is NaN."""
+FAULT_EXIT = "DISTILLERY_FAULT_EXIT_AFTER_STEP"
+"""Fault injection for tests: the process dies (as if killed) right after this step's checkpoint."""
+EXECUTION_FIELDS = {"resume"}
+
+
+class ModelShape(RecipeConfig):
+    """A Llama-style decoder built from scratch."""
+
+    hidden_size: int = Field(default=256, ge=8)
+    layers: int = Field(default=4, ge=1)
+    heads: int = Field(default=4, ge=1)
+    kv_heads: int | None = Field(default=None, ge=1)
+    intermediate_size: int | None = Field(default=None, ge=8)
+    """Default: about 8/3 of ``hidden_size`` (SwiGLU), a multiple of 8."""
+    tie_embeddings: bool = True
+
+
+class PretrainRecipe(RecipeConfig):
+    """Pretraining (or continued pretraining) of a causal LM on packed token sequences."""
+
+    name: Name
+    method: Literal["pretrain"] = "pretrain"
+    datasets: list[DatasetInput] = Field(min_length=1)
+    model: str | None = None
+    """Continue pretraining this checkpoint (a run reference); or give ``tokenizer`` and ``shape``."""
+    tokenizer: str | None = None
+    """From scratch: the run whose tokenizer the packed data was made with."""
+    shape: ModelShape = Field(default_factory=ModelShape)
+    max_steps: int = Field(default=100, ge=1)
+    per_device_batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=3e-4, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """The cosine ends at this share of ``learning_rate``."""
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    """On weight matrices only (not on biases, norms or embeddings' scale parameters)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """``bf16`` autocasts on CPUs and GPUs that have it; ``fp16`` needs a GPU (with loss scaling)."""
+    eval_every: int = Field(default=50, ge=1)
+    eval_batches: int = Field(default=4, ge=1)
+    save_every: int = Field(default=50, ge=1)
+    """Checkpoint every this many steps (and at the end); the run resumes from the newest."""
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    peak_tflops: float | None = Field(default=None, gt=0)
+    """Peak throughput of one device for MFU, when the device is not a known accelerator."""
+    seed: int = 0
+    resume: bool = False
+    """Continue from the newest checkpoint of an earlier, interrupted run of the same recipe."""
+
+    @model_validator(mode="after")
+    def _source(self) -> PretrainRecipe:
+        if (self.model is None) == (self.tokenizer is None):
+            raise ValueError(
+                "give 'model' (continue a checkpoint) or 'tokenizer' (from scratch with 'shape'), not both"
+            )
+        return self
+
+    def content_recipe(self) -> dict[str, Any]:
+        return {k: v for k, v in self.resolved().items() if k not in EXECUTION_FIELDS}
+
+
+def _build_model(cfg: PretrainRecipe, store: Store, seq_len: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if cfg.model is not None:
+        base = store.resolve(cfg.model, kind="run")
+        model, tokenizer = load_causal_lm(base, store)
+        return model, tokenizer, base
+    source = store.resolve(cfg.tokenizer, kind="run")
+    tokenizer = load_tokenizer(source)
+    s = cfg.shape
+    if s.hidden_size % s.heads:
+        raise DistilleryError(f"shape: hidden_size {s.hidden_size} is not a multiple of heads {s.heads}")
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=s.hidden_size, num_hidden_layers=s.layers,
+        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads or s.heads,
+        intermediate_size=s.intermediate_size or (s.hidden_size * 8 // 3 + 7) // 8 * 8,
+        max_position_embeddings=max(seq_len, 128), tie_word_embeddings=s.tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(config), tokenizer, source
+
+
+def _optimizer(model, cfg: PretrainRecipe):
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, eps=1e-8)
+
+
+def _schedule(optimizer, cfg: PretrainRecipe):
+    import torch
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Batches:
+    """Global sequence positions in a seeded order, epoch after epoch; each process takes its slice."""
+
+    def __init__(self, tokens: np.ndarray, seed: int, dist: Dist, per_device: int):
+        self.tokens, self.seed, self.dist, self.per_device = tokens, seed, dist, per_device
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng(self.seed + epoch).permutation(len(self.tokens))}
+        return self._orders[epoch]
+
+    def take(self, position: int):
+        """(this process's input_ids for the micro-batch at global ``position``, the next position)."""
+        import torch
+
+        size = self.per_device * self.dist.world
+        indexes = [
+            self._order(p // len(self.tokens))[p % len(self.tokens)] for p in range(position, position + size)
+        ]
+        mine = indexes[self.dist.rank * self.per_device : (self.dist.rank + 1) * self.per_device]
+        return torch.from_numpy(self.tokens[mine].astype(np.int64)), position + size
+
+
+def _tokens(dataset) -> np.ndarray:
+    column = dataset.with_format("numpy")["input_ids"]
+    array = np.stack(list(column)) if not isinstance(column, np.ndarray) or column.dtype == object else column
+    if array.ndim != 2 or array.shape[0] == 0:
+        raise DistilleryError("packed datasets must hold input_ids of one length (from 'train pack')")
+    return array
+
+
+def train_pretrain(cfg: PretrainRecipe, store: Store) -> Manifest | None:
+    import torch
+
+    manifests = resolve_datasets(cfg.datasets, store, ["id", "input_ids"], "pretraining")
+    dist = setup()
+    try:
+        return _train(cfg, store, manifests, dist, torch)
+    finally:
+        teardown(dist)
+
+
+def _train(
+    cfg: PretrainRecipe, store: Store, manifests: list[Manifest], dist: Dist, torch
+) -> Manifest | None:
+    tokens = _tokens(load_mixture(cfg.datasets, manifests, ["input_ids"], cfg.seed))
+    seq_len = tokens.shape[1]
+    held_out = [m for m in manifests if "validation" in m.splits()]
+    validation = [DatasetInput(ref=m.id, split="validation") for m in held_out]
+    eval_tokens = _tokens(load_mixture(validation, held_out, ["input_ids"], cfg.seed)) if validation else None
+    model, tokenizer, source = _build_model(cfg, store, seq_len)
+    _check_tokens(cfg, manifests, source, tokens, model.config.vocab_size)
+    model.to(dist.device)
+    if cfg.precision == "fp16" and not dist.device.startswith("cuda"):
+        raise DistilleryError("precision fp16 needs a GPU; use bf16 (or fp32) on this machine")
+    wrapped = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None
+        )
+    optimizer = _optimizer(model, cfg)
+    scheduler = _schedule(optimizer, cfg)
+    plan = hashlib.sha256(canonical_json(cfg.content_recipe()).encode()).hexdigest()[:16]
+    work = store.name_dir("run", cfg.name) / f".work-{plan}"
+    state: dict[str, Any] = {"position": 0, "tokens": 0, "skip": [], "losses": [], "triggers": []}
+    resumed = checkpoint.latest(work) if cfg.resume else None
+    if resumed is not None:
+        state = checkpoint.load(resumed, model, optimizer, scheduler)
+    elif dist.main:
+        shutil.rmtree(work, ignore_errors=True)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    if dist.main:
+        work.mkdir(parents=True, exist_ok=True)
+    parameters = sum(p.numel() for p in model.parameters())
+    flops = flops_per_token(parameters, model.config.num_hidden_layers, model.config.hidden_size, seq_len)
+    device_name = torch.cuda.get_device_name(dist.local_rank) if dist.device.startswith("cuda") else "cpu"
+    monitor = Monitor(work if dist.main else None, cfg.guard, flops,
+                      peak_flops(device_name, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None))  # fmt: skip
+    monitor.triggers = list(state["triggers"])
+    for loss in state["losses"][-cfg.guard.window :]:
+        monitor.good(loss)
+    batches = Batches(tokens, cfg.seed, dist, cfg.per_device_batch_size)
+    fault = int(os.environ.get(FAULT_NAN, "-1"))
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    device_type = "cuda" if dist.device.startswith("cuda") else "cpu"
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    step, started = int(state.get("step", 0)), time.time()
+    micro_size = cfg.per_device_batch_size * dist.world
+    model.train()
+    while step < cfg.max_steps:
+        wrapped.zero_grad(set_to_none=True)
+        total, positions = 0.0, []
+        for micro in range(cfg.gradient_accumulation_steps):
+            position = state["position"]
+            while position in state["skip"]:
+                position += micro_size
+            ids, state["position"] = batches.take(position)
+            positions.append(position)
+            ids = ids.to(dist.device)
+            sync = micro == cfg.gradient_accumulation_steps - 1 or dist.world == 1
+            context = wrapped.no_sync() if not sync else _null()
+            with context, torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+                loss = wrapped(input_ids=ids, labels=ids).loss / cfg.gradient_accumulation_steps
+                if position <= fault < position + micro_size:
+                    loss = loss * float("nan")
+            (scaler.scale(loss) if scaler else loss).backward()
+            total += float(loss.detach())
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        total = _mean_over_processes(total, dist, torch)
+        reason = monitor.check(step, total, grad_norm)
+        if reason is not None:
+            _on_trigger(cfg, monitor, step, reason, total, grad_norm, positions, state, work, model, optimizer,
+                        scheduler, dist)  # fmt: skip
+            if cfg.guard.action == "rollback":
+                step = int(state["step"])
+            continue
+        (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+        scheduler.step()
+        step += 1
+        state["tokens"] += micro_size * cfg.gradient_accumulation_steps * seq_len
+        monitor.good(total)
+        state["losses"].append(total)
+        record: dict[str, Any] = {"loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+        if eval_tokens is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            record["eval_loss"] = _evaluate(wrapped, eval_tokens, cfg, dist, torch, device_type, autocast)
+            state["eval_loss"] = record["eval_loss"]
+        if dist.main:
+            monitor.log(step, state["tokens"], **record)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            state["triggers"] = monitor.triggers
+            if dist.main:
+                checkpoint.save(work, step, model, optimizer, scheduler, state)
+            if dist.world > 1:
+                torch.distributed.barrier()
+            if os.environ.get(FAULT_EXIT) == str(step):
+                os._exit(137)
+    monitor.close()
+    if not dist.main:
+        return None
+    return _publish(
+        cfg, store, manifests, source, model, tokenizer, work, state, monitor, parameters, started
+    )
+
+
+def _check_tokens(cfg: PretrainRecipe, manifests: list[Manifest], source: Manifest, tokens: np.ndarray,
+                  vocab: int) -> None:  # fmt: skip
+    """Data packed with another tokenizer than the model's would train on nonsense: refuse it."""
+    if cfg.tokenizer is not None:
+        for m in manifests:
+            packed_with = m.producer.recipe.get("tokenizer") if m.producer.stage == "train.pack" else None
+            if packed_with and packed_with != source.id:
+                raise DistilleryError(
+                    f"dataset {m.ref} was packed with tokenizer run {packed_with[:12]}, not {source.ref}; "
+                    "pretrain with the tokenizer the data was packed with"
+                )
+    top = int(tokens.max())
+    if top >= vocab:
+        raise DistilleryError(
+            f"the packed data holds token id {top}, beyond the model's vocabulary of {vocab}"
+        )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _mean_over_processes(value: float, dist: Dist, torch) -> float:
+    if dist.world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor[0]) / dist.world
+
+
+def _on_trigger(cfg, monitor, step, reason, loss, grad_norm, positions, state, work, model, optimizer, scheduler,
+                dist) -> None:  # fmt: skip
+    """Apply the guard's action to the step that went wrong (recorded in every case)."""
+    action = cfg.guard.action
+    if len(monitor.triggers) >= cfg.guard.max_triggers:
+        action = "stop"
+    monitor.trigger(step, reason, loss, grad_norm, action, positions=positions)
+    state["triggers"] = monitor.triggers
+    optimizer.zero_grad(set_to_none=True)
+    if action == "stop":
+        raise RunFailed(
+            f"{cfg.name}: {reason.replace('_', ' ')} at step {step} (loss {loss}, grad norm {grad_norm}); stopped as "
+            f"guard.action says -- the checkpoints are in {work}; 'guard: {{action: rollback}}' would skip the data"
+        )
+    if action == "skip":
+        return
+    last = checkpoint.latest(work)
+    skip = sorted(set(state["skip"]) | set(positions))
+    triggers = monitor.triggers
+    if last is None:  # nothing saved yet: back to the start, minus the offending data
+        raise RunFailed(
+            f"{cfg.name}: {reason.replace('_', ' ')} at step {step} before the first checkpoint; lower save_every "
+            "or use 'guard: {action: skip}'"
+        )
+    restored = checkpoint.load(last, model, optimizer, scheduler)
+    state.clear()
+    state.update(restored | {"skip": skip, "triggers": triggers})
+    monitor.recent.clear()
+    for value in state["losses"][-cfg.guard.window :]:
+        monitor.good(value)
+
+
+def _evaluate(
+    model, tokens: np.ndarray, cfg: PretrainRecipe, dist: Dist, torch, device_type: str, autocast
+) -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for b in range(cfg.eval_batches):
+            rows = [(b * cfg.per_device_batch_size * dist.world + dist.rank * cfg.per_device_batch_size + i) % len(tokens)
+                    for i in range(cfg.per_device_batch_size)]  # fmt: skip
+            ids = torch.from_numpy(tokens[rows].astype(np.int64)).to(dist.device)
+            with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+                losses.append(float(model(input_ids=ids, labels=ids).loss))
+    model.train()
+    return _mean_over_processes(float(np.mean(losses)), dist, torch)
+
+
+def _publish(
+    cfg, store, manifests, source, model, tokenizer, work, state, monitor, parameters, started
+) -> Manifest:
+    recipe = cfg.content_recipe() | {"datasets": pinned(cfg.datasets, manifests)}
+    role = "base_model" if cfg.model is not None else "tokenizer"
+    parents = [*manifests, source]
+    with Publisher(store, kind="run", name=cfg.name, stage="train.pretrain", recipe=recipe, parents=parents,
+                   parent_roles={source.id: role}, seed=cfg.seed, execution={"resume": cfg.resume}) as pub:  # fmt: skip
+        model.save_pretrained(pub.dir / CHECKPOINT_DIR)
+        tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
+        shutil.copy(work / "metrics.jsonl", pub.dir / "metrics.jsonl")
+        losses = state["losses"]
+        stats = {
+            "method": "pretrain", "steps": len(losses), "parameters": parameters, "tokens": state["tokens"],
+            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "eval_loss": state.get("eval_loss"), "guard_triggers": monitor.triggers,
+            "skipped_positions": state["skip"], "wall_s": round(time.time() - started, 2),
+        }  # fmt: skip
+        manifest = pub.publish(stats=stats)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def run_recipe(data: dict[str, Any], store: Store, source: str) -> Manifest | None:
+    return train_pretrain(parse_config(PretrainRecipe, data, source), store)
