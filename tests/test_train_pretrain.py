@@ -127,19 +127,24 @@ def test_a_planted_nan_triggers_the_chosen_guard_action(cli, tmp_path, packed, m
     assert any("guard" in r for r in _metrics(m))
 
 
-def test_two_processes_give_the_losses_of_one(cli, tmp_path, packed):
-    one = _recipe(tmp_path, name="one")
-    assert cli("--store", packed.root, "train", one).code == 0
-    two = write_recipe(tmp_path / "two.yaml", _recipe(tmp_path, name="two").read_text().replace(
-        "per_device_batch_size: 4", "per_device_batch_size: 2"))  # fmt: skip
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_give_the_losses_of_one(cli, tmp_path, packed, strategy):
+    assert cli("--store", packed.root, "train", _recipe(tmp_path, name="one")).code == 0
+    two = write_recipe(tmp_path / "two.yaml", _recipe(tmp_path, f"strategy: {strategy}\n", name="two").read_text()
+                       .replace("per_device_batch_size: 4", "per_device_batch_size: 2"))  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = {"ddp": "29517", "fsdp": "29518"}[strategy]
     result = subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(packed.root), "train", str(two),
-                             "--nproc", "2", "--master-port", "29517"], cwd=ROOT, env=env, capture_output=True,
+                             "--nproc", "2", "--master-port", port], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    a = [r["loss"] for r in _metrics(packed.resolve("one")) if "loss" in r]
-    b = [r["loss"] for r in _metrics(packed.resolve("two")) if "loss" in r]
+    one, two = packed.resolve("one"), packed.resolve("two")
+    a = [r["loss"] for r in _metrics(one) if "loss" in r]
+    b = [r["loss"] for r in _metrics(two) if "loss" in r]
     assert len(a) == len(b) == 8 and b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    # The published weights are whole (FSDP shards gathered) and equal the one-process run's.
+    wa, wb = _weights(one), _weights(two)
+    assert wa.keys() == wb.keys() and all(float((wa[k] - wb[k]).abs().max()) < 1e-4 for k in wa)
 
 
 def test_emit_slurm_writes_a_torchrun_script(cli, tmp_path, packed):

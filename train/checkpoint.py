@@ -1,7 +1,8 @@
 """Training checkpoints that a kill never half-writes, and that resume a run exactly.
 
-A checkpoint is a folder ``step-000120/`` holding the model weights (safetensors), the optimizer
-and scheduler states, every RNG state (Python, NumPy, torch CPU and CUDA) and the data position.
+A checkpoint is a folder ``step-000120/`` holding the model weights, the optimizer and scheduler
+states, every RNG state (Python, NumPy, torch CPU and CUDA) and the data position (FSDP shards are
+gathered into whole states first, so a checkpoint does not depend on the number of processes).
 It is written into ``.tmp-step-000120/`` and renamed into place after an fsync, so the newest
 complete folder is always a checkpoint a run can resume from; the oldest beyond ``keep`` are
 removed. Resuming loads all of it, so a run killed and resumed ends with the same weights as one
@@ -45,17 +46,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(folder: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``folder`` atomically; keep the newest ``keep``."""
-    import torch
-    from safetensors.torch import save_model
+def full_states(model, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Whole (unsharded) model and optimizer states. With FSDP this is a collective: every process
+    calls it, and each gets the full states on the CPU."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(
+        model, optimizer, options=options
+    )
+
+
+def save(folder: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int = 2,
+         sharded: bool = False, write: bool = True) -> Path:  # fmt: skip
+    """Write checkpoint ``step`` under ``folder`` atomically; keep the newest ``keep``. Every process
+    calls it (the states are gathered collectively when ``sharded``); only ``write`` ones write."""
+    import torch
+
+    weights, optim = full_states(model, optimizer, sharded)
     final = folder / f"step-{step:06d}"
+    if not write:
+        return final
     tmp = folder / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (one tensor, two names)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+    # torch.save keeps tied weights tied (one tensor under two names), as the model has them.
+    torch.save({"model": weights, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                 "state": state | {"step": step}}, tmp / "trainer.pt")  # fmt: skip
     _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -71,14 +93,24 @@ def latest(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def load(path: Path, model, optimizer, scheduler, sharded: bool = False) -> dict[str, Any]:
     """Restore a checkpoint into ``model``, ``optimizer`` and ``scheduler``; returns the saved state."""
     import torch
-    from safetensors.torch import load_model
 
-    load_model(model, str(path / "model.safetensors"))
     saved = torch.load(path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, saved["model"], options=options)
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=options)
+    else:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
     return saved["state"]

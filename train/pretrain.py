@@ -96,6 +96,9 @@ class PretrainRecipe(RecipeConfig):
     eval_batches: int = Field(default=4, ge=1)
     save_every: int = Field(default=50, ge=1)
     """Checkpoint every this many steps (and at the end); the run resumes from the newest."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes: ``ddp`` (a full model per process) or ``fsdp`` (parameters, gradients
+    and optimizer state sharded across processes: torch FSDP2, each decoder layer a unit)."""
     guard: GuardConfig = Field(default_factory=GuardConfig)
     peak_tflops: float | None = Field(default=None, gt=0)
     """Peak throughput of one device for MFU, when the device is not a known accelerator."""
@@ -217,13 +220,18 @@ def _train(
     model.to(dist.device)
     if cfg.precision == "fp16" and not dist.device.startswith("cuda"):
         raise DistilleryError("precision fp16 needs a GPU; use bf16 (or fp32) on this machine")
-    wrapped = model
-    if dist.world > 1:
+    wrapped, sharded = model, dist.world > 1 and cfg.strategy == "fsdp"
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None
-        )
+        device_ids = [dist.local_rank] if dist.device.startswith("cuda") else None
+        wrapped = DistributedDataParallel(model, device_ids=device_ids)
     optimizer = _optimizer(model, cfg)
     scheduler = _schedule(optimizer, cfg)
     plan = hashlib.sha256(canonical_json(cfg.content_recipe()).encode()).hexdigest()[:16]
@@ -231,7 +239,7 @@ def _train(
     state: dict[str, Any] = {"position": 0, "tokens": 0, "skip": [], "losses": [], "triggers": []}
     resumed = checkpoint.latest(work) if cfg.resume else None
     if resumed is not None:
-        state = checkpoint.load(resumed, model, optimizer, scheduler)
+        state = checkpoint.load(resumed, model, optimizer, scheduler, sharded)
     elif dist.main:
         shutil.rmtree(work, ignore_errors=True)
     if dist.world > 1:
@@ -265,7 +273,9 @@ def _train(
             positions.append(position)
             ids = ids.to(dist.device)
             sync = micro == cfg.gradient_accumulation_steps - 1 or dist.world == 1
-            context = wrapped.no_sync() if not sync else _null()
+            if sharded:  # FSDP reduces gradients on the last micro-batch only
+                model.set_requires_gradient_sync(sync)
+            context = wrapped.no_sync() if not sync and not sharded else _null()
             with context, torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
                 loss = wrapped(input_ids=ids, labels=ids).loss / cfg.gradient_accumulation_steps
                 if position <= fault < position + micro_size:
@@ -274,12 +284,15 @@ def _train(
             total += float(loss.detach())
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = float(
+            norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        )  # a DTensor under FSDP
         total = _mean_over_processes(total, dist, torch)
         reason = monitor.check(step, total, grad_norm)
         if reason is not None:
             _on_trigger(cfg, monitor, step, reason, total, grad_norm, positions, state, work, model, optimizer,
-                        scheduler, dist)  # fmt: skip
+                        scheduler, sharded)  # fmt: skip
             if cfg.guard.action == "rollback":
                 step = int(state["step"])
             continue
@@ -297,18 +310,19 @@ def _train(
             monitor.log(step, state["tokens"], **record)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             state["triggers"] = monitor.triggers
-            if dist.main:
-                checkpoint.save(work, step, model, optimizer, scheduler, state)
+            checkpoint.save(work, step, model, optimizer, scheduler, state, sharded=sharded, write=dist.main)
             if dist.world > 1:
                 torch.distributed.barrier()
             if os.environ.get(FAULT_EXIT) == str(step):
                 os._exit(137)
     monitor.close()
+    weights = checkpoint.full_states(model, optimizer, sharded)[0] if sharded else None  # collective
+    if weights is not None and model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # gathered as a copy; tied again when the model loads
     if not dist.main:
         return None
-    return _publish(
-        cfg, store, manifests, source, model, tokenizer, work, state, monitor, parameters, started
-    )
+    return _publish(cfg, store, manifests, source, model, tokenizer, work, state, monitor, parameters, started,
+                    weights)  # fmt: skip
 
 
 def _check_tokens(cfg: PretrainRecipe, manifests: list[Manifest], source: Manifest, tokens: np.ndarray,
@@ -346,7 +360,7 @@ def _mean_over_processes(value: float, dist: Dist, torch) -> float:
 
 
 def _on_trigger(cfg, monitor, step, reason, loss, grad_norm, positions, state, work, model, optimizer, scheduler,
-                dist) -> None:  # fmt: skip
+                sharded) -> None:  # fmt: skip
     """Apply the guard's action to the step that went wrong (recorded in every case)."""
     action = cfg.guard.action
     if len(monitor.triggers) >= cfg.guard.max_triggers:
@@ -369,7 +383,7 @@ def _on_trigger(cfg, monitor, step, reason, loss, grad_norm, positions, state, w
             f"{cfg.name}: {reason.replace('_', ' ')} at step {step} before the first checkpoint; lower save_every "
             "or use 'guard: {action: skip}'"
         )
-    restored = checkpoint.load(last, model, optimizer, scheduler)
+    restored = checkpoint.load(last, model, optimizer, scheduler, sharded)
     state.clear()
     state.update(restored | {"skip": skip, "triggers": triggers})
     monitor.recent.clear()
@@ -393,15 +407,14 @@ def _evaluate(
     return _mean_over_processes(float(np.mean(losses)), dist, torch)
 
 
-def _publish(
-    cfg, store, manifests, source, model, tokenizer, work, state, monitor, parameters, started
-) -> Manifest:
+def _publish(cfg, store, manifests, source, model, tokenizer, work, state, monitor, parameters, started,
+             weights) -> Manifest:  # fmt: skip
     recipe = cfg.content_recipe() | {"datasets": pinned(cfg.datasets, manifests)}
     role = "base_model" if cfg.model is not None else "tokenizer"
     parents = [*manifests, source]
     with Publisher(store, kind="run", name=cfg.name, stage="train.pretrain", recipe=recipe, parents=parents,
                    parent_roles={source.id: role}, seed=cfg.seed, execution={"resume": cfg.resume}) as pub:  # fmt: skip
-        model.save_pretrained(pub.dir / CHECKPOINT_DIR)
+        model.save_pretrained(pub.dir / CHECKPOINT_DIR, state_dict=weights)  # weights: gathered FSDP shards
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
         shutil.copy(work / "metrics.jsonl", pub.dir / "metrics.jsonl")
         losses = state["losses"]
