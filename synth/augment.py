@@ -57,7 +57,7 @@ from manifests.schema import Manifest
 from manifests.store import Store
 from synth.engine import Answer, Request, SamplingConfig
 from synth.rouge import RougeLIndex, tokens
-from synth.runner import MESSAGE, Dropped, Output, SynthConfig, SynthTask, row_id, run_synth
+from synth.runner import MESSAGE, Dropped, Output, SynthConfig, SynthTask, fill, row_id, run_synth
 
 PARAPHRASE_TEMPLATE = """Reword the instruction below. Keep its meaning and everything it asks for, but \
 change the wording and the sentence structure. Reply with the reworded instruction only.
@@ -426,7 +426,7 @@ class EvolInstructTask(AugmentTask):
 
     async def judged(self, parent: str, evolved: str) -> tuple[Answer, tuple[str, dict] | None]:
         method = self.cfg.method
-        text = GAIN_TEMPLATE.replace("{parent}", parent).replace("{evolved}", evolved)
+        text = fill(GAIN_TEMPLATE, parent=parent, evolved=evolved)
         (reply,) = await self.engine.ask([self.ask_one(text, method.judge_sampling, teacher=method.judge)])
         if not reply.ok:
             return reply, ("request_failed", {"what": "judge", "error": reply.error})
@@ -525,9 +525,10 @@ class SelfInstructTask(AugmentTask):
             shown += rng.sample(machine, n_machine)
             rng.shuffle(shown)
             listed = "\n".join(f"{i}. {' '.join(text.split())}" for i, (_, text) in enumerate(shown, 1))
-            text = method.template.replace("{examples}", listed).replace("{n}", str(method.new_per_request))
-            request = self.ask_one(text.replace("{next}", str(len(shown) + 1)), self.cfg.sampling,
-                                   round_ * method.requests_per_round + j)  # fmt: skip
+            text = fill(
+                method.template, examples=listed, n=str(method.new_per_request), next=str(len(shown) + 1)
+            )
+            request = self.ask_one(text, self.cfg.sampling, round_ * method.requests_per_round + j)
             out.append((request, shown))
         return out
 

@@ -12,14 +12,17 @@ of that store: two recipes asking the same question pay for it once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from manifests.errors import RunFailed
 from manifests.hashing import canonical_json
 
 
@@ -44,17 +47,36 @@ class RequestCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a killed process (not a power cut), at no fsync per answer.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, answer TEXT NOT NULL, created REAL NOT NULL)"
-        )
+        self._failed: RunFailed | None = None
+        """The first write that failed: a locked file makes every write wait out SQLite's timeout (with
+        the event loop blocked), so once one failed the next ones fail at once."""
+        with self._sqlite():
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a killed process (not a power cut), at no fsync per answer.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, answer TEXT NOT NULL, created REAL NOT NULL)"
+            )
+
+    @contextlib.contextmanager
+    def _sqlite(self) -> Iterator[None]:
+        """SQLite's errors (a damaged or locked file, a store that cannot be written) as one clear line."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            what = str(e)
+            if "locked" in what or "busy" in what:
+                fix = "another process holds it; let that one finish, then run again"
+            elif isinstance(e, sqlite3.OperationalError):
+                fix = "check that the store is writable and has free space"
+            else:  # "file is not a database", "database disk image is malformed"
+                fix = "it is damaged: move it away (its answers are then asked again) and run again"
+            raise RunFailed(f"request cache {self.path}: {what}; {fix}") from None
 
     def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        with self._lock:
+        with self._lock, self._sqlite():
             for lo in range(0, len(keys), 500):
                 chunk = keys[lo : lo + 500]
                 marks = ",".join("?" * len(chunk))
@@ -65,14 +87,20 @@ class RequestCache:
         return found
 
     def put(self, key: str, answer: dict[str, Any]) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO answers (key, answer, created) VALUES (?, ?, ?)",
-                (key, json.dumps(answer, sort_keys=True), time.time()),
-            )
+        if self._failed is not None:
+            raise self._failed
+        try:
+            with self._lock, self._sqlite():
+                self._db.execute(
+                    "INSERT OR REPLACE INTO answers (key, answer, created) VALUES (?, ?, ?)",
+                    (key, json.dumps(answer, sort_keys=True), time.time()),
+                )
+        except RunFailed as e:
+            self._failed = e
+            raise
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock, self._sqlite():
             return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
     def close(self) -> None:

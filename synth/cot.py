@@ -53,7 +53,7 @@ from manifests.hashing import canonical_json, record_id
 from manifests.records import SOURCE_TYPE
 from manifests.schema import Manifest
 from manifests.store import Store
-from synth.engine import Answer, SamplingConfig
+from synth.engine import Answer, SamplingConfig, gather_all
 from synth.runner import MESSAGE, Dropped, Output, SynthConfig, SynthTask, run_synth
 from synth.verify import Verdict, Verifier, VerifyOptions
 
@@ -210,9 +210,9 @@ class CotTask(SynthTask):
         messages = self._messages(str(row[self.cfg.question_column] or ""))
         prompt_id = record_id("prompt", row["id"], canonical_json(messages))
         work = self._rejection if self.cfg.mode == "rejection" else self._self_consistency
-        per_teacher = await asyncio.gather(
-            *(work(row, messages, prompt_id, t.label) for t in self.cfg.teachers)
-        )
+        # gather_all: when one teacher's work stops (budget, interruption), the others' requests in
+        # flight are still awaited and cached -- a plain gather would leave them running unawaited.
+        per_teacher = await gather_all(*(work(row, messages, prompt_id, t.label) for t in self.cfg.teachers))
         return [o for results in per_teacher for o in results]
 
     async def _ask(self, teacher: str, messages: list[dict[str, str]], first: int, n: int) -> list[Answer]:

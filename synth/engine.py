@@ -25,11 +25,13 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import math
 import os
 import random
+import re
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -163,21 +165,32 @@ class AdaptiveLimit:
         self.ceiling = self.limit = ceiling
         self.in_flight = 0
         self.resume_at = 0.0
+        self.closed = False
         self._successes = 0
         self._changed = asyncio.Condition()
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> bool:
+        """Take a slot (True), or False once ``close`` was called: the run stopped, nothing may start."""
         async with self._changed:
             while True:
                 pause = self.resume_at - time.monotonic()
+                if self.closed:
+                    return False
                 if pause > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), pause)
                 elif self.in_flight < self.limit:
                     self.in_flight += 1
-                    return
+                    return True
                 else:
                     await self._changed.wait()
+
+    async def close(self) -> None:
+        """Wake every waiter with no slot: a Retry-After may be an hour away, and a stopped run must
+        not wait it out before it can end."""
+        async with self._changed:
+            self.closed = True
+            self._changed.notify_all()
 
     async def release(self, outcome: str, retry_after: float = 0.0) -> None:
         async with self._changed:
@@ -205,13 +218,20 @@ class RateWindow:
         self.rpm, self.tpm = rpm, tpm
         self._entries: deque[list[float]] = deque()  # [time, tokens]
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        """Set by ``settle`` and ``stop``: the one waiter (it holds the lock) looks again."""
+        self._stopped = False
 
     async def reserve(self, tokens: int) -> list[float] | None:
+        """Wait until the request fits in the window and record it; None without limits, or once
+        ``stop`` was called (the caller then starts nothing)."""
         if self.rpm is None and self.tpm is None:
             return None
         tokens = min(tokens, self.tpm or tokens)  # one request larger than the window still goes, alone
         async with self._lock:
             while True:
+                if self._stopped:
+                    return None
                 now = time.monotonic()
                 while self._entries and self._entries[0][0] <= now - 60:
                     self._entries.popleft()
@@ -222,12 +242,33 @@ class RateWindow:
                     entry = [now, float(tokens)]
                     self._entries.append(entry)
                     return entry
-                await asyncio.sleep(max(0.01, self._entries[0][0] + 60 - now))
+                # Until the oldest entry leaves the window, or a settled answer gives tokens back: a
+                # reservation of max_tokens is mostly unused, and waiting out the whole minute
+                # regardless held a tpm-limited run to a few requests a minute.
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), max(0.01, self._entries[0][0] + 60 - now))
 
-    @staticmethod
-    def settle(entry: list[float] | None, tokens_used: int) -> None:
+    def settle(self, entry: list[float] | None, tokens_used: int) -> None:
         if entry is not None:
             entry[1] = float(tokens_used)  # give back the unused part of the reservation
+            self._changed.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._changed.set()
+
+
+async def gather_all(*aws) -> list[Any]:
+    """The results in order, once every one has finished; then the first error, if any (a real one
+    before a ``RunStopped``, which it may have caused). Unlike a plain ``gather``, an error never
+    leaves a sibling running unawaited: its request would be answered but never cached, and the
+    engine closed under it."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, RunStopped)), errors[0])
+    return list(results)
 
 
 def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
@@ -235,19 +276,55 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
     return sum(len(m.get("content") or "") // 4 + 4 for m in messages)
 
 
+def _text_content(content: Any) -> str:
+    """A message's content as text. The client does not validate responses, so whatever JSON the
+    endpoint sent is here: null is an empty answer, a list of content parts is joined, anything
+    else is a malformed response (retried) -- never a number that breaks the task or the cache."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return _utf8(content)
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        parts = [p.get("text") for p in content if p.get("type") == "text"]
+        if all(isinstance(p, str) for p in parts):
+            return _utf8("".join(parts))
+    raise ValueError(f"message content is not text: {str(content)[:80]}")
+
+
+def _optional_text(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return None if value is None else _utf8(value)
+    raise ValueError(f"'{name}' is not a string: {str(value)[:80]}")
+
+
+def _utf8(text: str) -> str:
+    """JSON may carry a lone surrogate (``"\\ud800"``), which no UTF-8 text can hold: hashing the row or
+    writing it to Parquet would fail at the end of the run. It becomes U+FFFD, as an invalid byte would."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return re.sub("[\ud800-\udfff]", "\ufffd", text)
+    return text
+
+
 def _retry_after(error: Exception) -> float | None:
     response = getattr(error, "response", None)
     headers = getattr(response, "headers", None) or {}
-    if "retry-after-ms" in headers:
-        return float(headers["retry-after-ms"]) / 1000
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time())
+    # A header that is neither a number nor a date, or an endless one, counts as absent (the backoff
+    # decides): raised here, it escaped the retry loop as a traceback; "inf" paused the teacher forever.
+    with contextlib.suppress(ValueError, TypeError, OverflowError):
+        if "retry-after-ms" in headers:
+            seconds = float(headers["retry-after-ms"]) / 1000
+        elif (value := headers.get("retry-after")) is None:
+            return None
+        else:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
+    return None
 
 
 @dataclass
@@ -288,6 +365,10 @@ class TeacherEngine:
         self._rng = random.Random(0)
         self.stopped: str | None = None
         """Why no new request may start (``budget`` or ``interrupted``), once that happens."""
+        self._stopping = asyncio.Event()
+        self._wakers: set[asyncio.Task] = set()
+        self._in_flight: dict[str, asyncio.Future[Answer]] = {}
+        """Requests being sent, by key: one that is asked again meanwhile waits for this answer."""
         self.on_progress = lambda: None
         self._batch: Any = None
         """The Batch API client (``synth/batch.py``) when a teacher has ``batch: true``."""
@@ -381,13 +462,7 @@ class TeacherEngine:
         finish (and are cached), then ``RunStopped`` is raised.
         """
         cached = self.cache.get_many([r.key for r in requests])
-        results = await asyncio.gather(
-            *(self._one(r, cached.get(r.key)) for r in requests), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return list(results)
+        return await gather_all(*(self._one(r, cached.get(r.key)) for r in requests))
 
     def _base(self, r: Request) -> Answer:
         sent = dict(r.sampling)
@@ -405,18 +480,49 @@ class TeacherEngine:
         t = self.teachers[r.teacher]
         if t.batch:  # cache misses of a batch teacher wait for their batch (synth/batch.py)
             return await self._batch.answer(r)
+        # Two rows with the same prompt make the same request at once, before the cache has its answer:
+        # the second waits for the first rather than paying again -- and perhaps getting another
+        # answer under the one key (a rerun would then read both rows back with the one cached last).
+        first = self._in_flight.get(r.key)
+        if first is not None:
+            answer = replace(await first, teacher=r.teacher, endpoint=self.endpoints[r.teacher])
+            if answer.ok:
+                self.usage.cache_hits += 1
+                answer.cache_hit = True
+            else:
+                self.usage.failed += 1
+            self.on_progress()
+            return answer
+        mine = self._in_flight[r.key] = asyncio.get_running_loop().create_future()
+        try:
+            answer = await self._send_with_retries(t, r)
+        except BaseException as e:
+            mine.set_exception(e)
+            mine.exception()  # retrieved: it is raised here, whether or not a second request waits
+            raise
+        else:
+            mine.set_result(answer)
+        finally:
+            del self._in_flight[r.key]
+        return answer
+
+    async def _send_with_retries(self, t: TeacherConfig, r: Request) -> Answer:
         prompt_estimate = estimate_prompt_tokens(r.messages)
         limit, window = self._limits[r.teacher], self._windows[r.teacher]
         answer = self._base(r)
         error, attempt = "no attempt made", 0
         while attempt < t.max_attempts:
             attempt += 1
+            # The slot first, then the window: a request waiting out a 429's pause for its slot must
+            # not hold a window entry stamped long before it is sent (the window would then let a
+            # burst through once that entry slid out).
+            if not await limit.acquire():
+                raise RunStopped(self.stopped)
             entry = await window.reserve(prompt_estimate + r.sampling["max_tokens"])
-            await limit.acquire()
             try:  # checked last, right before sending: a stop or the cap may have come while waiting
                 reserved = self._reserve(t, prompt_estimate, r.sampling["max_tokens"])
             except RunStopped:
-                RateWindow.settle(entry, 0)
+                window.settle(entry, 0)
                 await limit.release("cancelled")
                 raise
             outcome, pause = "error", 0.0
@@ -428,13 +534,17 @@ class TeacherEngine:
                 outcome, pause, error = self._classify(e, t, attempt)
             finally:
                 self._unreserve(reserved)
-                RateWindow.settle(
+                window.settle(
                     entry, answer.prompt_tokens + answer.completion_tokens if outcome == "ok" else 0
                 )
                 await limit.release(outcome, pause)
             if outcome == "ok":
                 self._spend(answer)
-                self.cache.put(r.key, self._cacheable(answer))
+                try:
+                    self.cache.put(r.key, self._cacheable(answer))
+                except DistilleryError:
+                    self.stop("cache")  # an answer that cannot be saved would be paid for again
+                    raise
                 self.on_progress()
                 return answer
             if outcome == "fatal":
@@ -442,7 +552,8 @@ class TeacherEngine:
             if attempt < t.max_attempts:
                 self.usage.retries += 1
                 if outcome != "rate_limited":  # after a 429 the limiter itself waits for Retry-After
-                    await asyncio.sleep(pause)
+                    with contextlib.suppress(TimeoutError):  # a stop ends the backoff at once
+                        await asyncio.wait_for(self._stopping.wait(), pause)
         self.usage.failed += 1
         self.on_progress()
         answer = self._base(r)
@@ -452,6 +563,18 @@ class TeacherEngine:
     def stop(self, reason: str = "interrupted") -> None:
         """Start no new request (a signal handler calls this); those in flight finish and are cached."""
         self.stopped = self.stopped or reason
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        # Requests waiting for a slot, a rate window or a backoff give up now rather than after it.
+        for window in self._windows.values():
+            window.stop()
+        with contextlib.suppress(RuntimeError):  # no event loop running: nothing is waiting
+            loop = asyncio.get_running_loop()
+            for limit in self._limits.values():
+                task = loop.create_task(limit.close())
+                self._wakers.add(task)
+                task.add_done_callback(self._wakers.discard)
 
     def request_body(self, t: TeacherConfig, r: Request) -> dict[str, Any]:
         """The chat completion request sent for ``r`` (online, or as a line of a batch file)."""
@@ -477,13 +600,17 @@ class TeacherEngine:
         usage = response.usage
         prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion = int(getattr(usage, "completion_tokens", 0) or 0)
+        if prompt < 0 or completion < 0:
+            raise ValueError(f"negative token counts in usage ({prompt}, {completion})")
         answer = self._base(r)
-        answer.content = choice.message.content or ""
-        answer.finish_reason = choice.finish_reason
+        answer.content = _text_content(choice.message.content)
+        answer.finish_reason = _optional_text(choice.finish_reason, "finish_reason")
         answer.prompt_tokens, answer.completion_tokens = prompt, completion
         answer.cost = (prompt * t.price_input + completion * t.price_output) / 1e6 * t.price_factor
-        answer.served_model = getattr(response, "model", None)
-        answer.system_fingerprint = getattr(response, "system_fingerprint", None)
+        answer.served_model = _optional_text(getattr(response, "model", None), "model")
+        answer.system_fingerprint = _optional_text(
+            getattr(response, "system_fingerprint", None), "system_fingerprint"
+        )
         answer.attempts = attempt
         return answer
 
@@ -537,7 +664,7 @@ class TeacherEngine:
             and u.prompt_tokens + u.completion_tokens + u.reserved_tokens + tokens > b.max_tokens
         )
         if over_cost or over_tokens:
-            self.stopped = self.stopped or "budget"
+            self.stop("budget")
         if self.stopped:
             raise RunStopped(self.stopped)
         u.reserved_cost += cost

@@ -44,7 +44,7 @@ from manifests.recipes import RecipeConfig
 from manifests.schema import Manifest
 from manifests.store import Store
 from synth.engine import Answer, Request, SamplingConfig
-from synth.runner import MESSAGE, Dropped, Output, SynthConfig, SynthTask, run_synth
+from synth.runner import MESSAGE, Dropped, Output, SynthConfig, SynthTask, fill, run_synth
 
 JUDGE_TEMPLATE = """You are comparing two answers to the same request. Judge which answer is more helpful, \
 correct and clear. Reply with exactly one letter: A, B, or T for a tie.
@@ -74,7 +74,7 @@ class ScoreConfig(RecipeConfig):
     )
     reward_model: str | None = None
     """With ``reward_model``: a sequence-classification checkpoint in the store (one logit: the reward)."""
-    verifier: str = "exact"
+    verifier: Literal["exact", "numeric", "math", "regex"] = "exact"
     """With ``verifier``: a method of ``synth/verify.py`` (exact, numeric, math, regex)."""
     reference_column: str = "answer"
     """With ``verifier``: the input column holding the reference answer."""
@@ -205,6 +205,10 @@ class PreferencesTask(SynthTask):
         super().__init__(cfg, engine)
         self._reward: RewardModel | None = None
         self._reward_lock = asyncio.Lock()
+        if (
+            cfg.score.method == "reward_model"
+        ):  # a wrong name is an error now, not after paying for candidates
+            engine.store.resolve(cfg.score.reward_model, kind="run")
 
     @classmethod
     def input_columns(cls, cfg: PreferencesConfig) -> list[str]:
@@ -289,8 +293,9 @@ class PreferencesTask(SynthTask):
         requests = []
         for i, j in pairs:
             for a, b in ((i, j), (j, i)):
-                text = score.judge_template.replace("{prompt}", asked).replace("{a}", candidates[a].content)
-                text = text.replace("{b}", candidates[b].content)
+                text = fill(
+                    score.judge_template, prompt=asked, a=candidates[a].content, b=candidates[b].content
+                )
                 requests.append(
                     self.engine.request(
                         score.judge, [{"role": "user", "content": text}], score.judge_sampling

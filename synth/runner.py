@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import signal
 import time
 from collections import Counter
@@ -44,6 +45,7 @@ from synth.engine import (
     SamplingConfig,
     TeacherConfig,
     TeacherEngine,
+    gather_all,
 )
 from synth.inputs import read_input
 
@@ -154,11 +156,7 @@ class SynthTask:
             self.progress(done, len(rows))
             return result
 
-        results = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return results
+        return await gather_all(*(one(r) for r in rows))
 
     @classmethod
     def input_columns(cls, cfg: SynthConfig) -> list[str]:
@@ -173,6 +171,13 @@ class SynthTask:
     @classmethod
     def schema(cls, cfg: SynthConfig | None = None) -> pa.Schema:
         return pa.schema(COMMON + (cls.columns if cfg is None else cls.output_columns(cfg)) + TRAILING)
+
+
+def fill(template: str, **values: str) -> str:
+    """``template`` with each ``{name}`` replaced by its value, in one pass: what goes in (a prompt, an
+    answer) is never searched for placeholders again, so a candidate that contains ``{b}`` reaches
+    the judge as written rather than with the other candidate pasted into it."""
+    return re.sub(r"\{(" + "|".join(map(re.escape, values)) + r")\}", lambda m: values[m.group(1)], template)
 
 
 def row_id(stage: str, output: Output) -> str:

@@ -51,6 +51,8 @@ ECHO = "echo"
 """The model name that serves no model (see ``EchoModel``)."""
 DEFAULT_MAX_TOKENS = 64
 MAX_CHOICES = 128
+MAX_BODY = 1 << 30
+"""Bytes a request body may have (a batch input file of OpenAI's largest allowed size fits)."""
 GENERATION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 BATCH_PATHS = ("/v1/files", "/v1/batches")
 """Served by ``synth/serve_batch.py`` (which builds on this module, so it is imported where used)."""
@@ -397,11 +399,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle("POST")
 
     def _handle(self, method: str) -> None:
-        raw = self._body()
         path, _, query = self.path.partition("?")
-        response = self.server.app.respond(
-            method, path.rstrip("/"), raw, self.headers.get("Content-Type", ""), query
-        )
+        try:
+            raw = self._body()
+        except BadRequest as e:  # an answer, not a traceback on the server's stderr and a dropped socket
+            self.close_connection = True  # the rest of the stream cannot be trusted
+            response = Response.error(e.status, str(e), e.code)
+        else:
+            response = self.server.app.respond(
+                method, path.rstrip("/"), raw, self.headers.get("Content-Type", ""), query
+            )
         try:
             self.send_response(response.status)
             self.send_header("Content-Type", response.content_type)
@@ -416,8 +423,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             # Streamed uploads (a batch file through an aiohttp client) come without a length.
-            chunks = []
-            while size := int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16):
+            chunks, total = [], 0
+            while size := self._chunk_size():
+                total += size
+                if total > MAX_BODY:
+                    raise BadRequest(f"the request body is larger than {MAX_BODY} bytes", 413)
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
             while self.rfile.readline() not in (b"\r\n", b"\n", b""):
@@ -427,7 +437,16 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = 0
+        if length > MAX_BODY:
+            raise BadRequest(f"the request body is larger than {MAX_BODY} bytes", 413)
         return self.rfile.read(length) if length > 0 else b""
+
+    def _chunk_size(self) -> int:
+        line = self.rfile.readline().split(b";", 1)[0].strip()
+        try:
+            return int(line or b"0", 16)
+        except ValueError:
+            raise BadRequest("malformed chunked body (a chunk size is not hexadecimal)") from None
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the request log, when asked for, is the record of requests
@@ -616,6 +635,8 @@ def start_server(
     """Serve ``model`` (a run reference in ``store``, or ``echo``) from background threads of this
     process. ``options`` are the fields of ``ServeOptions``, ``FaultOptions`` and ``BatchOptions``."""
     serve_options, faults, batch = _options(options)
+    if not 0 <= port <= 65535:
+        raise DistilleryError(f"serve: --port must be 0 (any free port) to 65535, got {port}")
     if model == ECHO:
         backend: Any = EchoModel()
     else:

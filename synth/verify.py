@@ -25,8 +25,8 @@ first group, or the whole match), ``code`` (the last fenced code block, else the
 - ``regex``: the reference is a regular expression the extracted answer must match in full;
 - ``tests``: the answer is Python code, run with the row's unit tests (asserts) appended in a
   fresh ``python -I`` in a temporary directory, with an emptied environment, a wall-clock limit
-  (the process group is killed on expiry) and CPU, memory, file-size and open-file limits
-  (``resource.setrlimit``, set by the child itself before the code runs);
+  (the process group is killed on expiry, and afterwards any process that left it) and CPU, memory,
+  file-size and open-file limits (``resource.setrlimit``, set by the child itself before the code runs);
 - ``none``: everything passes (the extracted answer is still recorded).
 
 Only the answer is compared, never the reasoning. Model output is never handed to ``eval`` as
@@ -497,6 +497,32 @@ def _tail(path: str, chars: int = 800) -> str:
         return f.read().decode("utf-8", "replace")[-chars:]
 
 
+_MARKER = "DISTILLERY_VERIFY_RUN"
+"""In the environment of every process of a ``tests`` run (children inherit it), so that one that
+left the process group (``os.setsid()`` in a forked child) can still be found and killed."""
+
+
+def _kill_strays(marker: bytes) -> None:
+    """SIGKILL every process whose environment carries ``marker`` (Linux; elsewhere the process group
+    kill is all there is). Repeated until none is found: a stray may be forking as it is hunted."""
+    if not os.path.isdir("/proc"):
+        return
+    for _ in range(10):
+        killed = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        os.kill(int(entry.name), signal.SIGKILL)
+                        killed += 1
+            except OSError:  # gone meanwhile, or another user's process
+                continue
+        if not killed:
+            return
+
+
 def run_python_tests(code: str, tests: str, options: VerifyOptions = VerifyOptions()) -> dict[str, Any]:
     """Run ``code`` followed by ``tests`` in a sandboxed subprocess; what happened, as a dict with
     ``status`` (``passed``, ``failed``, ``timeout``), ``returncode``, ``seconds``, ``stderr_tail``.
@@ -505,11 +531,13 @@ def run_python_tests(code: str, tests: str, options: VerifyOptions = VerifyOptio
     which is unsafe in a process with threads, as the synth engine's is). Output goes to files in
     the temporary directory, so the file-size limit also caps what a chatty program can print.
     """
-    with tempfile.TemporaryDirectory(prefix="distillery-verify-") as tmp:
+    # ignore_cleanup_errors: a leftover the sweep below missed must not fail the whole run.
+    with tempfile.TemporaryDirectory(prefix="distillery-verify-", ignore_cleanup_errors=True) as tmp:
         with open(os.path.join(tmp, "candidate.py"), "w", encoding="utf-8") as f:
             f.write(code.rstrip() + "\n\n\n" + tests.strip() + "\n")
+        marker = f"{_MARKER}={tmp}"
         env = {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-               "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+               "PYTHONDONTWRITEBYTECODE": "1", _MARKER: tmp}  # fmt: skip
         boot = _SANDBOX.format(memory=options.memory_mb * 1024 * 1024, cpu=math.ceil(options.time_limit) + 1)
         out_path, err_path = os.path.join(tmp, ".stdout"), os.path.join(tmp, ".stderr")
         started = time.monotonic()
@@ -528,6 +556,7 @@ def run_python_tests(code: str, tests: str, options: VerifyOptions = VerifyOptio
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                _kill_strays(marker.encode())
         seconds = round(time.monotonic() - started, 3)
         rc = proc.returncode
         if timed_out:

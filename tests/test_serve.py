@@ -370,9 +370,25 @@ def test_cli_serves_until_sigterm(tmp_path):
             proc.kill()
 
 
+def test_a_malformed_or_oversized_body_gets_an_error_response_not_a_traceback(capfd):
+    import socket
+
+    requests = {
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n": b"400",
+        b"Content-Length: 99999999999999\r\n\r\n{}": b"413",
+    }
+    with start_server("echo") as server:
+        for raw, status in requests.items():
+            with socket.create_connection((server.host, server.port), timeout=5) as conn:
+                conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + raw)
+                assert conn.recv(100).startswith(b"HTTP/1.1 " + status)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_cli_errors_are_one_line(cli, store):
     assert_one_line_error(cli("--store", store.root, "serve", "no-such-model", "--port", "0"))
     assert_one_line_error(cli("serve", "echo", "--port", "0", "--fault-429", "1.5"))
+    assert_one_line_error(cli("serve", "echo", "--port", "99999"))  # was an OverflowError from bind()
     with pytest.raises(SystemExit) as exit_:
         cli("serve", "--help")
     assert exit_.value.code == 0

@@ -317,3 +317,22 @@ def test_example_recipe_runs(cli, store, recipe, rows):
     assert result.code == 0, result.err
     manifest = store.resolve(read_recipe(f"examples/recipes/{recipe}")["name"])
     assert manifest.stats["rows_out"] == rows
+
+
+def test_self_instruct_shows_examples_with_braces_as_written(cli, tmp_path, store):
+    # The template's {n} and {next} are filled in one pass with {examples}: a seed that holds "{n}"
+    # (a format string) once had the count pasted into it.
+    seed = "Fill in the template 'Row {n} of {next}' for rows one to three"
+    _instructions(cli, tmp_path, store, [seed, PLAIN[0]])
+    asked: list[str] = []
+
+    class Recording(Scripted):
+        def reply(self, text: str, seed: int) -> str:
+            asked.append(text)
+            return super().reply(text, seed)
+
+    server = Server("scripted", Recording(), "127.0.0.1", 0, ServeOptions(), FaultOptions())
+    method = "{type: self_instruct, target_size: 1, requests_per_round: 1, examples: 2}"
+    with server:
+        assert _augment(cli, tmp_path, store, server.url, method).code == 0
+    assert seed in asked[0] and "Continue the list with 8 new tasks, numbered from 3" in asked[0]

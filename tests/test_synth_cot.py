@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -120,6 +122,36 @@ def test_tests_kill_an_infinite_loop_at_the_time_limit():
     started = time.monotonic()
     result = run_python_tests("while True:\n    pass\n", "", VerifyOptions(time_limit=1.0))
     assert result["status"] == "timeout" and time.monotonic() - started < 5
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds strays through /proc")
+def test_tests_leave_no_process_behind_even_one_that_left_the_process_group():
+    # A forked child that calls setsid() escapes the process-group kill; it kept running (and, writing
+    # into the temporary directory, made its removal fail the whole run).
+    code = (
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.setsid()\n"
+        "    for i in range(20000):\n"
+        "        try:\n"
+        "            open(f'f{i}', 'w').close()\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "        time.sleep(0.001)\n"
+        "    os._exit(0)\n"
+        "print('stray', pid, file=sys.stderr)\n"
+        "time.sleep(0.2)\n"
+    )
+    result = run_python_tests(code, "assert False", VerifyOptions(time_limit=5))
+    assert result["status"] == "failed", result
+    pid = int(result["stderr_tail"].split("stray ", 1)[1].split()[0])
+    time.sleep(0.2)
+    stat = Path(f"/proc/{pid}/stat")
+    running = stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    if running:
+        os.kill(pid, signal.SIGKILL)
+    assert not running, "the stray still runs"
 
 
 def test_tests_run_without_the_parent_environment_in_their_own_directory(monkeypatch, tmp_path):
@@ -420,3 +452,39 @@ def test_real_smollm2_answers_are_well_formed_rows(cli, tmp_path, store):
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"] and row["messages"][1]["content"]
         assert isinstance(row["verified"], bool) and json.loads(row["verdict"])["method"] == "math"
         assert row["requests"][0]["served_model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.network
+def test_a_stop_in_one_teachers_work_still_waits_for_the_others_requests(cli, tmp_path, store):
+    # Teacher a answers at once (wrongly, so it asks a second sample); b is slow. The budget lets
+    # a's first and b's first request out, not a's second: the run stops while b's is in flight.
+    # That answer must still be awaited and cached, or the next run pays for it again.
+    from synth.cot import DEFAULT_TEMPLATE
+    from synth.engine import estimate_prompt_tokens
+
+    question = "What is 2+2?"
+    reserved = estimate_prompt_tokens(
+        [{"role": "user", "content": DEFAULT_TEMPLATE.replace("{question}", question)}]
+    )
+    fast, slow = Scripted(lambda q, s: _worked("5")), Scripted(lambda q, s: _worked("5"))
+    servers = [Server("scripted", b, "127.0.0.1", 0, ServeOptions(), FaultOptions(latency_ms=ms)) for b, ms in ((fast, 0), (slow, 800))]  # fmt: skip
+    teachers = ", ".join(
+        f"{{name: {n}, model: scripted, base_url: '{s.url}'}}" for n, s in zip("ab", servers, strict=True)
+    )
+
+    def recipe(budget: int) -> Path:
+        return write_recipe(
+            tmp_path / "cot.yaml",
+            f"stage: synth.cot\nname: cot\ninput: {_qa(tmp_path, [(question, '4')])}\nteachers: [{teachers}]\n"
+            f"sampling: {{max_tokens: 8, temperature: 0.7}}\nmax_tries: 2\nbudget: {{max_tokens: {budget}}}\n",
+        )
+
+    try:
+        result = cli("--store", store.root, "synth", "cot", recipe(2 * (reserved + 8)))
+        assert_one_line_error(result, code=1)
+        assert "budget reached" in result.err and len(fast.calls) == 1 and len(slow.calls) == 1
+        assert cli("--store", store.root, "synth", "cot", recipe(10_000)).code == 1  # all unverified
+    finally:
+        for server in servers:
+            server.close()
+    assert len(fast.calls) == 2 and len(slow.calls) == 2  # b's first sample was not asked again

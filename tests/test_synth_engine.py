@@ -7,8 +7,11 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -266,7 +269,7 @@ def test_rate_window_gives_back_unused_tokens():
     async def scenario() -> float:
         window = RateWindow(rpm=None, tpm=100)
         first = await window.reserve(80)
-        RateWindow.settle(first, 10)  # the answer was short: 70 tokens come back
+        window.settle(first, 10)  # the answer was short: 70 tokens come back
         started = time.monotonic()
         await window.reserve(80)  # fits now, no wait for the window to slide
         return time.monotonic() - started
@@ -296,3 +299,259 @@ def test_several_teachers_all_or_routed_by_hash(cli, tmp_path, store, corpus):
     assert cli("--store", store.root, "synth", "generate", routed).code == 0
     assert {r["id"]: r["teacher"] for r in _rows(store, "hash")} == first
     assert store.resolve("hash").stats["requests"]["sent"] == 0
+
+
+# ------------------------------------------------------------------------------------ regressions
+
+
+def _engine(tmp_path: Path, url: str, **teacher):
+    from synth.cache import RequestCache
+    from synth.engine import TeacherConfig, TeacherEngine
+
+    config = TeacherConfig(model="echo", base_url=url, **teacher)
+    return TeacherEngine([config], RequestCache(tmp_path / "cache.sqlite"))
+
+
+def _requests(engine, n: int) -> list:
+    from synth.engine import SamplingConfig
+
+    return [
+        engine.request("echo", [{"role": "user", "content": f"say {i}"}], SamplingConfig(max_tokens=4))
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    "faults, teacher",
+    [
+        ({"fault_429": 1.0, "retry_after": 3600}, {}),  # waiting out Retry-After for a slot
+        ({"fault_500": 1.0}, {"backoff": 3600}),  # sleeping a backoff between attempts
+        ({}, {"requests_per_minute": 1}),  # waiting for the rate window
+    ],
+)
+def test_a_stop_ends_the_waits_for_a_slot_a_backoff_or_the_rate_window(tmp_path, faults, teacher):
+    from synth.engine import RunStopped
+
+    async def scenario(url: str) -> float:
+        async with _engine(tmp_path, url, max_attempts=3, **teacher) as engine:
+            asked = asyncio.ensure_future(engine.ask(_requests(engine, 4)))
+            await asyncio.sleep(0.5)  # the first requests went out; the rest wait
+            engine.stop()
+            started = time.monotonic()
+            with pytest.raises(RunStopped):
+                await asyncio.wait_for(asked, 10)
+            u = engine.usage
+            assert u.reserved_cost == 0 and u.reserved_tokens == 0  # nothing left reserved
+            return time.monotonic() - started
+
+    with start_server("echo", **faults) as server:
+        assert asyncio.run(scenario(server.url)) < 2
+
+
+def test_rate_window_wakes_its_waiter_when_an_answer_gives_tokens_back():
+    from synth.engine import RateWindow
+
+    async def scenario() -> float:
+        window = RateWindow(rpm=None, tpm=100)
+        first = await window.reserve(80)  # max_tokens reserved; the answer turns out short
+        second = asyncio.ensure_future(window.reserve(80))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        window.settle(first, 10)
+        await asyncio.wait_for(second, 5)  # not a minute, until the first entry slides out
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 0.5
+
+
+def test_a_request_waiting_out_a_429_is_stamped_in_the_rate_window_when_it_is_sent(tmp_path):
+    # The window counts requests by when they are sent: one stamped before it waited for its slot
+    # would slide out of the window early and let a burst over requests_per_minute through.
+    import httpx
+    import openai
+
+    sent: list[float] = []
+
+    async def scenario() -> list[float]:
+        async with _engine(
+            tmp_path, "http://127.0.0.1:9/v1", max_concurrency=2, requests_per_minute=1000
+        ) as e:
+
+            async def send(t, r):
+                sent.append(time.monotonic())
+                first = len(sent) == 1
+                await asyncio.sleep(0.01)
+                if first:
+                    response = httpx.Response(
+                        429, headers={"retry-after": "0.5"}, request=httpx.Request("POST", "http://x")
+                    )
+                    raise openai.RateLimitError("rate limited", response=response, body=None)
+                return await _completion()
+
+            e._send = send
+            answers = await e.ask(_requests(e, 3))
+            assert all(a.ok for a in answers)
+            return sorted(entry[0] for entry in e._windows["echo"]._entries)
+
+    stamps = asyncio.run(scenario())
+    assert len(stamps) == len(sent) == 4
+    for stamp, at in zip(stamps, sorted(sent), strict=True):
+        assert abs(stamp - at) < 0.1
+
+
+async def _completion():
+    from openai.types.chat import ChatCompletion
+
+    return ChatCompletion.model_validate(
+        {"id": "x", "object": "chat.completion", "created": 0, "model": "echo",
+         "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
+         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    )  # fmt: skip
+
+
+@contextmanager
+def _fixed_reply(message: dict, **extra):
+    """An endpoint that answers every chat request with ``message`` (whatever JSON it is)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "echo",
+                               "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+                               **extra}).encode()  # fmt: skip
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "message, extra",
+    [
+        ({"role": "assistant", "content": 5}, {}),
+        ({"role": "assistant", "content": {"text": "hi"}}, {}),
+        ({"role": "assistant", "content": "hi"}, {"model": 3}),
+        ({"role": "assistant", "content": "hi"}, {"usage": {"prompt_tokens": -50, "completion_tokens": 1}}),
+    ],
+)
+def test_a_reply_that_is_not_text_is_a_malformed_response_never_cached(
+    cli, tmp_path, store, corpus, message, extra
+):
+    with _fixed_reply(message, **extra) as url:
+        result = cli("--store", store.root, "synth", "generate",
+                     _recipe(tmp_path, url, teacher=", max_attempts: 2", extra="limit: 2\n"))  # fmt: skip
+    assert_one_line_error(result, code=1)
+    assert "malformed response" in result.err
+    from synth.cache import RequestCache
+
+    assert len(RequestCache(store.root / "cache" / "synth.sqlite")) == 0
+
+
+def test_content_parts_are_joined_into_the_answer(cli, tmp_path, store, corpus):
+    parts = [{"type": "text", "text": "one "}, {"type": "text", "text": "two"}]
+    with _fixed_reply({"role": "assistant", "content": parts}) as url:
+        result = cli("--store", store.root, "synth", "generate", _recipe(tmp_path, url, extra="limit: 2\n"))
+    assert result.code == 0, result.err
+    assert {r["messages"][-1]["content"] for r in _rows(store)} == {"one two"}
+
+
+def test_a_damaged_request_cache_is_one_clear_error(cli, tmp_path, store, corpus):
+    (store.root / "cache").mkdir(parents=True)
+    (store.root / "cache" / "synth.sqlite").write_bytes(b"not a database, " * 64)
+    result = cli("--store", store.root, "synth", "generate", _recipe(tmp_path, "http://127.0.0.1:9/v1"))
+    assert_one_line_error(result, code=1)
+    assert "synth.sqlite: file is not a database" in result.err and "move it away" in result.err
+
+
+def test_a_request_cache_locked_by_another_process_is_one_clear_error(
+    cli, tmp_path, store, corpus, monkeypatch
+):
+    import functools
+    import sqlite3
+
+    from synth.cache import RequestCache
+
+    RequestCache(store.root / "cache" / "synth.sqlite").close()
+    holder = sqlite3.connect(store.root / "cache" / "synth.sqlite", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # as another process in a long write would
+    monkeypatch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, timeout=0.1))
+    try:
+        with start_server("echo") as server:
+            started = time.monotonic()
+            result = cli("--store", store.root, "synth", "generate", _recipe(tmp_path, server.url))
+    finally:
+        holder.close()
+    assert_one_line_error(result, code=1)
+    assert "database is locked" in result.err and "another process holds it" in result.err
+    assert time.monotonic() - started < 10
+
+
+def test_lone_surrogates_in_a_reply_or_an_input_line_never_break_the_run(cli, tmp_path, store, corpus):
+    # JSON may escape a lone surrogate ("\ud800"): valid JSON, but no UTF-8 text. In a reply it once
+    # broke hashing the rows after every request was paid for; in an input line, reading the file.
+    with _fixed_reply({"role": "assistant", "content": "bad \ud800 text"}) as url:
+        result = cli("--store", store.root, "synth", "generate", _recipe(tmp_path, url, extra="limit: 2\n"))
+    assert result.code == 0, result.err
+    assert {r["messages"][-1]["content"] for r in _rows(store)} == {"bad \ufffd text"}
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"text": "fine"}\n{"text": "bad \\ud800 input"}\n')
+    recipe = _recipe(tmp_path, "http://127.0.0.1:9/v1").read_text().replace("input: c", f"input: {source}")
+    result = cli("--store", store.root, "synth", "generate", write_recipe(tmp_path / "bad.yaml", recipe))
+    assert_one_line_error(result)
+    assert "bad.jsonl line 2: holds a lone surrogate" in result.err
+
+
+def test_the_same_request_from_two_rows_at_once_is_sent_once(cli, tmp_path, store):
+    source = write_jsonl(
+        tmp_path / "dup.jsonl", [{"text": "same words here"}] * 3 + [{"text": "other words"}]
+    )
+    log = tmp_path / "requests.jsonl"
+    with start_server("echo", request_log=log, latency_ms=100) as server:
+        recipe = _recipe(tmp_path, server.url).read_text().replace("input: c", f"input: {source}")
+        result = cli("--store", store.root, "synth", "generate", write_recipe(tmp_path / "dup.yaml", recipe))
+    assert result.code == 0, result.err
+    assert len(_log(log)) == 2  # one per distinct prompt
+    rows = _rows(store)
+    assert len(rows) == 4 and sorted(r["requests"][0]["cache_hit"] for r in rows) == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    stats = store.resolve("s").stats["requests"]
+    assert stats["sent"] == 2 and stats["cache_hits"] == 2
+
+
+def test_a_retry_after_header_that_is_no_number_or_date_falls_back_to_the_backoff():
+    import httpx
+    import openai
+
+    from synth.engine import _retry_after
+
+    def wait(**headers: str) -> float | None:
+        response = httpx.Response(429, headers=headers, request=httpx.Request("POST", "http://x"))
+        return _retry_after(openai.RateLimitError("rate limited", response=response, body=None))
+
+    assert wait(**{"retry-after": "2"}) == 2.0 and wait(**{"retry-after-ms": "1500"}) == 1.5
+    assert wait(**{"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # a date in the past
+    for bad in (
+        {"retry-after": "soon"},
+        {"retry-after-ms": "x"},
+        {"retry-after": "inf"},
+        {"retry-after": "nan"},
+    ):
+        assert wait(**bad) is None, bad

@@ -185,6 +185,9 @@ def test_bad_recipes_are_one_line(cli, tmp_path, store, corpus):
         "score: {method: judge, judge: nobody}": "no teacher named 'nobody'",
         "score: {method: reward_model}": "needs 'reward_model'",
         "score: {method: judge, judge: judge}\nprompt_column: question": "lacks column(s) question",
+        # Found before a candidate is paid for (they once were: a traceback, or an error after the run).
+        "score: {method: verifier, verifier: fuzzy, reference_column: text}": "'score.verifier'",
+        "score: {method: reward_model, reward_model: nothing}": "no run manifest named 'nothing'",
     }
     for replacement, message in cases.items():
         path = write_recipe(
@@ -229,3 +232,25 @@ def test_verifier_scores_pick_the_verified_candidate(cli, tmp_path, store):
         assert row["chosen"][0]["content"] == "variant 1 more"  # the only one equal to the reference
         assert row["rejected"][0]["content"] == "variant 0" and row["margin"] == 1.0
         assert json.loads(row["verdict"])["verified"] == [False, True, False]
+
+
+def test_the_judge_sees_candidates_and_prompt_exactly_as_written(cli, tmp_path, store):
+    # Placeholders are filled in one pass: a prompt holding "{a}" or a candidate holding "{b}" (code,
+    # format strings) once had the other candidate pasted into it before the judge saw it.
+    seen: list[str] = []
+
+    class Braces(Scripted):
+        def generate(self, prompts, max_tokens, temperature, top_p, seeds):
+            seen.extend(p[-1]["content"] for p in prompts if "[Answer A]" in p[-1]["content"])
+            return super().generate(prompts, max_tokens, temperature, top_p, seeds)
+
+    source = write_jsonl(tmp_path / "p.jsonl", [{"text": "Print f'{a}' and f'{b}' in Python"}])
+    text = _recipe(tmp_path, "URL", candidates=2).read_text().replace("input: c", f"input: {source}")
+    with _server(Braces()) as server:
+        result = cli("--store", store.root, "synth", "preferences",
+                     write_recipe(tmp_path / "b.yaml", text.replace("URL", server.url)), "--set", "min_margin=0")  # fmt: skip
+    assert result.code == 0, result.err
+    assert len(seen) == 2
+    for judged in seen:
+        assert "[Request]\nPrint f'{a}' and f'{b}' in Python\n" in judged
+        assert judged.count("variant") == 2
