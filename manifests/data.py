@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -68,8 +69,24 @@ def jsonl_objects(path: Path, where: str, start: int = 0, end: int | None = None
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DistilleryError(
                     f"{where} line {line_no}: not valid JSON ({e.msg}); fix or remove the line"
                 ) from None
+            # JSON may escape a lone surrogate ("\ud800"): valid JSON but not text (web dumps have them);
+            # it becomes U+FFFD, as an invalid byte does in a decoder with errors="replace".
+            yield line_no, _repaired(value) if "\\ud" in line.lower() else value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _repaired(value):
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_repaired(v) for v in value]
+    if isinstance(value, dict):
+        return {_repaired(k): _repaired(v) for k, v in value.items()}
+    return value

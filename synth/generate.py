@@ -104,6 +104,8 @@ class GenerateTask(SynthTask):
         return [names[-1]]
 
     def first_requests(self, row: dict[str, Any]) -> list[Request]:
+        if not (row["text"] or "").strip():
+            return []
         messages = self._messages(row["text"])
         prompt_id = record_id("prompt", row["id"], canonical_json(messages))
         return [self.engine.request(name, messages, self.cfg.sampling, k)
@@ -111,6 +113,8 @@ class GenerateTask(SynthTask):
 
     async def run(self, row: dict[str, Any]) -> list[Output | Dropped]:
         requests = self.first_requests(row)
+        if not requests:  # nothing to make a prompt of: no request is paid for
+            return [Dropped(row["id"], "empty_input")]
         messages = requests[0].messages
         prompt_id = record_id("prompt", row["id"], canonical_json(messages))
         out: list[Output | Dropped] = []

@@ -97,13 +97,7 @@ def read_file(path: Path, columns: list[str], purpose: str) -> SynthInput:
                 f"it has: {', '.join(record) or 'nothing'}"
             )
         source = dict.fromkeys(SOURCE_TYPE.names) | {"uri": uri, "sha256": sha, pointer: number}
-        try:
-            rid = record_id(uri, number, canonical_json(record))
-        except UnicodeEncodeError:  # JSON's "\ud800": valid JSON, but no text a prompt can be made of
-            raise DistilleryError(
-                f"{uri} {pointer} {number}: holds a lone surrogate escape (such as \\ud800), which is not "
-                "text; fix or remove the line"
-            ) from None
+        rid = record_id(uri, number, canonical_json(record))  # lone surrogates were repaired as read
         rows.append({"id": rid, **{c: _text(record[c]) for c in columns}, "source": source})
     schema = pa.schema([("id", pa.string()), *((c, pa.string()) for c in columns), ("source", SOURCE_TYPE)])
     return SynthInput(

@@ -271,3 +271,18 @@ def test_minhash_keep_the_highest_score_of_a_cluster(cli, tmp_path, store):
     bad = write_recipe(tmp_path / "b.yaml", recipe.read_text().replace(", score_column: language_score", ""))
     result = cli("--store", store.root, "corpus", "build", bad)
     assert result.code == 2 and "needs 'score_column'" in result.err
+
+
+def test_a_lone_surrogate_escape_in_a_jsonl_line_becomes_a_replacement_character(cli, tmp_path, store):
+    source = tmp_path / "web.jsonl"
+    words = " ".join(["word"] * 30)
+    source.write_text(
+        f'{{"text": "{words} broken \\ud800 here"}}\n{{"text": "{words} fine \\ud83d\\ude00"}}\n'
+    )
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"stage: corpus.build\nname: s\ninputs: [{{path: {source}}}]\n"
+    )
+    result = cli("--store", store.root, "corpus", "build", recipe)
+    assert result.code == 0, result.err
+    texts = sorted(r["text"] for r in read_table(store.resolve("s")).to_pylist())
+    assert texts[0].endswith("broken \ufffd here") and texts[1].endswith("fine \U0001f600")
