@@ -51,8 +51,9 @@ def load_tokenizer(manifest: Manifest):
 def load_causal_lm(manifest: Manifest, store: Store, *, merge_adapter: bool = True, **kwargs: Any):
     """(model, tokenizer) for a run reference, after verifying its files.
 
-    An adapter run is loaded on top of its base model; with ``merge_adapter`` the adapter is
-    merged so that inference runs at full speed.
+    An adapter run is loaded on top of its base model; with ``merge_adapter`` a LoRA or IA³ adapter
+    is merged so that inference runs at full speed. A prompt-learning adapter (prefix, p-tuning,
+    prompt tuning) stays a ``PeftModel``: its virtual tokens are not weights that could be merged.
     """
     from transformers import AutoModelForCausalLM
 
@@ -64,7 +65,7 @@ def load_causal_lm(manifest: Manifest, store: Store, *, merge_adapter: bool = Tr
 
         base, _ = load_causal_lm(base_model_of(manifest, store), store, **kwargs)
         model = PeftModel.from_pretrained(base, path)
-        if merge_adapter:
+        if merge_adapter and not model.active_peft_config.is_prompt_learning:
             model = model.merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -82,7 +82,10 @@ def test_train_on_a_dataset_without_messages_names_its_columns(cli, tmp_path, st
     )
     result = cli("--store", store.root, "train", recipe)
     assert_one_line_error(result)
-    assert "lacks column(s) messages needed for SFT; it has: id, parents, text, source" in result.err
+    assert (
+        "lacks column(s) messages (or prompt and completion) needed for SFT; it has: id, parents, text, source"
+        in result.err
+    )
 
 
 def test_tampered_input_stops_the_next_stage(cli, tmp_path, store):
@@ -128,7 +131,7 @@ def test_help_everywhere(cli):
     verbs = [["corpus", "build"], ["synth", "generate"], ["synth", "augment"], ["synth", "cot"], ["train", "run"], ["train", "import-model"],
              ["train", "make-student"], ["eval", "run"], ["run"], ["demo"]]  # fmt: skip
     verbs += [["manifests", v] for v in ("list", "show", "verify", "lineage", "trace", "diff")]
-    verbs += [["train", "tokenizer"], ["train", "pack"]]
+    verbs += [["train", "tokenizer"], ["train", "pack"], ["train", "merge"]]
     for args in [["--help"]] + [v + ["--help"] for v in verbs]:
         with pytest.raises(SystemExit) as exit_:
             cli(*args)

@@ -136,3 +136,54 @@ def _number(value: float) -> float | str:
     """JSON has no NaN: non-finite values are written as strings."""
     value = float(value)
     return round(value, 6) if math.isfinite(value) else str(value)
+
+
+def trainer_guard(monitor: Monitor):
+    """The guards as a ``transformers`` callback, for methods run by TRL's trainers.
+
+    A non-finite gradient norm is caught before the optimizer step: ``skip`` drops the step's
+    gradients (the optimizer leaves parameters without one untouched), ``stop`` ends training. A loss
+    spike (or a NaN loss) is only seen in the step's log, after it was applied: it is recorded, and
+    ``stop`` ends training. ``rollback`` needs the project's own loop (``method: pretrain``).
+    After ``trainer.train()``, ``callback.stopped`` holds the trigger that stopped it, if any.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class GuardCallback(TrainerCallback):
+        stopped: dict[str, Any] | None = None
+
+        def _act(self, state, control, reason: str, loss: float, grad_norm: float) -> bool:
+            action = "stop" if len(monitor.triggers) >= monitor.guard.max_triggers else monitor.guard.action
+            monitor.trigger(state.global_step, reason, loss, grad_norm, action)
+            if action == "stop":
+                self.stopped = monitor.triggers[-1]
+                control.should_training_stop = True
+            return action == "skip"
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if not grads:
+                return control
+            norm = float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            )
+            if not math.isfinite(norm) and self._act(state, control, "nan_grad", float("nan"), norm):
+                for p in model.parameters():
+                    p.grad = None
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return control
+            loss, grad_norm = float(logs["loss"]), float(logs.get("grad_norm", 0.0) or 0.0)
+            reason = monitor.check(state.global_step, loss, grad_norm)
+            if reason == "nan_grad":  # handled before the step
+                return control
+            if reason is None:
+                monitor.good(loss)
+            else:
+                self._act(state, control, reason, loss, grad_norm)
+            return control
+
+    return GuardCallback()

@@ -1,4 +1,4 @@
-"""``train`` (method ``sft``): supervised fine-tuning from dataset manifests with TRL, LoRA or full.
+"""``train`` (method ``sft``): supervised fine-tuning from dataset manifests with TRL, full or PEFT.
 
     stage: train
     method: sft
@@ -6,12 +6,33 @@
     model: student-base            # run reference of the base checkpoint
     datasets: [{ref: demo-sft, split: train}]
     peft: {method: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}
+    packing: true
     max_steps: 30
 
-Rows need ``messages`` (a chat whose last turn is the assistant's answer); the loss is on the
-answer only (TRL's prompt–completion format). The run publishes ``checkpoint/`` (the adapter, or
-the full model), ``metrics.jsonl`` (loss per step) and a manifest whose parents are the datasets
-and the base model.
+The data format is chosen by the columns present (every dataset of a mixture has the same one):
+
+- ``messages`` — a chat, single- or multi-turn (``synth.generate`` and ``synth.cot`` rows). The loss
+  is on the assistant turns only. TRL's ``assistant_only_loss`` needs ``{% generation %}`` markers
+  that SmolLM2's ChatML template lacks, so each conversation is tokenized here: the template is
+  rendered up to each assistant turn and through it, and the tokens in between (the answer and its
+  end-of-turn) are the turn's labels. For one turn this is exactly TRL's prompt–completion masking;
+  a template that does not render a conversation's prefixes as prefixes of the whole is an error.
+- ``prompt`` + ``completion`` — strings, or message lists (chat): TRL's prompt–completion format,
+  loss on the completion.
+
+The chat template is the tokenizer's own, or ``chat_template:`` (Jinja text or a ``.jinja`` file),
+saved with the checkpoint so that inference uses the template the model was trained with.
+
+``packing: true`` packs examples into rows of ``max_length`` tokens (TRL's best-fit decreasing, an
+example longer than a row is truncated) and runs them padding-free: one flattened row per batch
+whose position ids restart at 0 at every example. Without flash-attention (CPU: sdpa or eager),
+transformers derives a block-diagonal causal mask from those position ids, so an example never
+attends to another: ``tests/test_train_sft.py`` checks that every example's loss in a packed batch
+equals its loss alone. Prompt-learning adapters cannot pack (their virtual tokens would precede only
+the first example of a flattened row).
+
+The run publishes ``checkpoint/`` (the adapter, or the full model, with the tokenizer),
+``metrics.jsonl`` (loss per step) and a manifest whose parents are the datasets and the base model.
 """
 
 from __future__ import annotations
@@ -19,65 +40,163 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from manifests.errors import DistilleryError
-from manifests.models import CHECKPOINT_DIR, load_causal_lm
+from manifests.models import (
+    CHECKPOINT_DIR,
+    base_model_of,
+    checkpoint_path,
+    is_adapter,
+    load_causal_lm,
+    load_tokenizer,
+)
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
+from train.peft_config import (
+    PeftSettings,
+    build_peft_config,
+    check_target_modules,
+    model_load_kwargs,
+    require_method_support,
+)
 
-
-class PeftSettings(RecipeConfig):
-    """Parameter-efficient fine-tuning (``method: none`` trains every weight)."""
-
-    method: Literal["lora", "none"] = "lora"
-    r: int = Field(default=8, ge=1)
-    alpha: int = Field(default=16, ge=1)
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+SFTFormat = Literal["messages", "prompt-completion"]
+FORMAT_COLUMNS: dict[str, list[str]] = {
+    "messages": ["messages"],
+    "prompt-completion": ["prompt", "completion"],
+}
+COMPACT_LM_HEAD_ON_CPU = True
+"""Score the LM head only at labelled positions on CPU (``labelled_positions_only``); the benchmark
+turns it off to show what packing alone gives."""
 
 
 class SFTRecipe(RecipeConfig):
-    """Supervised fine-tuning of a causal LM on chat data."""
+    """Supervised fine-tuning of a causal LM on chat or prompt–completion data."""
 
     name: Name
     method: Literal["sft"] = "sft"
     model: str
-    """Run reference of the base checkpoint (from ``train import-model`` or ``make-student``)."""
+    """Run reference of the base checkpoint (from ``train import-model``, ``make-student`` or a training run)."""
     datasets: list[DatasetInput] = Field(min_length=1)
     peft: PeftSettings = Field(default_factory=PeftSettings)
     max_steps: int = Field(default=30, ge=1)
     per_device_batch_size: int = Field(default=4, ge=1)
+    """Examples per step (with packing: packed rows of ``max_length`` tokens per step)."""
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
     max_length: int = Field(default=512, ge=8)
+    """Tokens per example (longer ones are truncated); with packing, tokens per packed row."""
+    packing: bool = False
+    """Pack examples into rows of ``max_length`` tokens, padding-free, attention kept within each example."""
+    chat_template: str | None = None
+    """A Jinja chat template (the text, or a path to a ``.jinja`` file) instead of the tokenizer's own."""
     bf16: bool = False
     seed: int = 0
 
+    def resolved(self) -> dict[str, Any]:
+        data = super().resolved()
+        data["peft"] = {k: v for k, v in data["peft"].items() if v is not None}  # only the method's options
+        return data
 
-def _prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
-    messages = row["messages"]
-    if not messages or messages[-1]["role"] != "assistant":
+
+def data_format(manifests: list[Manifest]) -> SFTFormat:
+    """The one format of all ``manifests``, from their columns (``messages`` first)."""
+    formats: dict[str, tuple[SFTFormat, tuple[str, ...]]] = {}
+    for m in manifests:
+        schema = pq.read_schema(m.location / m.data_files()[0].path)
+        if "messages" in schema.names:
+            fmt: SFTFormat = "messages"
+        elif "prompt" in schema.names and "completion" in schema.names:
+            fmt = "prompt-completion"
+        else:
+            raise DistilleryError(
+                f"dataset {m.ref} lacks column(s) messages (or prompt and completion) needed for SFT; "
+                f"it has: {', '.join(schema.names)}"
+            )
+        formats[m.ref] = (fmt, tuple(str(schema.field(c).type) for c in FORMAT_COLUMNS[fmt]))
+    if len(set(formats.values())) > 1:
+        described = ", ".join(f"{ref} ({fmt}: {', '.join(types)})" for ref, (fmt, types) in formats.items())
         raise DistilleryError(
-            f"row {row['id']} does not end with an assistant message; SFT needs one to learn"
+            f"datasets: a mixture needs one format and column types, got {described}; train them separately "
+            "or convert one (a prompt/completion chat becomes messages = prompt + completion)"
         )
-    return {"prompt": messages[:-1], "completion": messages[-1:]}
+    return next(iter(formats.values()))[0]
+
+
+def chat_template_text(value: str) -> str:
+    """The template a recipe's ``chat_template`` names: Jinja text as is, or the text of a file."""
+    if "{%" in value or "{{" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise DistilleryError(
+            f"chat_template: {value}: no such file (give a .jinja file or the template text)"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> list[int]:
+    # Tokenized as TRL tokenizes chats (``trl.data_utils._tokenize``), so both routes give the same ids.
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(encoded["input_ids"])
+
+
+def conversation_example(
+    messages: list[dict[str, Any]], tokenizer, row_id: str = "?"
+) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` of one chat: labels are -100 except on the assistant turns.
+
+    A turn's tokens are those between the conversation rendered up to it (with the generation
+    prompt) and rendered through it: its answer and end-of-turn, what the model must learn to say.
+    """
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    ids = _render(tokenizer, messages)
+    labels = [-100] * len(ids)
+    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if not turns:
+        raise DistilleryError(f"row {row_id} has no assistant message; SFT needs one to learn")
+    for i in turns:
+        start = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else []
+        through = _render(tokenizer, messages[: i + 1])
+        if ids[: len(start)] != start or ids[: len(through)] != through or len(through) < len(start):
+            raise DistilleryError(
+                f"row {row_id}: the chat template does not render the conversation up to turn {i} as the start "
+                "of the whole conversation, so the assistant's tokens cannot be found; set chat_template: to a "
+                "template that renders earlier turns the same way"
+            )
+        labels[len(start) : len(through)] = ids[len(start) : len(through)]
+    return {"input_ids": ids, "labels": labels}
+
+
+def training_rows(mixture, fmt: SFTFormat, tokenizer):
+    """The mixture in a form TRL's SFTTrainer takes: tokenized chats, or its prompt–completion format."""
+    if fmt == "prompt-completion":
+        return mixture.select_columns(["prompt", "completion"])
+    return mixture.map(
+        lambda row: conversation_example(row["messages"], tokenizer, row["id"]),
+        remove_columns=mixture.column_names, desc="Tokenizing conversations",
+    )  # fmt: skip
 
 
 def _metrics_callback(path: Path):
     from transformers import TrainerCallback
 
     class MetricsWriter(TrainerCallback):
-        """Appends every logged step (loss, learning rate, grad norm) to ``metrics.jsonl``."""
+        """Appends every logged step (loss, learning rate, grad norm, tokens) to ``metrics.jsonl``."""
 
         def __init__(self) -> None:
             self.started = time.time()
@@ -93,60 +212,111 @@ def _metrics_callback(path: Path):
     return MetricsWriter()
 
 
+@contextmanager
+def labelled_positions_only():
+    """While training: TRL's LM head scores only the positions that have a label, on CPU too.
+
+    TRL's fused LM head projects only the labelled positions (the answers) on CUDA, but every
+    position on other devices, to keep tile shapes fixed for compiled backends (Neuron). Nothing is
+    compiled on CPU, and the vocabulary projection is most of a small model's work (SmolLM2: 49k x
+    576 per position), so skipping the prompt's positions trains 1.3-1.9x faster on synth-like
+    data with the same loss (``benchmarks/train``; ``tests/test_train_sft.py`` checks the loss).
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None or not COMPACT_LM_HEAD_ON_CPU:  # another TRL: its own behaviour
+        yield
+        return
+    trl_utils._use_triton = lambda device: original(device) or device.type == "cpu"
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def _architecture(manifest: Manifest, store: Store):
+    """The model of a run without its weights (on the meta device): its layer names, in no time."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    while is_adapter(manifest):
+        manifest = base_model_of(manifest, store)
+    config = AutoConfig.from_pretrained(checkpoint_path(manifest))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _check_recipe(cfg: SFTRecipe) -> None:
+    if cfg.packing and cfg.peft.is_prompt_learning:
+        raise DistilleryError(
+            f"packing: true does not work with peft.method {cfg.peft.method}: its virtual tokens would precede "
+            "only the first example of a packed row; set packing: false"
+        )
+    require_method_support(cfg.peft)
+
+
+def _trainer_args(cfg: SFTRecipe, work: str):
+    import torch
+    from trl import SFTConfig
+
+    # transformers 5 renamed gradient checkpointing; the old name still works there, with a warning.
+    no_checkpointing = {next(k for k in ("activation_checkpointing", "gradient_checkpointing")
+                             if k in SFTConfig.__dataclass_fields__): False}  # fmt: skip
+    return SFTConfig(
+        output_dir=work, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length, packing=cfg.packing, packing_strategy="bfd", padding_free=cfg.packing,
+        bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="no", report_to="none",
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **no_checkpointing,
+    )  # fmt: skip
+
+
 def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
-    datasets = resolve_datasets(cfg.datasets, store, ["id", "messages"], "SFT")
+    _check_recipe(cfg)
+    datasets = resolve_datasets(cfg.datasets, store, ["id"], "SFT")
+    fmt = data_format(datasets)
     base = store.resolve(cfg.model, kind="run")
+    template = chat_template_text(cfg.chat_template) if cfg.chat_template else None
 
     import torch
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    mixture = load_mixture(cfg.datasets, datasets, ["id", "messages"], cfg.seed)
-    train_data = mixture.map(_prompt_completion, remove_columns=mixture.column_names)
+    mixture = load_mixture(cfg.datasets, datasets, ["id", *FORMAT_COLUMNS[fmt]], cfg.seed)
+    tokenizer = load_tokenizer(base)
+    if template is not None:
+        tokenizer.chat_template = template
+    conversational = fmt == "messages" or not isinstance(mixture[0]["prompt"], str)
+    if conversational and not tokenizer.chat_template:
+        raise DistilleryError(
+            f"model {base.ref} has no chat template and the data are chats; set chat_template: in the recipe"
+        )
+    if cfg.peft.target_modules:
+        check_target_modules(cfg.peft.target_modules, _architecture(base, store), base.ref)
+    train_data = training_rows(mixture, fmt, tokenizer)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_causal_lm(base, store)
-    peft_config = None
-    if cfg.peft.method == "lora":
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        unknown = [m for m in cfg.peft.target_modules if m not in names]
-        if unknown:
-            linear = sorted(
-                {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if type(mod).__name__ == "Linear"}
-            )
-            raise DistilleryError(
-                f"peft.target_modules: {', '.join(unknown)} not in model {base.ref}; its linear layers: {', '.join(linear)}"
-            )
-        peft_config = LoraConfig(
-            r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
-            target_modules=cfg.peft.target_modules, task_type="CAUSAL_LM",
-        )  # fmt: skip
-    recipe = cfg.resolved() | {
-        "model": base.id,
-        "datasets": pinned(cfg.datasets, datasets),
-    }
+    model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
+    peft_config = build_peft_config(cfg.peft, model, str(checkpoint_path(base)))
+    recipe = cfg.resolved() | {"model": base.id, "datasets": pinned(cfg.datasets, datasets)}
     roles = {base.id: "base_model"}
     with Publisher(store, kind="run", name=cfg.name, stage="train.sft", recipe=recipe, parents=[*datasets, base],
                    parent_roles=roles, seed=cfg.seed) as pub, tempfile.TemporaryDirectory() as work:  # fmt: skip
-        args = SFTConfig(
-            output_dir=work, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-            warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-            max_length=cfg.max_length, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1,
-            save_strategy="no", report_to="none", gradient_checkpointing=False, dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available(),
-        )  # fmt: skip
+        args = _trainer_args(cfg, work)
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=train_data, processing_class=tokenizer, peft_config=peft_config,
             callbacks=[_metrics_callback(pub.dir / "metrics.jsonl")],
         )  # fmt: skip
         started = time.time()
-        result = trainer.train()
+        with labelled_positions_only():
+            result = trainer.train()
         trainer.model.save_pretrained(pub.dir / CHECKPOINT_DIR)
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
-        losses = [json.loads(line)["loss"] for line in (pub.dir / "metrics.jsonl").read_text().splitlines()]
+        logged = [json.loads(line) for line in (pub.dir / "metrics.jsonl").read_text().splitlines()]
         stats = {
-            "method": "sft", "peft": cfg.peft.method, "steps": result.global_step, "train_rows": len(train_data),
-            "first_loss": losses[0], "final_loss": losses[-1], "train_loss": result.training_loss,
+            "method": "sft", "peft": cfg.peft.method, "format": fmt, "packing": cfg.packing,
+            "steps": result.global_step, "train_rows": len(train_data), "tokens_seen": int(logged[-1].get("num_tokens", 0)),
+            "first_loss": logged[0]["loss"], "final_loss": logged[-1]["loss"], "train_loss": result.training_loss,
             "wall_s": round(time.time() - started, 2),
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         }  # fmt: skip

