@@ -70,7 +70,9 @@ def answer_nll(
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
         label_t = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
         with torch.inference_mode():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        # Prompt-learning adapters (p-tuning, prompt tuning) prepend virtual tokens: keep the real positions.
+        logits = logits[:, -input_ids.size(1) :][:, :-1].float()
         target = label_t[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
                                                 ignore_index=-100, reduction="sum")  # fmt: skip

@@ -18,7 +18,7 @@ from manifests.recipes import parse_config
 from manifests.store import Store
 from train.sft import SFTRecipe, conversation_example, labelled_positions_only, train_sft
 
-from .conftest import WORDS, assert_one_line_error, write_recipe
+from .conftest import ROOT, WORDS, assert_one_line_error, write_recipe
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "system", "user", "assistant"]
 TEMPLATE = (
@@ -289,6 +289,11 @@ def test_prompt_encoders_train_and_reload(sft_store, peft):
         logits = model(**ids).logits
     # The virtual tokens are positions of their own in front of the input.
     assert logits.shape[1] == ids["input_ids"].shape[1] + 3
+    # Perplexity scores the real positions only (it once misaligned logits and labels here).
+    from eval.perplexity import answer_nll
+
+    nll, tokens = answer_nll(model, tokenizer, [chat_rows(1)[0]["messages"]], max_length=128, batch_size=1)
+    assert tokens > 0 and 0 < nll / tokens < 20
 
 
 def test_lora_and_ia3_merge_into_full_checkpoints_with_the_adapters_logits(sft_store):
@@ -401,3 +406,48 @@ def test_smollm2_chat_template_labels():
     )
     assert single["labels"][: len(prompt["input_ids"])] == [-100] * len(prompt["input_ids"])
     assert tokenizer.decode([t for t in single["labels"] if t != -100]) == "4.<|im_end|>\n"
+
+
+# --- guard rails ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["skip", "stop"])
+def test_a_planted_nan_gradient_triggers_the_guard(sft_store, monkeypatch, action):
+    from manifests.errors import RunFailed
+
+    monkeypatch.setenv("DISTILLERY_FAULT_NAN_AT_STEP", "1")
+    if action == "stop":
+        with pytest.raises(RunFailed, match="nan grad at step 1"):
+            train(sft_store, "guarded-stop", max_steps=3, guard={"action": "stop"})
+        assert not any(m.name == "guarded-stop" for m in sft_store.list())
+        return
+    m = train(sft_store, "guarded-skip", max_steps=3, guard={"action": "skip"})
+    (trigger,) = m.stats["guard_triggers"]
+    assert trigger["reason"] == "nan_grad" and trigger["action"] == "skip" and trigger["step"] == 1
+    assert m.stats["steps"] == 3 and m.stats["final_loss"] == m.stats["final_loss"]  # finite afterwards
+    from manifests.models import load_causal_lm
+
+    model, _ = load_causal_lm(m, sft_store)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())  # the poisoned step was not applied
+
+
+def test_rollback_is_refused_for_sft(sft_store):
+    with pytest.raises(DistilleryError, match="rollback needs method pretrain"):
+        train(sft_store, "x", guard={"action": "rollback"})
+
+
+def test_sft_under_torchrun_trains_on_two_processes_and_publishes_once(sft_store, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text("stage: train\nname: sft-ddp\nmodel: tiny\ndatasets: [{ref: chat}]\nmax_steps: 2\n"
+                      "per_device_batch_size: 2\nmax_length: 128\npeft: {method: none}\n")  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(sft_store.root), "train", "run",
+                             str(recipe), "--nproc", "2", "--master-port", "29519"], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("published run") == 1
+    m = sft_store.resolve("sft-ddp")
+    assert m.stats["steps"] == 2 and m.stats["train_rows"] == 16

@@ -47,7 +47,7 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from manifests.errors import DistilleryError
+from manifests.errors import DistilleryError, RunFailed
 from manifests.models import (
     CHECKPOINT_DIR,
     base_model_of,
@@ -61,6 +61,7 @@ from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
+from train.monitor import GuardConfig, Monitor, trainer_guard
 from train.peft_config import (
     PeftSettings,
     build_peft_config,
@@ -103,6 +104,9 @@ class SFTRecipe(RecipeConfig):
     chat_template: str | None = None
     """A Jinja chat template (the text, or a path to a ``.jinja`` file) instead of the tokenizer's own."""
     bf16: bool = False
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    """NaN/inf gradients are caught before the step (``skip`` drops it, ``stop`` ends the run); loss
+    spikes are recorded and ``stop`` ends the run (``rollback`` is for ``method: pretrain``)."""
     seed: int = 0
 
     def resolved(self) -> dict[str, Any]:
@@ -269,12 +273,36 @@ def _trainer_args(cfg: SFTRecipe, work: str):
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length, packing=cfg.packing, packing_strategy="bfd", padding_free=cfg.packing,
         bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="no", report_to="none",
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **no_checkpointing,
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_nan_inf_filter=False,
+        **no_checkpointing,
     )  # fmt: skip
 
 
-def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
+FAULT_NAN_STEP = "DISTILLERY_FAULT_NAN_AT_STEP"
+"""Fault injection for tests: the gradients of this optimizer step are made NaN."""
+
+
+def _planted_nan() -> list:
+    import os
+
+    step = os.environ.get(FAULT_NAN_STEP)
+    if step is None:
+        return []
+    from transformers import TrainerCallback
+
+    class PlantNaN(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == int(step):
+                next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+            return control
+
+    return [PlantNaN()]
+
+
+def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     _check_recipe(cfg)
+    if cfg.guard.action == "rollback":
+        raise DistilleryError("guard.action rollback needs method pretrain; for SFT use skip or stop")
     datasets = resolve_datasets(cfg.datasets, store, ["id"], "SFT")
     fmt = data_format(datasets)
     base = store.resolve(cfg.model, kind="run")
@@ -303,13 +331,23 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
     with Publisher(store, kind="run", name=cfg.name, stage="train.sft", recipe=recipe, parents=[*datasets, base],
                    parent_roles=roles, seed=cfg.seed) as pub, tempfile.TemporaryDirectory() as work:  # fmt: skip
         args = _trainer_args(cfg, work)
+        monitor = Monitor(None, cfg.guard, 0.0, None)
+        guard = trainer_guard(monitor)
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=train_data, processing_class=tokenizer, peft_config=peft_config,
-            callbacks=[_metrics_callback(pub.dir / "metrics.jsonl")],
+            callbacks=[_metrics_callback(pub.dir / "metrics.jsonl"), *_planted_nan(), guard],
         )  # fmt: skip
         started = time.time()
         with labelled_positions_only():
             result = trainer.train()
+        if not trainer.is_world_process_zero():
+            return None  # under torchrun, the first process publishes
+        if guard.stopped is not None:
+            t = guard.stopped
+            raise RunFailed(
+                f"{cfg.name}: {t['reason'].replace('_', ' ')} at step {t['step']} (loss {t['loss']}, grad norm "
+                f"{t['grad_norm']}); stopped as guard.action says -- 'guard: {{action: skip}}' drops such steps"
+            )
         trainer.model.save_pretrained(pub.dir / CHECKPOINT_DIR)
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
         logged = [json.loads(line) for line in (pub.dir / "metrics.jsonl").read_text().splitlines()]
@@ -319,6 +357,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest:
             "first_loss": logged[0]["loss"], "final_loss": logged[-1]["loss"], "train_loss": result.training_loss,
             "wall_s": round(time.time() - started, 2),
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "guard_triggers": monitor.triggers,
         }  # fmt: skip
         return pub.publish(stats=stats)
 
