@@ -87,3 +87,27 @@ def docs(n: int, offset: int = 0) -> list[dict]:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+TINY_SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "system", "user", "assistant"]
+TINY_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def tiny_tokenizer(words: list[str] | None = None):
+    """A word-level tokenizer (``TINY_SPECIAL`` then ``words``) with a ChatML-like template, for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(TINY_SPECIAL + (WORDS if words is None else words))}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )  # fmt: skip
+    tokenizer.chat_template = TINY_TEMPLATE
+    return tokenizer

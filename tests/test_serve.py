@@ -19,7 +19,7 @@ import pytest
 from manifests.errors import DistilleryError
 from synth.serve import start_server
 
-from .conftest import ROOT, assert_one_line_error
+from .conftest import ROOT, assert_one_line_error, tiny_tokenizer
 
 pytestmark = pytest.mark.network
 
@@ -250,25 +250,14 @@ WORDS = [
 def tiny_store(tmp_path_factory):
     """A 1-layer Llama with a word-level tokenizer and a ChatML-like template, published as a run."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from manifests.models import CHECKPOINT_DIR
     from manifests.publish import Publisher
     from manifests.store import Store
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "system", "user", "assistant", *WORDS])}  # fmt: skip
-    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    words.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>"],
-    )  # fmt: skip
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
-    )
+    tokenizer = tiny_tokenizer(WORDS)
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,

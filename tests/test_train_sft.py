@@ -18,28 +18,17 @@ from manifests.recipes import parse_config
 from manifests.store import Store
 from train.sft import SFTRecipe, conversation_example, labelled_positions_only, train_sft
 
-from .conftest import ROOT, WORDS, assert_one_line_error, write_recipe
-
-SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "system", "user", "assistant"]
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+from .conftest import (
+    ROOT,
+    TINY_SPECIAL,
+    TINY_TEMPLATE,
+    WORDS,
+    assert_one_line_error,
+    tiny_tokenizer,
+    write_recipe,
 )
 
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    words.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>"],
-    )  # fmt: skip
-    tokenizer.chat_template = TEMPLATE
-    return tokenizer
+SPECIAL, TEMPLATE = TINY_SPECIAL, TINY_TEMPLATE
 
 
 def tiny_model(seed: int = 0):
