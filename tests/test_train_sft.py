@@ -440,3 +440,42 @@ def test_sft_under_torchrun_trains_on_two_processes_and_publishes_once(sft_store
     assert result.stdout.count("published run") == 1
     m = sft_store.resolve("sft-ddp")
     assert m.stats["steps"] == 2 and m.stats["train_rows"] == 16
+
+
+def test_a_killed_sft_run_resumes_to_the_same_weights(sft_store, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    text = ("stage: train\nname: {name}\nmodel: tiny\ndatasets: [{{ref: chat}}]\nmax_steps: 4\nsave_every: 2\n"
+            "per_device_batch_size: 2\nmax_length: 128\nlearning_rate: 0.01\npeft: {{method: none}}\n")  # fmt: skip
+    straight = train(sft_store, "straight", max_steps=4, save_every=2, per_device_batch_size=2,
+                     learning_rate=0.01, peft={"method": "none"})  # fmt: skip
+    recipe = tmp_path / "resumed.yaml"
+    recipe.write_text(text.format(name="resumed"))
+    command = [
+        sys.executable,
+        "-m",
+        "manifests.cli",
+        "--store",
+        str(sft_store.root),
+        "train",
+        "run",
+        str(recipe),
+    ]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "DISTILLERY_FAULT_EXIT_AFTER_STEP": "2"})  # fmt: skip
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert not any(m.name == "resumed" for m in sft_store.list())
+    again = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = sft_store.resolve("resumed")
+    a = load_file(straight.location / "checkpoint" / "model.safetensors")
+    b = load_file(resumed.location / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in a)
+    steps = [
+        json.loads(line)["step"] for line in (resumed.location / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4] and resumed.producer.execution == {"resume": True}

@@ -37,8 +37,10 @@ The run publishes ``checkpoint/`` (the adapter, or the full model, with the toke
 
 from __future__ import annotations
 
+import hashlib
 import json
-import tempfile
+import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +50,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from manifests.errors import DistilleryError, RunFailed
+from manifests.hashing import canonical_json
 from manifests.models import (
     CHECKPOINT_DIR,
     base_model_of,
@@ -104,6 +107,10 @@ class SFTRecipe(RecipeConfig):
     chat_template: str | None = None
     """A Jinja chat template (the text, or a path to a ``.jinja`` file) instead of the tokenizer's own."""
     bf16: bool = False
+    save_every: int = Field(default=50, ge=1)
+    """Checkpoint every this many steps (the newest two are kept until the run is published)."""
+    resume: bool = False
+    """Continue from the newest checkpoint of an interrupted run of the same recipe (``--resume``)."""
     guard: GuardConfig = Field(default_factory=GuardConfig)
     """NaN/inf gradients are caught before the step (``skip`` drops it, ``stop`` ends the run); loss
     spikes are recorded and ``stop`` ends the run (``rollback`` is for ``method: pretrain``)."""
@@ -260,7 +267,7 @@ def _check_recipe(cfg: SFTRecipe) -> None:
     require_method_support(cfg.peft)
 
 
-def _trainer_args(cfg: SFTRecipe, work: str):
+def _trainer_args(cfg: SFTRecipe, work: Path):
     import torch
     from trl import SFTConfig
 
@@ -272,7 +279,7 @@ def _trainer_args(cfg: SFTRecipe, work: str):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length, packing=cfg.packing, packing_strategy="bfd", padding_free=cfg.packing,
-        bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="no", report_to="none",
+        bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2, report_to="none",
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_nan_inf_filter=False,
         **no_checkpointing,
     )  # fmt: skip
@@ -282,21 +289,28 @@ FAULT_NAN_STEP = "DISTILLERY_FAULT_NAN_AT_STEP"
 """Fault injection for tests: the gradients of this optimizer step are made NaN."""
 
 
-def _planted_nan() -> list:
-    import os
+FAULT_EXIT_STEP = "DISTILLERY_FAULT_EXIT_AFTER_STEP"
+"""Fault injection for tests: the process dies (as if killed) right after this step's checkpoint."""
 
-    step = os.environ.get(FAULT_NAN_STEP)
-    if step is None:
+
+def _planted_faults() -> list:
+    nan_step, exit_step = os.environ.get(FAULT_NAN_STEP), os.environ.get(FAULT_EXIT_STEP)
+    if nan_step is None and exit_step is None:
         return []
     from transformers import TrainerCallback
 
-    class PlantNaN(TrainerCallback):
+    class PlantFaults(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            if state.global_step == int(step):
+            if nan_step is not None and state.global_step == int(nan_step):
                 next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
             return control
 
-    return [PlantNaN()]
+        def on_save(self, args, state, control, **kwargs):
+            if exit_step is not None and state.global_step == int(exit_step):
+                os._exit(137)
+            return control
+
+    return [PlantFaults()]
 
 
 def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
@@ -309,6 +323,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     template = chat_template_text(cfg.chat_template) if cfg.chat_template else None
 
     import torch
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     mixture = load_mixture(cfg.datasets, datasets, ["id", *FORMAT_COLUMNS[fmt]], cfg.seed)
@@ -326,20 +341,36 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     torch.manual_seed(cfg.seed)
     model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
     peft_config = build_peft_config(cfg.peft, model, str(checkpoint_path(base)))
-    recipe = cfg.resolved() | {"model": base.id, "datasets": pinned(cfg.datasets, datasets)}
+    recipe = {k: v for k, v in cfg.resolved().items() if k != "resume"}  # resuming does not change the run
+    recipe |= {"model": base.id, "datasets": pinned(cfg.datasets, datasets)}
+    work = (
+        store.name_dir("run", cfg.name)
+        / f".work-{hashlib.sha256(canonical_json(recipe).encode()).hexdigest()[:16]}"
+    )
+    if not cfg.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    last = get_last_checkpoint(str(work)) if cfg.resume and work.is_dir() else None
+    work.mkdir(parents=True, exist_ok=True)
+    metrics = work / "metrics.jsonl"
+    if last is not None and metrics.is_file():  # steps logged after the checkpoint are trained again
+        done = int(Path(last).name.rsplit("-", 1)[-1])
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= done]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    elif metrics.is_file():
+        metrics.unlink()
     roles = {base.id: "base_model"}
     with Publisher(store, kind="run", name=cfg.name, stage="train.sft", recipe=recipe, parents=[*datasets, base],
-                   parent_roles=roles, seed=cfg.seed) as pub, tempfile.TemporaryDirectory() as work:  # fmt: skip
+                   parent_roles=roles, seed=cfg.seed, execution={"resume": cfg.resume}) as pub:  # fmt: skip
         args = _trainer_args(cfg, work)
         monitor = Monitor(None, cfg.guard, 0.0, None)
         guard = trainer_guard(monitor)
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=train_data, processing_class=tokenizer, peft_config=peft_config,
-            callbacks=[_metrics_callback(pub.dir / "metrics.jsonl"), *_planted_nan(), guard],
+            callbacks=[_metrics_callback(metrics), *_planted_faults(), guard],
         )  # fmt: skip
         started = time.time()
         with labelled_positions_only():
-            result = trainer.train()
+            result = trainer.train(resume_from_checkpoint=last)
         if not trainer.is_world_process_zero():
             return None  # under torchrun, the first process publishes
         if guard.stopped is not None:
@@ -350,7 +381,8 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
             )
         trainer.model.save_pretrained(pub.dir / CHECKPOINT_DIR)
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
-        logged = [json.loads(line) for line in (pub.dir / "metrics.jsonl").read_text().splitlines()]
+        shutil.copy(metrics, pub.dir / "metrics.jsonl")
+        logged = [json.loads(line) for line in metrics.read_text().splitlines()]
         stats = {
             "method": "sft", "peft": cfg.peft.method, "format": fmt, "packing": cfg.packing,
             "steps": result.global_step, "train_rows": len(train_data), "tokens_seen": int(logged[-1].get("num_tokens", 0)),
@@ -359,7 +391,9 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             "guard_triggers": monitor.triggers,
         }  # fmt: skip
-        return pub.publish(stats=stats)
+        manifest = pub.publish(stats=stats)
+    shutil.rmtree(work, ignore_errors=True)  # published: the checkpoints are no longer needed
+    return manifest
 
 
 def run_recipe(data: dict[str, Any], store: Store, source: str) -> Manifest:
