@@ -72,6 +72,7 @@ class Monitor:
         self.started = time.time()
         self._last = (time.perf_counter(), 0)
         self._board = None
+        self._progress = None
         if folder is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -79,6 +80,18 @@ class Monitor:
                 self._board = SummaryWriter(str(folder / "tensorboard"))
             except ImportError:  # TensorBoard is optional
                 pass
+
+    def start_progress(self, total: int, done: int) -> None:
+        """A rich progress line: steps, loss, learning rate, tokens/s, time left."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from manifests.console import make_console
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=make_console(),
+                                  transient=True)  # fmt: skip
+        self._progress.start()
+        self._bar = self._progress.add_task("train", total=total, completed=done, info="")
 
     def check(self, step: int, loss: float, grad_norm: float) -> str | None:
         """The reason this step must not be applied (``nan_loss``, ``nan_grad``, ``loss_spike``), or None."""
@@ -116,6 +129,9 @@ class Monitor:
             record["mfu"] = round(rate * self.flops_token / self.peak, 4)
         record["elapsed_s"] = round(time.time() - self.started, 3)
         self._write(record)
+        if self._progress is not None:
+            info = f"loss {record.get('loss')}  lr {values.get('lr', 0):.2e}  {rate:.0f} tok/s"
+            self._progress.update(self._bar, completed=step, info=info)
         if self._board is not None:
             for key, value in record.items():
                 if isinstance(value, int | float) and key != "step":
@@ -128,6 +144,9 @@ class Monitor:
                 f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
         if self._board is not None:
             self._board.close()
 

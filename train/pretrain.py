@@ -262,60 +262,66 @@ def _train(
     step, started = int(state.get("step", 0)), time.time()
     micro_size = cfg.per_device_batch_size * dist.world
     model.train()
-    while step < cfg.max_steps:
-        wrapped.zero_grad(set_to_none=True)
-        total, positions = 0.0, []
-        for micro in range(cfg.gradient_accumulation_steps):
-            position = state["position"]
-            while position in state["skip"]:
-                position += micro_size
-            ids, state["position"] = batches.take(position)
-            positions.append(position)
-            ids = ids.to(dist.device)
-            sync = micro == cfg.gradient_accumulation_steps - 1 or dist.world == 1
-            if sharded:  # FSDP reduces gradients on the last micro-batch only
-                model.set_requires_gradient_sync(sync)
-            context = wrapped.no_sync() if not sync and not sharded else _null()
-            with context, torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
-                loss = wrapped(input_ids=ids, labels=ids).loss / cfg.gradient_accumulation_steps
-                if position <= fault < position + micro_size:
-                    loss = loss * float("nan")
-            (scaler.scale(loss) if scaler else loss).backward()
-            total += float(loss.detach())
-        if scaler:
-            scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        grad_norm = float(
-            norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        )  # a DTensor under FSDP
-        total = _mean_over_processes(total, dist, torch)
-        reason = monitor.check(step, total, grad_norm)
-        if reason is not None:
-            _on_trigger(cfg, monitor, step, reason, total, grad_norm, positions, state, work, model, optimizer,
-                        scheduler, sharded)  # fmt: skip
-            if cfg.guard.action == "rollback":
-                step = int(state["step"])
-            continue
-        (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-        scheduler.step()
-        step += 1
-        state["tokens"] += micro_size * cfg.gradient_accumulation_steps * seq_len
-        monitor.good(total)
-        state["losses"].append(total)
-        record: dict[str, Any] = {"loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
-        if eval_tokens is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            record["eval_loss"] = _evaluate(wrapped, eval_tokens, cfg, dist, torch, device_type, autocast)
-            state["eval_loss"] = record["eval_loss"]
-        if dist.main:
-            monitor.log(step, state["tokens"], **record)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            state["triggers"] = monitor.triggers
-            checkpoint.save(work, step, model, optimizer, scheduler, state, sharded=sharded, write=dist.main)
-            if dist.world > 1:
-                torch.distributed.barrier()
-            if os.environ.get(FAULT_EXIT) == str(step):
-                os._exit(137)
-    monitor.close()
+    if dist.main:
+        monitor.start_progress(cfg.max_steps, step)
+    try:
+        while step < cfg.max_steps:
+            wrapped.zero_grad(set_to_none=True)
+            total, positions = 0.0, []
+            for micro in range(cfg.gradient_accumulation_steps):
+                position = state["position"]
+                while position in state["skip"]:
+                    position += micro_size
+                ids, state["position"] = batches.take(position)
+                positions.append(position)
+                ids = ids.to(dist.device)
+                sync = micro == cfg.gradient_accumulation_steps - 1 or dist.world == 1
+                if sharded:  # FSDP reduces gradients on the last micro-batch only
+                    model.set_requires_gradient_sync(sync)
+                context = wrapped.no_sync() if not sync and not sharded else _null()
+                with context, torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+                    loss = wrapped(input_ids=ids, labels=ids).loss / cfg.gradient_accumulation_steps
+                    if position <= fault < position + micro_size:
+                        loss = loss * float("nan")
+                (scaler.scale(loss) if scaler else loss).backward()
+                total += float(loss.detach())
+            if scaler:
+                scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = float(
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )  # a DTensor under FSDP
+            total = _mean_over_processes(total, dist, torch)
+            reason = monitor.check(step, total, grad_norm)
+            if reason is not None:
+                _on_trigger(cfg, monitor, step, reason, total, grad_norm, positions, state, work, model, optimizer,
+                            scheduler, sharded)  # fmt: skip
+                if cfg.guard.action == "rollback":
+                    step = int(state["step"])
+                continue
+            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+            scheduler.step()
+            step += 1
+            state["tokens"] += micro_size * cfg.gradient_accumulation_steps * seq_len
+            monitor.good(total)
+            state["losses"].append(total)
+            record: dict[str, Any] = {"loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+            if eval_tokens is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                record["eval_loss"] = _evaluate(wrapped, eval_tokens, cfg, dist, torch, device_type, autocast)
+                state["eval_loss"] = record["eval_loss"]
+            if dist.main:
+                monitor.log(step, state["tokens"], **record)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                state["triggers"] = monitor.triggers
+                checkpoint.save(
+                    work, step, model, optimizer, scheduler, state, sharded=sharded, write=dist.main
+                )
+                if dist.world > 1:
+                    torch.distributed.barrier()
+                if os.environ.get(FAULT_EXIT) == str(step):
+                    os._exit(137)
+    finally:
+        monitor.close()
     weights = checkpoint.full_states(model, optimizer, sharded)[0] if sharded else None  # collective
     if weights is not None and model.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # gathered as a copy; tied again when the model loads
