@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from corpus.crawl_policy import normalise_url
 from corpus.lines import UNIT_KEYS, LineDedupConfig, strip_repeated
 from corpus.minhash import MinHashConfig
-from corpus.minhash_phases import Part, Runner, _save, near_duplicates
+from corpus.minhash_phases import Part, Runner, near_duplicates, save_array
 from corpus.sources import RECORD_SCHEMA
 from corpus.steps import normalise
 from manifests.errors import DistilleryError
@@ -124,13 +124,11 @@ class Combiner:
 
     def __init__(
         self, files: list[Path], task_inputs: list[str], dedup: bool, cuts: list[tuple[str, float, str]],
-        partition_rows: int | None = None, url_dedup: bool = False, lines: LineDedupConfig | None = None,
-        minhash: MinHashConfig | None = None, against: list | None = None, work: Path | None = None,
-        run: Runner | None = None,
+        work: Path, run: Runner, partition_rows: int | None = None, url_dedup: bool = False,
+        lines: LineDedupConfig | None = None, minhash: MinHashConfig | None = None, against: list | None = None,
     ):  # fmt: skip
         self.files = files
-        self.work = work or Path(files[0]).parent
-        self.run = run or (lambda label, fn, jobs: [fn(*job) for job in jobs])
+        self.work, self.run = work, run  # the work folder of the phases' outputs; the executor
         self.against = against or []
         self.task_inputs = task_inputs
         counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
@@ -392,8 +390,8 @@ class Combiner:
         folder.mkdir(parents=True, exist_ok=True)
         removed = np.unique(np.concatenate([np.zeros(0, np.int64)] + [r for r, *_ in self._decisions()]))
         removed_path, units_path = folder / "removed.npy", folder / "units.npy"
-        _save(removed_path, removed)
-        _save(units_path, np.array(sorted(self.frequent_units), np.uint64))
+        save_array(removed_path, removed)
+        save_array(units_path, np.array(sorted(self.frequent_units), np.uint64))
         schema = pq.read_schema(self.files[0]) if self.files else RECORD_SCHEMA
         schema = pa.schema([f for f in schema.remove_metadata() if f.name not in HIDDEN_COLUMNS])
         lines = self.lines.model_dump_json() if self.frequent_units else None

@@ -71,7 +71,7 @@ class Part:
     """For the documents of a dedup index: the index's folder (texts come from the indexed dataset)."""
 
 
-def _save(path: Path, array: np.ndarray) -> None:
+def save_array(path: Path, array: np.ndarray) -> None:
     """Write ``array`` as ``.npy``, atomically: a file that exists is complete."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -139,8 +139,8 @@ def map_task(part: Part, removed: str, buckets: int, bands: int, out: str) -> di
     order = np.argsort(bucket, kind="stable")
     entries = np.empty(len(flat), ENTRY)
     entries["key"], entries["row"] = flat[order], row_of[order]
-    _save(Path(out + ".npy"), entries)
-    _save(Path(out + ".counts.npy"), np.bincount(bucket, minlength=buckets))  # last: the marker
+    save_array(Path(out + ".npy"), entries)
+    save_array(Path(out + ".counts.npy"), np.bincount(bucket, minlength=buckets))  # last: the marker
     return {"entries": len(entries)}
 
 
@@ -155,7 +155,7 @@ def reduce_task(bucket: int, maps: list[str], span: int, out: str) -> dict[str, 
     order = np.argsort(entries["key"], kind="stable")  # stable: each run's rows stay ascending
     first, other = link_to_first(entries["key"][order], entries["row"][order])
     codes = np.unique(first * span + other)
-    _save(Path(out), codes)
+    save_array(Path(out), codes)
     return {"pairs": len(codes)}
 
 
@@ -165,7 +165,7 @@ def verify_task(
     """Exact shingle Jaccard of candidate pairs ``lo:hi``."""
     cfg = MinHashConfig.model_validate_json(cfg_json)
     codes = np.asarray(np.load(candidates, mmap_mode="r")[lo:hi])
-    _save(Path(out), exact_jaccard(codes // span, codes % span, RowTexts(parts), cfg))
+    save_array(Path(out), exact_jaccard(codes // span, codes % span, RowTexts(parts), cfg))
     return {"pairs": hi - lo}
 
 
@@ -203,7 +203,7 @@ def near_duplicates(
         return saved["removed"], saved["kept"], saved["similarity"]
     folder.mkdir(parents=True, exist_ok=True)
     gone = folder / "removed.npy"
-    _save(gone, np.asarray(removed, np.int64))  # the same on every run of this plan
+    save_array(gone, np.asarray(removed, np.int64))  # the same on every run of this plan
 
     stems = [str(folder / f"map-{k:05d}") for k in range(len(parts))]
     jobs = [(p, str(gone), buckets, bands, s) for p, s in zip(parts, stems, strict=True)
@@ -216,7 +216,7 @@ def near_duplicates(
 
     candidates = folder / "candidates.npy"
     if not candidates.is_file():
-        _save(candidates, np.unique(np.concatenate([np.load(f) for f in pair_files])))
+        save_array(candidates, np.unique(np.concatenate([np.load(f) for f in pair_files])))
     codes = np.load(candidates)
     u, v = codes // span, codes % span
     texts = RowTexts(parts)

@@ -135,7 +135,9 @@ class SynthTask:
         return [r for row in rows for r in self.first_requests(row)]
 
     async def run(self, row: dict[str, Any]) -> list[Output | Dropped]:
-        raise NotImplementedError
+        """One row's outputs. A task defines this, unless its rows depend on each other and it
+        overrides ``run_all`` instead (Self-Instruct)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither run nor run_all")
 
     async def run_all(self, rows: list[dict[str, Any]]) -> list[list[Output | Dropped]]:
         """Every row's results. Rows are independent by default: ``run`` on each, ``rows_in_flight`` at

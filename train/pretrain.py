@@ -27,6 +27,7 @@ its own slice, so 2 processes of 2 see what 1 process of 4 sees (``--nproc``, ``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -278,7 +279,7 @@ def _train(
                 sync = micro == cfg.gradient_accumulation_steps - 1 or dist.world == 1
                 if sharded:  # FSDP reduces gradients on the last micro-batch only
                     model.set_requires_gradient_sync(sync)
-                context = wrapped.no_sync() if not sync and not sharded else _null()
+                context = wrapped.no_sync() if not sync and not sharded else contextlib.nullcontext()
                 with context, torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
                     loss = wrapped(input_ids=ids, labels=ids).loss / cfg.gradient_accumulation_steps
                     if position <= fault < position + micro_size:
@@ -347,14 +348,6 @@ def _check_tokens(cfg: PretrainRecipe, manifests: list[Manifest], source: Manife
         raise DistilleryError(
             f"the packed data holds token id {top}, beyond the model's vocabulary of {vocab}"
         )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _mean_over_processes(value: float, dist: Dist, torch) -> float:
