@@ -169,3 +169,9 @@ def test_an_unwritable_store_is_one_line(cli, tmp_path):
     result = cli("--store", blocker / "store", "corpus", "build", "examples/recipes/demo-corpus.yaml")
     assert_one_line_error(result, code=1)
     assert str(blocker) in result.err
+
+
+def test_a_synth_verb_runs_only_its_own_stage(cli, store):
+    result = cli("--store", store.root, "synth", "cot", "examples/recipes/demo-synth.yaml")
+    assert_one_line_error(result)
+    assert "stage 'synth.generate' is not a synth.cot stage" in result.err
