@@ -23,12 +23,16 @@ def read_table(manifest: Manifest, split: str | None = None, columns: list[str] 
     if manifest.kind != "dataset":
         raise DistilleryError(f"{manifest.ref} is a {manifest.kind}, not a dataset")
     ensure_verified(manifest)
-    files = manifest.data_files(split)
-    if not files:
-        have = ", ".join(manifest.splits()) or "none"
-        raise DistilleryError(f"{manifest.ref} has no split '{split}' (splits: {have})")
-    tables = [pq.read_table(manifest.location / f.path, columns=columns) for f in files]
+    require_split(manifest, split)
+    tables = [pq.read_table(manifest.location / f.path, columns=columns) for f in manifest.data_files(split)]
     return pa.concat_tables(tables)
+
+
+def require_split(manifest: Manifest, split: str | None) -> None:
+    """Fail when a dataset has no files of ``split`` (None: of any split), naming the splits it has."""
+    if not manifest.data_files(split):
+        have = ", ".join(manifest.splits()) or "none"
+        raise DistilleryError(f"dataset {manifest.ref} has no split '{split}' (splits: {have})")
 
 
 def require_columns(manifest: Manifest, needed: Iterable[str], purpose: str) -> None:

@@ -194,7 +194,9 @@ class Store:
         return matches[0]
 
     def _missing_name(self, name: str, kind: Kind | None) -> str:
-        known = sorted({n for k in ([kind] if kind else KINDS) for n in self._names(k)})
+        # A name folder may hold only what a failed or unfinished job left (``.tmp-``, ``.work-``).
+        known = sorted({n for k in ([kind] if kind else KINDS) for n in self._names(k)
+                        if any((self.kind_dir(k) / n).glob("[!.]*/manifest.json"))})  # fmt: skip
         what = f"{kind} " if kind else ""
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
         if close:

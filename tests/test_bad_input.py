@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from manifests.cli import STAGES
+from manifests.errors import DistilleryError
 from manifests.recipes import parse_config, read_recipe
 
 from .conftest import ROOT, assert_one_line_error, write_recipe
@@ -175,3 +176,63 @@ def test_a_synth_verb_runs_only_its_own_stage(cli, store):
     result = cli("--store", store.root, "synth", "cot", "examples/recipes/demo-synth.yaml")
     assert_one_line_error(result)
     assert "stage 'synth.generate' is not a synth.cot stage" in result.err
+
+
+def test_a_train_method_of_the_wrong_type_is_one_line(cli, tmp_path, store):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", "stage: train\nmethod: [sft]\nname: r\nmodel: m\ndatasets: [{ref: d}]\n"
+    )
+    result = cli("--store", store.root, "train", recipe)
+    assert_one_line_error(result)
+    assert "unknown train method ['sft']" in result.err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--nproc", "0"], "--nproc must be at least 1 (got 0)"),
+        (["--nnodes", "0"], "--nnodes must be at least 1 (got 0)"),
+        (["--nnodes", "2", "--node-rank", "2"], "--node-rank must be from 0 to 1 (got 2)"),
+        (["--nproc", "2", "--set", "max_steps=abc"], "'max_steps'"),
+        (["--emit-slurm", "job.sbatch", "--set", "max_steps=abc"], "'max_steps'"),
+    ],
+)
+def test_launch_mistakes_are_caught_before_torchrun(cli, tmp_path, store, monkeypatch, options, message):
+    # Under torchrun every process would print the error and torchrun a traceback of its own.
+    from train import launch
+
+    monkeypatch.setattr(launch, "relaunch", lambda *a: pytest.fail("relaunched under torchrun"))
+    monkeypatch.chdir(tmp_path)
+    result = cli(
+        "--store", store.root, "train", "run", ROOT / "examples/recipes/pretrain-tiny.yaml", *options
+    )
+    assert_one_line_error(result)
+    assert message in result.err
+    assert not (tmp_path / "job.sbatch").exists()
+
+
+def test_a_failed_run_does_not_suggest_its_own_name(cli, tmp_path, store):
+    # The failed pack leaves only its folder (for resume data or nothing); it is not a known dataset.
+    assert cli("--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml").code == 0
+    (store.name_dir("dataset", "demo-pack") / ".tmp-host-1-x").mkdir(parents=True)
+    result = cli("--store", store.root, "run", write_recipe(tmp_path / "r.yaml", (
+        "stage: train\nmethod: pretrain\nname: r\ntokenizer: t\ndatasets: [{ref: demo-pack}]\n")))  # fmt: skip
+    assert_one_line_error(result)
+    assert "no dataset manifest named 'demo-pack'" in result.err
+    assert "'demo-pack'?" not in result.err and "did you mean 'demo-corpus'?" in result.err
+
+
+def test_every_stage_names_a_missing_split_the_same_way(cli, tmp_path, store):
+    assert cli("--store", store.root, "corpus", "build", "examples/recipes/demo-corpus.yaml").code == 0
+    from manifests.data import require_split
+
+    with pytest.raises(
+        DistilleryError, match=r"dataset demo-corpus@\w+ has no split 'test' \(splits: train\)"
+    ):
+        require_split(store.resolve("demo-corpus"), "test")
+    recipe = write_recipe(
+        tmp_path / "t.yaml", "stage: train.tokenizer\nname: t\ndatasets: [{ref: demo-corpus, split: test}]\n"
+    )
+    result = cli("--store", store.root, "train", "tokenizer", recipe)
+    assert_one_line_error(result)
+    assert "has no split 'test' (splits: train)" in result.err

@@ -164,6 +164,7 @@ def test_bad_pretraining_recipes_are_one_line(cli, tmp_path, packed):
         "tokenizer: packed": "no run manifest named 'packed'",
         "model: tok": "give 'model'",
         "method: pretrian": "did you mean 'pretrain'",
+        "per_device_batch_size: 1000": "larger than the data (64 sequences)",
     }
     for line, message in cases.items():
         text = _recipe(tmp_path).read_text()

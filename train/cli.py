@@ -24,16 +24,34 @@ def _make_student(args) -> int:
     return 0
 
 
+def _check_launch(args) -> dict:
+    """The recipe with its overrides, checked here: under torchrun each process would print the same
+    error and torchrun its own traceback; a Slurm script would fail only once it ran."""
+    from manifests.errors import DistilleryError
+    from manifests.overrides import apply_overrides
+    from manifests.recipes import parse_config, read_recipe
+    from train.methods import recipe_class
+
+    for option, value, least in (("--nproc", args.nproc, 1), ("--nnodes", args.nnodes, 1)):
+        if value < least:
+            raise DistilleryError(f"{option} must be at least {least} (got {value})")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise DistilleryError(f"--node-rank must be from 0 to {args.nnodes - 1} (got {args.node_rank})")
+    data = apply_overrides(read_recipe(args.recipe), list(args.overrides))
+    if data.get("stage") == "train":
+        parse_config(recipe_class(data, args.recipe), data, args.recipe)
+    return data
+
+
 def _run(args) -> int:
     """A train recipe: here, under torchrun (``--nproc``), or written out as a Slurm script."""
     from manifests.cli import print_published, run_recipe_file
     from train import launch
 
     argv = args.argv
+    data = _check_launch(args)
     if args.emit_slurm:
-        from manifests.recipes import read_recipe
-
-        name = read_recipe(args.recipe).get("name", "train")
+        name = data.get("name", "train")
         script = launch.slurm_script(argv, args.nproc, args.nnodes, job_name=str(name))
         args.emit_slurm.write_text(script)
         print(

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from manifests.data import read_table, require_columns
+from manifests.data import read_table, require_columns, require_split
 from manifests.errors import DistilleryError
 from manifests.recipes import RecipeConfig
 from manifests.schema import Manifest
@@ -47,10 +47,7 @@ def resolve_datasets(
     for d in inputs:
         manifest = store.resolve(d.ref, kind="dataset")
         require_columns(manifest, columns, purpose)
-        if d.split not in manifest.splits():
-            raise DistilleryError(
-                f"dataset {manifest.ref} has no split '{d.split}' (splits: {', '.join(manifest.splits())})"
-            )
+        require_split(manifest, d.split)
         manifests.append(manifest)
     return manifests
 

@@ -16,7 +16,7 @@ METHODS = {"sft": "train.sft:SFTRecipe", "pretrain": "train.pretrain:PretrainRec
 
 def method_of(data: dict[str, Any], source: str) -> str:
     method = data.get("method", "sft")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         near = difflib.get_close_matches(str(method), list(METHODS), n=1, cutoff=0.5)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise DistilleryError(

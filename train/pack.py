@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from manifests.data import require_columns
+from manifests.data import require_columns, require_split
 from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json, record_id
 from manifests.models import CHECKPOINT_DIR, checkpoint_path, load_tokenizer
@@ -301,10 +301,7 @@ def _progress(total: int):
 def pack(cfg: PackRecipe, store: Store) -> Manifest:
     dataset = store.resolve(cfg.dataset, kind="dataset")
     require_columns(dataset, ["id", "text"], "packing")
-    if cfg.split is not None and cfg.split not in dataset.splits():
-        raise DistilleryError(
-            f"dataset {dataset.ref} has no split '{cfg.split}' (splits: {', '.join(dataset.splits()) or 'none'})"
-        )
+    require_split(dataset, cfg.split)
     run = resolve_tokenizer_run(store, cfg.tokenizer)
     identity = tokenizer_identity(run)
     tokenizer, eos_id, eos_token = _tokenizer(run, cfg.eos_token)

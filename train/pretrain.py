@@ -213,6 +213,11 @@ def _train(
 ) -> Manifest | None:
     tokens = _tokens(load_mixture(cfg.datasets, manifests, ["input_ids"], cfg.seed))
     seq_len = tokens.shape[1]
+    if cfg.per_device_batch_size * dist.world > len(tokens):
+        raise DistilleryError(
+            f"a batch of {cfg.per_device_batch_size * dist.world} sequences is larger than the data ({len(tokens)} "
+            "sequences); lower per_device_batch_size"
+        )
     held_out = [m for m in manifests if "validation" in m.splits()]
     validation = [DatasetInput(ref=m.id, split="validation") for m in held_out]
     eval_tokens = _tokens(load_mixture(validation, held_out, ["input_ids"], cfg.seed)) if validation else None

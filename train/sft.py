@@ -382,7 +382,8 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         trainer.model.save_pretrained(pub.dir / CHECKPOINT_DIR)
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
         shutil.copy(metrics, pub.dir / "metrics.jsonl")
-        logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+        logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        logged = logged or [{"loss": None}]  # a resumed run whose metrics file was lost still publishes
         stats = {
             "method": "sft", "peft": cfg.peft.method, "format": fmt, "packing": cfg.packing,
             "steps": result.global_step, "train_rows": len(train_data), "tokens_seen": int(logged[-1].get("num_tokens", 0)),

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from manifests.data import require_columns
+from manifests.data import require_columns, require_split
 from manifests.errors import DistilleryError
 from manifests.models import CHECKPOINT_DIR
 from manifests.publish import Publisher
@@ -93,12 +93,9 @@ class TokenizerRecipe(RecipeConfig):
 
 
 def text_batches(manifest: Manifest, split: str | None, batch_size: int, columns: list[str]) -> Iterator:
-    """Record batches of ``columns`` from a (verified) dataset, shard by shard, in manifest order."""
-    files = manifest.data_files(split)
-    if not files:
-        have = ", ".join(manifest.splits()) or "none"
-        raise DistilleryError(f"dataset {manifest.ref} has no split '{split}' (splits: {have})")
-    for f in files:
+    """Record batches of ``columns`` from a (verified) dataset, shard by shard, in manifest order
+    (the caller has checked the split: ``require_split``)."""
+    for f in manifest.data_files(split):
         yield from pq.ParquetFile(manifest.location / f.path).iter_batches(
             batch_size=batch_size, columns=columns
         )
@@ -117,10 +114,7 @@ def train_tokenizer(cfg: TokenizerRecipe, store: Store) -> Manifest:
     datasets = [store.resolve(d.ref, kind="dataset") for d in cfg.datasets]
     for d, manifest in zip(cfg.datasets, datasets, strict=True):
         require_columns(manifest, ["text"], "tokenizer training")
-        if d.split is not None and d.split not in manifest.splits():
-            raise DistilleryError(
-                f"dataset {manifest.ref} has no split '{d.split}' (splits: {', '.join(manifest.splits())})"
-            )
+        require_split(manifest, d.split)
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
