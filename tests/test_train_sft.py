@@ -442,6 +442,115 @@ def test_sft_under_torchrun_trains_on_two_processes_and_publishes_once(sft_store
     assert m.stats["steps"] == 2 and m.stats["train_rows"] == 16
 
 
+def run_cli(store: Store, *args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(store.root), *args], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True,
+                          timeout=400)  # fmt: skip
+
+
+def subprocess_run(command: list[str]):
+    import os
+    import subprocess
+
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=400)  # fmt: skip
+
+
+def weights_of(manifest) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(manifest.location / "checkpoint" / "model.safetensors")
+
+
+def has_gpus() -> bool:
+    import torch
+
+    return torch.cuda.device_count() >= 2
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        pytest.param(
+            "fsdp", marks=pytest.mark.skipif(not has_gpus(), reason="accelerate's FSDP needs 2 GPUs")
+        ),
+        "deepspeed-zero2",
+        "deepspeed-zero3",
+    ],
+)
+def test_sharded_strategies_on_two_processes_match_one_process(sft_store, tmp_path, strategy):
+    """2 processes x 2 examples under FSDP or ZeRO train the weights 1 process x 4 examples trains."""
+    common = {"max_steps": 2, "max_length": 128, "learning_rate": 0.01, "peft": {"method": "none"}}
+    alone = train(sft_store, f"alone-{strategy}", per_device_batch_size=4, **common)
+    data = {"stage": "train", "name": f"sharded-{strategy}", "model": "tiny", "datasets": [{"ref": "chat"}],
+            "per_device_batch_size": 2, "strategy": strategy} | common  # fmt: skip
+    recipe = write_recipe(tmp_path / "sharded.yaml", json.dumps(data))  # JSON is YAML
+    port = str(29521 + ["fsdp", "deepspeed-zero2", "deepspeed-zero3"].index(strategy))
+    result = run_cli(sft_store, "train", "run", str(recipe), "--nproc", "2", "--master-port", port)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("published run") == 1
+    sharded = sft_store.resolve(f"sharded-{strategy}")
+    assert sharded.producer.recipe["strategy"] == strategy and sharded.stats["steps"] == 2
+    assert sharded.stats["processes"] == 2
+    assert sharded.stats["distributed"] == ("FSDP" if strategy == "fsdp" else "DEEPSPEED")
+    a, b = weights_of(alone), weights_of(sharded)
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert (
+        max(float((a[k] - weights_of(sft_store.resolve("tiny"))[k]).abs().max()) for k in a) > 1e-3
+    )  # it trained
+
+
+def test_strategy_mistakes_are_caught_before_training(sft_store, tmp_path):
+    with pytest.raises(DistilleryError, match="offload: true needs strategy fsdp or deepspeed"):
+        train(sft_store, "x", offload=True)
+    if has_gpus():
+        return
+    recipe = write_recipe(tmp_path / "fsdp.yaml", "stage: train\nname: f\nmodel: tiny\ndatasets: [{ref: chat}]\n"
+                          "strategy: fsdp\n")  # fmt: skip
+    result = run_cli(sft_store, "train", "run", str(recipe), "--nproc", "2")  # refused before torchrun starts
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: strategy fsdp: accelerate applies FSDP to GPU processes only, so on CPUs it would run as plain "
+        "DDP; use strategy deepspeed-zero3 (sharded on CPUs too) or ddp"
+    ]
+
+
+def test_emitted_accelerate_config_launches_the_recipe_with_deepspeed(sft_store, tmp_path):
+    import sys
+
+    import yaml
+
+    data = {"stage": "train", "name": "via-accelerate", "model": "tiny", "datasets": [{"ref": "chat"}], "max_steps": 1,
+            "per_device_batch_size": 2, "max_length": 128, "strategy": "deepspeed-zero2"}  # fmt: skip
+    recipe = write_recipe(tmp_path / "acc.yaml", json.dumps(data))
+    target = tmp_path / "launch" / "accelerate.yaml"
+    emitted = run_cli(
+        sft_store, "train", "run", str(recipe), "--nproc", "2", "--emit-accelerate", str(target)
+    )
+    assert emitted.returncode == 0, emitted.stderr[-2000:]
+    config = yaml.safe_load(target.read_text())
+    ds = json.loads((tmp_path / "launch" / "accelerate.deepspeed.json").read_text())
+    assert config["distributed_type"] == "DEEPSPEED" and config["num_processes"] == 2
+    assert config["deepspeed_config"]["deepspeed_config_file"] == str(
+        tmp_path / "launch" / "accelerate.deepspeed.json"
+    )
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 4
+    assert not any(v == "auto" for v in ds.values())
+    printed = emitted.stdout.strip().splitlines()[-1].split()
+    assert printed[:4] == ["accelerate", "launch", "--config_file", str(target)]
+    # the printed command, as printed (with this environment's Python and a free port)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "29531"]
+    launched = subprocess_run([*launcher, *printed[2:]])
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    m = sft_store.resolve("via-accelerate")
+    assert m.stats["distributed"] == "DEEPSPEED" and m.stats["processes"] == 2
+
+
 def test_a_killed_sft_run_resumes_to_the_same_weights(sft_store, tmp_path):
     import os
     import subprocess
@@ -469,6 +578,12 @@ def test_a_killed_sft_run_resumes_to_the_same_weights(sft_store, tmp_path):
                             env={**os.environ, "DISTILLERY_FAULT_EXIT_AFTER_STEP": "2"})  # fmt: skip
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert not any(m.name == "resumed" for m in sft_store.list())
+    # A save cut short by a kill: checkpoint-3 without its completion marker is not resumed from.
+    (work,) = sft_store.name_dir("run", "resumed").glob(".work-*")
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2"]
+    partial = work / "checkpoint-3"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"cut short")
     again = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = sft_store.resolve("resumed")

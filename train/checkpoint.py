@@ -114,3 +114,47 @@ def load(path: Path, model, optimizer, scheduler, sharded: bool = False) -> dict
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
     return saved["state"]
+
+
+COMPLETE = "COMPLETE"
+"""The marker the last step of saving a Trainer checkpoint writes into it."""
+
+
+def trainer_checkpoint_marker():
+    """A Trainer callback that marks each ``checkpoint-N`` complete once every process has saved it.
+
+    The transformers Trainer writes a checkpoint's files straight into ``checkpoint-N``; a kill in
+    the middle leaves a folder that looks like a checkpoint. The marker, written after every file
+    is synced (and, under torchrun, after every process has written its part), tells a complete one
+    from a partial one; ``latest_trainer_checkpoint`` resumes only from marked ones.
+    """
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every process's shards (ZeRO, FSDP) are on disk
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                _fsync_tree(folder)
+                (folder / COMPLETE).write_text(str(state.global_step))
+            return control
+
+    return MarkComplete()
+
+
+def latest_trainer_checkpoint(folder: Path, remove_partial: bool = True) -> Path | None:
+    """The newest ``checkpoint-N`` in ``folder`` marked complete; unmarked ones (a save cut short)
+    are removed when ``remove_partial`` (by one process only)."""
+    if not folder.is_dir():
+        return None
+    found = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())  # fmt: skip
+    complete = [p for _, p in found if (p / COMPLETE).is_file()]
+    if remove_partial:
+        for _, p in found:
+            if not (p / COMPLETE).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+    return complete[-1] if complete else None

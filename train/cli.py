@@ -24,6 +24,49 @@ def _make_student(args) -> int:
     return 0
 
 
+def _emit_accelerate(args, data: dict) -> int:
+    """Write the accelerate (and DeepSpeed) config of a Trainer-based recipe, and how to launch it."""
+    import json
+    import shlex
+
+    import yaml
+
+    from manifests.errors import DistilleryError
+    from manifests.recipes import parse_config
+    from train.methods import recipe_class
+    from train.sft import launch_configs
+
+    recipe = (
+        parse_config(recipe_class(data, args.recipe), data, args.recipe)
+        if data.get("stage") == "train"
+        else None
+    )
+    if recipe is None or not hasattr(recipe, "strategy") or recipe.method == "pretrain":
+        raise DistilleryError(
+            f"--emit-accelerate is for methods trained with the transformers Trainer (sft); {args.recipe} is not one "
+            "-- launch it with --nproc (torchrun) or --emit-slurm"
+        )
+    target: Path = args.emit_accelerate
+    ds_file = target.with_name(target.stem + ".deepspeed.json")
+    accelerate, ds = launch_configs(
+        recipe, args.store_obj, args.nproc * args.nnodes, args.nnodes, str(ds_file)
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(accelerate, sort_keys=False))
+    written = [str(target)]
+    if ds is not None:
+        ds_file.write_text(json.dumps(ds, indent=2) + "\n")
+        written.append(str(ds_file))
+    from train.launch import strip_launch_options
+
+    inner = shlex.join(strip_launch_options(args.argv))
+    print(
+        f"wrote {' and '.join(written)}; run on each node (--machine_rank N --main_process_ip HEAD for several):"
+    )
+    print(f"  accelerate launch --config_file {shlex.quote(str(target))} -m manifests.cli {inner}")
+    return 0
+
+
 def _check_launch(args) -> dict:
     """The recipe with its overrides, checked here: under torchrun each process would print the same
     error and torchrun its own traceback; a Slurm script would fail only once it ran."""
@@ -39,8 +82,16 @@ def _check_launch(args) -> dict:
         raise DistilleryError(f"--node-rank must be from 0 to {args.nnodes - 1} (got {args.node_rank})")
     data = apply_overrides(read_recipe(args.recipe), list(args.overrides))
     if data.get("stage") == "train":
-        parse_config(recipe_class(data, args.recipe), data, args.recipe)
+        recipe = parse_config(recipe_class(data, args.recipe), data, args.recipe)
+        if hasattr(recipe, "check_launch"):
+            recipe.check_launch(args.nproc * args.nnodes, _gpus())
     return data
+
+
+def _gpus() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _run(args) -> int:
@@ -50,6 +101,8 @@ def _run(args) -> int:
 
     argv = args.argv
     data = _check_launch(args)
+    if args.emit_accelerate:
+        return _emit_accelerate(args, data)
     if args.emit_slurm:
         name = data.get("name", "train")
         script = launch.slurm_script(argv, args.nproc, args.nnodes, job_name=str(name))
@@ -109,6 +162,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--emit-slurm", type=Path, metavar="FILE", help="write an sbatch script for this run instead"
     )
+    run.add_argument(
+        "--emit-accelerate", type=Path, metavar="FILE",
+        help="write the accelerate config (and DeepSpeed config) of the recipe's strategy instead",
+    )  # fmt: skip
     imp = add_verb(
         verbs, "import-model", _import_model, "import a checkpoint (or a GGUF shipped in a package) as a run",
         "Load a model offline and store it as a normal safetensors checkpoint run.",

@@ -18,7 +18,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--emit-slurm")
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--emit-slurm",
+                  "--emit-accelerate")  # fmt: skip
 
 
 @dataclass
@@ -66,7 +67,7 @@ def teardown(d: Dist) -> None:
             dist.destroy_process_group()
 
 
-def _strip_launch_options(argv: list[str]) -> list[str]:
+def strip_launch_options(argv: list[str]) -> list[str]:
     out, skip = [], False
     for arg in argv:
         if skip:
@@ -85,7 +86,7 @@ def torchrun_command(argv: list[str], nproc: int, nnodes: int = 1, node_rank: in
     """The torchrun command that runs ``distillery ARGV`` in ``nproc`` processes per node."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
             f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
-            "-m", "manifests.cli", *_strip_launch_options(argv)]  # fmt: skip
+            "-m", "manifests.cli", *strip_launch_options(argv)]  # fmt: skip
 
 
 def relaunch(
@@ -99,7 +100,7 @@ def relaunch(
 
 def slurm_script(argv: list[str], nproc: int, nnodes: int, job_name: str, gpus: bool = True) -> str:
     """An sbatch script that runs the same command on ``nnodes`` nodes of ``nproc`` processes each."""
-    inner = shlex.join(["-m", "manifests.cli", *_strip_launch_options(argv)])
+    inner = shlex.join(["-m", "manifests.cli", *strip_launch_options(argv)])
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}",

@@ -37,7 +37,9 @@ The run publishes ``checkpoint/`` (the adapter, or the full model, with the toke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -63,6 +65,7 @@ from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
+from train.checkpoint import latest_trainer_checkpoint, trainer_checkpoint_marker
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.monitor import GuardConfig, Monitor, trainer_guard
 from train.peft_config import (
@@ -71,6 +74,14 @@ from train.peft_config import (
     check_target_modules,
     model_load_kwargs,
     require_method_support,
+)
+from train.strategy import (
+    Strategy,
+    accelerate_config,
+    deepspeed_config,
+    layer_classes,
+    trainer_arguments,
+    zero_stage,
 )
 
 SFTFormat = Literal["messages", "prompt-completion"]
@@ -107,6 +118,11 @@ class SFTRecipe(RecipeConfig):
     chat_template: str | None = None
     """A Jinja chat template (the text, or a path to a ``.jinja`` file) instead of the tokenizer's own."""
     bf16: bool = False
+    strategy: Strategy = "ddp"
+    """With several processes (``--nproc``): ``ddp``, ``fsdp`` or ``deepspeed-zero1/2/3``
+    (``train/strategy.py``); DeepSpeed needs the ``deepspeed`` extra."""
+    offload: bool = False
+    """With ``fsdp`` or a DeepSpeed strategy: keep optimizer states (and sharded parameters) in CPU memory."""
     save_every: int = Field(default=50, ge=1)
     """Checkpoint every this many steps (the newest two are kept until the run is published)."""
     resume: bool = False
@@ -115,6 +131,14 @@ class SFTRecipe(RecipeConfig):
     """NaN/inf gradients are caught before the step (``skip`` drops it, ``stop`` ends the run); loss
     spikes are recorded and ``stop`` ends the run (``rollback`` is for ``method: pretrain``)."""
     seed: int = 0
+
+    def check_launch(self, processes: int, gpus: bool) -> None:
+        """Refuse what the Trainer would silently run otherwise (called before torchrun starts, too)."""
+        if self.strategy == "fsdp" and processes > 1 and not gpus:
+            raise DistilleryError(
+                "strategy fsdp: accelerate applies FSDP to GPU processes only, so on CPUs it would run as plain DDP; "
+                "use strategy deepspeed-zero3 (sharded on CPUs too) or ddp"
+            )
 
     def resolved(self) -> dict[str, Any]:
         data = super().resolved()
@@ -213,7 +237,7 @@ def _metrics_callback(path: Path):
             self.started = time.time()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
             record = {"step": state.global_step, "elapsed_s": round(time.time() - self.started, 3)}
             record |= {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
@@ -258,6 +282,21 @@ def _architecture(manifest: Manifest, store: Store):
         return AutoModelForCausalLM.from_config(config)
 
 
+def launch_configs(cfg: SFTRecipe, store: Store, processes: int, machines: int, deepspeed_file: str):
+    """The accelerate config for this recipe on ``machines`` nodes, ``processes`` processes in all,
+    and for a DeepSpeed strategy the DeepSpeed config (written to ``deepspeed_file``), its values whole."""
+    stage = zero_stage(cfg.strategy)
+    layers = layer_classes(_architecture(store.resolve(cfg.model, kind="run"), store))
+    ds = None
+    if stage is not None:
+        ds = deepspeed_config(stage, micro_batch=cfg.per_device_batch_size, accumulation=cfg.gradient_accumulation_steps,
+                              clipping=cfg.max_grad_norm, bf16=cfg.bf16, offload=cfg.offload)  # fmt: skip
+        ds["train_batch_size"] = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * processes
+    accelerate = accelerate_config(cfg.strategy, processes=processes, machines=machines, layers=layers,
+                                   bf16=cfg.bf16, deepspeed_file=deepspeed_file if ds else None, offload=cfg.offload)  # fmt: skip
+    return accelerate, ds
+
+
 def _check_recipe(cfg: SFTRecipe) -> None:
     if cfg.packing and cfg.peft.is_prompt_learning:
         raise DistilleryError(
@@ -265,9 +304,18 @@ def _check_recipe(cfg: SFTRecipe) -> None:
             "only the first example of a packed row; set packing: false"
         )
     require_method_support(cfg.peft)
+    if cfg.offload and cfg.strategy == "ddp":
+        raise DistilleryError(
+            "offload: true needs strategy fsdp or deepspeed-zero1/2/3 (ddp keeps a whole model)"
+        )
+    if zero_stage(cfg.strategy) is not None and importlib.util.find_spec("deepspeed") is None:
+        raise DistilleryError(
+            f"strategy {cfg.strategy} needs DeepSpeed: pip install 'distillery[deepspeed]' (on a machine without "
+            "CUDA build tools: DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)"
+        )
 
 
-def _trainer_args(cfg: SFTRecipe, work: Path):
+def _trainer_args(cfg: SFTRecipe, work: Path, model):
     import torch
     from trl import SFTConfig
 
@@ -281,7 +329,7 @@ def _trainer_args(cfg: SFTRecipe, work: Path):
         max_length=cfg.max_length, packing=cfg.packing, packing_strategy="bfd", padding_free=cfg.packing,
         bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2, report_to="none",
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_nan_inf_filter=False,
-        **no_checkpointing,
+        **no_checkpointing, **trainer_arguments(cfg.strategy, model, offload=cfg.offload),
     )  # fmt: skip
 
 
@@ -323,8 +371,9 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     template = chat_template_text(cfg.chat_template) if cfg.chat_template else None
 
     import torch
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
+
+    cfg.check_launch(int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available())
 
     mixture = load_mixture(cfg.datasets, datasets, ["id", *FORMAT_COLUMNS[fmt]], cfg.seed)
     tokenizer = load_tokenizer(base)
@@ -347,39 +396,44 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         store.name_dir("run", cfg.name)
         / f".work-{hashlib.sha256(canonical_json(recipe).encode()).hexdigest()[:16]}"
     )
-    if not cfg.resume:
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, the first process writes and publishes
+    if not cfg.resume and main:
         shutil.rmtree(work, ignore_errors=True)
-    last = get_last_checkpoint(str(work)) if cfg.resume and work.is_dir() else None
+    last = latest_trainer_checkpoint(work, remove_partial=main) if cfg.resume else None
     work.mkdir(parents=True, exist_ok=True)
     metrics = work / "metrics.jsonl"
-    if last is not None and metrics.is_file():  # steps logged after the checkpoint are trained again
-        done = int(Path(last).name.rsplit("-", 1)[-1])
+    if main and last is not None and metrics.is_file():  # steps logged after the checkpoint are trained again
+        done = int(last.name.rsplit("-", 1)[-1])
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= done]
         metrics.write_text("".join(line + "\n" for line in kept))
-    elif metrics.is_file():
+    elif main and metrics.is_file():
         metrics.unlink()
     roles = {base.id: "base_model"}
-    with Publisher(store, kind="run", name=cfg.name, stage="train.sft", recipe=recipe, parents=[*datasets, base],
-                   parent_roles=roles, seed=cfg.seed, execution={"resume": cfg.resume}) as pub:  # fmt: skip
-        args = _trainer_args(cfg, work)
+    publisher = Publisher(store, kind="run", name=cfg.name, stage="train.sft", recipe=recipe, parents=[*datasets, base],
+                          parent_roles=roles, seed=cfg.seed, execution={"resume": cfg.resume})  # fmt: skip
+    with publisher if main else contextlib.nullcontext() as pub:
+        args = _trainer_args(cfg, work, model)
         monitor = Monitor(None, cfg.guard, 0.0, None)
         guard = trainer_guard(monitor)
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=train_data, processing_class=tokenizer, peft_config=peft_config,
-            callbacks=[_metrics_callback(metrics), *_planted_faults(), guard],
-        )  # fmt: skip
+        callbacks = [_metrics_callback(metrics), trainer_checkpoint_marker(), *_planted_faults(), guard]
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=callbacks)  # fmt: skip
         started = time.time()
         with labelled_positions_only():
-            result = trainer.train(resume_from_checkpoint=last)
-        if not trainer.is_world_process_zero():
-            return None  # under torchrun, the first process publishes
+            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
         if guard.stopped is not None:
+            if not main:
+                return None
             t = guard.stopped
             raise RunFailed(
                 f"{cfg.name}: {t['reason'].replace('_', ' ')} at step {t['step']} (loss {t['loss']}, grad norm "
                 f"{t['grad_norm']}); stopped as guard.action says -- 'guard: {{action: skip}}' drops such steps"
             )
-        trainer.model.save_pretrained(pub.dir / CHECKPOINT_DIR)
+        # Every process takes part: FSDP and ZeRO-3 gather the whole weights; only the first writes them.
+        trainer.save_model(str(pub.dir / CHECKPOINT_DIR if main else work / "unused"))
+        if not main:
+            return None
+        (pub.dir / CHECKPOINT_DIR / "training_args.bin").unlink(missing_ok=True)  # a pickle of local paths
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
         shutil.copy(metrics, pub.dir / "metrics.jsonl")
         logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -389,8 +443,10 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
             "steps": result.global_step, "train_rows": len(train_data), "tokens_seen": int(logged[-1].get("num_tokens", 0)),
             "first_loss": logged[0]["loss"], "final_loss": logged[-1]["loss"], "train_loss": result.training_loss,
             "wall_s": round(time.time() - started, 2),
-            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-            "guard_triggers": monitor.triggers,
+            "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()
+                                        if p.requires_grad),
+            "guard_triggers": monitor.triggers, "processes": trainer.accelerator.num_processes,
+            "distributed": trainer.accelerator.distributed_type.value,
         }  # fmt: skip
         manifest = pub.publish(stats=stats)
     shutil.rmtree(work, ignore_errors=True)  # published: the checkpoints are no longer needed
