@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from manifests.errors import DistilleryError
@@ -205,16 +206,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DistilleryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _error(str(e), e.exit_code)
     except OSError as e:
         # The machine said no (permissions, disk full, a path that vanished): name it, no traceback.
         where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
+        return _error(f"{e.strerror or e}{where}", 1)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was published for the unfinished stage", file=sys.stderr)
-        return 130
+        return _error("interrupted; nothing was published for the unfinished stage", 130)
+
+
+def _error(message: str, code: int) -> int:
+    """Print the one error line; a process of a job started by ``train run --nproc`` leaves it to the
+    launching process instead, which prints the first one (``train/launch.py``), not one per process."""
+    folder = os.environ.get(ERROR_DIR) if "LOCAL_RANK" in os.environ else None
+    if folder:
+        with open(os.path.join(folder, f"{os.environ.get('RANK', '0')}.txt"), "w") as f:
+            f.write(message)
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+ERROR_DIR = "DISTILLERY_ERROR_DIR"
+"""Where the processes of a job started by ``train run --nproc`` leave their error line."""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -195,6 +195,7 @@ def test_a_train_method_of_the_wrong_type_is_one_line(cli, tmp_path, store):
         (["--nnodes", "2", "--node-rank", "2"], "--node-rank must be from 0 to 1 (got 2)"),
         (["--nproc", "2", "--set", "max_steps=abc"], "'max_steps'"),
         (["--emit-slurm", "job.sbatch", "--set", "max_steps=abc"], "'max_steps'"),
+        (["--nproc", "2", "--set", "stage=train.pack"], "stage train.pack runs in one process"),
     ],
 )
 def test_launch_mistakes_are_caught_before_torchrun(cli, tmp_path, store, monkeypatch, options, message):

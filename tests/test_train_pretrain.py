@@ -148,6 +148,25 @@ def test_two_processes_give_the_losses_of_one(cli, tmp_path, packed, strategy):
     assert wa.keys() == wb.keys() and all(float((wa[k] - wb[k]).abs().max()) < 1e-4 for k in wa)
 
 
+def test_an_error_in_every_process_of_a_torchrun_job_is_one_line(tmp_path, packed):
+    """The batch is checked against the data inside the processes: each fails, one line is printed."""
+    bad = (
+        _recipe(tmp_path, name="big")
+        .read_text()
+        .replace("per_device_batch_size: 4", "per_device_batch_size: 40")
+    )
+    result = subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(packed.root), "train",
+                             str(write_recipe(tmp_path / "big.yaml", bad)), "--nproc", "2", "--master-port", "29516"],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "error: a batch of 80 sequences is larger than the data (64 sequences); lower per_device_batch_size"
+    ]
+    assert not any(m.name == "big" for m in packed.list())
+
+
 def test_emit_slurm_writes_a_torchrun_script(cli, tmp_path, packed):
     script = tmp_path / "job.sbatch"
     result = cli("--store", packed.root, "train", "run", _recipe(tmp_path), "--nproc", "4", "--nnodes", "2",

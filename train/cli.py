@@ -81,6 +81,11 @@ def _check_launch(args) -> dict:
     if not 0 <= args.node_rank < args.nnodes:
         raise DistilleryError(f"--node-rank must be from 0 to {args.nnodes - 1} (got {args.node_rank})")
     data = apply_overrides(read_recipe(args.recipe), list(args.overrides))
+    if data.get("stage") != "train" and (args.nproc > 1 or args.nnodes > 1 or args.emit_slurm):
+        raise DistilleryError(
+            f"{args.recipe}: --nproc, --nnodes and --emit-slurm are for 'stage: train' recipes; stage "
+            f"{data.get('stage')} runs in one process -- run it without them"
+        )
     if data.get("stage") == "train":
         recipe = parse_config(recipe_class(data, args.recipe), data, args.recipe)
         if hasattr(recipe, "check_launch"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -81,21 +80,56 @@ def strip_launch_options(argv: list[str]) -> list[str]:
     return out
 
 
-def torchrun_command(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
-                     master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[str]:  # fmt: skip
-    """The torchrun command that runs ``distillery ARGV`` in ``nproc`` processes per node."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
-            f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
+def torchrun_arguments(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
+                       master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[str]:  # fmt: skip
+    """torchrun's arguments to run ``distillery ARGV`` in ``nproc`` processes per node."""
+    return [f"--nproc_per_node={nproc}", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+            f"--master_addr={master_addr}", f"--master_port={master_port}",
             "-m", "manifests.cli", *strip_launch_options(argv)]  # fmt: skip
 
 
 def relaunch(
     argv: list[str], nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int
 ) -> int:
-    """Run the command again under torchrun and wait for it (its exit code is ours)."""
-    command = torchrun_command(argv, nproc, nnodes, node_rank, master_addr, master_port)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(command, env=env)
+    """Run the command again under torchrun, from this process, and wait for it.
+
+    torchrun's agent runs here (``torch.distributed.run.run``) rather than as a program, so that a
+    failed run ends in one line: the processes leave their error line in a folder instead of
+    printing it (``manifests.cli``), and the first failure's is printed here -- not one per process
+    plus torchrun's traceback and its agent's log lines.
+    """
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from manifests.cli import ERROR_DIR
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="distillery-errors-") as folder:
+        os.environ[ERROR_DIR] = folder
+        arguments = torchrun_arguments(argv, nproc, nnodes, node_rank, master_addr, master_port)
+        try:
+            torchrun.run(torchrun.parse_args(arguments))
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            said = Path(folder) / f"{rank}.txt"
+            if not said.is_file():  # failed because another did: whichever process said why
+                said = next(iter(sorted(Path(folder).glob("*.txt"))), said)
+            if said.is_file():
+                message = said.read_text()
+            elif failure.exitcode < 0:
+                message = f"process {rank} of the run was killed (signal {-failure.exitcode})"
+            else:
+                message = f"process {rank} of the run exited with code {failure.exitcode}; its output above says why"
+            print(f"error: {message}", file=sys.stderr)
+            return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        finally:
+            del os.environ[ERROR_DIR]
+    return 0
 
 
 def slurm_script(argv: list[str], nproc: int, nnodes: int, job_name: str, gpus: bool = True) -> str:
