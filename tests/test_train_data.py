@@ -35,6 +35,39 @@ def test_weights_set_the_mixture_and_repeat_the_smaller_dataset(store):
     assert [p["ref"] for p in pinned(inputs, manifests)] == [m.id for m in manifests]
 
 
+def test_a_memory_mapped_mixture_is_the_in_memory_one_read_from_disk(store, tmp_path):
+    _dataset(store, "big", 300)
+    _dataset(store, "small", 40)
+    inputs = [DatasetInput(ref="big", weight=2), DatasetInput(ref="small", weight=1)]
+    manifests = resolve_datasets(inputs, store, ["id"], "SFT")
+    in_memory = load_mixture(inputs, manifests, ["id", "messages"], seed=3)
+    mapped = load_mixture(inputs, manifests, ["id", "messages"], seed=3, cache_dir=tmp_path / "arrow")
+    assert mapped["id"] == in_memory["id"] and mapped[:5]["messages"] == in_memory[:5]["messages"]
+    files = [f["filename"] for part in [mapped] for f in part.cache_files]
+    assert files and all(f.startswith(str(tmp_path / "arrow")) for f in files)  # read from there, not held
+
+
+def test_packed_rows_are_checked_in_one_pass(store, tmp_path):
+    from train.pretrain import TokenRows
+
+    def packed(name, rows):
+        with Publisher(store, kind="dataset", name=name, stage="test", recipe={"name": name}) as pub:
+            pub.write_table(pa.table({"id": [str(i) for i in range(len(rows))], "input_ids": rows}))
+            return pub.publish()
+
+    for name, rows in {"even": [[1, 2, 3], [4, 5, 9]], "ragged": [[1, 2, 3], [4, 5]]}.items():
+        packed(name, rows)
+    inputs = [DatasetInput(ref="even")]
+    tokens = TokenRows(load_mixture(inputs, resolve_datasets(inputs, store, ["input_ids"], "x"), ["input_ids"], 0,
+                                    cache_dir=tmp_path / "a"))  # fmt: skip
+    assert (len(tokens), tokens.seq_len, tokens.max_token) == (2, 3, 9)
+    assert tokens[[1, 0]].tolist() == [[4, 5, 9], [1, 2, 3]]
+    inputs = [DatasetInput(ref="ragged")]
+    with pytest.raises(DistilleryError, match="input_ids of one length"):
+        TokenRows(load_mixture(inputs, resolve_datasets(inputs, store, ["input_ids"], "x"), ["input_ids"], 0,
+                               cache_dir=tmp_path / "b"))  # fmt: skip
+
+
 def test_without_weights_the_datasets_are_concatenated(store):
     _dataset(store, "a", 3)
     _dataset(store, "b", 2)

@@ -15,6 +15,9 @@ manifest names each dataset by its pinned id.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -24,6 +27,7 @@ from manifests.errors import DistilleryError
 from manifests.recipes import RecipeConfig
 from manifests.schema import Manifest
 from manifests.store import Store
+from manifests.verify import ensure_verified
 
 
 class DatasetInput(RecipeConfig):
@@ -52,13 +56,24 @@ def resolve_datasets(
     return manifests
 
 
-def load_mixture(inputs: list[DatasetInput], manifests: list[Manifest], columns: list[str], seed: int):
-    """One Hugging Face dataset of ``columns``: the inputs concatenated, or interleaved by weight."""
+def load_mixture(inputs: list[DatasetInput], manifests: list[Manifest], columns: list[str], seed: int,
+                 cache_dir: Path | None = None):  # fmt: skip
+    """One Hugging Face dataset of ``columns``: the inputs concatenated, or interleaved by weight.
+
+    In memory, or with ``cache_dir`` memory-mapped: each shard is copied once, a block at a time, to
+    an Arrow file there, and rows are read from disk as they are used -- for corpora larger than memory.
+    """
     from datasets import Dataset, concatenate_datasets, interleave_datasets
 
-    parts = [
-        Dataset(read_table(m, split=d.split, columns=columns)) for d, m in zip(inputs, manifests, strict=True)
-    ]
+    if cache_dir is None:
+        parts = [
+            Dataset(read_table(m, split=d.split, columns=columns))
+            for d, m in zip(inputs, manifests, strict=True)
+        ]
+    else:
+        parts = [
+            _memory_mapped(m, d.split, columns, cache_dir) for d, m in zip(inputs, manifests, strict=True)
+        ]
     if len(parts) == 1:
         return parts[0]
     if inputs[0].weight is None:
@@ -67,6 +82,39 @@ def load_mixture(inputs: list[DatasetInput], manifests: list[Manifest], columns:
     return interleave_datasets(
         parts, probabilities=[d.weight / total for d in inputs], seed=seed, stopping_strategy="all_exhausted"
     )
+
+
+def _memory_mapped(manifest: Manifest, split: str, columns: list[str], cache_dir: Path):
+    """The split's ``columns`` as a dataset over Arrow files in ``cache_dir`` (one per shard, named by
+    the shard's hash and the columns, so a resumed run finds them), memory-mapped."""
+    from datasets import Dataset, concatenate_datasets
+
+    ensure_verified(manifest)
+    require_split(manifest, split)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for entry in manifest.data_files(split):
+        key = hashlib.sha256(f"{entry.sha256} {columns}".encode()).hexdigest()[:32]
+        target = cache_dir / f"{key}.arrow"
+        if not target.is_file():
+            _arrow_copy(manifest.location / entry.path, target, columns)
+        parts.append(Dataset.from_file(str(target)))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _arrow_copy(source: Path, target: Path, columns: list[str], rows: int = 1024) -> None:
+    """Copy a Parquet shard's ``columns`` into an Arrow stream file, ``rows`` at a time (so memory
+    holds one block, not the shard), atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = pq.ParquetFile(source)
+    schema = pa.schema([shard.schema_arrow.field(c) for c in columns])
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in shard.iter_batches(batch_size=rows, columns=columns):
+            writer.write_batch(batch.select(columns))
+    os.replace(tmp, target)  # every process of a job may write it; each write is whole
 
 
 def pinned(inputs: list[DatasetInput], manifests: list[Manifest]) -> list[dict[str, Any]]:

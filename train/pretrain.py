@@ -165,10 +165,37 @@ def _schedule(optimizer, cfg: PretrainRecipe):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class TokenRows:
+    """Packed sequences read from disk as they are used (the datasets' Arrow files, memory-mapped), so
+    a corpus larger than memory trains: only the rows of the current batches are in memory."""
+
+    def __init__(self, dataset):
+        self.data = dataset.with_format("numpy", columns=["input_ids"])
+        self.max_token, self.seq_len = self._scan()
+
+    def _scan(self) -> tuple[int, int]:
+        """One pass over the rows, a block at a time: every row of one length; the largest token id."""
+        top, length = -1, None
+        for block in self.data.iter(batch_size=4096):
+            ids = block["input_ids"]
+            if ids.dtype == object or ids.ndim != 2 or length not in (None, ids.shape[1]):
+                raise DistilleryError("packed datasets must hold input_ids of one length (from 'train pack')")
+            top, length = max(top, int(ids.max(initial=-1))), ids.shape[1]
+        if length is None:
+            raise DistilleryError("the packed datasets hold no sequences")
+        return top, length
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.data[[int(r) for r in rows]]["input_ids"]
+
+
 class Batches:
     """Global sequence positions in a seeded order, epoch after epoch; each process takes its slice."""
 
-    def __init__(self, tokens: np.ndarray, seed: int, dist: Dist, per_device: int):
+    def __init__(self, tokens: TokenRows, seed: int, dist: Dist, per_device: int):
         self.tokens, self.seed, self.dist, self.per_device = tokens, seed, dist, per_device
         self._orders: dict[int, np.ndarray] = {}
 
@@ -189,14 +216,6 @@ class Batches:
         return torch.from_numpy(self.tokens[mine].astype(np.int64)), position + size
 
 
-def _tokens(dataset) -> np.ndarray:
-    column = dataset.with_format("numpy")["input_ids"]
-    array = np.stack(list(column)) if not isinstance(column, np.ndarray) or column.dtype == object else column
-    if array.ndim != 2 or array.shape[0] == 0:
-        raise DistilleryError("packed datasets must hold input_ids of one length (from 'train pack')")
-    return array
-
-
 def train_pretrain(cfg: PretrainRecipe, store: Store) -> Manifest | None:
     import torch
 
@@ -211,8 +230,17 @@ def train_pretrain(cfg: PretrainRecipe, store: Store) -> Manifest | None:
 def _train(
     cfg: PretrainRecipe, store: Store, manifests: list[Manifest], dist: Dist, torch
 ) -> Manifest | None:
-    tokens = _tokens(load_mixture(cfg.datasets, manifests, ["input_ids"], cfg.seed))
-    seq_len = tokens.shape[1]
+    plan = hashlib.sha256(canonical_json(cfg.content_recipe()).encode()).hexdigest()[:16]
+    work = store.name_dir("run", cfg.name) / f".work-{plan}"
+    if dist.main and not cfg.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    arrow = (
+        work / "arrow"
+    )  # the data as Arrow files, memory-mapped (kept for a resume, removed once published)
+    tokens = TokenRows(load_mixture(cfg.datasets, manifests, ["input_ids"], cfg.seed, cache_dir=arrow))
+    seq_len = tokens.seq_len
     if cfg.per_device_batch_size * dist.world > len(tokens):
         raise DistilleryError(
             f"a batch of {cfg.per_device_batch_size * dist.world} sequences is larger than the data ({len(tokens)} "
@@ -220,7 +248,11 @@ def _train(
         )
     held_out = [m for m in manifests if "validation" in m.splits()]
     validation = [DatasetInput(ref=m.id, split="validation") for m in held_out]
-    eval_tokens = _tokens(load_mixture(validation, held_out, ["input_ids"], cfg.seed)) if validation else None
+    eval_tokens = (
+        TokenRows(load_mixture(validation, held_out, ["input_ids"], cfg.seed, cache_dir=arrow))
+        if validation
+        else None
+    )
     model, tokenizer, source = _build_model(cfg, store, seq_len)
     _check_tokens(cfg, manifests, source, tokens, model.config.vocab_size)
     model.to(dist.device)
@@ -240,16 +272,10 @@ def _train(
         wrapped = DistributedDataParallel(model, device_ids=device_ids)
     optimizer = _optimizer(model, cfg)
     scheduler = _schedule(optimizer, cfg)
-    plan = hashlib.sha256(canonical_json(cfg.content_recipe()).encode()).hexdigest()[:16]
-    work = store.name_dir("run", cfg.name) / f".work-{plan}"
     state: dict[str, Any] = {"position": 0, "tokens": 0, "skip": [], "losses": [], "triggers": []}
     resumed = checkpoint.latest(work) if cfg.resume else None
     if resumed is not None:
         state = checkpoint.load(resumed, model, optimizer, scheduler, sharded)
-    elif dist.main:
-        shutil.rmtree(work, ignore_errors=True)
-    if dist.world > 1:
-        torch.distributed.barrier()
     if dist.main:
         work.mkdir(parents=True, exist_ok=True)
     parameters = sum(p.numel() for p in model.parameters())
@@ -337,7 +363,7 @@ def _train(
                     weights)  # fmt: skip
 
 
-def _check_tokens(cfg: PretrainRecipe, manifests: list[Manifest], source: Manifest, tokens: np.ndarray,
+def _check_tokens(cfg: PretrainRecipe, manifests: list[Manifest], source: Manifest, tokens: TokenRows,
                   vocab: int) -> None:  # fmt: skip
     """Data packed with another tokenizer than the model's would train on nonsense: refuse it."""
     if cfg.tokenizer is not None:
@@ -348,7 +374,7 @@ def _check_tokens(cfg: PretrainRecipe, manifests: list[Manifest], source: Manife
                     f"dataset {m.ref} was packed with tokenizer run {packed_with[:12]}, not {source.ref}; "
                     "pretrain with the tokenizer the data was packed with"
                 )
-    top = int(tokens.max())
+    top = tokens.max_token
     if top >= vocab:
         raise DistilleryError(
             f"the packed data holds token id {top}, beyond the model's vocabulary of {vocab}"
@@ -396,7 +422,7 @@ def _on_trigger(cfg, monitor, step, reason, loss, grad_norm, positions, state, w
 
 
 def _evaluate(
-    model, tokens: np.ndarray, cfg: PretrainRecipe, dist: Dist, torch, device_type: str, autocast
+    model, tokens: TokenRows, cfg: PretrainRecipe, dist: Dist, torch, device_type: str, autocast
 ) -> float:
     model.eval()
     losses = []
