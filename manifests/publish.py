@@ -326,6 +326,9 @@ class Publisher:
         if final.exists() and not (final / "manifest.json").is_file():
             # A folder without a manifest under the final name is debris of a crashed rename.
             shutil.rmtree(final)
+        # Recorded as the latest before it appears: a kill between the two leaves a record of an id
+        # with no folder, which listing ignores -- never a new version listed as an old one.
+        self.store.record_publish(manifest)
         try:
             os.replace(self.dir, final)
         except OSError:
@@ -337,5 +340,4 @@ class Publisher:
         else:
             _fsync_dir(final.parent)
             manifest._location = final.resolve()
-        self.store.record_publish(manifest)
         return manifest

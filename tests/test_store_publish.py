@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,6 +120,31 @@ def test_a_killed_publish_is_never_seen_and_a_rerun_publishes(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert [m.id for m in store.list()] == [ok.stdout.strip()]
+
+
+def test_a_publish_killed_right_after_its_rename_is_still_the_latest(store, monkeypatch):
+    import manifests.publish as publish
+
+    def publish_version(v: int) -> None:
+        with Publisher(store, kind="dataset", name="x", stage="t", recipe={"v": v}) as pub:
+            pub.write_table(pa.table({"id": ["a"], "text": [f"t{v}"]}))
+            pub.publish()
+
+    publish_version(1)
+    real = os.replace
+
+    def rename_then_die(src, dst):
+        real(src, dst)
+        if Path(src).name.startswith(".tmp-"):
+            raise SystemExit(9)  # killed between the rename and whatever followed it
+
+    monkeypatch.setattr(publish.os, "replace", rename_then_die)
+    with pytest.raises(SystemExit):
+        publish_version(2)
+    monkeypatch.undo()
+    versions = store.list(kind="dataset", name="x")
+    assert [m.producer.recipe["v"] for m in versions] == [1, 2]
+    assert store.resolve("x").producer.recipe["v"] == 2
 
 
 def test_publishing_identical_content_twice_keeps_one_version(store):
