@@ -1,4 +1,4 @@
-"""``distillery manifests …``: list, show, verify, lineage, trace and diff."""
+"""``distillery manifests …``: list, show, verify, lineage, trace, diff and clean."""
 
 from __future__ import annotations
 
@@ -29,6 +29,42 @@ def _list(args) -> int:
                       f"{rows} rows" if rows else f"{len(m.files)} files")  # fmt: skip
     console.print(table)
     return 0
+
+
+def _clean(args) -> int:
+    """Remove what unfinished jobs left, unless it changed recently (the job may be running)."""
+    import shutil
+    import time
+
+    found = args.store_obj.unfinished()
+    if not found:
+        console.print(f"nothing unfinished in {args.store_obj.root}")
+        return 0
+    table = Table("folder", "size", "last change", "", box=None)
+    freed = 0
+    for folder, size, changed in found:
+        idle_h = (time.time() - changed) / 3600
+        if idle_h < args.idle_hours:
+            action = "kept: changed recently (still running?)"
+        elif args.dry_run:
+            action = "would remove"
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            action, freed = "removed", freed + size
+        table.add_row(
+            str(folder.relative_to(args.store_obj.root)), _size(size), f"{idle_h:.1f} h ago", action
+        )
+    console.print(table)
+    console.print(f"freed {_size(freed)}" if not args.dry_run else "dry run: nothing removed")
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def explain(m: Manifest) -> None:
@@ -177,7 +213,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from manifests.cli import add_group, add_verb
 
     verbs = add_group(
-        sub, "manifests", "inspect and audit the store: list, show, verify, lineage, trace, diff",
+        sub, "manifests", "inspect and audit the store: list, show, verify, lineage, trace, diff, clean",
         "Inspect and audit published datasets, runs and evals.",
         "references: NAME (latest), NAME@ID-PREFIX (pinned), or a folder path\n\n"
         "examples:\n"
@@ -221,3 +257,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("old")
     p.add_argument("new")
+    p = verb("clean", _clean, "remove what unfinished jobs left (resume state, half-published folders)",
+             "distillery manifests clean --dry-run")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.add_argument("--idle-hours", type=float, default=1.0,
+                   help="keep folders changed more recently than this (their job may still run); default 1")  # fmt: skip

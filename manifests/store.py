@@ -104,6 +104,20 @@ class Store:
         finally:
             os.close(fd)
 
+    def unfinished(self) -> list[tuple[Path, int, float]]:
+        """What unfinished jobs left in the store: ``.work-`` folders (resume state of builds and
+        training runs, kept until they publish) and ``.tmp-`` folders (a publish that never finished),
+        each with its size in bytes and the time anything in it last changed."""
+        found = []
+        for kind in KINDS:
+            for name in self._names(kind):
+                for folder in sorted((self.kind_dir(kind) / name).glob(".*")):
+                    if folder.is_dir() and folder.name.startswith((".work-", ".tmp-")):
+                        files = [p.stat() for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+                        changed = max([folder.stat().st_mtime, *(f.st_mtime for f in files)])
+                        found.append((folder, sum(f.st_size for f in files), changed))
+        return found
+
     def _names(self, kind: Kind) -> list[str]:
         base = self.kind_dir(kind)
         return (

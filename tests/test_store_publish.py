@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -145,6 +146,26 @@ def test_a_publish_killed_right_after_its_rename_is_still_the_latest(store, monk
     versions = store.list(kind="dataset", name="x")
     assert [m.producer.recipe["v"] for m in versions] == [1, 2]
     assert store.resolve("x").producer.recipe["v"] == 2
+
+
+def test_clean_removes_what_unfinished_jobs_left_but_not_recent_work(store, cli):
+    with Publisher(store, kind="dataset", name="x", stage="t", recipe={}) as pub:
+        pub.write_table(pa.table({"id": ["a"], "text": ["t"]}))
+        published = pub.publish()
+    old, recent = store.root / "runs" / "r" / ".work-aaaa", store.root / "datasets" / "x" / ".work-bbbb"
+    for folder in (old, recent):
+        (folder / "step-000002").mkdir(parents=True)
+        (folder / "step-000002" / "trainer.pt").write_bytes(b"0" * 2048)
+    hours_ago = time.time() - 3 * 3600
+    for path in [old, *old.rglob("*")]:
+        os.utime(path, (hours_ago, hours_ago))
+    dry = cli("--store", store.root, "manifests", "clean", "--dry-run")
+    assert dry.code == 0 and "would remove" in dry.out and "runs/r/.work-aaaa" in dry.out and old.is_dir()
+    result = cli("--store", store.root, "manifests", "clean")
+    assert result.code == 0, result.err
+    assert not old.exists() and recent.is_dir()  # changed within the hour: its job may be running
+    assert "freed 2.0 KiB" in result.out
+    assert store.resolve("x").id == published.id and (published.location / "manifest.json").is_file()
 
 
 def test_publishing_identical_content_twice_keeps_one_version(store):
