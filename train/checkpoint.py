@@ -7,6 +7,10 @@ It is written into ``.tmp-step-000120/`` and renamed into place after an fsync, 
 complete folder is always a checkpoint a run can resume from; the oldest beyond ``keep`` are
 removed. Resuming loads all of it, so a run killed and resumed ends with the same weights as one
 that ran through (tested in ``tests/test_train_pretrain.py``).
+
+The transformers Trainer (SFT) writes its own ``checkpoint-N/`` folders in place; there a marker
+file written last, once every process has saved its part, tells a complete checkpoint from one a
+kill cut short (``trainer_checkpoint_marker``, ``latest_trainer_checkpoint``).
 """
 
 from __future__ import annotations

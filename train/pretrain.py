@@ -20,7 +20,10 @@ validation split, checkpoints (``train/checkpoint.py``: atomic, exact resume) an
 run: ``checkpoint/`` (model + tokenizer), ``metrics.jsonl``, and a manifest whose parents are the
 datasets (and the base model or tokenizer) and whose stats hold the losses and every guard trigger.
 
-Data order is a seeded permutation per epoch of the global sequence indexes; each optimizer step
+The packed rows are not loaded: each shard is copied once to an Arrow file in the run's work
+folder and batches are read from it memory-mapped (``train/data.py``), so memory does not grow with
+the corpus (``benchmarks/train/pretrain_memory.py``). Data order is a seeded permutation per epoch
+of the global sequence indexes; each optimizer step
 takes ``per_device_batch_size * processes * gradient_accumulation_steps`` of them and each process
 its own slice, so 2 processes of 2 see what 1 process of 4 sees (``--nproc``, ``train/launch.py``).
 """
@@ -99,7 +102,8 @@ class PretrainRecipe(RecipeConfig):
     """Checkpoint every this many steps (and at the end); the run resumes from the newest."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """With several processes: ``ddp`` (a full model per process) or ``fsdp`` (parameters, gradients
-    and optimizer state sharded across processes: torch FSDP2, each decoder layer a unit)."""
+    and optimizer state sharded across processes: torch FSDP2, each decoder layer a unit -- what
+    ZeRO-3 does; this loop runs on torch alone, the DeepSpeed strategies are for ``method: sft``)."""
     guard: GuardConfig = Field(default_factory=GuardConfig)
     peak_tflops: float | None = Field(default=None, gt=0)
     """Peak throughput of one device for MFU, when the device is not a known accelerator."""
