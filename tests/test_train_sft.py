@@ -505,9 +505,32 @@ def test_sharded_strategies_on_two_processes_match_one_process(sft_store, tmp_pa
     )  # it trained
 
 
+def test_evaluation_on_a_held_out_split_and_throughput_go_to_the_metrics(sft_store):
+    rows = chat_rows(20, seed=5)
+    with Publisher(sft_store, kind="dataset", name="chat-split", stage="test", recipe={"split": True}) as pub:
+        pub.write_table(pa.Table.from_pylist(rows[:16]), split="train")
+        pub.write_table(pa.Table.from_pylist(rows[16:]), split="test")
+        pub.publish()
+    m = train(sft_store, "evaluated", datasets=[{"ref": "chat-split"}], eval_split="test", eval_every=2,
+              max_steps=3, per_device_batch_size=2, peak_tflops=1.0)  # fmt: skip
+    logged = [json.loads(line) for line in (m.location / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval_loss" in r] == [2, 3]  # every 2 steps, and at the end
+    assert m.stats["eval_loss"] == pytest.approx(logged[-1]["eval_loss"]) and math.isfinite(
+        m.stats["eval_loss"]
+    )
+    steps = [r for r in logged if "loss" in r]
+    assert len(steps) == 3 and all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in steps[1:])
+    with pytest.raises(
+        DistilleryError, match="dataset chat@.* has no split 'validation' \\(splits: train\\)"
+    ):
+        train(sft_store, "x", eval_split="validation")
+
+
 def test_strategy_mistakes_are_caught_before_training(sft_store, tmp_path):
     with pytest.raises(DistilleryError, match="offload: true needs strategy fsdp or deepspeed"):
         train(sft_store, "x", offload=True)
+    with pytest.raises(DistilleryError, match="guard.action skip .* deepspeed-zero2 keeps partitioned"):
+        train(sft_store, "x", strategy="deepspeed-zero2", guard={"action": "skip"})
     if has_gpus():
         return
     recipe = write_recipe(tmp_path / "fsdp.yaml", "stage: train\nname: f\nmodel: tiny\ndatasets: [{ref: chat}]\n"

@@ -67,7 +67,7 @@ from manifests.schema import Manifest
 from manifests.store import Store
 from train.checkpoint import latest_trainer_checkpoint, trainer_checkpoint_marker
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
-from train.monitor import GuardConfig, Monitor, trainer_guard
+from train.monitor import GuardConfig, Monitor, flops_per_token, peak_flops, trainer_guard
 from train.peft_config import (
     PeftSettings,
     build_peft_config,
@@ -125,6 +125,12 @@ class SFTRecipe(RecipeConfig):
     """With ``fsdp`` or a DeepSpeed strategy: keep optimizer states (and sharded parameters) in CPU memory."""
     save_every: int = Field(default=50, ge=1)
     """Checkpoint every this many steps (the newest two are kept until the run is published)."""
+    eval_split: str | None = None
+    """Evaluate on this split of the same datasets (``test``, ``validation``…) every ``eval_every``
+    steps and at the end: ``eval_loss`` in ``metrics.jsonl`` and in the manifest."""
+    eval_every: int = Field(default=50, ge=1)
+    peak_tflops: float | None = Field(default=None, gt=0)
+    """Peak throughput of one device, for MFU in ``metrics.jsonl``, when it is not a known accelerator."""
     resume: bool = False
     """Continue from the newest checkpoint of an interrupted run of the same recipe (``--resume``)."""
     guard: GuardConfig = Field(default_factory=GuardConfig)
@@ -227,20 +233,30 @@ def training_rows(mixture, fmt: SFTFormat, tokenizer):
     )  # fmt: skip
 
 
-def _metrics_callback(path: Path):
+def _metrics_callback(path: Path, flops_token: float, peak: float | None, processes: int):
     from transformers import TrainerCallback
 
     class MetricsWriter(TrainerCallback):
-        """Appends every logged step (loss, learning rate, grad norm, tokens) to ``metrics.jsonl``."""
+        """Appends every logged step (loss, learning rate, grad norm, tokens, tokens/s, MFU where the
+        device's peak is known) and every evaluation (``eval_loss``) to ``metrics.jsonl``."""
 
         def __init__(self) -> None:
             self.started = time.time()
+            self.last: tuple[float, float] | None = None  # (time, tokens) at the previous log
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs or not state.is_world_process_zero:
+            if not logs or not ({"loss", "eval_loss"} & logs.keys()) or not state.is_world_process_zero:
                 return
-            record = {"step": state.global_step, "elapsed_s": round(time.time() - self.started, 3)}
+            now = time.time()
+            record = {"step": state.global_step, "elapsed_s": round(now - self.started, 3)}
             record |= {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+            if "num_tokens" in logs:  # all processes' tokens so far (TRL)
+                if self.last is not None and now > self.last[0]:
+                    rate = (logs["num_tokens"] - self.last[1]) / (now - self.last[0])
+                    record["tokens_per_s"] = round(rate, 1)
+                    if peak:
+                        record["mfu"] = round(rate * flops_token / (peak * processes), 4)
+                self.last = (now, float(logs["num_tokens"]))
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -304,6 +320,11 @@ def _check_recipe(cfg: SFTRecipe) -> None:
             "only the first example of a packed row; set packing: false"
         )
     require_method_support(cfg.peft)
+    if zero_stage(cfg.strategy) is not None and cfg.guard.action == "skip":
+        raise DistilleryError(
+            f"guard.action skip drops a step's gradients before the optimizer uses them, which {cfg.strategy} "
+            "keeps partitioned out of reach; use guard.action stop (or strategy ddp)"
+        )
     if cfg.offload and cfg.strategy == "ddp":
         raise DistilleryError(
             "offload: true needs strategy fsdp or deepspeed-zero1/2/3 (ddp keeps a whole model)"
@@ -327,7 +348,10 @@ def _trainer_args(cfg: SFTRecipe, work: Path, model):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length, packing=cfg.packing, packing_strategy="bfd", padding_free=cfg.packing,
-        bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2, report_to="none",
+        bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, report_to="none",
+        save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2,
+        eval_strategy="steps" if cfg.eval_split else "no", eval_steps=cfg.eval_every,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_nan_inf_filter=False,
         **no_checkpointing, **trainer_arguments(cfg.strategy, model, offload=cfg.offload),
     )  # fmt: skip
@@ -366,6 +390,10 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     if cfg.guard.action == "rollback":
         raise DistilleryError("guard.action rollback needs method pretrain; for SFT use skip or stop")
     datasets = resolve_datasets(cfg.datasets, store, ["id"], "SFT")
+    eval_inputs = (
+        [d.model_copy(update={"split": cfg.eval_split}) for d in cfg.datasets] if cfg.eval_split else []
+    )
+    eval_sets = resolve_datasets(eval_inputs, store, ["id"], "SFT evaluation") if eval_inputs else []
     fmt = data_format(datasets)
     base = store.resolve(cfg.model, kind="run")
     template = chat_template_text(cfg.chat_template) if cfg.chat_template else None
@@ -387,6 +415,12 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     if cfg.peft.target_modules:
         check_target_modules(cfg.peft.target_modules, _architecture(base, store), base.ref)
     train_data = training_rows(mixture, fmt, tokenizer)
+    columns = ["id", *FORMAT_COLUMNS[fmt]]
+    eval_data = (
+        training_rows(load_mixture(eval_inputs, eval_sets, columns, cfg.seed), fmt, tokenizer)
+        if eval_sets
+        else None
+    )
     torch.manual_seed(cfg.seed)
     model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
     peft_config = build_peft_config(cfg.peft, model, str(checkpoint_path(base)))
@@ -415,9 +449,15 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         args = _trainer_args(cfg, work, model)
         monitor = Monitor(None, cfg.guard, 0.0, None)
         guard = trainer_guard(monitor)
-        callbacks = [_metrics_callback(metrics), trainer_checkpoint_marker(), *_planted_faults(), guard]
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=callbacks)  # fmt: skip
+        c = model.config
+        flops = flops_per_token(sum(p.numel() for p in model.parameters()), c.num_hidden_layers, c.hidden_size,
+                                cfg.max_length)  # fmt: skip
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        peak = peak_flops(device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
+        writer = _metrics_callback(metrics, flops, peak, int(os.environ.get("WORLD_SIZE", "1")))
+        callbacks = [writer, trainer_checkpoint_marker(), *_planted_faults(), guard]
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
         started = time.time()
         with labelled_positions_only():
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -436,8 +476,11 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         (pub.dir / CHECKPOINT_DIR / "training_args.bin").unlink(missing_ok=True)  # a pickle of local paths
         tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
         shutil.copy(metrics, pub.dir / "metrics.jsonl")
-        logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-        logged = logged or [{"loss": None}]  # a resumed run whose metrics file was lost still publishes
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        logged = [r for r in records if "loss" in r] or [{"loss": None}]  # (a resumed run may lose its file)
+        evaluated = [
+            r["eval_loss"] for r in records if "eval_loss" in r
+        ]  # the Trainer evaluates at the end too
         stats = {
             "method": "sft", "peft": cfg.peft.method, "format": fmt, "packing": cfg.packing,
             "steps": result.global_step, "train_rows": len(train_data), "tokens_seen": int(logged[-1].get("num_tokens", 0)),
@@ -446,7 +489,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
             "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()
                                         if p.requires_grad),
             "guard_triggers": monitor.triggers, "processes": trainer.accelerator.num_processes,
-            "distributed": trainer.accelerator.distributed_type.value,
+            "distributed": trainer.accelerator.distributed_type.value, "eval_loss": evaluated[-1] if evaluated else None,
         }  # fmt: skip
         manifest = pub.publish(stats=stats)
     shutil.rmtree(work, ignore_errors=True)  # published: the checkpoints are no longer needed
