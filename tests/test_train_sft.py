@@ -526,6 +526,29 @@ def test_evaluation_on_a_held_out_split_and_throughput_go_to_the_metrics(sft_sto
         train(sft_store, "x", eval_split="validation")
 
 
+def test_a_killed_deepspeed_run_resumes_to_the_weights_of_an_uninterrupted_one(sft_store, tmp_path):
+    """ZeRO-2 on 2 processes, killed after the step-2 checkpoint and resumed on 2 processes."""
+    common = {"stage": "train", "model": "tiny", "datasets": [{"ref": "chat"}], "max_steps": 4, "save_every": 2,
+              "per_device_batch_size": 2, "max_length": 128, "learning_rate": 0.01, "peft": {"method": "none"},
+              "strategy": "deepspeed-zero2"}  # fmt: skip
+    straight = write_recipe(tmp_path / "straight.yaml", json.dumps(common | {"name": "zero-straight"}))
+    resumed = write_recipe(tmp_path / "resumed.yaml", json.dumps(common | {"name": "zero-resumed"}))
+    two = ["--nproc", "2", "--master-port", "29533"]
+    assert run_cli(sft_store, "train", "run", str(straight), *two).returncode == 0
+    killed = run_cli(
+        sft_store, "train", "run", str(resumed), *two, env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "2"}
+    )
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert killed.stderr.strip().splitlines()[-1].startswith("error: process ")  # named, no traceback
+    again = run_cli(sft_store, "train", "run", str(resumed), *two, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = weights_of(sft_store.resolve("zero-straight")), weights_of(sft_store.resolve("zero-resumed"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    steps = [json.loads(line)["step"] for line in (sft_store.resolve("zero-resumed").location / "metrics.jsonl")
+             .read_text().splitlines()]  # fmt: skip
+    assert steps == [1, 2, 3, 4]
+
+
 def test_strategy_mistakes_are_caught_before_training(sft_store, tmp_path):
     with pytest.raises(DistilleryError, match="offload: true needs strategy fsdp or deepspeed"):
         train(sft_store, "x", offload=True)
