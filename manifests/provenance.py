@@ -20,6 +20,7 @@ _LIBRARIES = (
     "peft",
     "datasets",
     "accelerate",
+    "deepspeed",
     "gguf",
 )
 
@@ -62,4 +63,8 @@ def hardware() -> dict[str, object]:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if "WORLD_SIZE" in os.environ:  # a job of several processes (torchrun): how many, on how many nodes
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        info["processes"] = int(os.environ["WORLD_SIZE"])
+        info["nodes"] = max(1, info["processes"] // max(1, local))
     return info

@@ -140,6 +140,12 @@ def test_two_processes_give_the_losses_of_one(cli, tmp_path, packed, strategy):
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = packed.resolve("one"), packed.resolve("two")
+    assert (two.stats["processes"], two.stats["strategy"], two.producer.hardware["processes"]) == (
+        2,
+        strategy,
+        2,
+    )
+    assert one.stats["strategy"] == "single" and "processes" not in one.producer.hardware
     a = [r["loss"] for r in _metrics(one) if "loss" in r]
     b = [r["loss"] for r in _metrics(two) if "loss" in r]
     assert len(a) == len(b) == 8 and b == pytest.approx(a, rel=1e-4, abs=1e-5)

@@ -364,7 +364,7 @@ def _train(
     if not dist.main:
         return None
     return _publish(cfg, store, manifests, source, model, tokenizer, work, state, monitor, parameters, started,
-                    weights)  # fmt: skip
+                    weights, dist.world)  # fmt: skip
 
 
 def _check_tokens(cfg: PretrainRecipe, manifests: list[Manifest], source: Manifest, tokens: TokenRows,
@@ -442,7 +442,7 @@ def _evaluate(
 
 
 def _publish(cfg, store, manifests, source, model, tokenizer, work, state, monitor, parameters, started,
-             weights) -> Manifest:  # fmt: skip
+             weights, processes) -> Manifest:  # fmt: skip
     recipe = cfg.content_recipe() | {"datasets": pinned(cfg.datasets, manifests)}
     role = "base_model" if cfg.model is not None else "tokenizer"
     parents = [*manifests, source]
@@ -457,6 +457,7 @@ def _publish(cfg, store, manifests, source, model, tokenizer, work, state, monit
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "eval_loss": state.get("eval_loss"), "guard_triggers": monitor.triggers,
             "skipped_positions": state["skip"], "wall_s": round(time.time() - started, 2),
+            "processes": processes, "strategy": cfg.strategy if processes > 1 else "single",
         }  # fmt: skip
         manifest = pub.publish(stats=stats)
     shutil.rmtree(work, ignore_errors=True)
