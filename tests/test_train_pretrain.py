@@ -128,13 +128,13 @@ def test_a_planted_nan_triggers_the_chosen_guard_action(cli, tmp_path, packed, m
     assert any("guard" in r for r in _metrics(m))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"])
 def test_two_processes_give_the_losses_of_one(cli, tmp_path, packed, strategy):
     assert cli("--store", packed.root, "train", _recipe(tmp_path, name="one")).code == 0
     two = write_recipe(tmp_path / "two.yaml", _recipe(tmp_path, f"strategy: {strategy}\n", name="two").read_text()
                        .replace("per_device_batch_size: 4", "per_device_batch_size: 2"))  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = {"ddp": "29517", "fsdp": "29518"}[strategy]
+    port = {"ddp": "29517", "fsdp": "29518", "deepspeed-zero2": "29514", "deepspeed-zero3": "29515"}[strategy]
     result = subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(packed.root), "train", str(two),
                              "--nproc", "2", "--master-port", port], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
@@ -152,6 +152,36 @@ def test_two_processes_give_the_losses_of_one(cli, tmp_path, packed, strategy):
     # The published weights are whole (FSDP shards gathered) and equal the one-process run's.
     wa, wb = _weights(one), _weights(two)
     assert wa.keys() == wb.keys() and all(float((wa[k] - wb[k]).abs().max()) < 1e-4 for k in wa)
+
+
+def _torchrun(store, recipe, port: str, *extra: str, env: dict | None = None):
+    return subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(store.root), "train", str(recipe),
+                           "--nproc", "2", "--master-port", port, *extra], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)  # fmt: skip
+
+
+def test_under_zero2_a_killed_run_resumes_exactly_and_a_nan_rolls_back(tmp_path, packed):
+    """DeepSpeed applies a step before the guards see it: rollback reloads the last checkpoint."""
+    extra = "strategy: deepspeed-zero2\ngradient_accumulation_steps: 2\n"
+    two = lambda name, more="": write_recipe(tmp_path / f"{name}.yaml", _recipe(tmp_path, extra + more, name=name)  # noqa: E731
+                                             .read_text().replace("per_device_batch_size: 4", "per_device_batch_size: 1"))  # fmt: skip
+    assert _torchrun(packed, two("zs"), "29534").returncode == 0
+    killed = _torchrun(packed, two("zk"), "29534", env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "4"})
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    again = _torchrun(packed, two("zk"), "29534", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = _weights(packed.resolve("zs")), _weights(packed.resolve("zk"))
+    assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-6 for k in a)
+    rolled = _torchrun(
+        packed, two("zr", "guard: {action: rollback}\n"), "29534", env={"DISTILLERY_FAULT_NAN_AT": "21"}
+    )
+    assert rolled.returncode == 0, rolled.stderr[-3000:]
+    m = packed.resolve("zr")
+    (trigger,) = m.stats["guard_triggers"]
+    assert (
+        trigger["reason"] == "nan_loss" and trigger["action"] == "rollback" and m.stats["skipped_positions"]
+    )
+    assert m.stats["steps"] == 8 and all(math.isfinite(float(w.abs().max())) for w in _weights(m).values())
 
 
 def test_an_error_in_every_process_of_a_torchrun_job_is_one_line(tmp_path, packed):
@@ -190,6 +220,7 @@ def test_bad_pretraining_recipes_are_one_line(cli, tmp_path, packed):
         "model: tok": "give 'model'",
         "method: pretrian": "did you mean 'pretrain'",
         "per_device_batch_size: 1000": "larger than the data (64 sequences)",
+        "strategy: deepspeed-zero2\nguard: {action: skip}": "guard.action skip cannot be done under deepspeed-zero2",
     }
     for line, message in cases.items():
         text = _recipe(tmp_path).read_text()

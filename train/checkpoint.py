@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
@@ -83,7 +83,7 @@ def save(folder: Path, step: int, model, optimizer, scheduler, state: dict[str, 
     # torch.save keeps tied weights tied (one tensor under two names), as the model has them.
     torch.save({"model": weights, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                 "state": state | {"step": step}}, tmp / "trainer.pt")  # fmt: skip
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(folder.glob("step-*"))[:-keep]:
@@ -93,7 +93,8 @@ def save(folder: Path, step: int, model, optimizer, scheduler, state: dict[str, 
 
 def latest(folder: Path) -> Path | None:
     """The newest complete checkpoint (a ``.tmp-`` folder never counts)."""
-    done = sorted(p for p in folder.glob("step-*") if (p / "trainer.pt").is_file()) if folder.is_dir() else []
+    done = sorted(p for p in folder.glob("step-*") if (p / "trainer.pt").is_file() or (p / COMPLETE).is_file()) \
+        if folder.is_dir() else []  # fmt: skip
     return done[-1] if done else None
 
 
@@ -142,7 +143,7 @@ def trainer_checkpoint_marker():
                 dist.barrier()  # every process's shards (ZeRO, FSDP) are on disk
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                _fsync_tree(folder)
+                fsync_tree(folder)
                 (folder / COMPLETE).write_text(str(state.global_step))
             return control
 

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import math
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -52,6 +54,7 @@ from train import checkpoint
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.launch import Dist, setup, teardown
 from train.monitor import GuardConfig, Monitor, flops_per_token, peak_flops
+from train.strategy import Strategy, zero_stage
 
 FAULT_NAN = "DISTILLERY_FAULT_NAN_AT"
 """Fault injection for tests: the loss of the micro-batch holding this global sequence index is NaN."""
@@ -100,10 +103,10 @@ class PretrainRecipe(RecipeConfig):
     eval_batches: int = Field(default=4, ge=1)
     save_every: int = Field(default=50, ge=1)
     """Checkpoint every this many steps (and at the end); the run resumes from the newest."""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    """With several processes: ``ddp`` (a full model per process) or ``fsdp`` (parameters, gradients
-    and optimizer state sharded across processes: torch FSDP2, each decoder layer a unit -- what
-    ZeRO-3 does; this loop runs on torch alone, the DeepSpeed strategies are for ``method: sft``)."""
+    strategy: Strategy = "ddp"
+    """With several processes: ``ddp`` (a full model per process), ``fsdp`` (parameters, gradients
+    and optimizer state sharded across processes: torch FSDP2, each decoder layer a unit) or
+    ``deepspeed-zero1/2/3`` (DeepSpeed's engine under this loop, ``train/zero.py``)."""
     guard: GuardConfig = Field(default_factory=GuardConfig)
     peak_tflops: float | None = Field(default=None, gt=0)
     """Peak throughput of one device for MFU, when the device is not a known accelerator."""
@@ -117,6 +120,16 @@ class PretrainRecipe(RecipeConfig):
             raise ValueError(
                 "give 'model' (continue a checkpoint) or 'tokenizer' (from scratch with 'shape'), not both"
             )
+        if zero_stage(self.strategy) is not None:
+            if self.guard.action == "skip":
+                raise ValueError(
+                    f"guard.action skip cannot be done under {self.strategy}: DeepSpeed applies a step before the "
+                    "guards see it; use rollback or stop"
+                )
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ValueError(
+                    f"strategy {self.strategy} needs DeepSpeed: pip install 'distillery[deepspeed]'"
+                )
         return self
 
     def content_recipe(self) -> dict[str, Any]:
@@ -240,9 +253,8 @@ def _train(
         shutil.rmtree(work, ignore_errors=True)
     if dist.world > 1:
         torch.distributed.barrier()
-    arrow = (
-        work / "arrow"
-    )  # the data as Arrow files, memory-mapped (kept for a resume, removed once published)
+    # The data as Arrow files, memory-mapped (kept for a resume, removed once published).
+    arrow = work / "arrow"
     tokens = TokenRows(load_mixture(cfg.datasets, manifests, ["input_ids"], cfg.seed, cache_dir=arrow))
     seq_len = tokens.seq_len
     if cfg.per_device_batch_size * dist.world > len(tokens):
@@ -263,7 +275,17 @@ def _train(
     if cfg.precision == "fp16" and not dist.device.startswith("cuda"):
         raise DistilleryError("precision fp16 needs a GPU; use bf16 (or fp32) on this machine")
     wrapped, sharded = model, dist.world > 1 and cfg.strategy == "fsdp"
-    if sharded:
+    zero = None
+    if dist.world > 1 and zero_stage(cfg.strategy) is not None:
+        from train.zero import ZeroEngine
+
+        optimizer = _optimizer(model, cfg)
+        scheduler = _schedule(optimizer, cfg)
+        zero = ZeroEngine(model, optimizer, scheduler, stage=zero_stage(cfg.strategy), per_device=cfg.per_device_batch_size,
+                          accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+                          precision=cfg.precision, processes=dist.world)  # fmt: skip
+        wrapped = zero.engine
+    elif sharded:
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
@@ -274,12 +296,17 @@ def _train(
 
         device_ids = [dist.local_rank] if dist.device.startswith("cuda") else None
         wrapped = DistributedDataParallel(model, device_ids=device_ids)
-    optimizer = _optimizer(model, cfg)
-    scheduler = _schedule(optimizer, cfg)
+    if zero is None:  # (after FSDP2, whose sharded parameters the optimizer must hold)
+        optimizer = _optimizer(model, cfg)
+        scheduler = _schedule(optimizer, cfg)
+
+    def restore(path: Path) -> dict[str, Any]:
+        return zero.load(path) if zero else checkpoint.load(path, model, optimizer, scheduler, sharded)
+
     state: dict[str, Any] = {"position": 0, "tokens": 0, "skip": [], "losses": [], "triggers": []}
     resumed = checkpoint.latest(work) if cfg.resume else None
     if resumed is not None:
-        state = checkpoint.load(resumed, model, optimizer, scheduler, sharded)
+        state = restore(resumed)
     if dist.main:
         work.mkdir(parents=True, exist_ok=True)
     parameters = sum(p.numel() for p in model.parameters())
@@ -293,8 +320,9 @@ def _train(
     batches = Batches(tokens, cfg.seed, dist, cfg.per_device_batch_size)
     fault = int(os.environ.get(FAULT_NAN, "-1"))
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    autocast = None if zero is not None else autocast  # DeepSpeed casts the model itself
     device_type = "cuda" if dist.device.startswith("cuda") else "cpu"
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and zero is None else None
     step, started = int(state.get("step", 0)), time.time()
     micro_size = cfg.per_device_batch_size * dist.world
     model.train()
@@ -302,7 +330,8 @@ def _train(
         monitor.start_progress(cfg.max_steps, step)
     try:
         while step < cfg.max_steps:
-            wrapped.zero_grad(set_to_none=True)
+            if zero is None:  # (DeepSpeed's engine clears its gradients after each step itself)
+                wrapped.zero_grad(set_to_none=True)
             total, positions = 0.0, []
             for micro in range(cfg.gradient_accumulation_steps):
                 position = state["position"]
@@ -311,32 +340,41 @@ def _train(
                 ids, state["position"] = batches.take(position)
                 positions.append(position)
                 ids = ids.to(dist.device)
+                poison = position <= fault < position + micro_size
+                if zero is not None:  # the engine steps after the last micro-batch
+                    total += zero.micro_step(ids, poison)
+                    continue
                 sync = micro == cfg.gradient_accumulation_steps - 1 or dist.world == 1
                 if sharded:  # FSDP reduces gradients on the last micro-batch only
                     model.set_requires_gradient_sync(sync)
                 context = wrapped.no_sync() if not sync and not sharded else contextlib.nullcontext()
                 with context, torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
                     loss = wrapped(input_ids=ids, labels=ids).loss / cfg.gradient_accumulation_steps
-                    if position <= fault < position + micro_size:
+                    if poison:
                         loss = loss * float("nan")
                 (scaler.scale(loss) if scaler else loss).backward()
                 total += float(loss.detach())
-            if scaler:
-                scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            grad_norm = float(
-                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            )  # a DTensor under FSDP
+            if zero is not None:
+                grad_norm = zero.grad_norm()  # of the step just applied
+            else:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = float(
+                    norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                )  # DTensor: FSDP
             total = _mean_over_processes(total, dist, torch)
             reason = monitor.check(step, total, grad_norm)
             if reason is not None:
-                _on_trigger(cfg, monitor, step, reason, total, grad_norm, positions, state, work, model, optimizer,
-                            scheduler, sharded)  # fmt: skip
+                _on_trigger(
+                    cfg, monitor, step, reason, total, grad_norm, positions, state, work, optimizer, restore
+                )
                 if cfg.guard.action == "rollback":
                     step = int(state["step"])
                 continue
-            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-            scheduler.step()
+            if zero is None:
+                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+                scheduler.step()
             step += 1
             state["tokens"] += micro_size * cfg.gradient_accumulation_steps * seq_len
             monitor.good(total)
@@ -349,9 +387,12 @@ def _train(
                 monitor.log(step, state["tokens"], **record)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 state["triggers"] = monitor.triggers
-                checkpoint.save(
-                    work, step, model, optimizer, scheduler, state, sharded=sharded, write=dist.main
-                )
+                if zero is not None:
+                    zero.save(work, step, state, dist.main)
+                else:
+                    checkpoint.save(
+                        work, step, model, optimizer, scheduler, state, sharded=sharded, write=dist.main
+                    )
                 if dist.world > 1:
                     torch.distributed.barrier()
                 if os.environ.get(FAULT_EXIT) == str(step):
@@ -359,6 +400,8 @@ def _train(
     finally:
         monitor.close()
     weights = checkpoint.full_states(model, optimizer, sharded)[0] if sharded else None  # collective
+    if zero is not None and dist.main:  # the last step was saved: its partitions, gathered
+        weights = zero.full_weights(checkpoint.latest(work))
     if weights is not None and model.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # gathered as a copy; tied again when the model loads
     if not dist.main:
@@ -393,8 +436,9 @@ def _mean_over_processes(value: float, dist: Dist, torch) -> float:
     return float(tensor[0]) / dist.world
 
 
-def _on_trigger(cfg, monitor, step, reason, loss, grad_norm, positions, state, work, model, optimizer, scheduler,
-                sharded) -> None:  # fmt: skip
+def _on_trigger(
+    cfg, monitor, step, reason, loss, grad_norm, positions, state, work, optimizer, restore
+) -> None:
     """Apply the guard's action to the step that went wrong (recorded in every case)."""
     action = cfg.guard.action
     if len(monitor.triggers) >= cfg.guard.max_triggers:
@@ -417,7 +461,7 @@ def _on_trigger(cfg, monitor, step, reason, loss, grad_norm, positions, state, w
             f"{cfg.name}: {reason.replace('_', ' ')} at step {step} before the first checkpoint; lower save_every "
             "or use 'guard: {action: skip}'"
         )
-    restored = checkpoint.load(last, model, optimizer, scheduler, sharded)
+    restored = restore(last)
     state.clear()
     state.update(restored | {"skip": skip, "triggers": triggers})
     monitor.recent.clear()

@@ -15,7 +15,8 @@ accelerate: ``trainer_arguments`` gives its ``fsdp``/``deepspeed`` settings, and
 (``distillery train run RECIPE --emit-accelerate FILE``). ``deepspeed_config`` writes whole numbers
 where the Trainer would fill in ``auto``, so the file also serves a DeepSpeed launch of one's own.
 
-Pretraining runs its own loop on torch (``ddp`` or ``fsdp``), without accelerate.
+Pretraining runs its own loop: ``ddp`` and ``fsdp`` on torch, the DeepSpeed strategies through
+DeepSpeed's engine under that loop (``train/zero.py``), with the same ``deepspeed_config``.
 """
 
 from __future__ import annotations
