@@ -85,9 +85,12 @@ def test_training_run_has_losses_and_dataset_parents(demo):
     run = store.resolve("demo-sft-run")
     roles = {p.name: p.role for p in run.parents}
     assert roles == {"demo-sft": "input", "student-base": "base_model"}
-    losses = [json.loads(line) for line in (run.location / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (run.location / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in logged if "loss" in r]
     assert [r["step"] for r in losses] == [1, 2, 3]
     assert all(r["loss"] > 0 for r in losses)
+    # held-out loss on the synth test split at the end (eval_split: test)
+    assert [r["step"] for r in logged if "eval_loss" in r] == [3] and run.stats["eval_loss"] > 0
     assert (run.location / "checkpoint" / "adapter_config.json").is_file()
     assert run.producer.recipe["datasets"][0]["ref"] == store.resolve("demo-sft").id
 
