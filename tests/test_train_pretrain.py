@@ -184,6 +184,48 @@ def test_under_zero2_a_killed_run_resumes_exactly_and_a_nan_rolls_back(tmp_path,
     assert m.stats["steps"] == 8 and all(math.isfinite(float(w.abs().max())) for w in _weights(m).values())
 
 
+def test_a_torchrun_job_stopped_by_sigterm_or_a_taken_port_ends_in_one_line(tmp_path, packed):
+    import signal
+    import socket
+    import time
+
+    long = write_recipe(tmp_path / "long.yaml", _recipe(tmp_path, name="long").read_text()
+                        .replace("max_steps: 8", "max_steps: 100000").replace("save_every: 2", "save_every: 1000"))  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "manifests.cli",
+        "--store",
+        str(packed.root),
+        "train",
+        str(long),
+        "--nproc",
+        "2",
+    ]
+    with open(tmp_path / "stderr.txt", "w") as log:  # a file, not a pipe: a full pipe would stall the job
+        job = subprocess.Popen([*command, "--master-port", "29536"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        deadline = time.time() + 120
+        while (
+            not list(packed.name_dir("run", "long").glob(".work-*/metrics.jsonl")) and time.time() < deadline
+        ):
+            time.sleep(0.5)  # until the processes train
+        job.send_signal(signal.SIGTERM)  # what a scheduler sends at a time limit
+        job.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert job.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM; nothing was published -- '--resume' continues from the last checkpoint"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 29537))
+        taken.listen()
+        result = subprocess.run([*command, "--master-port", "29537"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert "could not meet at 127.0.0.1:29537" in result.stderr and "pass --master-port" in result.stderr
+
+
 def test_an_error_in_every_process_of_a_torchrun_job_is_one_line(tmp_path, packed):
     """The batch is checked against the data inside the processes: each fails, one line is printed."""
     bad = (

@@ -102,13 +102,18 @@ def relaunch(
     import tempfile
     from pathlib import Path
 
+    from torch.distributed import DistError
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     from manifests.cli import ERROR_DIR
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):  # the agent's modules set their own levels
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="distillery-errors-") as folder:
         os.environ[ERROR_DIR] = folder
         arguments = torchrun_arguments(argv, nproc, nnodes, node_rank, master_addr, master_port)
@@ -127,6 +132,15 @@ def relaunch(
                 message = f"process {rank} of the run exited with code {failure.exitcode}; its output above says why"
             print(f"error: {message}", file=sys.stderr)
             return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        except SignalException as e:  # Ctrl-C, or a scheduler's SIGTERM: the agent stopped the processes
+            print(f"error: stopped by {e.sigval.name}; nothing was published -- '--resume' continues from the "
+                  "last checkpoint", file=sys.stderr)  # fmt: skip
+            return 128 + int(e.sigval)
+        except (DistError, RendezvousError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: the processes could not meet at {master_addr}:{master_port} ({reason}); if another run "
+                  "uses that port, pass --master-port", file=sys.stderr)  # fmt: skip
+            return 1
         finally:
             del os.environ[ERROR_DIR]
     return 0
