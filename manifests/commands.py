@@ -42,9 +42,11 @@ def _clean(args) -> int:
         return 0
     table = Table("folder", "size", "last change", "", box=None)
     freed = 0
-    for folder, size, changed in found:
+    for folder, size, changed, running in found:
         idle_h = (time.time() - changed) / 3600
-        if idle_h < args.idle_hours:
+        if running:
+            action = "kept: its process is running"
+        elif idle_h < args.idle_hours:
             action = "kept: changed recently (still running?)"
         elif args.dry_run:
             action = "would remove"

@@ -31,7 +31,7 @@ from manifests.errors import DistilleryError
 from manifests.hashing import manifest_id, sha256_file
 from manifests.provenance import git_state, hardware, library_versions
 from manifests.schema import SCHEMA_VERSION, FileEntry, Kind, Manifest, ParentRef, Producer
-from manifests.store import Store, load_manifest
+from manifests.store import Store, load_manifest, tmp_owner_running
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -70,16 +70,6 @@ def refuse_secrets(recipe: Any, path: str = "") -> None:
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -184,12 +174,8 @@ class Publisher:
         folder = self.dir.parent
         if not folder.is_dir():
             return
-        prefix = f".tmp-{socket.gethostname()}-"
         for tmp in folder.glob(".tmp-*"):
-            if not tmp.name.startswith(prefix):
-                continue
-            pid = tmp.name[len(prefix) :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if tmp_owner_running(tmp.name) is False:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -18,6 +18,7 @@ import difflib
 import json
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -74,6 +75,34 @@ def load_manifest(path: Path) -> Manifest:
     return manifest
 
 
+def _size_and_change(folder: Path) -> tuple[int, float]:
+    size, changed = 0, 0.0
+    for path in [folder, *folder.rglob("*")]:
+        try:  # a running job may remove a file while it is looked at
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        changed = max(changed, stat.st_mtime)
+        size += stat.st_size if path.is_file() else 0
+    return size, changed
+
+
+def tmp_owner_running(folder_name: str) -> bool | None:
+    """Whether the process that a ``.tmp-<host>-<pid>-…`` folder names is running; None when the
+    folder is another host's (or not named so), whose processes cannot be asked."""
+    prefix = f".tmp-{socket.gethostname()}-"
+    pid = folder_name[len(prefix) :].split("-", 1)[0] if folder_name.startswith(prefix) else ""
+    if not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class Store:
     """A directory of published artefacts with name, ``name@id-prefix`` and path references."""
 
@@ -104,18 +133,19 @@ class Store:
         finally:
             os.close(fd)
 
-    def unfinished(self) -> list[tuple[Path, int, float]]:
+    def unfinished(self) -> list[tuple[Path, int, float, bool]]:
         """What unfinished jobs left in the store: ``.work-`` folders (resume state of builds and
-        training runs, kept until they publish) and ``.tmp-`` folders (a publish that never finished),
-        each with its size in bytes and the time anything in it last changed."""
+        training runs, kept until they publish) and ``.tmp-`` folders (a publish not finished yet, or
+        never), each with its size in bytes, the time anything in it last changed, and whether the
+        process that owns it is known to be running (a ``.tmp-`` folder names its host and pid)."""
         found = []
         for kind in KINDS:
             for name in self._names(kind):
                 for folder in sorted((self.kind_dir(kind) / name).glob(".*")):
                     if folder.is_dir() and folder.name.startswith((".work-", ".tmp-")):
-                        files = [p.stat() for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
-                        changed = max([folder.stat().st_mtime, *(f.st_mtime for f in files)])
-                        found.append((folder, sum(f.st_size for f in files), changed))
+                        found.append(
+                            (folder, *_size_and_change(folder), tmp_owner_running(folder.name) is True)
+                        )
         return found
 
     def _names(self, kind: Kind) -> list[str]:

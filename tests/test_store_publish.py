@@ -166,6 +166,14 @@ def test_clean_removes_what_unfinished_jobs_left_but_not_recent_work(store, cli)
     assert not old.exists() and recent.is_dir()  # changed within the hour: its job may be running
     assert "freed 2.0 KiB" in result.out
     assert store.resolve("x").id == published.id and (published.location / "manifest.json").is_file()
+    # A publish in progress (its process alive) is kept however long it has been quiet.
+    with Publisher(store, kind="dataset", name="y", stage="t", recipe={}) as pub:
+        pub.write_table(pa.table({"id": ["a"], "text": ["t"]}))
+        for path in [pub.dir, *pub.dir.rglob("*")]:
+            os.utime(path, (hours_ago, hours_ago))
+        result = cli("--store", store.root, "manifests", "clean")
+        assert result.code == 0 and "kept: its process is running" in result.out and pub.dir.is_dir()
+        assert pub.publish().name == "y"
 
 
 def test_publishing_identical_content_twice_keeps_one_version(store):
