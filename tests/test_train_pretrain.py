@@ -109,6 +109,33 @@ def test_a_killed_run_resumes_to_the_same_weights(cli, tmp_path, packed):
     )
 
 
+@pytest.mark.parametrize("nan_at, checkpointed", [(9, None), (21, 4)])
+def test_resume_trains_again_what_came_after_the_checkpoint_and_logs_it_once(cli, tmp_path, packed, monkeypatch,
+                                                                               nan_at, checkpointed):  # fmt: skip
+    """A run stopped (by its guard) at step 3, before any checkpoint, or at step 6, after the step-4 one."""
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, name="r").read_text().replace("save_every: 2",
+                                                                                          "save_every: 4"))  # fmt: skip
+    monkeypatch.setenv("DISTILLERY_FAULT_NAN_AT", str(nan_at))
+    assert cli("--store", packed.root, "train", recipe).code == 1  # guard.action stop
+    (work,) = packed.name_dir("run", "r").glob(".work-*")
+    assert [p.name for p in work.glob("step-*")] == ([f"step-{checkpointed:06d}"] if checkpointed else [])
+    monkeypatch.delenv("DISTILLERY_FAULT_NAN_AT")
+    result = cli("--store", packed.root, "train", recipe, "--resume")
+    assert result.code == 0, result.err
+    m = packed.resolve("r")
+    assert [r["step"] for r in _metrics(m)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+    ]  # no step twice, no stale guard record
+    assert m.stats["guard_triggers"] == [] and m.stats["steps"] == 8
+
+
 @pytest.mark.parametrize("action", ["skip", "rollback", "stop"])
 def test_a_planted_nan_triggers_the_chosen_guard_action(cli, tmp_path, packed, monkeypatch, action):
     # Sequence position 21 is in the micro-batch of step 6 (4 sequences a step): after the step-4 checkpoint.

@@ -61,7 +61,8 @@ def flops_per_token(parameters: int, layers: int, hidden: int, seq_len: int) -> 
 
 
 class Monitor:
-    """Writes metrics (rank 0 only) and checks each step against the guards."""
+    """Writes metrics (rank 0 only) and checks each step against the guards. ``peak`` is the job's
+    peak FLOP/s (one device's times the processes), for MFU; None where unknown."""
 
     def __init__(self, folder: Path | None, guard: GuardConfig, flops_token: float, peak: float | None):
         self.path = folder / "metrics.jsonl" if folder else None
@@ -118,11 +119,19 @@ class Monitor:
         self.triggers.append(record)
         self._write({"step": step, "guard": record})
 
-    def log(self, step: int, tokens_total: int, **values: float) -> dict[str, Any]:
+    def resume_at(self, tokens_total: int) -> None:
+        """The run continues a checkpoint that had seen ``tokens_total`` tokens."""
+        self._last = (time.perf_counter(), tokens_total)
+
+    def log(
+        self, step: int, tokens_total: int, seconds: float | None = None, **values: float
+    ) -> dict[str, Any]:
+        """Write one step's record; tokens/s over ``seconds`` (the step's own time) when given, else
+        since the previous record."""
         now = time.perf_counter()
         then, tokens_then = self._last
         self._last = (now, tokens_total)
-        rate = (tokens_total - tokens_then) / max(now - then, 1e-9)
+        rate = (tokens_total - tokens_then) / max(seconds if seconds is not None else now - then, 1e-9)
         record: dict[str, Any] = {"step": step, **{k: _number(v) for k, v in values.items()},
                                   "tokens": tokens_total, "tokens_per_s": round(rate, 1)}  # fmt: skip
         if self.peak:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -309,12 +310,14 @@ def _train(
         state = restore(resumed)
     if dist.main:
         work.mkdir(parents=True, exist_ok=True)
+        _forget_after(work, None if resumed is None else int(state["step"]))
     parameters = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(parameters, model.config.num_hidden_layers, model.config.hidden_size, seq_len)
     device_name = torch.cuda.get_device_name(dist.local_rank) if dist.device.startswith("cuda") else "cpu"
-    monitor = Monitor(work if dist.main else None, cfg.guard, flops,
-                      peak_flops(device_name, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None))  # fmt: skip
+    peak = peak_flops(device_name, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
+    monitor = Monitor(work if dist.main else None, cfg.guard, flops, peak * dist.world if peak else None)
     monitor.triggers = list(state["triggers"])
+    monitor.resume_at(state["tokens"])
     for loss in state["losses"][-cfg.guard.window :]:
         monitor.good(loss)
     batches = Batches(tokens, cfg.seed, dist, cfg.per_device_batch_size)
@@ -330,6 +333,7 @@ def _train(
         monitor.start_progress(cfg.max_steps, step)
     try:
         while step < cfg.max_steps:
+            step_started = time.perf_counter()
             if zero is None:  # (DeepSpeed's engine clears its gradients after each step itself)
                 wrapped.zero_grad(set_to_none=True)
             total, positions = 0.0, []
@@ -379,12 +383,13 @@ def _train(
             state["tokens"] += micro_size * cfg.gradient_accumulation_steps * seq_len
             monitor.good(total)
             state["losses"].append(total)
+            seconds = time.perf_counter() - step_started  # the step's own time (not evaluation or saving)
             record: dict[str, Any] = {"loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
             if eval_tokens is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 record["eval_loss"] = _evaluate(wrapped, eval_tokens, cfg, dist, torch, device_type, autocast)
                 state["eval_loss"] = record["eval_loss"]
             if dist.main:
-                monitor.log(step, state["tokens"], **record)
+                monitor.log(step, state["tokens"], seconds=seconds, **record)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 state["triggers"] = monitor.triggers
                 if zero is not None:
@@ -408,6 +413,19 @@ def _train(
         return None
     return _publish(cfg, store, manifests, source, model, tokenizer, work, state, monitor, parameters, started,
                     weights, dist.world)  # fmt: skip
+
+
+def _forget_after(work: Path, step: int | None) -> None:
+    """What a killed run wrote after the checkpoint it resumes from (``step``), or, with nothing to
+    resume from, everything but the data's Arrow files: the steps are trained again."""
+    metrics = work / "metrics.jsonl"
+    if step is None:
+        for path in work.iterdir():
+            if path.name != "arrow":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
 
 
 def _check_tokens(cfg: PretrainRecipe, manifests: list[Manifest], source: Manifest, tokens: TokenRows,
