@@ -549,6 +549,23 @@ def test_a_killed_deepspeed_run_resumes_to_the_weights_of_an_uninterrupted_one(s
     assert steps == [1, 2, 3, 4]
 
 
+def test_deepspeed_runs_in_one_process_and_fsdp_in_one_process_is_plain(sft_store, tmp_path):
+    """One process without a launcher: ZeRO (e.g. ZeRO-Offload on one GPU) gets a job of one; FSDP
+    has nothing to shard."""
+    for strategy in ("deepspeed-zero2", "fsdp"):
+        data = {"stage": "train", "name": f"one-{strategy}", "model": "tiny", "datasets": [{"ref": "chat"}],
+                "max_steps": 1, "max_length": 128, "strategy": strategy}  # fmt: skip
+        result = run_cli(
+            sft_store, "train", "run", str(write_recipe(tmp_path / "one.yaml", json.dumps(data)))
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        m = sft_store.resolve(f"one-{strategy}")
+        assert (
+            m.stats["distributed"] == ("DEEPSPEED" if strategy != "fsdp" else "NO")
+            and m.stats["processes"] == 1
+        )
+
+
 def test_strategy_mistakes_are_caught_before_training(sft_store, tmp_path):
     with pytest.raises(DistilleryError, match="offload: true needs strategy fsdp or deepspeed"):
         train(sft_store, "x", offload=True)
@@ -560,6 +577,11 @@ def test_strategy_mistakes_are_caught_before_training(sft_store, tmp_path):
                           "strategy: fsdp\n")  # fmt: skip
     result = run_cli(sft_store, "train", "run", str(recipe), "--nproc", "2")  # refused before torchrun starts
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    # ... but a script or config for GPU nodes can be written here
+    emitted = run_cli(
+        sft_store, "train", "run", str(recipe), "--nproc", "8", "--emit-slurm", str(tmp_path / "j.sh")
+    )
+    assert emitted.returncode == 0, emitted.stderr
     assert result.stderr.strip().splitlines() == [
         "error: strategy fsdp: accelerate applies FSDP to GPU processes only, so on CPUs it would run as plain "
         "DDP; use strategy deepspeed-zero3 (sharded on CPUs too) or ddp"
@@ -585,16 +607,32 @@ def test_emitted_accelerate_config_launches_the_recipe_with_deepspeed(sft_store,
     assert config["deepspeed_config"]["deepspeed_config_file"] == str(
         tmp_path / "launch" / "accelerate.deepspeed.json"
     )
-    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 4
-    assert not any(v == "auto" for v in ds.values())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == "auto"
     printed = emitted.stdout.strip().splitlines()[-1].split()
     assert printed[:4] == ["accelerate", "launch", "--config_file", str(target)]
     # the printed command, as printed (with this environment's Python and a free port)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "29531"]
+    # The DeepSpeed file is what the launched run uses: an edit takes effect and is in the manifest.
+    ds_path = tmp_path / "launch" / "accelerate.deepspeed.json"
+    ds["zero_optimization"]["reduce_bucket_size"] = 123456
+    ds_path.write_text(json.dumps(ds))
     launched = subprocess_run([*launcher, *printed[2:]])
     assert launched.returncode == 0, launched.stderr[-3000:]
     m = sft_store.resolve("via-accelerate")
     assert m.stats["distributed"] == "DEEPSPEED" and m.stats["processes"] == 2
+    assert m.stats["deepspeed"]["zero_optimization"]["reduce_bucket_size"] == 123456
+    assert m.stats["deepspeed"]["train_micro_batch_size_per_gpu"] == 2  # from the recipe
+    ds_path.write_text(json.dumps(ds | {"zero_optimization": {"stage": 3}}))
+    mismatched = subprocess_run([*launcher, *printed[2:]])
+    # (accelerate's launcher reports its processes' failure its own way; each process says why in one line)
+    assert mismatched.returncode != 0 and "error: DeepSpeed config" in mismatched.stderr
+    assert "has ZeRO stage 3, the recipe's strategy is deepspeed-zero2" in mismatched.stderr
+    ds_path.write_text(json.dumps(ds | {"gradient_clipping": 0.25}))
+    contradicted = subprocess_run([*launcher, *printed[2:]])
+    assert contradicted.returncode != 0 and "[rank0]: Traceback" not in contradicted.stderr, (
+        contradicted.stderr[-2000:]
+    )
+    assert "contradicts the recipe (ds gradient_clipping=0.25 vs hf max_grad_norm=1.0)" in contradicted.stderr
 
 
 def test_a_killed_sft_run_resumes_to_the_same_weights(sft_store, tmp_path):

@@ -46,7 +46,7 @@ def _emit_accelerate(args, data: dict) -> int:
             f"--emit-accelerate is for methods trained with the transformers Trainer (sft); {args.recipe} is not one "
             "-- launch it with --nproc (torchrun) or --emit-slurm"
         )
-    target: Path = args.emit_accelerate
+    target: Path = args.emit_accelerate.resolve()  # accelerate may be launched from another folder
     ds_file = target.with_name(target.stem + ".deepspeed.json")
     accelerate, ds = launch_configs(
         recipe, args.store_obj, args.nproc * args.nnodes, args.nnodes, str(ds_file)
@@ -88,8 +88,8 @@ def _check_launch(args) -> dict:
         )
     if data.get("stage") == "train":
         recipe = parse_config(recipe_class(data, args.recipe), data, args.recipe)
-        if hasattr(recipe, "check_launch"):
-            recipe.check_launch(args.nproc * args.nnodes, _gpus())
+        if hasattr(recipe, "check_launch") and not (args.emit_slurm or args.emit_accelerate):
+            recipe.check_launch(args.nproc * args.nnodes, _gpus())  # (not this machine's GPUs when emitting)
     return data
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--emit-slurm",
@@ -33,6 +34,28 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+@contextmanager
+def as_a_job_of_one(enabled: bool = True):
+    """The environment torchrun would give a job of one process, for the length of the block: what
+    DeepSpeed needs to run at all (ZeRO-Offload on one GPU), without a launcher."""
+    if not enabled or "WORLD_SIZE" in os.environ:
+        yield
+        return
+    import socket
+
+    with socket.socket() as s:  # a free port for the process group's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    values = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key in values:
+            os.environ.pop(key, None)
 
 
 def launched_by_torchrun() -> bool:

@@ -67,6 +67,7 @@ from manifests.schema import Manifest
 from manifests.store import Store
 from train.checkpoint import latest_trainer_checkpoint, trainer_checkpoint_marker
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
+from train.launch import as_a_job_of_one
 from train.monitor import GuardConfig, Monitor, flops_per_token, peak_flops, trainer_guard
 from train.peft_config import (
     PeftSettings,
@@ -303,14 +304,11 @@ def _architecture(manifest: Manifest, store: Store):
 
 def launch_configs(cfg: SFTRecipe, store: Store, processes: int, machines: int, deepspeed_file: str):
     """The accelerate config for this recipe on ``machines`` nodes, ``processes`` processes in all,
-    and for a DeepSpeed strategy the DeepSpeed config (written to ``deepspeed_file``), its values whole."""
+    and for a DeepSpeed strategy the DeepSpeed config (to be written to ``deepspeed_file``): what the
+    recipe also sets (batch sizes, clipping, precision) is ``auto``, filled in from the recipe."""
     stage = zero_stage(cfg.strategy)
     layers = layer_classes(_architecture(store.resolve(cfg.model, kind="run"), store))
-    ds = None
-    if stage is not None:
-        ds = deepspeed_config(stage, micro_batch=cfg.per_device_batch_size, accumulation=cfg.gradient_accumulation_steps,
-                              clipping=cfg.max_grad_norm, bf16=cfg.bf16, offload=cfg.offload)  # fmt: skip
-        ds["train_batch_size"] = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * processes
+    ds = deepspeed_config(stage, offload=cfg.offload) if stage is not None else None
     accelerate = accelerate_config(cfg.strategy, processes=processes, machines=machines, layers=layers,
                                    bf16=cfg.bf16, deepspeed_file=deepspeed_file if ds else None, offload=cfg.offload)  # fmt: skip
     return accelerate, ds
@@ -339,12 +337,27 @@ def _check_recipe(cfg: SFTRecipe) -> None:
         )
 
 
+@contextmanager
+def _deepspeed_contradictions():
+    """A DeepSpeed file (``accelerate launch``) whose numbers contradict the recipe: one line."""
+    try:
+        yield
+    except ValueError as e:
+        if "DeepSpeed config values that mismatch" not in str(e):
+            raise
+        found = "; ".join(line.strip("- ") for line in str(e).splitlines()[1:] if line.startswith("- "))
+        raise DistilleryError(
+            f'the DeepSpeed config contradicts the recipe ({found}); set those to "auto" there (the recipe\'s '
+            "values are used)"
+        ) from None
+
+
 def _count(parameters) -> int:
     """Elements of ``parameters``, whole also when ZeRO-3 has partitioned them."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in parameters)
 
 
-def _trainer_args(cfg: SFTRecipe, work: Path, model):
+def _trainer_args(cfg: SFTRecipe, work: Path, model, processes: int):
     import torch
     from trl import SFTConfig
 
@@ -361,7 +374,7 @@ def _trainer_args(cfg: SFTRecipe, work: Path, model):
         eval_strategy="steps" if cfg.eval_split else "no", eval_steps=cfg.eval_every,
         per_device_eval_batch_size=cfg.per_device_batch_size,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_nan_inf_filter=False,
-        **no_checkpointing, **trainer_arguments(cfg.strategy, model, offload=cfg.offload),
+        **no_checkpointing, **trainer_arguments(cfg.strategy, model, processes=processes, offload=cfg.offload),
     )  # fmt: skip
 
 
@@ -409,7 +422,8 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     import torch
     from trl import SFTTrainer
 
-    cfg.check_launch(int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available())
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.check_launch(processes, torch.cuda.is_available())
 
     mixture = load_mixture(cfg.datasets, datasets, ["id", *FORMAT_COLUMNS[fmt]], cfg.seed)
     tokenizer = load_tokenizer(base)
@@ -453,8 +467,9 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     roles = {base.id: "base_model"}
     publisher = Publisher(store, kind="run", name=cfg.name, stage="train.sft", recipe=recipe, parents=[*datasets, base],
                           parent_roles=roles, seed=cfg.seed, execution={"resume": cfg.resume})  # fmt: skip
-    with publisher if main else contextlib.nullcontext() as pub:
-        args = _trainer_args(cfg, work, model)
+    alone = as_a_job_of_one(zero_stage(cfg.strategy) is not None)  # DeepSpeed needs a process group
+    with publisher if main else contextlib.nullcontext() as pub, alone:
+        args = _trainer_args(cfg, work, model, processes)
         monitor = Monitor(None, cfg.guard, 0.0, None)
         guard = trainer_guard(monitor)
         c = model.config
@@ -465,13 +480,14 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         peak = peak_flops(device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
         writer = _metrics_callback(metrics, flops, peak, int(os.environ.get("WORLD_SIZE", "1")))
         callbacks = [writer, trainer_checkpoint_marker(), *_planted_faults(), guard]
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
+        with _deepspeed_contradictions():
+            trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                                 processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
         # Frozen weights (PEFT) get no weight gradients: 4 FLOPs a parameter a token instead of 6.
         trainable = _count(p for p in trainer.model.parameters() if p.requires_grad)
         writer.flops_token = flops - 2 * max(0, _count(trainer.model.parameters()) - trainable)
         started = time.time()
-        with labelled_positions_only():
+        with labelled_positions_only(), _deepspeed_contradictions():
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)
         if guard.stopped is not None:
             if not main:
@@ -501,6 +517,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
             "trainable_parameters": trainable,
             "guard_triggers": monitor.triggers, "processes": trainer.accelerator.num_processes,
             "distributed": trainer.accelerator.distributed_type.value, "eval_loss": evaluated[-1] if evaluated else None,
+            "deepspeed": args.hf_deepspeed_config.config if args.deepspeed else None,
         }  # fmt: skip
         manifest = pub.publish(stats=stats)
     shutil.rmtree(work, ignore_errors=True)  # published: the checkpoints are no longer needed

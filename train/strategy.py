@@ -12,8 +12,10 @@
 The Trainer-based methods (SFT) hand these to the transformers Trainer, which runs them through
 accelerate: ``trainer_arguments`` gives its ``fsdp``/``deepspeed`` settings, and
 ``accelerate_config`` writes the same choice as an accelerate config file for ``accelerate launch``
-(``distillery train run RECIPE --emit-accelerate FILE``). ``deepspeed_config`` writes whole numbers
-where the Trainer would fill in ``auto``, so the file also serves a DeepSpeed launch of one's own.
+(``distillery train run RECIPE --emit-accelerate FILE``), with the DeepSpeed config beside it
+(``auto`` where the recipe decides: batch sizes, clipping, precision). A run started with
+``accelerate launch`` on those files uses the DeepSpeed file as it is then (edits take effect; the
+run's manifest keeps the config it trained with).
 
 Pretraining runs its own loop: ``ddp`` and ``fsdp`` on torch, the DeepSpeed strategies through
 DeepSpeed's engine under that loop (``train/zero.py``), with the same ``deepspeed_config``.
@@ -21,7 +23,12 @@ DeepSpeed's engine under that loop (``train/zero.py``), with the same ``deepspee
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Literal
+
+from manifests.errors import DistilleryError
 
 Strategy = Literal["ddp", "fsdp", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3"]
 
@@ -62,16 +69,37 @@ def layer_classes(model) -> list[str]:
     return names
 
 
-def trainer_arguments(strategy: str, model, *, offload: bool = False) -> dict[str, Any]:
-    """Keyword arguments of the transformers ``TrainingArguments`` (TRL's configs) for ``strategy``."""
+def trainer_arguments(strategy: str, model, *, processes: int, offload: bool = False) -> dict[str, Any]:
+    """Keyword arguments of the transformers ``TrainingArguments`` (TRL's configs) for ``strategy``.
+
+    Under ``accelerate launch`` with a DeepSpeed config file (``--emit-accelerate``), that file is
+    used, so edits to it take effect; its ZeRO stage must be the recipe's.
+    """
     stage = zero_stage(strategy)
     if stage is not None:
+        launched_with = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if launched_with:
+            return {"deepspeed": _checked_file(launched_with, stage, strategy)}
         return {"deepspeed": deepspeed_config(stage, offload=offload)}
-    if strategy == "fsdp":
+    if strategy == "fsdp" and processes > 1:  # one process: nothing to shard
         config = {"version": 2, "transformer_layer_cls_to_wrap": layer_classes(model), "reshard_after_forward": True,
                   "state_dict_type": "FULL_STATE_DICT", "cpu_offload": offload}  # fmt: skip
         return {"fsdp": True, "fsdp_config": config}
     return {}
+
+
+def _checked_file(path: str, stage: int, strategy: str) -> str:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DistilleryError(f"DeepSpeed config {path}: cannot be read as JSON ({e})") from None
+    found = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    if found != stage:
+        raise DistilleryError(
+            f"DeepSpeed config {path} has ZeRO stage {found}, the recipe's strategy is {strategy}; make them agree "
+            "(write both again with --emit-accelerate)"
+        )
+    return path
 
 
 def accelerate_config(
