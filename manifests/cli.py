@@ -213,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"{e.strerror or e}{where}", 1)
     except KeyboardInterrupt:
         return _error("interrupted; nothing was published for the unfinished stage", 130)
+    except Exception as e:
+        torch = sys.modules.get("torch")
+        peer_gone = torch is not None and (
+            isinstance(e, torch.distributed.DistError)
+            or (isinstance(e, RuntimeError) and "by peer" in str(e))
+        )  # (NCCL raises the former, gloo a RuntimeError "Connection closed by peer")
+        if os.environ.get(ERROR_DIR) and peer_gone:
+            # A process of a ``train run --nproc`` job whose peer failed first: the peer says why.
+            return _error(f"{PEER_FAILED} ({type(e).__name__})", 1)
+        raise
 
 
 def _error(message: str, code: int) -> int:
@@ -227,6 +237,7 @@ def _error(message: str, code: int) -> int:
     return code
 
 
+PEER_FAILED = "stopped: another process of the job failed"
 ERROR_DIR = "DISTILLERY_ERROR_DIR"
 """Where the processes of a job started by ``train run --nproc`` leave their error line."""
 

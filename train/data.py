@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,13 @@ def _arrow_copy(source: Path, target: Path, columns: list[str], rows: int = 1024
 
     shard = pq.ParquetFile(source)
     schema = pa.schema([shard.schema_arrow.field(c) for c in columns])
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in shard.iter_batches(batch_size=rows, columns=columns):
             writer.write_batch(batch.select(columns))
-    os.replace(tmp, target)  # every process of a job may write it; each write is whole
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
 
 
 def pinned(inputs: list[DatasetInput], manifests: list[Manifest]) -> list[dict[str, Any]]:

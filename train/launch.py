@@ -131,7 +131,7 @@ def relaunch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
 
-    from manifests.cli import ERROR_DIR
+    from manifests.cli import ERROR_DIR, PEER_FAILED
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
     for name in list(logging.root.manager.loggerDict):  # the agent's modules set their own levels
@@ -144,11 +144,13 @@ def relaunch(
             torchrun.run(torchrun.parse_args(arguments))
         except ChildFailedError as e:
             rank, failure = e.get_first_failure()
-            said = Path(folder) / f"{rank}.txt"
-            if not said.is_file():  # failed because another did: whichever process said why
-                said = next(iter(sorted(Path(folder).glob("*.txt"))), said)
-            if said.is_file():
-                message = said.read_text()
+            said = {int(p.stem): p.read_text() for p in Path(folder).glob("*.txt") if p.stem.isdigit()}
+            # The process that failed for a reason of its own, not because a peer had gone.
+            causes = [r for r in sorted(said) if not said[r].startswith(PEER_FAILED)] or sorted(said)
+            if causes:
+                rank = rank if rank in causes else causes[0]
+                failure = e.failures.get(rank, failure)
+                message = said[rank]
             elif failure.exitcode < 0:
                 message = f"process {rank} of the run was killed (signal {-failure.exitcode})"
             else:

@@ -248,14 +248,23 @@ def train_pretrain(cfg: PretrainRecipe, store: Store) -> Manifest | None:
 def _train(
     cfg: PretrainRecipe, store: Store, manifests: list[Manifest], dist: Dist, torch
 ) -> Manifest | None:
-    plan = hashlib.sha256(canonical_json(cfg.content_recipe()).encode()).hexdigest()[:16]
+    # What only reports (evaluation, MFU) may change between a kill and --resume.
+    training = {
+        k: v
+        for k, v in cfg.content_recipe().items()
+        if k not in ("eval_every", "eval_batches", "peak_tflops")
+    }
+    plan = hashlib.sha256(canonical_json(training).encode()).hexdigest()[:16]
     work = store.name_dir("run", cfg.name) / f".work-{plan}"
     if dist.main and not cfg.resume:
         shutil.rmtree(work, ignore_errors=True)
     if dist.world > 1:
         torch.distributed.barrier()
-    # The data as Arrow files, memory-mapped (kept for a resume, removed once published).
+    # The data as Arrow files, memory-mapped (kept for a resume, removed once published): the first
+    # process writes them while the others wait, then they all read them.
     arrow = work / "arrow"
+    if not dist.main:
+        torch.distributed.barrier()
     tokens = TokenRows(load_mixture(cfg.datasets, manifests, ["input_ids"], cfg.seed, cache_dir=arrow))
     seq_len = tokens.seq_len
     if cfg.per_device_batch_size * dist.world > len(tokens):
@@ -270,6 +279,8 @@ def _train(
         if validation
         else None
     )
+    if dist.main and dist.world > 1:
+        torch.distributed.barrier()
     model, tokenizer, source = _build_model(cfg, store, seq_len)
     _check_tokens(cfg, manifests, source, tokens, model.config.vocab_size)
     model.to(dist.device)

@@ -43,6 +43,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +87,8 @@ from train.strategy import (
 )
 
 SFTFormat = Literal["messages", "prompt-completion"]
+REPORTING_FIELDS = {"eval_split", "eval_every", "peak_tflops"}
+"""Recipe fields that change what is reported, not what is trained."""
 FORMAT_COLUMNS: dict[str, list[str]] = {
     "messages": ["messages"],
     "prompt-completion": ["prompt", "completion"],
@@ -411,9 +414,9 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     if cfg.guard.action == "rollback":
         raise DistilleryError("guard.action rollback needs method pretrain; for SFT use skip or stop")
     datasets = resolve_datasets(cfg.datasets, store, ["id"], "SFT")
-    eval_inputs = (
-        [d.model_copy(update={"split": cfg.eval_split}) for d in cfg.datasets] if cfg.eval_split else []
-    )
+    # Held out: each dataset's split once (a weighted mixture would repeat rows of the smaller ones).
+    eval_inputs = [d.model_copy(update={"split": cfg.eval_split, "weight": None}) for d in cfg.datasets]
+    eval_inputs = eval_inputs if cfg.eval_split else []
     eval_sets = resolve_datasets(eval_inputs, store, ["id"], "SFT evaluation") if eval_inputs else []
     fmt = data_format(datasets)
     base = store.resolve(cfg.model, kind="run")
@@ -443,19 +446,21 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         if eval_sets
         else None
     )
-    torch.manual_seed(cfg.seed)
-    model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
-    peft_config = build_peft_config(cfg.peft, model, str(checkpoint_path(base)))
     recipe = {k: v for k, v in cfg.resolved().items() if k != "resume"}  # resuming does not change the run
     recipe |= {"model": base.id, "datasets": pinned(cfg.datasets, datasets)}
+    # What only reports (evaluation, MFU) may change between a kill and --resume.
+    plan = {k: v for k, v in recipe.items() if k not in REPORTING_FIELDS}
     work = (
         store.name_dir("run", cfg.name)
-        / f".work-{hashlib.sha256(canonical_json(recipe).encode()).hexdigest()[:16]}"
+        / f".work-{hashlib.sha256(canonical_json(plan).encode()).hexdigest()[:16]}"
     )
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, the first process writes and publishes
     if not cfg.resume and main:
         shutil.rmtree(work, ignore_errors=True)
     last = latest_trainer_checkpoint(work, remove_partial=main) if cfg.resume else None
+    if cfg.resume and last is None and main:
+        print(f"note: no checkpoint of this recipe to resume from in {work.parent}; training from the start",
+              file=sys.stderr)  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
     metrics = work / "metrics.jsonl"
     if main and last is not None and metrics.is_file():  # steps logged after the checkpoint are trained again
@@ -469,7 +474,19 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
                           parent_roles=roles, seed=cfg.seed, execution={"resume": cfg.resume})  # fmt: skip
     alone = as_a_job_of_one(zero_stage(cfg.strategy) is not None)  # DeepSpeed needs a process group
     with publisher if main else contextlib.nullcontext() as pub, alone:
-        args = _trainer_args(cfg, work, model, processes)
+        # ZeRO-3 loads the weights already partitioned when the DeepSpeed config exists first.
+        early = zero_stage(cfg.strategy) == 3 and not is_adapter(base)
+        args = _trainer_args(cfg, work, None, processes) if early else None
+        if args is not None:  # partitioning needs the process group, and DeepSpeed's view of it
+            import deepspeed
+
+            assert args.device is not None  # joins the process group
+            deepspeed.init_distributed()
+        torch.manual_seed(cfg.seed)
+        model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
+        loaded_partitioned = hasattr(next(model.parameters()), "ds_numel")
+        peft_config = build_peft_config(cfg.peft, model, str(checkpoint_path(base)))
+        args = args or _trainer_args(cfg, work, model, processes)
         monitor = Monitor(None, cfg.guard, 0.0, None)
         guard = trainer_guard(monitor)
         c = model.config
@@ -518,6 +535,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
             "guard_triggers": monitor.triggers, "processes": trainer.accelerator.num_processes,
             "distributed": trainer.accelerator.distributed_type.value, "eval_loss": evaluated[-1] if evaluated else None,
             "deepspeed": args.hf_deepspeed_config.config if args.deepspeed else None,
+            "loaded_partitioned": loaded_partitioned,
         }  # fmt: skip
         manifest = pub.publish(stats=stats)
     shutil.rmtree(work, ignore_errors=True)  # published: the checkpoints are no longer needed
