@@ -12,6 +12,7 @@ global batch. Rank 0 alone writes metrics, checkpoints and the manifest.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -144,19 +145,26 @@ def relaunch(
             torchrun.run(torchrun.parse_args(arguments))
         except ChildFailedError as e:
             rank, failure = e.get_first_failure()
-            said = {int(p.stem): p.read_text() for p in Path(folder).glob("*.txt") if p.stem.isdigit()}
+            said = {
+                int(p.stem): json.loads(p.read_text())
+                for p in Path(folder).glob("*.json")
+                if p.stem.isdigit()
+            }
             # The process that failed for a reason of its own, not because a peer had gone.
-            causes = [r for r in sorted(said) if not said[r].startswith(PEER_FAILED)] or sorted(said)
+            causes = [r for r in sorted(said) if not said[r]["message"].startswith(PEER_FAILED)] or sorted(
+                said
+            )
             if causes:
                 rank = rank if rank in causes else causes[0]
-                failure = e.failures.get(rank, failure)
-                message = said[rank]
+                message, code = said[rank]["message"], said[rank]["code"]
             elif failure.exitcode < 0:
                 message = f"process {rank} of the run was killed (signal {-failure.exitcode})"
+                code = 128 - failure.exitcode
             else:
                 message = f"process {rank} of the run exited with code {failure.exitcode}; its output above says why"
+                code = failure.exitcode
             print(f"error: {message}", file=sys.stderr)
-            return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+            return code
         except SignalException as e:  # Ctrl-C, or a scheduler's SIGTERM: the agent stopped the processes
             print(f"error: stopped by {e.sigval.name}; nothing was published -- '--resume' continues from the "
                   "last checkpoint", file=sys.stderr)  # fmt: skip
