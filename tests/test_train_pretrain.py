@@ -187,28 +187,30 @@ def _torchrun(store, recipe, port: str, *extra: str, env: dict | None = None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)  # fmt: skip
 
 
-def test_under_zero2_a_killed_run_resumes_exactly_and_a_nan_rolls_back(tmp_path, packed):
-    """DeepSpeed applies a step before the guards see it: rollback reloads the last checkpoint."""
-    extra = "strategy: deepspeed-zero2\ngradient_accumulation_steps: 2\n"
-    two = lambda name, more="": write_recipe(tmp_path / f"{name}.yaml", _recipe(tmp_path, extra + more, name=name)  # noqa: E731
-                                             .read_text().replace("per_device_batch_size: 4", "per_device_batch_size: 1"))  # fmt: skip
-    assert _torchrun(packed, two("zs"), "29534").returncode == 0
-    killed = _torchrun(packed, two("zk"), "29534", env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "4"})
+def test_under_zero2_a_nan_rolls_back_and_a_killed_run_resumes_exactly(tmp_path, packed):
+    """DeepSpeed applies a step before the guards see it: rollback reloads the last checkpoint. A NaN at
+    step 6 rolled back in a run straight through, and in one killed after step 4 and resumed: same weights."""
+    extra = "strategy: deepspeed-zero2\ngradient_accumulation_steps: 2\nguard: {action: rollback}\n"
+    two = lambda name: write_recipe(tmp_path / f"{name}.yaml", _recipe(tmp_path, extra, name=name).read_text()  # noqa: E731
+                                    .replace("per_device_batch_size: 4", "per_device_batch_size: 1"))  # fmt: skip
+    nan = {"DISTILLERY_FAULT_NAN_AT": "21"}
+    assert _torchrun(packed, two("zs"), "29534", env=nan).returncode == 0
+    killed = _torchrun(packed, two("zk"), "29534", env=nan | {"DISTILLERY_FAULT_EXIT_AFTER_STEP": "4"})
     assert killed.returncode == 137, killed.stderr[-2000:]
-    again = _torchrun(packed, two("zk"), "29534", "--resume")
+    again = _torchrun(packed, two("zk"), "29534", "--resume", env=nan)
     assert again.returncode == 0, again.stderr[-3000:]
-    a, b = _weights(packed.resolve("zs")), _weights(packed.resolve("zk"))
+    straight, resumed = packed.resolve("zs"), packed.resolve("zk")
+    for m in (straight, resumed):
+        (trigger,) = m.stats["guard_triggers"]
+        assert (
+            trigger["reason"] == "nan_loss"
+            and trigger["action"] == "rollback"
+            and m.stats["skipped_positions"]
+        )
+        assert m.stats["steps"] == 8 and m.stats["strategy"] == "deepspeed-zero2"
+    a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-6 for k in a)
-    rolled = _torchrun(
-        packed, two("zr", "guard: {action: rollback}\n"), "29534", env={"DISTILLERY_FAULT_NAN_AT": "21"}
-    )
-    assert rolled.returncode == 0, rolled.stderr[-3000:]
-    m = packed.resolve("zr")
-    (trigger,) = m.stats["guard_triggers"]
-    assert (
-        trigger["reason"] == "nan_loss" and trigger["action"] == "rollback" and m.stats["skipped_positions"]
-    )
-    assert m.stats["steps"] == 8 and all(math.isfinite(float(w.abs().max())) for w in _weights(m).values())
+    assert all(math.isfinite(float(w.abs().max())) for w in a.values())
 
 
 def test_a_torchrun_job_stopped_by_sigterm_or_a_taken_port_ends_in_one_line(tmp_path, packed):
