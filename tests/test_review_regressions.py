@@ -207,7 +207,11 @@ def test_interrupt_publishes_nothing(cli, tmp_path, store, monkeypatch):
 
 
 def test_model_source_that_is_neither_package_nor_folder(cli, store, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # (the library read the variable when it was imported: without this it tries the network, for ~45 s)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     result = cli(
         "--store", store.root, "train", "import-model", "--source", "Org/Some-Model", "--gguf-file", ""
     )
