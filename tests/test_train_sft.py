@@ -570,7 +570,7 @@ def test_deepspeed_runs_in_one_process_and_fsdp_in_one_process_is_plain(sft_stor
 def test_strategy_mistakes_are_caught_before_training(sft_store, tmp_path):
     with pytest.raises(DistilleryError, match="offload: true needs strategy fsdp or deepspeed"):
         train(sft_store, "x", offload=True)
-    with pytest.raises(DistilleryError, match="guard.action skip .* deepspeed-zero2 keeps partitioned"):
+    with pytest.raises(DistilleryError, match="guard.action skip cannot be done under deepspeed-zero2"):
         train(sft_store, "x", strategy="deepspeed-zero2", guard={"action": "skip"})
     if has_gpus():
         return

@@ -151,7 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run = add_verb(
         verbs, "run", _run, "run a train recipe (one process, torchrun, or a Slurm script)",
         "Run a training recipe (stage: train). --nproc runs it under torchrun (DDP; gloo on CPU, NCCL on\n"
-        "GPU); --nnodes/--node-rank/--master-addr for several machines; --emit-slurm writes an sbatch script.",
+        "GPU); --nnodes/--node-rank/--master-addr for several machines; --emit-slurm writes an sbatch script,\n"
+        "--emit-accelerate an accelerate (and DeepSpeed) config for the recipe's strategy.",
         "distillery train run examples/recipes/demo-sft.yaml --set max_steps=5",
     )  # fmt: skip
     run.add_argument("recipe", help="recipe YAML file")

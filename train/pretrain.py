@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -55,7 +54,7 @@ from train import checkpoint
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.launch import Dist, setup, teardown
 from train.monitor import GuardConfig, Monitor, flops_per_token, peak_flops
-from train.strategy import Strategy, zero_stage
+from train.strategy import Strategy, strategy_problem, zero_stage
 
 FAULT_NAN = "DISTILLERY_FAULT_NAN_AT"
 """Fault injection for tests: the loss of the micro-batch holding this global sequence index is NaN."""
@@ -121,16 +120,9 @@ class PretrainRecipe(RecipeConfig):
             raise ValueError(
                 "give 'model' (continue a checkpoint) or 'tokenizer' (from scratch with 'shape'), not both"
             )
-        if zero_stage(self.strategy) is not None:
-            if self.guard.action == "skip":
-                raise ValueError(
-                    f"guard.action skip cannot be done under {self.strategy}: DeepSpeed applies a step before the "
-                    "guards see it; use rollback or stop"
-                )
-            if importlib.util.find_spec("deepspeed") is None:
-                raise ValueError(
-                    f"strategy {self.strategy} needs DeepSpeed: pip install 'distillery[deepspeed]'"
-                )
+        problem = strategy_problem(self.strategy, self.guard.action)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def content_recipe(self) -> dict[str, Any]:

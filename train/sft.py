@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -82,6 +81,7 @@ from train.strategy import (
     accelerate_config,
     deepspeed_config,
     layer_classes,
+    strategy_problem,
     trainer_arguments,
     zero_stage,
 )
@@ -324,19 +324,12 @@ def _check_recipe(cfg: SFTRecipe) -> None:
             "only the first example of a packed row; set packing: false"
         )
     require_method_support(cfg.peft)
-    if zero_stage(cfg.strategy) is not None and cfg.guard.action == "skip":
-        raise DistilleryError(
-            f"guard.action skip drops a step's gradients before the optimizer uses them, which {cfg.strategy} "
-            "keeps partitioned out of reach; use guard.action stop (or strategy ddp)"
-        )
+    problem = strategy_problem(cfg.strategy, cfg.guard.action)
+    if problem:
+        raise DistilleryError(problem)
     if cfg.offload and cfg.strategy == "ddp":
         raise DistilleryError(
             "offload: true needs strategy fsdp or deepspeed-zero1/2/3 (ddp keeps a whole model)"
-        )
-    if zero_stage(cfg.strategy) is not None and importlib.util.find_spec("deepspeed") is None:
-        raise DistilleryError(
-            f"strategy {cfg.strategy} needs DeepSpeed: pip install 'distillery[deepspeed]' (on a machine without "
-            "CUDA build tools: DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)"
         )
 
 
@@ -479,8 +472,9 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         args = _trainer_args(cfg, work, None, processes) if early else None
         if args is not None:  # partitioning needs the process group, and DeepSpeed's view of it
             import deepspeed
+            from accelerate import PartialState
 
-            assert args.device is not None  # joins the process group
+            PartialState()  # joins the process group (as the Trainer would, later)
             deepspeed.init_distributed()
         torch.manual_seed(cfg.seed)
         model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
@@ -495,7 +489,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         )
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         peak = peak_flops(device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
-        writer = _metrics_callback(metrics, flops, peak, int(os.environ.get("WORLD_SIZE", "1")))
+        writer = _metrics_callback(metrics, flops, peak, processes)
         callbacks = [writer, trainer_checkpoint_marker(), *_planted_faults(), guard]
         with _deepspeed_contradictions():
             trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
@@ -525,7 +519,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         logged = [r for r in records if "loss" in r] or [{"loss": None}]  # (a resumed run may lose its file)
         evaluated = [
             r["eval_loss"] for r in records if "eval_loss" in r
-        ]  # the Trainer evaluates at the end too
+        ]  # (the Trainer evaluates at the end)
         stats = {
             "method": "sft", "peft": cfg.peft.method, "format": fmt, "packing": cfg.packing,
             "steps": result.global_step, "train_rows": len(train_data), "tokens_seen": int(logged[-1].get("num_tokens", 0)),

@@ -23,6 +23,7 @@ DeepSpeed's engine under that loop (``train/zero.py``), with the same ``deepspee
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -36,6 +37,23 @@ Strategy = Literal["ddp", "fsdp", "deepspeed-zero1", "deepspeed-zero2", "deepspe
 def zero_stage(strategy: str) -> int | None:
     """The ZeRO stage of a DeepSpeed strategy (None for ddp and fsdp)."""
     return int(strategy[-1]) if strategy.startswith("deepspeed-zero") else None
+
+
+def strategy_problem(strategy: str, guard_action: str) -> str | None:
+    """What a recipe asks that ``strategy`` cannot do here, in one line (None: nothing)."""
+    if zero_stage(strategy) is None:
+        return None
+    if guard_action == "skip":
+        return (
+            f"guard.action skip cannot be done under {strategy}: DeepSpeed applies a step before the guards see it "
+            "(its gradients are partitioned out of reach); use guard.action stop (pretraining: rollback too)"
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        return (
+            f"strategy {strategy} needs DeepSpeed: pip install 'distillery[deepspeed]' (on a machine without CUDA "
+            "build tools: DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)"
+        )
+    return None
 
 
 def deepspeed_config(
