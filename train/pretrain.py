@@ -250,10 +250,8 @@ def _train(
     work = store.name_dir("run", cfg.name) / f".work-{plan}"
     if dist.main and not cfg.resume:
         shutil.rmtree(work, ignore_errors=True)
-    if dist.world > 1:
-        torch.distributed.barrier()
     # The data as Arrow files, memory-mapped (kept for a resume, removed once published): the first
-    # process writes them while the others wait, then they all read them.
+    # process clears a fresh run's folder and writes them while the others wait, then they all read them.
     arrow = work / "arrow"
     if not dist.main:
         torch.distributed.barrier()
