@@ -34,13 +34,14 @@ import hashlib
 import os
 import shutil
 from collections import Counter
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -61,6 +62,7 @@ from corpus.crawl_policy import (
     PrivateAddressRefused,
     RobotsRules,
     Scope,
+    ScopeKind,
     extract_links,
     host_key,
     http_transport,
@@ -114,8 +116,14 @@ class CrawlConfig(RecipeConfig):
     """A text file of start URLs, one per line ('#' starts a comment); read in addition to seeds."""
     user_agent: str = Field(default="DistilleryBot/0.1", min_length=1, pattern=r"^[^\r\n]+$")
     """The User-Agent header, and the name robots.txt rules are matched against (its first word)."""
+    scope: ScopeKind = "origin"
+    """Where links and redirects may lead. ``origin``: the scheme, host and port of a seed (a redirect
+    from http to https, or to another port, leaves it); ``host``: a seed's host, on any scheme and port;
+    ``domain``: the ``allowed_domains`` (or the seeds' hosts without 'www.') and their subdomains, on
+    any scheme and port. Giving ``allowed_domains`` alone implies ``domain``."""
     allowed_domains: list[str] = Field(default_factory=list)
-    """Domains links may lead to (each with its subdomains); empty: the seeds' hosts, without 'www.'."""
+    """Domains links may lead to (each with its subdomains), with ``scope: domain``; empty: the seeds'
+    hosts, without 'www.'."""
     max_depth: int = Field(default=2, ge=0)
     """Links followed from a seed (0: the seeds only)."""
     max_pages: int = Field(default=1000, ge=1)
@@ -151,6 +159,23 @@ class CrawlConfig(RecipeConfig):
     untrusted source cannot reach internal services."""
     warc_file_bytes: int = Field(default=1 << 30, ge=1)
     """A new WARC file is started once the current one is this large."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _domains_imply_domain_scope(cls, data: Any) -> Any:
+        # Recipes written before ``scope`` existed list allowed_domains to mean "these domains":
+        # they keep that meaning, and the resolved recipe says so.
+        if isinstance(data, dict) and data.get("allowed_domains") and "scope" not in data:
+            data = {**data, "scope": "domain"}
+        return data
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _domains_need_domain_scope(cls, domains: list[str], info: ValidationInfo) -> list[str]:
+        scope = info.data.get("scope")
+        if domains and scope not in (None, "domain"):
+            raise ValueError(f"needs scope: domain (the recipe sets scope: {scope})")
+        return domains
 
 
 class Dropped(Exception):
@@ -508,12 +533,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def crawl(cfg: CrawlConfig, store: Store) -> Manifest:
     """Crawl from the recipe's seeds and publish the WARC files, the page index and the ledger."""
     seeds, list_sha = read_seeds(cfg)
+    domains = []
     for i, domain in enumerate(cfg.allowed_domains):
-        if not DOMAIN.match(domain.strip().lower().strip(".")):
+        name = domain.strip().lower().strip(".")
+        if not name.isascii():
+            # Links are compared in punycode, as normalise_url spells their hosts; a name idna
+            # cannot encode stays as it is, and the check below reports it.
+            with suppress(UnicodeError):
+                name = name.encode("idna").decode("ascii")
+        if not DOMAIN.match(name):
             raise DistilleryError(
                 f"crawl {cfg.name}: allowed_domains[{i}]: {domain!r} is not a domain name (e.g. example.com)"
             )
-    scope = Scope(cfg.allowed_domains) if cfg.allowed_domains else Scope.from_seeds(u for _, u in seeds)
+        domains.append(name)
+    scope = Scope.of_domains(domains) if domains else Scope.from_seeds((u for _, u in seeds), cfg.scope)
     kept: dict[str, None] = {}
     duplicates: list[dict[str, Any]] = []
     seed_rows: list[LinkRow] = []

@@ -4,7 +4,8 @@ Everything here is decided without touching the frontier or the WARC files:
 
 - ``normalise_url`` gives one spelling per URL (``HTTP://Example.COM:80/a/../b?z=1&a=2#top`` →
   ``http://example.com/b?a=2&z=1``), so de-duplication is a string comparison;
-- ``Scope`` says which hosts a crawl may reach (a domain and its subdomains);
+- ``Scope`` says where a crawl may go: the seeds' origins (scheme, host and port), their hosts, or
+  domains and their subdomains;
 - ``AddressGuard`` refuses loopback, private, link-local and other non-public addresses at the
   moment a connection is opened;
 - ``RobotsRules`` applies a robots.txt as RFC 9309 says; ``HostGate`` spaces the requests to one
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from html.parser import HTMLParser
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import httpcore
@@ -122,22 +123,79 @@ def origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-class Scope:
-    """The hosts a crawl may reach: each listed domain and its subdomains."""
+ScopeKind = Literal["origin", "host", "domain"]
 
-    def __init__(self, domains: Iterable[str]):
-        self.domains = sorted({d.strip().lower().strip(".") for d in domains if d.strip()})
+
+def _authority(url: str) -> tuple[str, str, int]:
+    """Scheme, host and port of a URL as ``normalise_url`` spells them (lower case, no trailing dot,
+    IPv6 compressed, the scheme's default port filled in); ``ValueError`` if it has none."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").rstrip(".")
+    if scheme not in DEFAULT_PORTS or not host:
+        raise ValueError("not an http(s) URL with a host")
+    if ":" in host:
+        host = ipaddress.IPv6Address(host).compressed
+    return scheme, host, parts.port or DEFAULT_PORTS[scheme]
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class Scope:
+    """Where a crawl may go, checked for every seed, link and redirect target.
+
+    - ``origin``: the scheme, host and port of a seed (``http://a/`` and ``http://a:80/`` are one
+      origin; ``https://a/`` and ``http://a:8080/`` are others). Another port on the same host is
+      another service, and following a redirect or link to it could reach one the crawl was not
+      pointed at — with private addresses allowed, an internal one.
+    - ``host``: a seed's host, on any scheme and port.
+    - ``domain``: each listed domain and its subdomains, on any scheme and port. An IP address has no
+      subdomains: it matches itself only.
+    """
+
+    def __init__(self, kind: ScopeKind, allowed: Iterable[str]):
+        if kind not in ("origin", "host", "domain"):
+            raise ValueError(f"unknown scope {kind!r}")
+        self.kind = kind
+        self.allowed = frozenset(allowed)
+        self._suffixes = tuple("." + d for d in sorted(self.allowed) if not _is_ip_literal(d))
 
     @classmethod
-    def from_seeds(cls, urls: Iterable[str]) -> Scope:
+    def from_seeds(cls, urls: Iterable[str], kind: ScopeKind = "origin") -> Scope:
+        authorities = []
+        for url in urls:
+            with suppress(ValueError):
+                authorities.append(_authority(url))
+        if kind == "origin":
+            return cls(kind, (f"{scheme}://{host}:{port}" for scheme, host, port in authorities))
+        if kind == "host":
+            return cls(kind, (host for _, host, _ in authorities))
         # ``www.`` is dropped so that example.com and www.example.com, which are almost always
         # one site, stay in scope of each other.
-        hosts = (urlsplit(u).hostname or "" for u in urls)
-        return cls(h[4:] if h.startswith("www.") else h for h in hosts)
+        return cls.of_domains(host[4:] if host.startswith("www.") else host for _, host, _ in authorities)
+
+    @classmethod
+    def of_domains(cls, domains: Iterable[str]) -> Scope:
+        return cls("domain", (d.strip().lower().strip(".") for d in domains if d.strip()))
 
     def contains(self, url: str) -> bool:
-        host = (urlsplit(url).hostname or "").rstrip(".")
-        return any(host == d or host.endswith("." + d) for d in self.domains)
+        try:
+            scheme, host, port = _authority(url)
+        except ValueError:
+            return False
+        if self.kind == "origin":
+            return f"{scheme}://{host}:{port}" in self.allowed
+        if host in self.allowed:
+            return True
+        if self.kind == "host" or _is_ip_literal(host):
+            return False
+        return host.endswith(self._suffixes)
 
 
 # --- addresses --------------------------------------------------------------------------------

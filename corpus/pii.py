@@ -86,7 +86,11 @@ def ner_analyzer(model: str):
 
 # Sentence = text up to ., ! or ? followed by whitespace, or up to a line end.
 _SENTENCE = re.compile(r"\S[^\n]*?(?:[.!?](?=\s)|(?=\n)|\Z)")
-_CAPITALISED = re.compile(r"\b[A-Z][a-z]+")
+# A word of letters, any script; it is name-like when it starts upper case and goes on in lower case.
+# Not [A-Z][a-z]: that missed "Łukasz", "Émile" and "Özil", and their sentences never reached NER.
+_WORD = re.compile(r"\b[^\W\d_]+")
+_NAME_LIKE_PREFILTER = r"\p{Lu}\p{Ll}"
+"""The same test over a whole column, in RE2 syntax."""
 # Capitalised only because they open a sentence: a sentence whose sole capital is one of these has
 # no name for NER to find. (Names that start a sentence are still sent: "Maria wrote…".)
 _STARTER_WORDS = (
@@ -120,8 +124,9 @@ def ner_sentences(text: str) -> list[tuple[int, str]]:
     chosen = []
     for sentence in _SENTENCE.finditer(text):
         for offset, piece in _pieces(sentence.start(), sentence.group()):
-            for word in _CAPITALISED.finditer(piece):
-                if word.start() > 0 or word.group() not in _SENTENCE_STARTERS:
+            for word in _WORD.finditer(piece):
+                w = word.group()
+                if w[0].isupper() and w[1:2].islower() and (word.start() > 0 or w not in _SENTENCE_STARTERS):
                     chosen.append((offset, piece))
                     break
     return chosen
@@ -205,6 +210,20 @@ class PiiScrubber(Mapper):
             found[i] = row_spans
         return found
 
+    def _open_kept_urls(self, text: str, spans: list[Span]) -> list[Span]:
+        """With ``URL: keep``, a URL still must not publish the e-mail or IP address, phone or card
+        number inside it (``?to=jane@example.org``, ``http://203.0.113.5/``): such a URL gives way to
+        the findings inside it, which are rewritten as their own types say. The longer URL would
+        otherwise win the overlap and keep them all."""
+        inner = [e for e in self.pattern_entities if e != "URL" and self.actions[e] != "keep"]
+        if self.actions.get("URL") != "keep" or not inner:
+            return spans
+        out: list[Span] = []
+        for start, end, entity in spans:
+            found = find_patterns(text[start:end], inner) if entity == "URL" else []
+            out += [(start + s, start + e, t) for s, e, t in found] or [(start, end, entity)]
+        return out
+
     def _add_ner(self, texts: list[str], found: list[list[Span]], rows: list[int]) -> None:
         """Add NER findings to ``found[row]`` for ``rows``; pattern findings win any overlap (spaCy
         tags e-mail addresses and IBAN groups as ORGANIZATION)."""
@@ -234,7 +253,7 @@ class PiiScrubber(Mapper):
         }  # fmt: skip
         ner_flag = np.zeros(n, dtype=bool)
         if self.ner_entities:
-            ner_flag = pc.fill_null(pc.match_substring_regex(column, "[A-Z][a-z]"), False).to_numpy(
+            ner_flag = pc.fill_null(pc.match_substring_regex(column, _NAME_LIKE_PREFILTER), False).to_numpy(
                 zero_copy_only=False
             )
         rows = np.flatnonzero(np.logical_or.reduce([*flags.values(), ner_flag]))
@@ -242,7 +261,7 @@ class PiiScrubber(Mapper):
         found: list[list[Span]] = []
         for j, i in enumerate(rows):
             types = [e for e in self.pattern_entities if flags[e][i]]
-            found.append(find_patterns(texts[j], types) if types else [])
+            found.append(self._open_kept_urls(texts[j], find_patterns(texts[j], types)) if types else [])
         if self.ner_entities:
             self._add_ner(texts, found, [j for j, i in enumerate(rows) if ner_flag[i]])
         return rows, texts, found

@@ -65,8 +65,10 @@ _URL = re.compile(
 )
 _URL_TRAILING = ".,;:!?'\")]*"
 
+# A phone number may follow a word glued by a dot ("Tel.415-555-2671"), but not a digit and a dot: it
+# would be the tail of a longer dotted number.
 _NANP = re.compile(
-    r"(?<![\w+(.-])(?:\+?1[ .-]?)?(?:\(\d{3}\) ?|\d{3}([ .-]))\d{3}([ .-])\d{4}(?![\w-]|[.,]\d)"
+    r"(?<![\w+(-])(?<!\d\.)(?:\+?1[ .-]?)?(?:\(\d{3}\) ?|\d{3}([ .-]))\d{3}([ .-])\d{4}(?![\w-]|[.,]\d)"
 )
 # Groups are separated ("+44 20 7946 0958", "+44 (0)20 …") or the number is one run ("+4930123456"),
 # which keeps the regex free of the ambiguous splits that make backtracking explode.
@@ -74,30 +76,46 @@ _INTERNATIONAL = re.compile(
     r"(?<![\w+])\+[1-9]\d{0,2}(?:(?:[ .-](?:\(\d{1,4}\) ?)?\d{1,8}){1,6}|\d{6,13})(?![\w-]|[.,]\d)"
 )
 # UK national numbers (0 + area code): 020 7946 0958, 07700 900123, 0161 496 0000.
-_UK_NATIONAL = re.compile(r"(?<![\w+.-])0\d{2,4} \d{3,4} ?\d{3,4}(?![\w-]|[.,]\d)")
+_UK_NATIONAL = re.compile(r"(?<![\w+-])(?<!\d\.)0\d{2,4} \d{3,4} ?\d{3,4}(?![\w-]|[.,]\d)")
 # Ten bare digits are a phone number only next to a word that says so (else: order or account numbers).
-_BARE_PHONE = re.compile(r"(?<![\w+.-])[2-9]\d{2}[2-9]\d{6}(?![\w-]|[.,]\d)")
+_BARE_PHONE = re.compile(r"(?<![\w+-])(?<!\d\.)[2-9]\d{2}[2-9]\d{6}(?![\w-]|[.,]\d)")
 _PHONE_CONTEXT = re.compile(
     r"(?i)(?:call|phone|tel|mobile|cell|fax|whatsapp|sms|text)\b\W{0,3}(?:\w+\W+){0,3}$"
 )
+# The context may sit three words back; the window is sized for three long words, not a character
+# count that a word like "internationalisation" overruns (a miss here leaks the number).
+_PHONE_CONTEXT_CHARS = 200
 
 _CARD = re.compile(
     r"(?<![\w-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{1,3})?|\d{4}([ -])\d{6}\2\d{4,5})"
     r"(?![\w-]|[.,]\d)"
 )
-# A contiguous digit run right after these words (and up to two more: "order no.", "tracking number:")
-# is a reference number, whatever its checksum.
+# A contiguous digit run right after these words, or after them and up to two words that name a number
+# ("order no.", "tracking number:", "account id is"), is a reference number, whatever its checksum. Any
+# other word in between ends the context: "paid for my order with 4111…" holds a card number.
 _REFERENCE_CONTEXT = re.compile(
-    r"(?i)\b(?:order|tracking|invoice|ref|reference|ticket|account|acct|isbn|id)\b\W{0,3}(?:\w+\W{1,3}){0,2}$"
+    r"(?i)\b(?:order|tracking|invoice|ref|reference|ticket|account|acct|isbn|id)\b"
+    r"(?:\W{1,3}(?:no|nr|num|number|id|code|is|was)\b){0,2}\W{0,3}$"
 )
+# Longest context the pattern above can match; ``\b`` looks before the window start, so a window that
+# cuts a word in two cannot make its tail a keyword.
+_REFERENCE_CONTEXT_CHARS = 40
 
 _IBAN = re.compile(r"(?<!\w)[A-Z]{2}\d{2}(?: ?[A-Z0-9]){10,30}")
+# How IBANs are written: one run, or groups of four and a shorter last group.
+_IBAN_LAYOUT = re.compile(r"[A-Z]{2}\d{2}(?:[A-Z0-9]+|(?: [A-Z0-9]{4})+(?: [A-Z0-9]{1,3})?)")
 
 _SSN = re.compile(r"(?<![\w-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\w-]|[.,]\d)")
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\d|\.\d)")
-_VERSION_CONTEXT = re.compile(r"(?i)(?:version|ver\.?|release|build|firmware|v)\s*$")
+# A letter glued before the address does not make it something else ("server10.0.0.5"); only a digit or a
+# dot does (it is then part of a longer dotted number).
+_IPV4 = re.compile(rf"(?<![\d.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\d|\.\d)")
+# A four-part number is a version only when the whole word right before it says so ("version 10.2.0.1",
+# "ver. 10.0.0.1", "firmware: 1.0.0.12"). Without the word boundary "server", "driver", "over" and
+# "rebuild" kept real addresses in the published text.
+_VERSION_CONTEXT = re.compile(r"(?i)\b(?:version|ver\.|ver\b|release|build|firmware)[ \t]*:?[ \t]*$")
+_VERSION_CONTEXT_CHARS = 20
 _IPV6 = re.compile(
     r"(?<![\w:.])(?=[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:)[0-9A-Fa-f:]{2,39}(?:\d{1,3}(?:\.\d{1,3}){3})?"
     r"(?![\w:]|\.\d)"
@@ -204,7 +222,7 @@ def _find_phone(text: str) -> Iterable[Span]:
         if sum(ch.isdigit() for ch in m.group()) in (10, 11):
             yield m.start(), m.end(), "PHONE"
     for m in _BARE_PHONE.finditer(text):
-        if _PHONE_CONTEXT.search(text, max(0, m.start() - 40), m.start()):
+        if _PHONE_CONTEXT.search(text, max(0, m.start() - _PHONE_CONTEXT_CHARS), m.start()):
             yield m.start(), m.end(), "PHONE"
 
 
@@ -214,7 +232,9 @@ def _find_card(text: str) -> Iterable[Span]:
         digits = raw.replace(" ", "").replace("-", "")
         if not (luhn_valid(digits) and card_issuer_valid(digits)):
             continue
-        if raw.isdigit() and _REFERENCE_CONTEXT.search(text, max(0, m.start() - 30), m.start()):
+        if raw.isdigit() and _REFERENCE_CONTEXT.search(
+            text, max(0, m.start() - _REFERENCE_CONTEXT_CHARS), m.start()
+        ):
             continue
         yield m.start(), m.end(), "CREDIT_CARD"
 
@@ -235,8 +255,11 @@ def _find_iban(text: str) -> Iterable[Span]:
             yield m.start(), end, "IBAN"
             continue
         # An IBAN-shaped code that fails its checks is still one code: its digit groups must not
-        # come out as a card or phone number. The blocker wins the overlap and is then discarded.
-        yield m.start(), m.end(), BLOCKER
+        # come out as a card or phone number. The blocker wins the overlap and is then discarded, so it
+        # covers only what is laid out as an IBAN of the country's length — never the greedy match,
+        # which runs over a following upper-case word into a real number ("GB12 PHONE 212 555 1234").
+        if chars == length and ends_here and _IBAN_LAYOUT.fullmatch(text, m.start(), end):
+            yield m.start(), end, BLOCKER
 
 
 def _find_ssn(text: str) -> Iterable[Span]:
@@ -245,10 +268,17 @@ def _find_ssn(text: str) -> Iterable[Span]:
             yield m.start(), m.end(), "SSN"
 
 
+def _is_version(text: str, start: int) -> bool:
+    """Whether the four-part number at ``start`` is a version: a ``v`` glued to it that starts a token
+    ("v2.0.1.7", "(v2.0.1.7"), or a version word right before it."""
+    if start and text[start - 1] in "vV" and (start == 1 or not text[start - 2].isalnum()):
+        return True
+    return _VERSION_CONTEXT.search(text, max(0, start - _VERSION_CONTEXT_CHARS), start) is not None
+
+
 def _find_ip(text: str) -> Iterable[Span]:
     for m in _IPV4.finditer(text):
-        # "version 10.2.0.1" is a four-part version number, not an address.
-        if not _VERSION_CONTEXT.search(text, max(0, m.start() - 12), m.start()):
+        if not _is_version(text, m.start()):
             yield m.start(), m.end(), "IP_ADDRESS"
     for m in _IPV6.finditer(text):
         candidate = m.group()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.parquet as pq
@@ -98,14 +98,24 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def site():
+def _serve() -> Iterator[Site]:
     site = Site()
     thread = threading.Thread(target=site.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield site
     site.server.shutdown()
     site.server.server_close()
+
+
+@pytest.fixture
+def site():
+    yield from _serve()
+
+
+@pytest.fixture
+def other_site():
+    """A second loopback site: the same host as ``site``, another port."""
+    yield from _serve()
 
 
 def config(site: Site, *paths: str, **overrides) -> CrawlConfig:
@@ -513,7 +523,7 @@ def test_normalisation_and_scope():
     for bad in ("javascript:alert(1)", "http:///nohost", "http://[::1/", "http://a b/"):
         with pytest.raises(ValueError):
             normalise_url(bad)
-    scope = Scope.from_seeds(["https://www.example.com/"])
+    scope = Scope.from_seeds(["https://www.example.com/"], "domain")
     assert scope.contains("https://example.com/a") and scope.contains("http://blog.example.com/")
     assert not scope.contains("https://example.org/") and not scope.contains("https://notexample.com/")
 
@@ -529,3 +539,77 @@ def test_example_recipe_runs_against_the_local_site(site, store):
     assert m.name == "crawl-local" and len(index_rows(m)) == 2
     assert m.producer.recipe["allow_private_addresses"] is True
     check_warc(m)
+
+
+def test_scope_is_the_origin_by_default_ports_and_schemes_included():
+    scope = Scope.from_seeds(["http://Example.com./", "https://[::1]:8443/x"])
+    for url in ("http://example.com/a", "http://example.com:80/a", "HTTP://EXAMPLE.COM./b",
+                "https://[0:0::1]:8443/y"):  # fmt: skip
+        assert scope.contains(url), url
+    for url in ("http://example.com:8080/", "https://example.com/", "https://example.com:80/",
+                "http://www.example.com/", "https://[::1]/", "http://[::1]:8443/", "http://example.com:99999/",
+                "ftp://example.com/"):  # fmt: skip
+        assert not scope.contains(url), url
+    host = Scope.from_seeds(["http://example.com/"], "host")
+    assert host.contains("https://example.com:8443/") and not host.contains("http://a.example.com/")
+    # An IP address has no subdomains: "x.127.0.0.1" is a host name someone else's DNS answers for.
+    domain = Scope.from_seeds(["http://127.0.0.1:8000/", "http://[::1]/"], "domain")
+    assert domain.contains("http://127.0.0.1:9000/") and domain.contains("https://[::1]:1/")
+    assert not domain.contains("http://x.127.0.0.1/") and not domain.contains("http://evil.0.0.1/")
+
+
+def test_redirect_and_link_to_another_port_or_scheme_stay_out_of_the_origin_scope(site, other_site, store):
+    # Both sites are 127.0.0.1: only the port tells them apart. The redirect used to be followed and
+    # the other port's page stored.
+    site.routes["/"] = lambda h, n: respond(h, 302, Location=other_site.url("/secret"))
+    site.routes["/upgrade"] = lambda h, n: respond(h, 301, Location=f"https://127.0.0.1:{site.port}/")
+    site.html("/page", other_site.url("/linked"), f"https://127.0.0.1:{site.port}/tls", "/same")
+    site.html("/same")
+    other_site.html("/secret")
+    other_site.html("/linked")
+
+    m = crawl(config(site, "/", "/upgrade", "/page"), store)
+
+    assert {r["final_url"] for r in index_rows(m)} == {site.url("/page"), site.url("/same")}
+    assert other_site.requests == []  # not the pages, not even its robots.txt
+    dropped = ledger(m)
+    assert dropped[site.url("/")] == (
+        "out_of_scope", {"url": site.url("/"), "redirected_to": other_site.url("/secret")}
+    )  # fmt: skip
+    assert dropped[site.url("/upgrade")][0] == "out_of_scope"
+    assert dropped[other_site.url("/linked")][0] == "out_of_scope"
+    assert dropped[f"https://127.0.0.1:{site.port}/tls"][0] == "out_of_scope"
+    assert m.producer.recipe["scope"] == "origin"
+
+
+def test_scope_host_follows_another_port_of_the_same_host(site, other_site, store):
+    site.routes["/"] = lambda h, n: respond(h, 302, Location=other_site.url("/secret"))
+    site.html("/page", other_site.url("/linked"))
+    other_site.html("/secret")
+    other_site.html("/linked")
+
+    m = crawl(config(site, "/", "/page", scope="host"), store)
+
+    rows = {r["url"]: r["final_url"] for r in index_rows(m)}
+    assert rows == {
+        site.url("/"): other_site.url("/secret"),
+        site.url("/page"): site.url("/page"),
+        other_site.url("/linked"): other_site.url("/linked"),
+    }
+    assert other_site.count("/robots.txt") == 1  # the other origin's own robots.txt is obeyed
+    check_warc(m)
+
+
+def test_allowed_domains_mean_domain_scope_and_take_unicode_names(site, store):
+    site.html("/")
+    cfg = config(site, allowed_domains=["bücher.example", "127.0.0.1"])
+    assert cfg.scope == "domain"
+    m = crawl(cfg, store)
+    assert [r["url"] for r in index_rows(m)] == [site.url("/")]
+    assert m.producer.recipe["scope"] == "domain"
+    recipe = {"stage": "corpus.crawl", "name": "x", "seeds": ["https://example.com/"], "scope": "origin",
+              "allowed_domains": ["example.com"]}  # fmt: skip
+    with pytest.raises(DistilleryError, match="'allowed_domains': Value error, needs scope: domain"):
+        run_recipe(recipe, store, "r.yaml")
+    with pytest.raises(DistilleryError, match="scope"):
+        run_recipe(recipe | {"scope": "site", "allowed_domains": []}, store, "r.yaml")
