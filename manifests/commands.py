@@ -5,40 +5,51 @@ from __future__ import annotations
 import argparse
 import json
 
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
 from manifests.console import make_console
-from manifests.errors import VerificationError
+from manifests.errors import DistilleryError, VerificationError
 from manifests.lineage import LineageNode, TraceStep, describe_source, diff, lineage, short, trace_record
 from manifests.schema import Manifest
-from manifests.verify import verify
+from manifests.verify import manifest_edited, verify
 
 console = make_console()
+err_console = make_console(stderr=True)
+
+
+def esc(value: object) -> str:
+    """A value from the data or the store printed as itself: rich would read '[red]' or '[/]' in a
+    text, a URL or a path as markup (and fail on an unmatched closing tag)."""
+    return escape(str(value))
 
 
 def _list(args) -> int:
     manifests = args.store_obj.list(kind=args.kind)
     if not manifests:
-        console.print(f"no manifests in {args.store_obj.root}")
+        console.print(f"no manifests in {esc(args.store_obj.root)}")
         return 0
     table = Table("kind", "reference", "stage", "created", "rows / files", box=None)
     for m in manifests:
         rows = sum(f.rows or 0 for f in m.data_files())
-        table.add_row(m.kind, m.ref, m.producer.stage, m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                      f"{rows} rows" if rows else f"{len(m.files)} files")  # fmt: skip
+        # What a hand-edited manifest claims is listed, but flagged (checking it reads no data file).
+        flag = "  [red](manifest edited: run verify)[/]" if manifest_edited(m) else ""
+        table.add_row(m.kind, m.ref, esc(m.producer.stage), m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                      (f"{rows} rows" if rows else f"{len(m.files)} files") + flag)  # fmt: skip
     console.print(table)
     return 0
 
 
 def _clean(args) -> int:
-    """Remove what unfinished jobs left, unless it changed recently (the job may be running)."""
+    """Remove what unfinished jobs left: at once when no process works in it any more, else (another
+    host's, or a folder that names no owner) once it has not changed for ``--idle-hours``."""
     import shutil
     import time
 
     found = args.store_obj.unfinished()
     if not found:
-        console.print(f"nothing unfinished in {args.store_obj.root}")
+        console.print(f"nothing unfinished in {esc(args.store_obj.root)}")
         return 0
     table = Table("folder", "size", "last change", "", box=None)
     freed = 0
@@ -46,15 +57,15 @@ def _clean(args) -> int:
         idle_h = (time.time() - changed) / 3600
         if running:
             action = "kept: its process is running"
-        elif idle_h < args.idle_hours:
+        elif running is None and idle_h < args.idle_hours:
             action = "kept: changed recently (still running?)"
         elif args.dry_run:
-            action = "would remove"
+            action = "would remove" + (" (its process is gone)" if running is False else "")
         else:
             shutil.rmtree(folder, ignore_errors=True)
             action, freed = "removed", freed + size
         table.add_row(
-            str(folder.relative_to(args.store_obj.root)), _size(size), f"{idle_h:.1f} h ago", action
+            esc(folder.relative_to(args.store_obj.root)), _size(size), f"{idle_h:.1f} h ago", action
         )
     console.print(table)
     console.print(f"freed {_size(freed)}" if not args.dry_run else "dry run: nothing removed")
@@ -71,22 +82,24 @@ def _size(n: float) -> str:
 
 def explain(m: Manifest) -> None:
     console.print(f"[bold]{m.kind} {m.name}[/]  id {m.id}")
-    console.print(f"  folder    {m.location}")
+    console.print(f"  folder    {esc(m.location)}")
     console.print(f"  created   {m.created_at.isoformat()}  by stage [cyan]{m.producer.stage}[/]")
     p = m.producer
     git = f"{p.git_commit[:12]}{' (dirty)' if p.git_dirty else ''}" if p.git_commit else "not in git"
     console.print(f"  code      distillery {p.package_version}, commit {git}, seed {p.seed}")
     for parent in m.parents:
-        console.print(f"  parent    {parent.kind} {parent.name}@{parent.id[:12]} ({parent.role})")
+        console.print(f"  parent    {parent.kind} {esc(parent.name)}@{parent.id[:12]} ({esc(parent.role)})")
     for f in m.files:
         extra = f", {f.rows} rows" if f.rows is not None else ""
         split = f" [{f.split}]" if f.split else ""
-        console.print(f"  file      {f.path}{split}  {f.bytes} bytes{extra}  sha256 {f.sha256[:12]}")
+        console.print(
+            f"  file      {esc(f.path)}{esc(split)}  {f.bytes} bytes{extra}  sha256 {f.sha256[:12]}"
+        )
     for f in m.ledger:
-        console.print(f"  ledger    {f.path}  {f.rows} entries")
+        console.print(f"  ledger    {esc(f.path)}  {f.rows} entries")
     if m.stats:
-        console.print("  stats     " + json.dumps(m.stats, default=str))
-    console.print("  recipe    " + json.dumps(p.recipe, default=str))
+        console.print("  stats     " + esc(json.dumps(m.stats, default=str)))
+    console.print("  recipe    " + esc(json.dumps(p.recipe, default=str)))
 
 
 def _show(args) -> int:
@@ -95,6 +108,13 @@ def _show(args) -> int:
         print(m.to_json(), end="")
     else:
         explain(m)
+    if manifest_edited(m):
+        # Shown all the same (what was edited is evidence), but never as if it could be trusted.
+        raise VerificationError(
+            f"{m.ref}: manifest.json was edited after it was published (its hashes no longer match "
+            f"its fields), so what is shown above is not trustworthy; restore it or re-run the stage "
+            f"that made it (distillery manifests verify {m.ref} checks the files too)"
+        )
     return 0
 
 
@@ -103,29 +123,48 @@ def _verify(args) -> int:
     report = verify(m, use_cache=False)
     if not report.ok:
         raise VerificationError(report.problem_line())
-    console.print(f"[green]ok[/] {m.ref}: {report.checked} files re-hashed, all match")
+    if report.unsealed:
+        console.print(
+            f"[green]ok[/] {m.ref}: {report.checked} files re-hashed, all match; the manifest's id matches "
+            "its files, parents and recipe"
+        )
+        err_console.print(
+            f"warning: {m.ref} has no integrity digest (published by an older distillery): its stats "
+            "and producer cannot be checked; re-run the stage that made it to seal it"
+        )
+        return 0
+    console.print(f"[green]ok[/] {m.ref}: {report.checked} files re-hashed, all match, manifest intact")
     return 0
 
 
-def _lineage_tree(node: LineageNode, tree: Tree) -> None:
+def _lineage_tree(node: LineageNode, tree: Tree, edited: list[str]) -> None:
     m = node.manifest
     if m is None:
-        tree.add(f"[red]{node.missing} ({node.role}) — missing from this store[/]")
+        tree.add(f"[red]{esc(node.missing)} ({esc(node.role)}) — missing from this store[/]")
         return
-    label = f"[bold]{m.kind} {m.ref}[/] ({node.role}) stage [cyan]{m.producer.stage}[/]"
+    label = f"[bold]{m.kind} {m.ref}[/] ({esc(node.role)}) stage [cyan]{esc(m.producer.stage)}[/]"
     if node.repeated:
         tree.add(label + "  (shown above)")
         return
-    branch = tree.add(f"{label}  recipe {short(m.producer.recipe, 100)}")
+    if manifest_edited(m):
+        edited.append(m.ref)
+        label += "  [red](manifest edited after publishing)[/]"
+    branch = tree.add(f"{label}  recipe {esc(short(m.producer.recipe, 100))}")
     for parent in node.parents:
-        _lineage_tree(parent, branch)
+        _lineage_tree(parent, branch, edited)
 
 
 def _lineage(args) -> int:
     m = args.store_obj.resolve(args.ref)
     root = Tree(f"lineage of {m.ref}")
-    _lineage_tree(lineage(args.store_obj, m), root)
+    edited: list[str] = []
+    _lineage_tree(lineage(args.store_obj, m), root, edited)
     console.print(root)
+    if edited:
+        raise VerificationError(
+            f"the manifest of {', '.join(edited)} was edited after it was published, so this lineage is not "
+            "trustworthy; restore it or re-run the stage that made it"
+        )
     return 0
 
 
@@ -147,24 +186,23 @@ def print_trace(step: TraceStep, store, indent: int = 0) -> None:
     if step.row is not None:
         split = step.row.get("_split")
         if split:
-            console.print(f"{pad}    split: {split}")
+            console.print(f"{pad}    split: {esc(split)}")
         for key, value in step.row.items():
             if key not in _ROW_SKIP and value is not None:
-                console.print(f"{pad}    {key}: {short(value)}")
+                console.print(f"{pad}    {esc(key)}: {esc(short(value))}")
         for message in step.row.get("messages") or []:
-            console.print(f"{pad}    {message['role']}: {short(message['content'])}")
+            console.print(f"{pad}    {esc(message['role'])}: {esc(short(message['content']))}")
         if "text" in step.row:
-            console.print(f"{pad}    text: {short(step.row['text'])}")
+            console.print(f"{pad}    text: {esc(short(step.row['text']))}")
         if step.row.get("source"):
-            console.print(f"{pad}    [green]source: {describe_source(step.row['source'])}[/]")
+            console.print(f"{pad}    [green]source: {esc(describe_source(step.row['source']))}[/]")
     else:
         console.print(f"{pad}    (not in the data: removed or never present)")
     for entry in step.ledger:
         score = f" score {entry['score']:g}" if entry.get("score") is not None else ""
         detail = f" {entry['detail']}" if entry.get("detail") else ""
-        console.print(
-            f"{pad}    [yellow]ledger: {entry['step']} {entry['action']} ({entry['reason']}){score}{detail}[/]"
-        )
+        line = f"ledger: {entry['step']} {entry['action']} ({entry['reason']}){score}{detail}"
+        console.print(f"{pad}    [yellow]{esc(line)}[/]")
     if indent == 0:
         for child in store.children(m.id):
             console.print(f"{pad}    used by {child.kind} {child.ref} (stage {child.producer.stage})")
@@ -182,11 +220,20 @@ def _diff(args) -> int:
     old, new = args.store_obj.resolve(args.old), args.store_obj.resolve(args.new)
     d = diff(old, new)
     console.print(f"{old.ref} → {new.ref}")
-    console.print(f"  rows: +{d.added} added, -{d.removed} removed, {d.kept} kept")
+    console.print(
+        f"  rows: +{d.added} added, -{d.removed} removed, {d.kept} kept "
+        f"({d.unchanged} unchanged, {d.moved} moved, {d.changed} changed; "
+        f"rows matched by {', '.join(d.content)})"
+    )
+    if d.changed_fields:
+        counts = ", ".join(f"{name} ({n})" for name, n in sorted(d.changed_fields.items()))
+        console.print(f"  changed: {esc(counts)}")
+        for old_id, new_id, fields in d.examples:
+            console.print(f"    e.g. record {esc(old_id)} → {esc(new_id)}: {esc(', '.join(fields))}")
     for key, a, b in d.recipe_changes:
-        console.print(f"  recipe {key}: {short(a, 60)} → {short(b, 60)}")
+        console.print(f"  recipe {esc(key)}: {esc(short(a, 60))} → {esc(short(b, 60))}")
     for key, a, b in d.stats_changes:
-        console.print(f"  stats  {key}: {short(a, 60)} → {short(b, 60)}")
+        console.print(f"  stats  {esc(key)}: {esc(short(a, 60))} → {esc(short(b, 60))}")
     if not d.recipe_changes:
         console.print("  recipe: unchanged")
     return 0
@@ -204,10 +251,14 @@ def _report(args) -> int:
         print(json.dumps(summary, indent=2, default=str))
         return 0
     out = Path(args.out or f"{m.name}-{m.id[:12]}.html")
+    if out.is_dir():
+        raise DistilleryError(
+            f"--out {out}: is a folder; give the HTML file to write (e.g. {out / 'report.html'})"
+        )
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(render_html(summary), encoding="utf-8")
     os.replace(tmp, out)
-    console.print(f"report for {m.ref} → {out}")
+    console.print(f"report for {m.ref} → {esc(out)}")
     return 0
 
 
@@ -235,7 +286,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = verb("show", _show, "explain one manifest", "distillery manifests show demo-corpus")
     p.add_argument("ref")
     p.add_argument("--json", action="store_true", help="print the manifest as stored")
-    p = verb("verify", _verify, "re-hash every file; name each missing, extra or altered one (exit 1)",
+    p = verb("verify", _verify,
+             "re-hash every file, check the manifest itself; name each missing, extra or altered one "
+             "(exit 1)",
              "distillery manifests verify demo-corpus")  # fmt: skip
     p.add_argument("ref")
     p = verb(

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.errors import DistilleryError
+from manifests.hashing import canonical_json
 from manifests.schema import Manifest
 from manifests.store import Store
 from manifests.verify import ensure_verified
@@ -155,6 +157,15 @@ def describe_source(source: dict[str, Any] | None) -> str:
 
 @dataclass
 class DatasetDiff:
+    """Two versions of a dataset compared row by row, by content rather than by record id (an id
+    includes where a row came from, so a line moved in an input would otherwise be a new row).
+
+    A row of ``new`` whose content (``CONTENT_COLUMNS``) a row of ``old`` has is *kept*: unchanged,
+    *moved* (only its position in its source changed) or *changed* (any other column, or a field of
+    ``source`` such as ``url``, differs; ``changed_fields`` counts which). Other rows are added or
+    removed.
+    """
+
     old: Manifest
     new: Manifest
     added: int
@@ -162,6 +173,27 @@ class DatasetDiff:
     kept: int
     recipe_changes: list[tuple[str, Any, Any]]
     stats_changes: list[tuple[str, Any, Any]]
+    moved: int = 0
+    changed: int = 0
+    content: list[str] = field(default_factory=list)
+    """The columns compared as content."""
+    changed_fields: dict[str, int] = field(default_factory=dict)
+    examples: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    """Up to ``_EXAMPLES`` changed rows: (old id, new id, the fields that differ)."""
+
+    @property
+    def unchanged(self) -> int:
+        return self.kept - self.moved - self.changed
+
+
+CONTENT_COLUMNS = ("text", "messages", "prompt", "input_ids")
+"""What a row *is*, in order of preference; a dataset with none of them is compared on every column
+but the record model's (``id``, ``parents``, ``source``)."""
+_RECORD_MODEL = ("id", "parents")
+_POSITION = ("line", "row", "offset")
+"""Where in its source a row is. The source file's hash (``source.sha256``) is not compared at all:
+any line added to a file changes it for every row."""
+_EXAMPLES = 3
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -178,28 +210,106 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, A
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _ids(manifest: Manifest) -> pa.Array:
-    ensure_verified(manifest)
-    tables = [pq.read_table(manifest.location / f.path, columns=["id"]) for f in manifest.data_files()]
-    return pa.concat_tables(tables).column("id").combine_chunks() if tables else pa.array([], pa.string())
+def _hash(value: Any, size: int = 8) -> bytes:
+    data = value.encode() if isinstance(value, str) else canonical_json(value).encode()
+    return hashlib.blake2b(data, digest_size=size).digest()
+
+
+def _fields(schema: pa.Schema) -> list[str]:
+    """Columns, with ``source`` as its fields (``source.url``…)."""
+    names = []
+    for f in schema:
+        if f.name == "source" and pa.types.is_struct(f.type):
+            names += [f"source.{sub.name}" for sub in f.type]
+        else:
+            names.append(f.name)
+    return names
+
+
+def _row_keys(manifest: Manifest, content: list[str], meta: list[str]):
+    """(id, content hash, metadata hashes, position hash) per row, reading one batch at a time: only
+    hashes are kept, never the texts."""
+    for f in manifest.data_files():
+        for batch in pq.ParquetFile(manifest.location / f.path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                source = row.get("source") if isinstance(row.get("source"), dict) else {}
+                flat = {**row, **{f"source.{k}": v for k, v in source.items()}}
+                yield (
+                    row.get("id"),
+                    _hash([row.get(c) for c in content], 16),
+                    b"".join(_hash(flat.get(m), 4) for m in meta),
+                    _hash([source.get(p) for p in _POSITION]),
+                )
 
 
 def diff(old: Manifest, new: Manifest) -> DatasetDiff:
-    """Rows added and removed (by record id) and recipe/stat differences between two datasets."""
+    """Rows added, removed, moved and changed (by content, see ``DatasetDiff``), and the recipe and
+    stats differences between two datasets."""
     for m in (old, new):
         if m.kind != "dataset":
             raise DistilleryError(f"diff compares datasets; {m.ref} is a {m.kind}")
-    old_ids, new_ids = _ids(old), _ids(new)
-    kept = pc.sum(pc.is_in(new_ids, value_set=old_ids)).as_py() or 0
+        ensure_verified(m)
+    schemas = [_schema(m) for m in (old, new)]
+    names = [set(s.names) if s is not None else set() for s in schemas]
+    both = names[0] & names[1]
+    content = next(([c] for c in CONTENT_COLUMNS if c in both), None) or sorted(
+        (names[0] | names[1]) - {*_RECORD_MODEL, "source"}
+    )
+    # Compared as metadata: every other column and source field but the record model's and the position.
+    skip = {*_RECORD_MODEL, *content, "source", *(f"source.{p}" for p in (*_POSITION, "sha256"))}
+    meta = [
+        f for f in dict.fromkeys(f for s in schemas if s is not None for f in _fields(s)) if f not in skip
+    ]
+    # Old rows by content hash; each new row takes the closest of them: same metadata and position,
+    # else same metadata (moved), else any (changed). Held in memory: hashes, ~60 bytes a row.
+    pool: dict[bytes, list[tuple[str, bytes, bytes]]] = {}
+    removed_total = 0
+    for id_, c, m, p in _row_keys(old, content, meta):
+        pool.setdefault(c, []).append((id_, m, p))
+        removed_total += 1
+    added = moved = changed = kept = 0
+    changed_fields: dict[str, int] = {}
+    examples: list[tuple[str, str, list[str]]] = []
+    for id_, c, m, p in _row_keys(new, content, meta):
+        candidates = pool.get(c)
+        if not candidates:
+            added += 1
+            continue
+        pick = next((i for i, (_, om, op) in enumerate(candidates) if om == m and op == p), None)
+        if pick is None:
+            pick = next((i for i, (_, om, _) in enumerate(candidates) if om == m), 0)
+        old_id, om, op = candidates.pop(pick)
+        if not candidates:
+            del pool[c]
+        kept += 1
+        if om != m:
+            changed += 1
+            differ = [meta[i] for i in range(len(meta)) if om[4 * i : 4 * i + 4] != m[4 * i : 4 * i + 4]]
+            for name in differ:
+                changed_fields[name] = changed_fields.get(name, 0) + 1
+            if len(examples) < _EXAMPLES:
+                examples.append((old_id, id_, differ))
+        elif op != p:
+            moved += 1
     return DatasetDiff(
         old=old,
         new=new,
-        added=len(new_ids) - kept,
-        removed=len(old_ids) - (pc.sum(pc.is_in(old_ids, value_set=new_ids)).as_py() or 0),
+        added=added,
+        removed=removed_total - kept,
         kept=kept,
         recipe_changes=_changes(old.producer.recipe, new.producer.recipe),
         stats_changes=_changes(old.stats, new.stats),
+        moved=moved,
+        changed=changed,
+        content=content,
+        changed_fields=changed_fields,
+        examples=examples,
     )
+
+
+def _schema(manifest: Manifest) -> pa.Schema | None:
+    files = manifest.data_files()
+    return pq.read_schema(manifest.location / files[0].path) if files else None
 
 
 def short(value: Any, limit: int = 80) -> str:

@@ -31,7 +31,8 @@ from manifests.errors import DistilleryError
 from manifests.hashing import manifest_id, sha256_file
 from manifests.provenance import git_state, hardware, library_versions
 from manifests.schema import SCHEMA_VERSION, FileEntry, Kind, Manifest, ParentRef, Producer
-from manifests.store import Store, load_manifest, tmp_owner_running
+from manifests.store import OWNER_PREFIX, Store, claim_work_folder, folder_owner_running, load_manifest
+from manifests.verify import verify
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -166,7 +167,7 @@ class Publisher:
 
     def __enter__(self) -> Publisher:
         self._remove_stale()
-        self.dir.mkdir(parents=True)
+        claim_work_folder(self.dir)
         return self
 
     def _remove_stale(self) -> None:
@@ -175,7 +176,7 @@ class Publisher:
         if not folder.is_dir():
             return
         for tmp in folder.glob(".tmp-*"):
-            if tmp_owner_running(tmp.name) is False:
+            if tmp.is_dir() and folder_owner_running(tmp) is False:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -243,8 +244,8 @@ class Publisher:
         ledger: list[FileEntry] = []
         for path in sorted(p for p in self.dir.rglob("*") if p.is_file()):
             rel = path.relative_to(self.dir).as_posix()
-            if rel == "manifest.json":
-                continue
+            if rel == "manifest.json" or (path.parent == self.dir and path.name.startswith(OWNER_PREFIX)):
+                continue  # the owner record belongs to the unfinished folder, not to the artefact
             rows = pq.ParquetFile(path).metadata.num_rows if rel.endswith(".parquet") else None
             entry = FileEntry(
                 path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, rows=rows,
@@ -267,10 +268,10 @@ class Publisher:
             schema_version=SCHEMA_VERSION,
         )
         final = self.store.artefact_dir(self.kind, self.name, id_)
-        if (final / "manifest.json").is_file():
+        existing = self._intact_existing(final)
+        if existing is not None:
             # Same content and recipe as an existing version: that version is this artefact,
             # and it becomes the latest of its name again.
-            existing = load_manifest(final)
             self.store.record_publish(existing)
             return existing
         commit, dirty = git_state()
@@ -302,6 +303,7 @@ class Publisher:
             arrow_schema=schema_text,
             stats=stats or {},
         )
+        manifest.digest = manifest.integrity_digest()
         for entry in files + ledger:
             _fsync_file(self.dir / entry.path)
         tmp_manifest = self.dir / "manifest.json.tmp"
@@ -309,12 +311,18 @@ class Publisher:
         _fsync_file(tmp_manifest)
         os.replace(tmp_manifest, self.dir / "manifest.json")
         _fsync_dir(self.dir)
-        if final.exists() and not (final / "manifest.json").is_file():
-            # A folder without a manifest under the final name is debris of a crashed rename.
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():
+            # Under the final name: debris of a crashed rename (no manifest), a damaged copy or an
+            # unsealed one (``_intact_existing``). Ours replaces it; it is moved aside first, under a
+            # name ``clean`` removes, so that a kill here never leaves a half-removed version.
+            replaced = self.dir.with_name(f"{self.dir.name}-replaced")
+            os.replace(final, replaced)
         # Recorded as the latest before it appears: a kill between the two leaves a record of an id
         # with no folder, which listing ignores -- never a new version listed as an old one.
         self.store.record_publish(manifest)
+        for owner in self.dir.glob(f"{OWNER_PREFIX}*"):
+            owner.unlink()  # (killed after this, the folder's name still names this process)
         try:
             os.replace(self.dir, final)
         except OSError:
@@ -326,4 +334,20 @@ class Publisher:
         else:
             _fsync_dir(final.parent)
             manifest._location = final.resolve()
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         return manifest
+
+    def _intact_existing(self, final: Path) -> Manifest | None:
+        """The version already published under this id, when it can stand for this publish: sealed
+        and its files intact. A damaged one (a tampered file or manifest) or an unsealed one (made
+        before manifests had a digest) is replaced by this publish instead of being handed back."""
+        if not (final / "manifest.json").is_file():
+            return None
+        try:
+            existing = load_manifest(final)
+        except DistilleryError:
+            return None
+        if existing.digest is None or not verify(existing, use_cache=True).ok:
+            return None
+        return existing

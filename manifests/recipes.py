@@ -40,13 +40,49 @@ class RecipeConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain YAML keeps the last value without a word, so a recipe that sets ``min_words`` twice would
+    silently run with one of them.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *defaults' merges keys that the mapping may then override on purpose
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe(path: Path | str) -> dict[str, Any]:
     """Parse a recipe file into a mapping with a ``stage`` key."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))[:3]
+        example = f" (it holds {', '.join(found)})" if found else ""
+        raise DistilleryError(f"recipe {path}: is a folder; give a recipe file{example}")
     if not path.is_file():
         raise DistilleryError(f"recipe {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (a safe loader)
+    except _DuplicateKey as e:
+        where = f"lines {e.first} and {e.second}" if e.first != e.second else f"both on line {e.first}"
+        raise DistilleryError(f"recipe {path}: key '{e.key}' is given twice ({where}); keep one") from None
     except UnicodeDecodeError:
         raise DistilleryError(f"recipe {path}: not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:

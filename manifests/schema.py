@@ -11,16 +11,25 @@ A manifest as stored in ``manifest.json`` (abridged)::
      "files": [{"path": "data/part-00000.parquet", "sha256": "…", "bytes": 81234, "rows": 241,
                 "split": "train"}],
      "ledger": [{"path": "ledger/corpus.build.parquet", "sha256": "…", "bytes": 2048, "rows": 19}],
-     "arrow_schema": "id: string\\n…", "stats": {"rows_in": 260, "rows_out": 241}}
+     "arrow_schema": "id: string\\n…", "stats": {"rows_in": 260, "rows_out": 241},
+     "digest": "9b1e…"}
+
+Two hashes protect it. The ``id`` covers what the artefact *is* (files, schema, parents, recipe), so
+an identical rerun gets the same id. The ``digest`` covers every field of the manifest, timings
+included, so a hand edit of anything (rows, stats, producer, names) is caught by ``verify``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from manifests.hashing import canonical_json
 
 SCHEMA_VERSION = 1
 
@@ -87,6 +96,9 @@ class Manifest(BaseModel):
     ledger: list[FileEntry] = Field(default_factory=list)
     arrow_schema: str | None = None
     stats: dict[str, Any] = Field(default_factory=dict)
+    digest: str | None = None
+    """sha256 over every other field (see ``integrity_digest``); None in manifests published before
+    it existed, whose stats and producer ``verify`` cannot check."""
 
     _location: Path | None = PrivateAttr(default=None)
 
@@ -112,6 +124,16 @@ class Manifest(BaseModel):
 
     def splits(self) -> list[str]:
         return sorted({f.split for f in self.data_files() if f.split})
+
+    def integrity_digest(self) -> str:
+        """The digest this manifest's fields hash to (equal to ``digest`` unless edited).
+
+        Taken over the JSON as written, not the objects in memory: a value that JSON cannot hold
+        exactly (a NaN stat, a tuple) hashes the same before writing and after reading.
+        """
+        data = json.loads(self.model_dump_json())
+        data.pop("digest", None)
+        return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

@@ -58,8 +58,11 @@ def load_manifest(path: Path) -> Manifest:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DistilleryError(
-            f"{file}: not a readable manifest ({e}); restore it or re-run its stage"
+            f"{file}: damaged, not JSON ({e}); restore this file from a backup, or re-run the recipe "
+            "that made it (its output replaces the damaged version)"
         ) from None
+    except OSError as e:
+        raise DistilleryError(f"{file}: cannot be read ({e.strerror or e}); check its permissions") from None
     version = raw.get("schema_version", SCHEMA_VERSION) if isinstance(raw, dict) else SCHEMA_VERSION
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise DistilleryError(
@@ -70,7 +73,10 @@ def load_manifest(path: Path) -> Manifest:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
-        raise DistilleryError(f"{file}: not a valid manifest ({where}: {first['msg']})") from None
+        raise DistilleryError(
+            f"{file}: not a valid manifest ({where or 'top level'}: {first['msg']}); restore this file "
+            "from a backup, or re-run the recipe that made it (its output replaces the damaged version)"
+        ) from None
     manifest._location = file.parent.resolve()
     return manifest
 
@@ -87,6 +93,84 @@ def _size_and_change(folder: Path) -> tuple[int, float]:
     return size, changed
 
 
+OWNER_PREFIX = ".owner-"
+"""Files ``.owner-<host>-<pid>.json`` in an unfinished job's folder: the processes working in it."""
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks after boot, field 22 of ``/proc/<pid>/stat``): with the
+    pid, it names one process, where a pid alone may since have been given to another. None off Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def claim_work_folder(folder: Path) -> Path:
+    """Create ``folder`` (the ``.work-``/``.tmp-`` folder of an unfinished job) if needed and record this
+    process as working in it, so that ``manifests clean`` knows at once when no process is left.
+
+    A job that resumes in the folder of a killed one claims it anew; the dead owner's record stays
+    and no longer counts.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    owner = {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "boot": _boot_id()}
+    file = folder / f"{OWNER_PREFIX}{socket.gethostname()}-{pid}.json"
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(owner))
+    os.replace(tmp, file)
+    return folder
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _owner_running(file: Path) -> bool | None:
+    try:
+        owner = json.loads(file.read_text())
+        host, pid = owner["host"], int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return None  # another machine's process cannot be asked
+    boot = _boot_id()
+    if owner.get("boot") and boot and owner["boot"] != boot:
+        return False  # the machine restarted since: every process of then is gone
+    if not _pid_running(pid):
+        return False
+    start = owner.get("start")
+    return not (start and _process_start(pid) not in (None, start))  # else the pid was reused
+
+
+def folder_owner_running(folder: Path) -> bool | None:
+    """Whether a process working in an unfinished job's folder is still running: True if any recorded
+    owner runs, False if every one is known to be gone, None when that cannot be told (an owner on
+    another host, or a folder without owner records: then the time of its last change decides)."""
+    states = [_owner_running(f) for f in folder.glob(f"{OWNER_PREFIX}*.json")]
+    if not states:
+        return tmp_owner_running(folder.name)
+    if True in states:
+        return True
+    return None if None in states else False
+
+
 def tmp_owner_running(folder_name: str) -> bool | None:
     """Whether the process that a ``.tmp-<host>-<pid>-…`` folder names is running; None when the
     folder is another host's (or not named so), whose processes cannot be asked."""
@@ -94,13 +178,7 @@ def tmp_owner_running(folder_name: str) -> bool | None:
     pid = folder_name[len(prefix) :].split("-", 1)[0] if folder_name.startswith(prefix) else ""
     if not pid.isdigit():
         return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    return _pid_running(int(pid))
 
 
 class Store:
@@ -133,19 +211,17 @@ class Store:
         finally:
             os.close(fd)
 
-    def unfinished(self) -> list[tuple[Path, int, float, bool]]:
+    def unfinished(self) -> list[tuple[Path, int, float, bool | None]]:
         """What unfinished jobs left in the store: ``.work-`` folders (resume state of builds and
         training runs, kept until they publish) and ``.tmp-`` folders (a publish not finished yet, or
-        never), each with its size in bytes, the time anything in it last changed, and whether the
-        process that owns it is known to be running (a ``.tmp-`` folder names its host and pid)."""
+        never), each with its size in bytes, the time anything in it last changed, and whether a
+        process working in it is running (``folder_owner_running``: None when unknown)."""
         found = []
         for kind in KINDS:
             for name in self._names(kind):
                 for folder in sorted((self.kind_dir(kind) / name).glob(".*")):
                     if folder.is_dir() and folder.name.startswith((".work-", ".tmp-")):
-                        found.append(
-                            (folder, *_size_and_change(folder), tmp_owner_running(folder.name) is True)
-                        )
+                        found.append((folder, *_size_and_change(folder), folder_owner_running(folder)))
         return found
 
     def _names(self, kind: Kind) -> list[str]:
@@ -156,7 +232,11 @@ class Store:
             else []
         )
 
-    def _versions(self, kind: Kind, name: str) -> list[Manifest]:
+    def _versions(
+        self, kind: Kind, name: str, damaged: dict[str, DistilleryError] | None = None
+    ) -> list[Manifest]:
+        """The readable versions of a name, in publish order. A version whose manifest cannot be read
+        goes into ``damaged`` (id → its error) when given, else it is skipped with a warning."""
         folder = self.kind_dir(kind) / name
         found = []
         for file in folder.glob("*/manifest.json"):
@@ -166,7 +246,10 @@ class Store:
                 found.append(load_manifest(file))
             except DistilleryError as e:
                 # One damaged manifest must not hide every other artefact; it fails when asked for.
-                print(f"warning: skipping {e}", file=sys.stderr)
+                if damaged is None:
+                    print(f"warning: skipping {e}", file=sys.stderr)
+                else:
+                    damaged[file.parent.name] = e
         order = {id_: i for i, id_ in enumerate(self._history(folder))}
         return sorted(found, key=lambda m: (order.get(m.id, -1), m.created_at, m.id))
 
@@ -219,31 +302,66 @@ class Store:
             raise DistilleryError(
                 f"'{ref}' is neither a reference (NAME or NAME@ID-PREFIX) nor an existing path"
             )
-        candidates = self.list(kind=kind, name=name)
-        if not candidates:
+        if "@" in ref and not prefix:
+            # 'name@' is a pin with its id left out (an empty shell variable?), not a request for
+            # the latest version.
+            raise DistilleryError(
+                f"'{ref}': no id prefix after '@'; give NAME@ID-PREFIX for one version, "
+                "or NAME for the latest"
+            )
+        damaged: dict[str, DistilleryError] = {}
+        candidates: list[Manifest] = []
+        for k in [kind] if kind else KINDS:
+            candidates += self._versions(k, name, damaged)
+        if not candidates and not damaged:
             raise DistilleryError(self._missing_name(name, kind))
         if not prefix:
+            latest = self._latest_damaged(name, kind, candidates, damaged)
+            if latest is not None:
+                raise latest
             return candidates[-1]
-        matches = [m for m in candidates if m.id.startswith(prefix)]
+        ids = [m.id for m in candidates] + list(damaged)
+        matches = [id_ for id_ in ids if id_.startswith(prefix)]
         if not matches:
-            ids = ", ".join(m.id[:12] for m in candidates)
+            shown = ", ".join(id_[:12] for id_ in ids)
             raise DistilleryError(
-                f"'{ref}': no version of '{name}' has an id starting with '{prefix}'; versions: {ids}"
+                f"'{ref}': no version of '{name}' has an id starting with '{prefix}'; versions: {shown}"
             )
         if len(matches) > 1:
-            ids = ", ".join(m.id[:12] for m in matches)
+            shown = ", ".join(id_[:12] for id_ in matches)
             raise DistilleryError(
-                f"'{ref}' is ambiguous: {len(matches)} versions match ({ids}); give more of the id"
+                f"'{ref}' is ambiguous: {len(matches)} versions match ({shown}); give more of the id"
             )
-        return matches[0]
+        if matches[0] in damaged:
+            raise damaged[matches[0]]
+        return next(m for m in candidates if m.id == matches[0])
+
+    def _latest_damaged(
+        self, name: str, kind: Kind | None, readable: list[Manifest], damaged: dict[str, DistilleryError]
+    ) -> DistilleryError | None:
+        """The error of the latest version of ``name`` when that one cannot be read: the name must
+        then fail, not quietly mean an older version."""
+        if not damaged:
+            return None
+        if not readable:
+            return next(iter(damaged.values()))
+        for k in [kind] if kind else KINDS:
+            history = self._history(self.kind_dir(k) / name)
+            known = [id_ for id_ in history if id_ in damaged or any(m.id == id_ for m in readable)]
+            if known and known[-1] in damaged:
+                return damaged[known[-1]]
+        return None
 
     def _missing_name(self, name: str, kind: Kind | None) -> str:
         # A name folder may hold only what a failed or unfinished job left (``.tmp-``, ``.work-``).
         known = sorted({n for k in ([kind] if kind else KINDS) for n in self._names(k)
                         if any((self.kind_dir(k) / n).glob("[!.]*/manifest.json"))})  # fmt: skip
         what = f"{kind} " if kind else ""
+        other = [k for k in KINDS if k != kind and any((self.kind_dir(k) / name).glob("[!.]*/manifest.json"))]
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-        if close:
+        if kind and other:
+            advice = f"'{name}' is a {other[0]}, and a {kind} is needed here"
+        elif close:
             advice = "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
         elif known:
             advice = "known: " + ", ".join(known)

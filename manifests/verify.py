@@ -3,6 +3,12 @@
 ``verify`` re-hashes every file. ``ensure_verified`` is what stages call before reading an
 input: it may skip re-hashing a file whose size and mtime are unchanged since the last full
 verification (a cache kept in ``<store>/.cache/verified``), and otherwise re-hashes.
+
+Both also check the manifest itself, every time: its id against the fields it hashes, its
+``digest`` against all of its fields, its folder against its id, name and kind, and the row
+counts it claims against the Parquet footers. A manifest published before the digest existed
+("unsealed") still loads and verifies its files, but its stats and producer cannot be checked:
+``verify`` warns, and re-running the stage that made it (same id) seals it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from manifests.errors import VerificationError
 from manifests.hashing import manifest_id, sha256_file
@@ -24,6 +33,9 @@ class VerifyReport:
     extra: list[str] = field(default_factory=list)
     altered: list[str] = field(default_factory=list)
     checked: int = 0
+    unsealed: bool = False
+    """The manifest has no integrity digest (published before it existed): its files were checked,
+    its stats and producer could not be."""
 
     @property
     def ok(self) -> bool:
@@ -61,6 +73,38 @@ def content_id(manifest: Manifest) -> str:
     )
 
 
+def manifest_edited(manifest: Manifest) -> bool:
+    """Whether ``manifest``'s own fields were changed after publishing (no file is read).
+
+    Its id must still be the hash of what it describes, its digest the hash of all its fields, and
+    a manifest in a store must sit in ``<kind>s/<name>/<id>/``.
+    """
+    try:
+        folder: Path | None = manifest.location
+    except ValueError:  # built in memory, not read from a folder
+        folder = None
+    if content_id(manifest) != manifest.id:
+        return True
+    if manifest.digest is not None and manifest.digest != manifest.integrity_digest():
+        return True
+    if folder is not None:
+        if folder.name != manifest.id:
+            return True
+        if _cache_file(manifest) is not None and folder.parent.name != manifest.name:
+            return True  # in a store: the name folder is the name it was published under
+    return False
+
+
+def _rows_differ(path: Path, entry) -> bool:
+    """The Parquet footer of an intact file disagrees with the row count the manifest claims."""
+    if entry.rows is None or not entry.path.endswith(".parquet"):
+        return False
+    try:
+        return pq.ParquetFile(path).metadata.num_rows != entry.rows
+    except (OSError, pa.ArrowException):
+        return True  # not Parquet, yet listed with rows: the manifest says what the file is not
+
+
 def verify(manifest: Manifest, *, use_cache: bool = False) -> VerifyReport:
     """Check every file of ``manifest`` (missing, extra, altered); re-hash unless cached."""
     root = manifest.location
@@ -73,9 +117,9 @@ def verify(manifest: Manifest, *, use_cache: bool = False) -> VerifyReport:
         except (OSError, ValueError):
             cache = {}
     fresh: dict[str, list] = {}
-    if content_id(manifest) != manifest.id or root.name != manifest.id:
-        # The manifest itself was edited (e.g. a hash rewritten to match an altered shard).
-        report.altered.append("manifest.json")
+    # The manifest itself edited: a hash rewritten to match an altered shard, rows or stats changed…
+    edited = manifest_edited(manifest)
+    report.unsealed = manifest.digest is None
     expected = {f.path: f for f in manifest.files + manifest.ledger}
     for rel, entry in sorted(expected.items()):
         path = root / rel
@@ -83,15 +127,20 @@ def verify(manifest: Manifest, *, use_cache: bool = False) -> VerifyReport:
             report.missing.append(rel)
             continue
         st = path.stat()
-        stamp = [st.st_size, st.st_mtime_ns, entry.sha256]
+        # What the manifest claims is part of the stamp: an edited claim is checked again.
+        stamp = [st.st_size, st.st_mtime_ns, entry.sha256, entry.bytes, entry.rows]
         report.checked += 1
         if use_cache and cache.get(rel) == stamp:
             fresh[rel] = stamp
             continue
-        if st.st_size != entry.bytes or sha256_file(path) != entry.sha256:
+        if sha256_file(path) != entry.sha256:
             report.altered.append(rel)
+        elif st.st_size != entry.bytes or _rows_differ(path, entry):
+            edited = True  # the file is the one published; the manifest's numbers about it are not
         else:
             fresh[rel] = stamp
+    if edited:
+        report.altered.insert(0, "manifest.json")
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel != "manifest.json" and rel not in expected:
