@@ -22,6 +22,7 @@ output has the same bytes whatever the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from corpus.classifier import ClassifierConfig
 from corpus.combine import (
+    HIDDEN_COLUMNS,
     MINHASH_KEYS,
     Combiner,
     add_keys,
@@ -61,7 +63,7 @@ from manifests.hashing import canonical_json
 from manifests.publish import LEDGER_SCHEMA, Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
-from manifests.store import Store
+from manifests.store import Store, claim_work_folder
 
 
 class MinWordsConfig(StepConfig):
@@ -140,22 +142,49 @@ def _step_name(step) -> str:
     return f"corpus.build.{step.name}"
 
 
+def _input_fields(batch: pa.RecordBatch, source: SourceConfig, steps: list) -> set[str]:
+    """The input's own columns (JSONL fields, Parquet columns), refused where a build column would
+    overwrite them; checked on every batch, since a field may first appear late in a file."""
+    if source.format not in ("jsonl", "parquet"):
+        return set()
+    fields = set(batch.schema.names) - set(RECORD_SCHEMA.names)
+    where = source.path or source.dataset
+    for name in sorted(fields & set(HIDDEN_COLUMNS)):
+        raise DistilleryError(
+            f"input {where}: field '{name}' has the name of a column the build uses internally; "
+            "rename it in the input, or list the fields to keep with 'keep_fields'"
+        )
+    return fields
+
+
+def _check_step_columns(fields: set[str], step, source: SourceConfig) -> None:
+    for name in sorted(fields & step.columns_written):
+        raise DistilleryError(
+            f"input {source.path}: field '{name}' would be overwritten by the column step "
+            f"'{step.name}' writes; rename it in the input, or leave it out with 'keep_fields'"
+        )
+
+
 def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str, Any]:
     """Phase 1 for one task (in a worker): read, apply the steps, leave rows + ledger + marker."""
     cfg = CorpusBuildConfig.model_validate_json(cfg_json)
     use_returning_memory_pool()
     store = Store(store_root)
     steps = [s.build(store) for s in cfg.steps]
+    source = cfg.inputs[task.input_index]
     log = ReadLog()
     folder = Path(work)
     stem = folder / f"task-{task.index:05d}"
     writer: pq.ParquetWriter | None = None
+    parts: list[str] = []
     rows_in = rows_out = 0
     try:
-        for batch in read_task(task, cfg.inputs[task.input_index], log):
+        for batch in read_task(task, source, log):
             rows_in += batch.num_rows
+            fields = _input_fields(batch, source, steps)
             for step in steps:
                 batch = step(batch)
+                _check_step_columns(fields, step, source)
             if batch.num_rows:
                 batch = add_keys(batch, cfg.dedup.case_fold)
                 if cfg.dedup.lines is not None:
@@ -164,8 +193,13 @@ def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str,
                     batch = batch.append_column(
                         MINHASH_KEYS, band_keys(batch.column("text"), cfg.dedup.minhash)
                     )
-                if writer is None:
-                    writer = pq.ParquetWriter(f"{stem}.parquet", batch.schema, compression="zstd")
+                if writer is None or not batch.schema.equals(writer.schema, check_metadata=True):
+                    # A field first seen later in the task (or widened from int to float) starts a new
+                    # part; phase 2 gives every part the build's unified schema.
+                    if writer is not None:
+                        writer.close()
+                    parts.append(f"{stem.name}.parquet" if not parts else f"{stem.name}-{len(parts)}.parquet")
+                    writer = pq.ParquetWriter(folder / parts[-1], batch.schema, compression="zstd")
                 writer.write_batch(batch)
                 rows_out += batch.num_rows
     finally:
@@ -177,7 +211,7 @@ def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str,
     result = {
         "index": task.index, "rows_in": rows_in, "rows_out": rows_out, "skipped": log.counts,
         "steps": {s.name: s.stats.as_dict() for s in steps},
-        "data": f"{stem.name}.parquet" if writer is not None else None,
+        "data": parts or None, "fields_seen": sorted(log.fields_seen),
         "ledger": f"{stem.name}.ledger.parquet" if ledger else None,
     }  # fmt: skip
     # The marker goes last: a task without one is redone on resume.
@@ -185,6 +219,30 @@ def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str,
     tmp.write_text(json.dumps(result))
     os.replace(tmp, f"{stem}.done.json")
     return result
+
+
+def _data_files(result: dict[str, Any]) -> list[str]:
+    """A task's row files, in order (one name in markers of older builds)."""
+    data = result["data"]
+    return [data] if isinstance(data, str) else list(data or [])
+
+
+def _check_inputs_read(cfg: CorpusBuildConfig, tasks: list[Task], results: dict[int, dict[str, Any]]) -> None:
+    """Refuse an input with no records at all, and a ``keep_fields`` name no record of its input has."""
+    for i, source in enumerate(cfg.inputs):
+        mine = [results[t.index] for t in tasks if t.input_index == i]
+        where = source.path or source.dataset
+        if not sum(r["rows_in"] + sum(r["skipped"].values()) for r in mine):
+            raise DistilleryError(
+                f"input {where} is empty: no records in its {len(mine)} file(s); fill it or remove it from 'inputs'"
+            )
+        seen = {name for r in mine for name in r.get("fields_seen", [])}
+        missing = [name for name in source.keep_fields or [] if name not in seen]
+        if missing:
+            raise DistilleryError(
+                f"input {where}: no record has the field(s) {', '.join(missing)} named in 'keep_fields'; "
+                "check their spelling"
+            )
 
 
 def _work_dir(cfg: CorpusBuildConfig, tasks: list[Task], store: Store) -> Path:
@@ -239,10 +297,10 @@ def _phase2(
     indexes: list[LoadedIndex],
 ) -> dict[str, Any]:
     """Combine task outputs in task order: unique ids, global cuts, dedup, then the filter phase."""
-    with_data = [t for t in tasks if results[t.index]["data"]]
-    inputs = [cfg.inputs[t.input_index].path or cfg.inputs[t.input_index].dataset or "" for t in with_data]
+    parts = [(t, name) for t in tasks for name in _data_files(results[t.index])]
+    inputs = [cfg.inputs[t.input_index].path or cfg.inputs[t.input_index].dataset or "" for t, _ in parts]
     cuts = [cut for step in cfg.steps if (cut := step.global_cut()) is not None]
-    files = [work / results[t.index]["data"] for t in with_data]
+    files = [work / name for _, name in parts]
     combiner = Combiner(files, inputs, cfg.dedup.exact, cuts, url_dedup=cfg.dedup.url, lines=cfg.dedup.lines,
                         minhash=cfg.dedup.minhash, against=indexes, work=work, run=_runner(cfg))  # fmt: skip
     rows_out, ledger, line_ledgers = combiner.publish_rows(pub, cfg.shard_rows)
@@ -362,9 +420,10 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
         parents.append(manifest)
     tasks = plan_tasks(cfg.inputs, store, cfg.split_bytes)
     work = _work_dir(cfg, tasks, store)
-    work.mkdir(parents=True, exist_ok=True)
+    claim_work_folder(work)
     try:
         results = _phase1(cfg, tasks, work, store)
+        _check_inputs_read(cfg, tasks, results)
         with Publisher(store, kind="dataset", name=cfg.name, stage="corpus.build", recipe=cfg.content_recipe(),
                        parents=parents, parent_roles=_roles(parents),
                        seed=cfg.seed, execution={k: getattr(cfg, k) for k in sorted(EXECUTION_FIELDS)}) as pub:  # fmt: skip
@@ -378,9 +437,17 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
         # A mistake in the input or recipe: fixing it changes the plan, so this work cannot be resumed.
         # (A crash or kill keeps the folder: the same command resumes from the finished tasks.)
         shutil.rmtree(work, ignore_errors=True)
+        _remove_if_empty(work.parent)
         raise
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """A failed first build of a name leaves no empty ``datasets/NAME`` behind (versions stay)."""
+    # Not empty: published versions, their history, or another job's work -- all stay.
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def print_funnel(manifest: Manifest) -> None:

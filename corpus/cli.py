@@ -16,7 +16,8 @@ def _build_from(args, data: dict, source: str) -> int:
     from corpus.build import run_recipe
     from manifests.cli import print_published
 
-    data |= {"name": args.name, "inputs": [{"dataset": args.dataset}], "workers": args.workers or 1}
+    workers = 1 if args.workers is None else args.workers  # 0 is refused by the recipe's check, not ignored
+    data |= {"name": args.name, "inputs": [{"dataset": args.dataset}], "workers": workers}
     manifest = run_recipe(data, args.store_obj, source)
     print_published(manifest)
     _print_funnel(manifest)

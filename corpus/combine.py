@@ -132,6 +132,8 @@ class Combiner:
         self.against = against or []
         self.task_inputs = task_inputs
         counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        # First, before any global work: inputs whose columns cannot share one schema fail fast.
+        self.schema = unified_schema(files, task_inputs)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n = int(self.offsets[-1])
         self.parts = max(1, math.ceil(self.n / (partition_rows or PARTITION_ROWS)))
@@ -392,8 +394,11 @@ class Combiner:
         removed_path, units_path = folder / "removed.npy", folder / "units.npy"
         save_array(removed_path, removed)
         save_array(units_path, np.array(sorted(self.frequent_units), np.uint64))
-        schema = pq.read_schema(self.files[0]) if self.files else RECORD_SCHEMA
-        schema = pa.schema([f for f in schema.remove_metadata() if f.name not in HIDDEN_COLUMNS])
+        schema = (
+            pa.schema([f for f in self.schema if f.name not in HIDDEN_COLUMNS])
+            if self.files
+            else RECORD_SCHEMA
+        )
         lines = self.lines.model_dump_json() if self.frequent_units else None
         groups = self._filter_groups(shard_rows)
         markers = [folder / f"group-{k:05d}.json" for k in range(len(groups))]
@@ -413,6 +418,74 @@ class Combiner:
 
 
 HIDDEN_COLUMNS = (*KEY_COLUMNS, UNIT_KEYS, MINHASH_KEYS)
+
+
+def _merged_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type two task files' columns of one name share, or None when they cannot."""
+    if a.equals(b) or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if (
+        pa.types.is_integer(a)
+        and pa.types.is_integer(b)
+        and pa.types.is_signed_integer(a) == pa.types.is_signed_integer(b)
+    ):
+        return a if a.bit_width >= b.bit_width else b
+    if (pa.types.is_integer(a) or pa.types.is_floating(a)) and (
+        pa.types.is_integer(b) or pa.types.is_floating(b)
+    ):
+        return pa.float64()  # integers in one file, decimals in another: JSON does not tell them apart
+    return None
+
+
+def _describe(f: pa.Field) -> str:
+    return (
+        "JSON text (lists or objects)"
+        if (f.metadata or {}).get(b"distillery.encoding") == b"json"
+        else str(f.type)
+    )
+
+
+def unified_schema(files: list[Path], inputs: list[str]) -> pa.Schema:
+    """The one schema of a build's rows: every column of every task file, in order of first
+    appearance (task order, so it never depends on the number of workers), each with the type all
+    files can be cast to; a column missing from some file is null there.
+
+    Columns that cannot share a type (text in one input, numbers in another) are an error naming
+    both inputs.
+    """
+    fields: dict[str, pa.Field] = {}
+    first: dict[str, str] = {}
+    present: dict[str, int] = {}
+    for path, where in zip(files, inputs, strict=True):
+        for f in pq.read_schema(path):
+            present[f.name] = present.get(f.name, 0) + 1
+            have = fields.get(f.name)
+            if have is None:
+                fields[f.name], first[f.name] = f, where
+                continue
+            merged = _merged_type(have.type, f.type) if have.metadata == f.metadata else None
+            if merged is None:
+                raise DistilleryError(
+                    f"column '{f.name}' holds {_describe(have)} in input {first[f.name]} but {_describe(f)} in "
+                    f"input {where}; give it one type everywhere, or leave it out with 'keep_fields'"
+                )
+            fields[f.name] = have.with_type(merged)
+    out = [
+        fields[name] if present[name] == len(files) else fields[name].with_nullable(True) for name in fields
+    ]
+    return pa.schema(out)
+
+
+def conform(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with ``target``'s columns, in its order: cast where a type widened, null where absent."""
+    names = set(batch.schema.names)
+    arrays = [
+        batch.column(f.name).cast(f.type) if f.name in names else pa.nulls(batch.num_rows, f.type)
+        for f in target
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=target)
 
 
 def strip_units(
@@ -452,7 +525,7 @@ def filter_task(
     chunks = iter(range(1 << 30))
     ledger: list[dict] = []
     with ShardWriter(
-        lambda: Path(f"{stem}-{next(chunks):04d}.parquet"), lambda b: b.cast(target), shard_rows
+        lambda: Path(f"{stem}-{next(chunks):04d}.parquet"), lambda b: conform(b, target), shard_rows
     ) as writer:
         for path, start in files:
             for batch in _row_groups(Path(path)):

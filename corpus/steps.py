@@ -111,6 +111,8 @@ class Step(ABC):
     def __init__(self) -> None:
         self.stats = StepStats()
         self.ledger: list[dict] = []
+        self.columns_written: set[str] = set()
+        """Columns the step has added or replaced (the build refuses an input field of the same name)."""
 
     def _log(self, rid: str, action: str, reason: str, score: float | None, detail: dict | None) -> None:
         (self.stats.reasons if action == "drop" else self.stats.changes)[reason] += 1
@@ -142,6 +144,7 @@ class Filter(Step):
                 reason = (decision.reasons[i] if decision.reasons else None) or self.reason
                 score = decision.scores[i] if decision.scores else None
                 self._log(ids[i], "drop", reason, score, decision.details[i] if decision.details else None)
+        self.columns_written.update(decision.columns)
         out = _with_columns(batch, decision.columns).filter(decision.keep)
         self.stats.rows_out += out.num_rows
         self.stats.seconds += time.perf_counter() - started
@@ -173,6 +176,7 @@ class Mapper(Step):
                 self._log(ids[i], "change", reason, None, detail)
         out = batch.set_column(batch.schema.get_field_index("text"), "text", change.text)
         out = _with_columns(out, change.columns)
+        self.columns_written.update(change.columns)
         if change.drop is not None:
             out = out.filter(pc.invert(change.drop))
         self.stats.rows_in += batch.num_rows

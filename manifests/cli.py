@@ -129,7 +129,7 @@ def add_recipe_verb(
     def run(args: argparse.Namespace) -> int:
         overrides = list(args.overrides)
         for option in ("workers", "executor", "address"):
-            if getattr(args, option, None):
+            if getattr(args, option, None) is not None:  # 0 too: the recipe's check refuses it
                 overrides.append(
                     f"{'ray_address' if option == 'address' else option}={getattr(args, option)}"
                 )

@@ -24,8 +24,33 @@ def read_table(manifest: Manifest, split: str | None = None, columns: list[str] 
         raise DistilleryError(f"{manifest.ref} is a {manifest.kind}, not a dataset")
     ensure_verified(manifest)
     require_split(manifest, split)
-    tables = [pq.read_table(manifest.location / f.path, columns=columns) for f in manifest.data_files(split)]
+    tables = []
+    for f in manifest.data_files(split):
+        path = manifest.location / f.path
+        try:
+            missing = [c for c in columns or [] if c not in pq.read_schema(path).names]
+            if missing:
+                raise DistilleryError(
+                    f"dataset {manifest.ref} lacks column(s) {', '.join(missing)} in {f.path}"
+                )
+            tables.append(pq.read_table(path, columns=columns))
+        except (pa.ArrowException, OSError) as e:
+            raise unreadable_shard(path, e, manifest.ref) from None
     return pa.concat_tables(tables)
+
+
+def unreadable_shard(path: Path | str, error: Exception, ref: str | None = None) -> DistilleryError:
+    """The one line for a published file that cannot be read.
+
+    Verification may trust a file whose size and time are unchanged since it was last hashed, so
+    bytes that rot in place surface here, as the reader's error: name the file and the way out.
+    """
+    reason = "".join(c if c.isprintable() and c.isascii() else "?" for c in str(error).split("\n")[0])
+    of = f" of dataset {ref}" if ref else ""
+    return DistilleryError(
+        f"{path}: cannot read this file{of} ({reason[:160]}); "
+        f"run 'distillery manifests verify {ref or '<dataset>'}' and restore or rebuild it"
+    )
 
 
 def require_split(manifest: Manifest, split: str | None) -> None:
@@ -41,7 +66,10 @@ def require_columns(manifest: Manifest, needed: Iterable[str], purpose: str) -> 
     files = manifest.data_files()
     if not files:
         raise DistilleryError(f"{manifest.ref} has no data files")
-    have = pq.read_schema(manifest.location / files[0].path).names
+    try:
+        have = pq.read_schema(manifest.location / files[0].path).names
+    except (pa.ArrowException, OSError) as e:
+        raise unreadable_shard(manifest.location / files[0].path, e, manifest.ref) from None
     missing = [c for c in needed if c not in have]
     if missing:
         raise DistilleryError(
@@ -70,6 +98,8 @@ def jsonl_objects(path: Path, where: str, start: int = 0, end: int | None = None
                 raise DistilleryError(
                     f"{where} line {line_no}: not UTF-8 text; convert the file to UTF-8"
                 ) from None
+            if f.tell() == len(raw) and line.startswith("\ufeff"):
+                line = line[1:]  # a byte-order mark some editors and exporters put before the first line
             if not line.strip():
                 continue
             try:
