@@ -24,7 +24,9 @@ A record's id is ``record_id(url)`` of its normalised URL, in the index and the 
 
 The frontier is kept in a work folder under the store (see ``corpus.crawl_frontier``): a killed
 crawl, run again with the same recipe, resumes where it stopped without fetching a stored page
-twice, and the folder is removed once the dataset is published.
+twice, and the folder is removed once the dataset is published. The folder (``.crawl-<hash>``) names
+its process, so ``distillery manifests clean`` removes it once that crawl is gone — and with it the
+chance to resume.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ from manifests.hashing import canonical_json, record_id, sha256_file
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
-from manifests.store import Store
+from manifests.store import Store, claim_work_folder
 
 STAGE = "corpus.crawl"
 
@@ -562,6 +564,7 @@ def crawl(cfg: CrawlConfig, store: Store) -> Manifest:
         )
     work = work_folder(cfg, store, list_sha)
     with locked(work), Frontier(work / "frontier.sqlite") as frontier:
+        claim_work_folder(work)  # under the lock: a crawl refused as the second one owns nothing
         warcinfo = {"software": f"distillery/{__version__} (corpus.crawl)", "format": "WARC File Format 1.0",
                     "http-header-user-agent": cfg.user_agent, "robots": "obey"}  # fmt: skip
         warc = WarcSink(work / "warc", frontier, cfg.warc_file_bytes, warcinfo)

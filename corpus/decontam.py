@@ -49,10 +49,10 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from corpus.steps import Decision, Filter, StepConfig, StepStats
-from manifests.data import jsonl_objects, read_table, require_columns
+from manifests.data import jsonl_objects, read_shard, read_table, require_columns
 from manifests.errors import DistilleryError
 from manifests.hashing import sha256_file
-from manifests.publish import Publisher
+from manifests.publish import Publisher, write_parquet
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
@@ -314,7 +314,7 @@ def build_index(cfg: BuildIndexConfig, store: Store) -> Manifest:
     with Publisher(store, kind="run", name=cfg.name, stage=STAGE, recipe=cfg.resolved(), parents=parents,
                    parent_roles={m.id: "benchmark" for m in parents}) as pub:  # fmt: skip
         (pub.dir / INDEX_FILE).parent.mkdir(parents=True)
-        pq.write_table(index, pub.dir / INDEX_FILE, compression="zstd")
+        write_parquet(index, pub.dir / INDEX_FILE)
         (pub.dir / SETTINGS_FILE).write_text(
             json.dumps(settings(cfg.ngram) | {"benchmarks": sorted(per_benchmark)}, sort_keys=True) + "\n"
         )
@@ -378,7 +378,7 @@ def load_index(folder: str) -> NgramIndex:
     """Read an index once per process (the folder name is its content id, so caching is safe)."""
     path = Path(folder)
     found = json.loads((path / SETTINGS_FILE).read_text(encoding="utf-8"))
-    table = pq.read_table(path / INDEX_FILE)
+    table = read_shard(path / INDEX_FILE, ref=f"{path.parent.name}@{path.name}", kind="run")
     hashes = np.asarray(table.column("hash").combine_chunks(), dtype=np.uint64)
     keys, first, count = np.unique(hashes, return_index=True, return_counts=True)
     pairs = pc.binary_join_element_wise(table.column("benchmark"), table.column("example"), "\x00")

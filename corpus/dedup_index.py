@@ -20,14 +20,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from corpus.combine import _fixed, text_key_bytes
 from corpus.minhash import MinHashConfig, band_keys
 from corpus.steps import normalise
-from manifests.data import read_table, require_columns
+from manifests.data import read_shard, read_table, require_columns
 from manifests.errors import DistilleryError
-from manifests.publish import Publisher
+from manifests.publish import Publisher, write_parquet
 from manifests.recipes import Name, RecipeConfig
 from manifests.schema import Manifest
 from manifests.store import Store, load_manifest
@@ -77,7 +76,7 @@ def build_index(cfg: DedupIndexConfig, store: Store) -> Manifest:
     with Publisher(store, kind="run", name=cfg.name, stage="corpus.dedup-index", recipe=recipe, parents=[dataset],
                    parent_roles={dataset.id: "indexed"}) as pub:  # fmt: skip
         (pub.dir / "index").mkdir()
-        pq.write_table(pa.table(columns), pub.dir / KEYS_FILE, compression="zstd")
+        write_parquet(pa.table(columns), pub.dir / KEYS_FILE)
         (pub.dir / SETTINGS_FILE).write_text(
             json.dumps(settings_of(cfg.case_fold, cfg.minhash), sort_keys=True) + "\n"
         )
@@ -106,7 +105,7 @@ class LoadedIndex:
                 f"minhash ({want['minhash']}); rebuild the index with the same settings"
             )
         self.keys_path = folder / KEYS_FILE
-        table = pq.read_table(self.keys_path)
+        table = read_shard(self.keys_path, ref=manifest.ref, kind="run")
         self.ids = table.column("id").to_pylist()
         self.text_keys = table.column("text_key").combine_chunks()
         self.band_keys = (
@@ -124,13 +123,13 @@ def indexed_texts(folder: Path, rows: np.ndarray) -> list[str]:
     manifest = load_manifest(folder)
     parent = next(p for p in manifest.parents if p.role == "indexed")
     dataset = Store(Path(folder).parent.parent.parent).get(parent.id)
-    ids = (
-        pq.read_table(Path(folder) / KEYS_FILE, columns=["id"]).column("id").take(pa.array(rows)).to_pylist()
-    )
+    keys = read_shard(Path(folder) / KEYS_FILE, ["id"], manifest.ref, kind="run")
+    ids = keys.column("id").take(pa.array(rows)).to_pylist()
     wanted = set(ids)
     found: dict[str, str] = {}
     for f in dataset.data_files():
-        table = pq.read_table(dataset.location / f.path, columns=["id", "text"])
+        # Named like any other damaged shard: the dataset is read long after the index was built.
+        table = read_shard(dataset.location / f.path, ["id", "text"], dataset.ref)
         for rid, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True):
             if rid in wanted:
                 found[rid] = text

@@ -12,7 +12,8 @@ the text, so appending to a file keeps the ids of what was there — and a sourc
 
 Records that cannot become documents (a WARC response that is not HTML, a page whose extraction
 failed or timed out, a record cut off by the end of a truncated WARC file, a Parquet row whose
-text is null) are ledger entries, not crashes.
+text is null) are ledger entries, not crashes. WARC and WET files are read by ``corpus.warc_reader``;
+the record schema, a task and the read log live in ``corpus.records``.
 
 **The input's own fields.** The other top-level fields of a JSONL object and the other columns of
 a Parquet file (a document id, title, license, domain, score…) become columns of the dataset —
@@ -28,46 +29,25 @@ another) is an error naming the field and both places. Parquet columns keep thei
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import json
-import os
 import re
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
-from warcio.exceptions import ArchiveLoadFailed
-from warcio.statusandheaders import StatusAndHeadersParserException
 
-from corpus.extract import ExtractLimits, extract_html
-from manifests.data import jsonl_objects, unreadable_shard
+from corpus.extract import ExtractLimits
+from corpus.records import RECORD_SCHEMA, Batcher, Format, ReadLog, Task, display_path, source_pointer
+from corpus.warc_reader import read_warc
+from manifests.data import jsonl_objects, open_shard, unreadable_shard
 from manifests.errors import DistilleryError
 from manifests.hashing import record_id, sha256_file
 from manifests.recipes import RecipeConfig
-from manifests.records import SOURCE_TYPE
-
-RECORD_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("parents", pa.list_(pa.string())),
-        ("text", pa.string()),
-        ("source", SOURCE_TYPE),
-    ]
-)
-
-Format = Literal["jsonl", "text", "parquet", "warc", "wet", "table"]
 
 RESERVED_COLUMNS = tuple(RECORD_SCHEMA.names)
 """Columns every corpus row has; an input field of the same name would be overwritten."""
-JSON_ENCODED = {b"distillery.encoding": b"json"}
-"""Field metadata of a column holding JSONL lists or objects as their JSON text."""
 _GLOB_MAGIC = re.compile(r"[*?[]")
 
 
@@ -126,58 +106,6 @@ class SourceConfig(RecipeConfig):
             if len(set(self.keep_fields)) != len(self.keep_fields):
                 raise ValueError("keep_fields lists a field twice")
         return self
-
-
-@dataclass(frozen=True)
-class Task:
-    """One independently readable piece of the input."""
-
-    index: int
-    input_index: int
-    format: Format
-    files: tuple[str, ...]
-    """One file, or (text format) a chunk of a folder's files."""
-    sha256: tuple[str, ...]
-    start: int = 0
-    """Byte offset where this task starts reading (JSONL split into ranges)."""
-    end: int | None = None
-    first_line: int = 1
-    index_files: tuple[str, ...] = ()
-    """For a crawl dataset's WARC file: its index shards, whose rows become each record's parent."""
-    warc_name: str | None = None
-    """The WARC file's path inside its dataset, as the index names it."""
-    dataset: str | None = None
-    """The reference of the dataset the files belong to (a ``dataset`` input), for messages."""
-
-    def key(self) -> dict:
-        """What identifies the task's input, cheaply (for resuming)."""
-        return {"input": self.input_index, "format": self.format, "files": list(self.files),
-                "sha256": list(self.sha256), "start": self.start, "end": self.end}  # fmt: skip
-
-
-@dataclass
-class ReadLog:
-    """Skipped input records (ledger rows, without text) and counts by reason."""
-
-    ledger: list[dict] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-    fields_seen: set[str] = field(default_factory=set)
-    """Kept fields (``keep_fields``) that some record of the task has: a name no record has is a typo."""
-
-    def skip(self, rid: str, reason: str, detail: dict | None = None) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        self.ledger.append({"id": rid, "step": "corpus.build.read", "action": "drop", "reason": reason,
-                            "score": None, "detail": json.dumps(detail, sort_keys=True) if detail else None})  # fmt: skip
-
-
-def display_path(path: Path) -> str:
-    """The path as users see it: relative to the working directory when inside it."""
-    if path.is_absolute():
-        return str(path)
-    try:
-        return Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def _files(cfg: SourceConfig) -> list[Path]:
@@ -291,93 +219,6 @@ def text_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
 
 
-def _source(uri: str, sha: str, **pointer) -> dict:
-    base = {"uri": uri, "sha256": sha, "line": None, "row": None, "offset": None, "url": None,
-            "fetch_date": None, "http_status": None, "content_type": None}  # fmt: skip
-    return base | pointer
-
-
-_KIND_WORDS = {"bool": "true/false", "int": "a number", "float": "a number", "str": "text",
-               "json": "a list or object"}  # fmt: skip
-_KIND_TYPES = {None: pa.null(), "bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(),
-               "json": pa.string()}  # fmt: skip
-
-
-def _json_kind(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    return "str" if isinstance(value, str) else "json"
-
-
-class _FieldKinds:
-    """The kind of each kept JSONL field within one task, in order of first appearance.
-
-    Kinds only widen (null → any, int → float); the Arrow type of a field follows its kind, and the
-    build unifies the tasks' types (``corpus.combine.unified_schema``), so the dataset's schema never
-    depends on how the input was cut into tasks or on the number of workers.
-    """
-
-    def __init__(self) -> None:
-        self.kinds: dict[str, str | None] = {}
-        self.first: dict[str, str] = {}
-        """Where each field's kind was first seen (for the error on a conflicting record)."""
-
-    def see(self, name: str, value, where: str) -> None:
-        kind = _json_kind(value)
-        if kind == "int" and not -(2**63) <= value < 2**63:
-            raise DistilleryError(
-                f"{where}: field '{name}' holds an integer too large for a 64-bit column; "
-                "write it as a string, or leave the field out with 'keep_fields'"
-            )
-        have = self.kinds.get(name)
-        if name not in self.kinds or (have is None and kind is not None):
-            self.kinds[name] = kind
-            self.first[name] = where
-        elif kind is not None and kind != have:
-            if {kind, have} != {"int", "float"}:
-                raise DistilleryError(
-                    f"{where}: field '{name}' holds {_KIND_WORDS[kind]}, but {_KIND_WORDS[have]} at "
-                    f"{self.first[name]}; give it one type in every record, or leave it out with 'keep_fields'"
-                )
-            self.kinds[name] = "float"
-
-    def columns(self, extras: list[dict]) -> list[tuple[pa.Field, pa.Array]]:
-        out = []
-        for name, kind in self.kinds.items():
-            values = [extra.get(name) for extra in extras]
-            if kind == "json":
-                values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
-            field_ = pa.field(name, _KIND_TYPES[kind], metadata=JSON_ENCODED if kind == "json" else None)
-            out.append((field_, pa.array(values, field_.type)))
-        return out
-
-
-class _Batcher:
-    def __init__(self, size: int, fields: _FieldKinds | None = None):
-        self.size, self.rows, self.extras = size, [], []
-        self.fields = fields or _FieldKinds()
-
-    def add(self, row: dict, extra: dict | None = None) -> pa.RecordBatch | None:
-        self.rows.append(row)
-        self.extras.append(extra or {})
-        return self.flush() if len(self.rows) >= self.size else None
-
-    def flush(self) -> pa.RecordBatch | None:
-        if not self.rows:
-            return None
-        batch = pa.RecordBatch.from_pylist(self.rows, schema=RECORD_SCHEMA)
-        for field_, values in self.fields.columns(self.extras):
-            batch = batch.append_column(field_, values)
-        self.rows, self.extras = [], []
-        return batch
-
-
 def _reserved(uri: str, name: str) -> DistilleryError:
     return DistilleryError(
         f"{uri}: field '{name}' has the name of a column the build sets ({', '.join(RESERVED_COLUMNS)}); "
@@ -385,7 +226,7 @@ def _reserved(uri: str, name: str) -> DistilleryError:
     )
 
 
-def _read_jsonl(task: Task, cfg: SourceConfig, batcher: _Batcher, log: ReadLog) -> Iterator[pa.RecordBatch]:
+def _read_jsonl(task: Task, cfg: SourceConfig, batcher: Batcher, log: ReadLog) -> Iterator[pa.RecordBatch]:
     path = Path(task.files[0])
     uri, sha = display_path(path), task.sha256[0]
     consumed = {cfg.text_field, cfg.url_field}
@@ -407,12 +248,12 @@ def _read_jsonl(task: Task, cfg: SourceConfig, batcher: _Batcher, log: ReadLog) 
         for name, value in extra.items():
             batcher.fields.see(name, value, f"{uri} line {line_no}")
         row = {"id": record_id(uri, line_no, text_hash(text)), "parents": [], "text": text,
-               "source": _source(uri, sha, line=line_no, url=url if isinstance(url, str) else None)}  # fmt: skip
+               "source": source_pointer(uri, sha, line=line_no, url=url if isinstance(url, str) else None)}  # fmt: skip
         if (batch := batcher.add(row, extra)) is not None:
             yield batch
 
 
-def _read_text(task: Task, cfg: SourceConfig, batcher: _Batcher) -> Iterator[pa.RecordBatch]:
+def _read_text(task: Task, cfg: SourceConfig, batcher: Batcher) -> Iterator[pa.RecordBatch]:
     for name, sha in zip(task.files, task.sha256, strict=True):
         path = Path(name)
         uri = display_path(path)
@@ -426,7 +267,7 @@ def _read_text(task: Task, cfg: SourceConfig, batcher: _Batcher) -> Iterator[pa.
             "id": record_id(uri, 1, text_hash(text)),
             "parents": [],
             "text": text,
-            "source": _source(uri, sha, line=1),
+            "source": source_pointer(uri, sha, line=1),
         }
         if (batch := batcher.add(row)) is not None:
             yield batch
@@ -473,7 +314,7 @@ def _read_parquet(task: Task, cfg: SourceConfig, batch_size: int, log: ReadLog) 
                     log.skip(record_id(uri, row_no), "null_text", {"row": row_no})
                 else:
                     rows.append({"id": record_id(uri, row_no, text_hash(text)), "parents": [], "text": text,
-                                 "source": _source(uri, sha, row=row_no, url=url)})  # fmt: skip
+                                 "source": source_pointer(uri, sha, row=row_no, url=url)})  # fmt: skip
                 kept.append(text is not None)
                 row_no += 1
             if not rows:
@@ -494,183 +335,10 @@ def _first_line(error: Exception) -> str:
     return "".join(c if c.isprintable() and c.isascii() else "?" for c in text)[:160]
 
 
-def _crawl_index(task: Task) -> dict[int, list[str]]:
-    """WARC offset → [index row id] for a crawl dataset's WARC file (empty for plain files)."""
-    found: dict[int, list[str]] = {}
-    for path in task.index_files:
-        try:
-            table = pq.read_table(path, columns=["id", "warc_file", "warc_offset"])
-        except (pa.ArrowException, OSError) as e:
-            raise unreadable_shard(path, e, task.dataset) from None
-        for rid, name, offset in zip(
-            *(table.column(c).to_pylist() for c in ("id", "warc_file", "warc_offset")), strict=True
-        ):
-            if name == task.warc_name:
-                found[offset] = [rid]
-    return found
-
-
-_WARC_ERRORS = (ArchiveLoadFailed, StatusAndHeadersParserException, EOFError, ValueError, zlib.error,
-                AttributeError, TypeError)  # fmt: skip
-"""What warcio raises on a damaged or cut-off record (1.8 fails on a header block cut short with
-AttributeError and TypeError rather than a parse error); caught only around its own parsing."""
-
-
-def _cut_headers(head: bytes) -> dict:
-    """The URL and type of a cut-off record, from whatever of its header block is there."""
-    found = {}
-    for line in head.split(b"\n\r\n", 1)[0].split(b"\n")[1:]:
-        name, _, value = line.partition(b":")
-        key = {b"warc-target-uri": "url", b"warc-type": "warc_type"}.get(name.strip().lower())
-        if key and value.strip():
-            found[key] = value.strip().decode("utf-8", "replace")
-    return found
-
-
-def _tail(path: Path, start: int) -> tuple[str, dict]:
-    """What follows the last whole record of a WARC file: ``clean`` (nothing, or blank lines),
-    ``truncated`` (a record the file ends inside; with its offset, and its URL and type when readable) or
-    ``damaged`` (bytes that are no WARC record)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        f.seek(start)
-        if f.read(2) == b"\x1f\x8b":
-            f.seek(start)
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            head = b""
-            try:
-                while not d.eof and (chunk := f.read(1 << 20)):
-                    head += d.decompress(chunk)[: max(0, (1 << 16) - len(head))]
-            except zlib.error:
-                return "damaged", {}
-            if not d.eof:
-                return "truncated", _cut_headers(head) | {"offset": start}
-            return (
-                ("clean", {}) if not head.strip() and not d.unused_data and not f.read(1) else ("damaged", {})
-            )
-        f.seek(start)
-        head = f.read(1 << 16)
-    body = head.lstrip(b"\r\n")
-    start += len(head) - len(body)
-    if not body:
-        return "clean", {}
-    if not (body.startswith(b"WARC/") or b"WARC/".startswith(body)):
-        return "damaged", {}
-    header_end = body.find(b"\r\n\r\n")
-    if header_end < 0:
-        return (
-            ("truncated", _cut_headers(body) | {"offset": start})
-            if start + len(body) >= size
-            else ("damaged", {})
-        )
-    declared = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", body[:header_end])
-    if declared and start + header_end + 4 + int(declared.group(1)) > size:
-        return "truncated", _cut_headers(body) | {"offset": start}
-    return "damaged", {}
-
-
-def _quiet() -> contextlib.AbstractContextManager:
-    """warcio prints a warning with the raw bytes that follow a record of wrong length to stderr;
-    such a file is reported as damaged or truncated instead, in one line without binary."""
-    return contextlib.redirect_stderr(io.StringIO())
-
-
-def _read_warc(task: Task, cfg: SourceConfig, batcher: _Batcher, log: ReadLog) -> Iterator[pa.RecordBatch]:
-    from warcio.archiveiterator import ArchiveIterator
-
-    path = Path(task.files[0])
-    uri, sha = display_path(path), task.sha256[0]
-    limits = ExtractLimits(max_bytes=cfg.max_bytes, timeout_s=cfg.extract_timeout_s)
-    parents = _crawl_index(task)
-    wanted = "conversion" if task.format == "wet" else "response"
-    end = 0  # where the last whole record ends
-    with open(path, "rb") as f:
-        records = ArchiveIterator(f)
-        while True:
-            try:
-                with _quiet():
-                    record = next(records)
-            except StopIteration:
-                break
-            except _WARC_ERRORS:
-                break  # what the bytes after the last whole record are is decided below
-            if getattr(record.raw_stream, "limit", None) is None:
-                # No Content-Length: a header block cut off by the end of the file (or a broken one);
-                # warcio would read to the end of the file as its content. Decided below.
-                break
-            payload, unreadable = b"", False
-            if record.rec_type == wanted:
-                try:
-                    # The payload first: asking warcio for the offset reads the record to its end.
-                    payload = record.content_stream().read(limits.max_bytes + 1)
-                except _WARC_ERRORS:
-                    unreadable = True  # a broken chunked or compressed HTTP body
-            try:
-                while record.raw_stream.read(1 << 20):
-                    pass
-            except _WARC_ERRORS:
-                unreadable = True
-            # The file ended before the record's declared Content-Length: what was read is a fragment.
-            truncated = getattr(record.raw_stream, "limit", 0) > 0
-            with _quiet():
-                offset = records.get_record_offset()
-            url = record.rec_headers.get_header("WARC-Target-URI")
-            rid = record_id(uri, offset, url)
-            if truncated:
-                log.skip(
-                    rid, "truncated_record", {"url": url, "offset": offset, "warc_type": record.rec_type}
-                )
-                return
-            end = offset + records.get_record_length()
-            if record.rec_type != wanted:
-                continue
-            date = record.rec_headers.get_header("WARC-Date")
-            status = content_type = None
-            if record.http_headers is not None:
-                status = int(record.http_headers.get_statuscode() or 0) or None
-                content_type = record.http_headers.get_header("Content-Type")
-            if unreadable:
-                text, reason = None, "unreadable_payload"
-            elif task.format == "wet":
-                text, reason = payload.decode("utf-8", errors="replace"), None
-            elif status is not None and not 200 <= status < 300:
-                text, reason = None, "http_status"
-            elif not any((content_type or "").lower().startswith(t) for t in cfg.content_types):
-                text, reason = None, "content_type"
-            elif (content_type or "").lower().startswith("text/plain"):
-                text, reason = (
-                    (None, "too_large")
-                    if len(payload) > limits.max_bytes
-                    else (payload.decode("utf-8", "replace"), None)
-                )
-            else:
-                text, reason = extract_html(payload, content_type, limits)
-            if text is None:
-                log.skip(rid, reason or "extract_empty", {"url": url, "offset": offset, "status": status})
-                continue
-            row = {"id": rid, "parents": parents.get(offset, []), "text": text,
-                   "source": _source(uri, sha, offset=offset, url=url, fetch_date=date, http_status=status,
-                                     content_type=content_type)}  # fmt: skip
-            if (batch := batcher.add(row)) is not None:
-                yield batch
-    state, cut = _tail(path, end)
-    if state == "truncated":
-        # Named by where the record starts, as it would have been had the file been whole.
-        log.skip(record_id(uri, cut["offset"], cut.get("url")), "truncated_record", {"url": None} | cut)
-    elif state == "damaged" and end == 0:
-        raise DistilleryError(
-            f"{uri}: not a WARC file (no WARC record at its start); check the input's 'format'"
-        )
-    elif state == "damaged":
-        raise DistilleryError(
-            f"{uri}: damaged WARC record at byte {end}; the file cannot be read past it (fetch it again)"
-        )
-
-
 def _read_table(task: Task, batch_size: int) -> Iterator[pa.RecordBatch]:
     """A published dataset's rows, as they are (ids, parents, sources and score columns kept)."""
     try:
-        pf = pq.ParquetFile(task.files[0])
+        pf = open_shard(task.files[0])
         for group in range(pf.metadata.num_row_groups):
             yield from pf.read_row_group(group).to_batches(max_chunksize=batch_size)
     except (pa.ArrowException, OSError) as e:
@@ -682,7 +350,7 @@ def read_task(
     task: Task, cfg: SourceConfig, log: ReadLog, batch_size: int = 1000
 ) -> Iterator[pa.RecordBatch]:
     """Stream the records of one task as Arrow batches: ``RECORD_SCHEMA`` and the kept fields."""
-    batcher = _Batcher(batch_size)
+    batcher = Batcher(batch_size)
     if task.format == "jsonl":
         yield from _read_jsonl(task, cfg, batcher, log)
     elif task.format == "text":
@@ -692,6 +360,7 @@ def read_task(
     elif task.format == "table":
         yield from _read_table(task, batch_size)
     else:
-        yield from _read_warc(task, cfg, batcher, log)
+        limits = ExtractLimits(max_bytes=cfg.max_bytes, timeout_s=cfg.extract_timeout_s)
+        yield from read_warc(task, batcher, log, limits, cfg.content_types)
     if (batch := batcher.flush()) is not None:
         yield batch

@@ -21,6 +21,7 @@ from rich.progress import Progress
 
 from manifests.data import read_table, require_columns
 from manifests.errors import DistilleryError
+from manifests.model_runs import require_causal_lm
 from manifests.models import load_causal_lm
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
@@ -86,7 +87,9 @@ def answer_nll(
 def evaluate(cfg: PerplexityRecipe, store: Store) -> Manifest:
     data = store.resolve(cfg.dataset.ref, kind="dataset")
     require_columns(data, ["id", "messages"], "perplexity")
-    models = [store.resolve(ref, kind="run") for ref in cfg.models]
+    # Every model is checked before the first is scored: a tokenizer run named last is one error
+    # line now, not a traceback after the others' work.
+    models = [require_causal_lm(store.resolve(ref, kind="run"), store) for ref in cfg.models]
     conversations = (
         read_table(data, split=cfg.dataset.split, columns=["messages"]).column("messages").to_pylist()
     )

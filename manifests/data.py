@@ -33,23 +33,46 @@ def read_table(manifest: Manifest, split: str | None = None, columns: list[str] 
                 raise DistilleryError(
                     f"dataset {manifest.ref} lacks column(s) {', '.join(missing)} in {f.path}"
                 )
-            tables.append(pq.read_table(path, columns=columns))
+            tables.append(pq.read_table(path, columns=columns, page_checksum_verification=True))
         except (pa.ArrowException, OSError) as e:
             raise unreadable_shard(path, e, manifest.ref) from None
     return pa.concat_tables(tables)
 
 
-def unreadable_shard(path: Path | str, error: Exception, ref: str | None = None) -> DistilleryError:
+def read_shard(
+    path: Path | str, columns: list[str] | None = None, ref: str | None = None, kind: str = "dataset"
+) -> pa.Table:
+    """One published Parquet file (of the ``kind`` named ``ref``), every page's checksum checked."""
+    try:
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as e:
+        raise unreadable_shard(path, e, ref, kind) from None
+
+
+def open_shard(path: Path | str) -> pq.ParquetFile:
+    """A published Parquet file opened for streaming: each page's checksum is checked as it is read,
+    so the caller turns the reader's errors into ``unreadable_shard``.
+
+    Files are published with page checksums (``manifests.publish.write_parquet``); one written
+    before that has none, and is read as before.
+    """
+    return pq.ParquetFile(path, page_checksum_verification=True)
+
+
+def unreadable_shard(
+    path: Path | str, error: Exception, ref: str | None = None, kind: str = "dataset"
+) -> DistilleryError:
     """The one line for a published file that cannot be read.
 
     Verification may trust a file whose size and time are unchanged since it was last hashed, so
-    bytes that rot in place surface here, as the reader's error: name the file and the way out.
+    bytes that rot in place surface here, as the reader's error (a page whose checksum does not
+    match, a page that does not decompress): name the file and the way out.
     """
     reason = "".join(c if c.isprintable() and c.isascii() else "?" for c in str(error).split("\n")[0])
-    of = f" of dataset {ref}" if ref else ""
+    of = f" of {kind} {ref}" if ref else ""
     return DistilleryError(
         f"{path}: cannot read this file{of} ({reason[:160]}); "
-        f"run 'distillery manifests verify {ref or '<dataset>'}' and restore or rebuild it"
+        f"run 'distillery manifests verify {ref or f'<{kind}>'}' and restore or rebuild it"
     )
 
 

@@ -57,7 +57,10 @@ def load_causal_lm(manifest: Manifest, store: Store, *, merge_adapter: bool = Tr
     """
     from transformers import AutoModelForCausalLM
 
+    from manifests.model_runs import require_causal_lm
+
     ensure_verified(manifest)
+    require_causal_lm(manifest, store)  # a tokenizer run is one error line, not transformers' traceback
     path = checkpoint_path(manifest)
     tokenizer = load_tokenizer(manifest)
     if is_adapter(manifest):

@@ -115,8 +115,13 @@ def _boot_id() -> str | None:
         return None
 
 
+WORK_PREFIXES = (".work-", ".crawl-", ".tmp-")
+"""Folders an unfinished job keeps beside the versions of its name: a build's or training run's resume
+state (``.work-``), a crawl's frontier and WARC files (``.crawl-``), a publish under way (``.tmp-``)."""
+
+
 def claim_work_folder(folder: Path) -> Path:
-    """Create ``folder`` (the ``.work-``/``.tmp-`` folder of an unfinished job) if needed and record this
+    """Create ``folder`` (the ``WORK_PREFIXES`` folder of an unfinished job) if needed and record this
     process as working in it, so that ``manifests clean`` knows at once when no process is left.
 
     A job that resumes in the folder of a killed one claims it anew; the dead owner's record stays
@@ -212,15 +217,15 @@ class Store:
             os.close(fd)
 
     def unfinished(self) -> list[tuple[Path, int, float, bool | None]]:
-        """What unfinished jobs left in the store: ``.work-`` folders (resume state of builds and
-        training runs, kept until they publish) and ``.tmp-`` folders (a publish not finished yet, or
-        never), each with its size in bytes, the time anything in it last changed, and whether a
-        process working in it is running (``folder_owner_running``: None when unknown)."""
+        """What unfinished jobs left in the store: ``.work-`` and ``.crawl-`` folders (resume state of
+        builds, training runs and crawls, kept until they publish) and ``.tmp-`` folders (a publish not
+        finished yet, or never), each with its size in bytes, the time anything in it last changed, and
+        whether a process working in it is running (``folder_owner_running``: None when unknown)."""
         found = []
         for kind in KINDS:
             for name in self._names(kind):
                 for folder in sorted((self.kind_dir(kind) / name).glob(".*")):
-                    if folder.is_dir() and folder.name.startswith((".work-", ".tmp-")):
+                    if folder.is_dir() and folder.name.startswith(WORK_PREFIXES):
                         found.append((folder, *_size_and_change(folder), folder_owner_running(folder)))
         return found
 
@@ -353,7 +358,7 @@ class Store:
         return None
 
     def _missing_name(self, name: str, kind: Kind | None) -> str:
-        # A name folder may hold only what a failed or unfinished job left (``.tmp-``, ``.work-``).
+        # A name folder may hold only what a failed or unfinished job left (``WORK_PREFIXES``).
         known = sorted({n for k in ([kind] if kind else KINDS) for n in self._names(k)
                         if any((self.kind_dir(k) / n).glob("[!.]*/manifest.json"))})  # fmt: skip
         what = f"{kind} " if kind else ""

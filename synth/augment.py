@@ -31,11 +31,14 @@
 
 An output row (evol_instruct with ``answer: true``; ``requests`` is the lineage, see ``synth/runner.py``)::
 
-    {"id": "…", "parents": ["c0ffee…"], "method": "evol_instruct", "prompt": "Explain … in three steps, …",
-     "teacher": "gpt-4o-mini", "source": "Explain …", "evolved_from": "Explain …", "round": 2,
+    {"id": "…", "parents": ["c0ffee…"], "source": null, "method": "evol_instruct",
+     "prompt": "Explain … in three steps, …",
+     "teacher": "gpt-4o-mini", "original": "Explain …", "evolved_from": "Explain …", "round": 2,
      "mutation": "reasoning", "mutations": ["constraints", "reasoning"],
      "messages": [{"role": "user", "content": "Explain …"}, {"role": "assistant", "content": "…"}], …}
 
+``original`` is the input instruction a row was made from. (``source`` is the lineage column every
+synth row has: for an input read from a JSONL/Parquet file, the file and line; see ``synth/runner.py``.)
 Self-Instruct rows name the in-context examples: ``parents`` are those from the input dataset,
 ``examples`` all of them (input ids and ids of earlier rows of this dataset).
 """
@@ -341,7 +344,7 @@ class AugmentTask(SynthTask):
 
 
 class ParaphraseTask(AugmentTask):
-    method_columns = [("source", pa.string()), ("sample_index", pa.int32())]
+    method_columns = [("original", pa.string()), ("sample_index", pa.int32())]
 
     def first_requests(self, row: dict[str, Any]) -> list[Request]:
         method, source = self.cfg.method, instruction_of(row[self.cfg.prompt_column])
@@ -380,7 +383,7 @@ class ParaphraseTask(AugmentTask):
             if problem:
                 out.append(Dropped(rid, problem[0], {"sample_index": k, **problem[1]}, [a, reply]))
                 continue
-            columns = self.columns_for(text, reply, source=source, sample_index=k)
+            columns = self.columns_for(text, reply, original=source, sample_index=k)
             if self.cfg.method.keep_answer:
                 first = next(i for i, m in enumerate(value) if m.get("role") == "user")
                 columns["messages"] = [dict(m) for m in value]
@@ -390,7 +393,7 @@ class ParaphraseTask(AugmentTask):
 
 
 class EvolInstructTask(AugmentTask):
-    method_columns = [("source", pa.string()), ("evolved_from", pa.string()), ("round", pa.int32()),
+    method_columns = [("original", pa.string()), ("evolved_from", pa.string()), ("round", pa.int32()),
                       ("mutation", pa.string()), ("mutations", pa.list_(pa.string()))]  # fmt: skip
 
     def mutation(self, rid: str, round_: int) -> str:
@@ -464,7 +467,7 @@ class EvolInstructTask(AugmentTask):
                 continue  # the paper: the next round evolves the last instruction that survived
             chain.append(evolution)
             mutations.append(mutation)
-            columns = self.columns_for(evolved, reply, source=source, evolved_from=current, round=round_,
+            columns = self.columns_for(evolved, reply, original=source, evolved_from=current, round=round_,
                                        mutation=mutation, mutations=list(mutations))  # fmt: skip
             verdict = canonical_json({"information_gain": method.information_gain})
             out.append(Output(columns, [*chain, *extra], [rid], group=rid, verdict=verdict))

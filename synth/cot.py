@@ -26,16 +26,16 @@ A question that yields no verified answer is a ledger entry (``unverified``, ``n
 ``request_failed``, with the verdicts in ``detail``), unless ``keep_unverified: true`` keeps it as
 a row with ``verified: false``. An output row::
 
-    {"id": "…", "parents": ["c0ffee…"], "prompt_id": "…", "teacher": "smollm2-135m-instruct",
+    {"id": "…", "parents": ["c0ffee…"], "source": null, "prompt_id": "…", "teacher": "smollm2-135m-instruct",
      "question": "A box holds 12 pens…", "reference": "36", "prompt": [{"role": "user", "content": "Solve…"}],
      "extracted": "36", "verified": true,
-     "sample_index": 2, "votes": null, "source": null,
+     "sample_index": 2, "votes": null,
      "messages": [{"role": "user", "content": "Solve…"}, {"role": "assistant", "content": "… Final answer: 36"}],
      "requests": [… one per sample asked …],
      "verdict": "{\\"passed\\":true,\\"method\\":\\"math\\",\\"extracted\\":\\"36\\",\\"tries\\":[…],…}"}
 
-Rows read from a file have no parent record: ``source`` names the file and line instead. The
-columns serve SFT (``messages``: the reasoning as the answer) and GRPO (``prompt`` with the
+Rows made from a file's records have no parent record: ``source`` names the file and line instead
+(``synth/runner.py`` does this for every task). The columns serve SFT (``messages``: the reasoning as the answer) and GRPO (``prompt`` with the
 ``reference`` answer for a reward function).
 """
 
@@ -50,7 +50,6 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from manifests.hashing import canonical_json, record_id
-from manifests.records import SOURCE_TYPE
 from manifests.schema import Manifest
 from manifests.store import Store
 from synth.engine import Answer, SamplingConfig, gather_all
@@ -170,8 +169,7 @@ class CotTask(SynthTask):
     columns = [("prompt_id", pa.string()), ("teacher", pa.string()), ("question", pa.string()),
                ("reference", pa.string()), ("prompt", pa.list_(MESSAGE)), ("messages", pa.list_(MESSAGE)),
                ("extracted", pa.string()),
-               ("verified", pa.bool_()), ("sample_index", pa.int32()), ("votes", pa.list_(VOTE)),
-               ("source", SOURCE_TYPE)]  # fmt: skip
+               ("verified", pa.bool_()), ("sample_index", pa.int32()), ("votes", pa.list_(VOTE))]  # fmt: skip
     cfg: CotConfig
 
     def __init__(self, cfg: CotConfig, engine):
@@ -238,10 +236,8 @@ class CotTask(SynthTask):
                    "reference": self._reference(row), "prompt": messages,
                    "messages": messages + [{"role": "assistant", "content": answer.content}],
                    "extracted": verdict.extracted, "verified": verdict.passed, "sample_index": sample_index,
-                   "votes": votes, "source": row.get("source")}  # fmt: skip
-        # A record read from a file has no parent record: its ``source`` says where it came from.
-        parents = [] if row.get("source") else [row["id"]]
-        return Output(columns, answers, parents, group=prompt_id,
+                   "votes": votes}  # fmt: skip
+        return Output(columns, answers, [row["id"]], group=prompt_id,
                       verdict=canonical_json(verdict.to_dict() | {"mode": self.cfg.mode} | extra))  # fmt: skip
 
     async def _rejection(self, row, messages, prompt_id, teacher: str) -> list[Output | Dropped]:

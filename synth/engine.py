@@ -40,6 +40,46 @@ from manifests.errors import DistilleryError
 from manifests.recipes import RecipeConfig
 from synth.cache import RequestCache, request_key
 
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_PREFIXES = ("sk_", "hf_", "gsk_", "xai_", "ghp_", "gho_", "github_pat_", "AKIA", "AIza", "pk_", "rk_")
+
+
+def looks_like_a_key(value: str) -> bool:
+    """Whether an ``api_key_env`` value is a secret pasted where the variable's name belongs.
+
+    A shell variable name is letters, digits and ``_``; keys have ``-`` or ``.`` in them (``sk-…``),
+    or are long runs of mixed case and digits (``hf_…``, ``AKIA…``) or of hex digits, which names
+    written in UPPER_SNAKE case are not."""
+    if not _VARIABLE_NAME.fullmatch(value):
+        return True
+    if len(value) < 20:
+        return False
+    mixed = (
+        any(c.islower() for c in value)
+        and any(c.isupper() for c in value)
+        and any(c.isdigit() for c in value)
+    )
+    digits = any(c.isdigit() for c in value)
+    return mixed or digits and (value.startswith(_KEY_PREFIXES) or len(value) >= 32 and "_" not in value)
+
+
+_SECRET_PARAMETERS = {"key", "api_key", "api-key", "apikey", "token", "access_token", "auth", "sig", "secret"}
+
+
+def credentials_in_url(url: str) -> str | None:
+    """What secret an endpoint URL carries (a password, a key parameter), or None."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # a malformed port or host: the client says so when it connects
+        return None
+    if password or parts.username:
+        return "a user name or password"
+    named = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_PARAMETERS]
+    return f"a '{named[0]}' parameter" if named else None
+
 
 class TeacherConfig(RecipeConfig):
     """One teacher: a model behind an OpenAI-compatible endpoint (or served locally for the run)."""
@@ -85,6 +125,21 @@ class TeacherConfig(RecipeConfig):
 
     @model_validator(mode="after")
     def _one_endpoint(self) -> TeacherConfig:
+        # Checked here, on the whole teacher, and not by a validator of the field: a field's error
+        # line shows the value it got, and that value would be the key, on the terminal and in logs.
+        if self.api_key_env is not None and looks_like_a_key(self.api_key_env):
+            raise ValueError(
+                "'api_key_env' looks like a key, not a variable name (the value is not shown); put the "
+                "key in an environment variable and give its name there, e.g. "
+                "export OPENAI_API_KEY=… and api_key_env: OPENAI_API_KEY"
+            )
+        if self.base_url is not None and credentials_in_url(self.base_url):
+            # The endpoint goes into every row's lineage, the request keys and the manifest.
+            raise ValueError(
+                f"'base_url' carries {credentials_in_url(self.base_url)} (the URL is not shown): it would be "
+                "written into every row and the manifest; give the bare endpoint and the key's variable "
+                "in 'api_key_env'"
+            )
         if (self.base_url is None) == (self.serve is None):
             raise ValueError("give exactly one of 'base_url' (an endpoint) or 'serve' (a store checkpoint)")
         if self.base_url is not None and not self.model:

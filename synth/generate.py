@@ -11,10 +11,14 @@
 
 An output row (messages ready for SFT; ``requests`` is the lineage, see ``synth/runner.py``)::
 
-    {"id": "…", "parents": ["c0ffee…"], "prompt_id": "…", "teacher": "smollm2-135m-instruct", "sample_index": 0,
+    {"id": "…", "parents": ["c0ffee…"], "source": null, "prompt_id": "…", "teacher": "smollm2-135m-instruct",
+     "sample_index": 0,
      "messages": [{"role": "user", "content": "Summarise…"}, {"role": "assistant", "content": "…"}],
      "requests": [{"key": "9c41…", "served_model": "smollm2-135m-instruct", "finish_reason": "stop", …}],
      "verdict": null}
+
+With ``input:`` a JSONL or Parquet file, ``parents`` is empty and ``source`` names the file and line
+(or row) of the record instead: ``manifests trace`` ends there.
 
 With several teachers, ``routing: all`` asks each of them; ``routing: hash`` sends each prompt to
 one teacher, chosen by a hash of the prompt (stable across runs), in proportion to ``weights``.

@@ -7,9 +7,11 @@ not carry (a math problem's ``question`` and ``answer``, a code problem's ``test
     {"question": "A box holds 12 pens. How many pens are in 3 boxes?", "answer": "36"}
 
 Each line (or Parquet row) becomes a record whose id is a hash of the path as given, the line
-number and the record, with a ``source`` pointer (path, the file's sha256, line or row) the task can
-keep in its output, so ``manifests trace`` ends at the file and line as it does for a corpus build.
-The output manifest then has no dataset parent; its recipe names the file and its sha256.
+number and the record, with a ``source`` pointer (path, the file's sha256, line or row). No dataset
+in the store holds such a record, so ``manifests trace`` could not follow its id: every output row
+made from it names the file and line in its ``source`` column instead (``SynthInput.lineage``, applied
+by the runner to every task), and the trace ends there as it does for a corpus build. The output
+manifest then has no dataset parent; its recipe names the file and its sha256.
 Values that are not text become text (JSON), as prompts are made of text.
 """
 
@@ -45,6 +47,26 @@ class SynthInput:
     """The input dataset; none for a file."""
     recipe: dict[str, Any] = field(default_factory=dict)
     """What the saved recipe records as the input: the dataset id, or the path and its sha256."""
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """For a file: each record's ``source`` pointer, by record id."""
+
+    def lineage(self, parents: list[str]) -> tuple[list[str], dict[str, Any] | None]:
+        """An output row's ``parents`` and ``source`` from the input records it was made from.
+
+        A record of a dataset stays a parent: the trace follows it into that dataset. A record read
+        from a file is no record of any dataset, so it becomes the row's ``source`` (its file and line)
+        instead; a row made from several (Self-Instruct's in-context examples) names the first here,
+        and its own columns (``examples``) name them all."""
+        from_file = [p for p in parents if p in self.sources]
+        kept = [p for p in parents if p not in self.sources]
+        return kept, (self.sources[from_file[0]] if from_file else None)
+
+    def pointer(self, record_id: str) -> dict[str, Any] | None:
+        """Where a file record came from, short enough for a ledger entry (file, line or row)."""
+        source = self.sources.get(record_id)
+        if source is None:
+            return None
+        return {k: source[k] for k in ("uri", "line", "row") if source.get(k) is not None}
 
 
 def is_data_file(ref: str) -> bool:
@@ -56,7 +78,14 @@ def read_input(ref: str, store: Store, columns: list[str], purpose: str) -> Synt
     """The rows of ``ref`` with ``columns`` (``id`` among them), or one clear error."""
     if is_data_file(ref):
         return read_file(Path(ref), [c for c in columns if c != "id"], purpose)
-    manifest = store.resolve(ref, kind="dataset")
+    try:
+        manifest = store.resolve(ref, kind="dataset")
+    except DistilleryError:
+        if Path(ref).suffix.lower() in FILE_SUFFIXES:  # meant as a file: say that, not "no dataset named"
+            raise DistilleryError(
+                f"input {ref}: no such file (relative paths start at {Path.cwd()}), nor a dataset of that name"
+            ) from None
+        raise
     require_columns(manifest, columns, purpose)
     return SynthInput(
         read_table(manifest, columns=columns), f"dataset {manifest.ref}", [manifest], {"input": manifest.id}
@@ -88,7 +117,7 @@ def _records(path: Path) -> list[tuple[str, int, dict[str, Any]]]:
 def read_file(path: Path, columns: list[str], purpose: str) -> SynthInput:
     """Records of a JSONL or Parquet file as an input table (see the module docstring)."""
     uri, sha = str(path), sha256_file(path)
-    rows = []
+    rows, sources = [], {}
     for pointer, number, record in _records(path):
         missing = [c for c in columns if c not in record]
         if missing:
@@ -99,7 +128,7 @@ def read_file(path: Path, columns: list[str], purpose: str) -> SynthInput:
         source = dict.fromkeys(SOURCE_TYPE.names) | {"uri": uri, "sha256": sha, pointer: number}
         rid = record_id(uri, number, canonical_json(record))  # lone surrogates were repaired as read
         rows.append({"id": rid, **{c: _text(record[c]) for c in columns}, "source": source})
+        sources[rid] = source
     schema = pa.schema([("id", pa.string()), *((c, pa.string()) for c in columns), ("source", SOURCE_TYPE)])
-    return SynthInput(
-        pa.Table.from_pylist(rows, schema=schema), f"file {uri}", [], {"input": uri, "input_sha256": sha}
-    )
+    recipe = {"input": uri, "input_sha256": sha}
+    return SynthInput(pa.Table.from_pylist(rows, schema=schema), f"file {uri}", [], recipe, sources)

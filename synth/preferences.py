@@ -40,6 +40,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from manifests.hashing import canonical_json, record_id
+from manifests.model_runs import require_sequence_classifier
 from manifests.recipes import RecipeConfig
 from manifests.schema import Manifest
 from manifests.store import Store
@@ -171,6 +172,7 @@ class RewardModel:
         from manifests.verify import ensure_verified
 
         ensure_verified(manifest)
+        require_sequence_classifier(manifest)
         self.torch = torch
         self.tokenizer = load_tokenizer(manifest)
         self.model = AutoModelForSequenceClassification.from_pretrained(
@@ -205,10 +207,10 @@ class PreferencesTask(SynthTask):
         super().__init__(cfg, engine)
         self._reward: RewardModel | None = None
         self._reward_lock = asyncio.Lock()
-        if (
-            cfg.score.method == "reward_model"
-        ):  # a wrong name is an error now, not after paying for candidates
-            engine.store.resolve(cfg.score.reward_model, kind="run")
+        if cfg.score.method == "reward_model":
+            # A wrong name -- or a run that is no reward model, such as the policy's own causal LM,
+            # whose score head would be random -- is an error now, not after paying for candidates.
+            require_sequence_classifier(engine.store.resolve(cfg.score.reward_model, kind="run"))
 
     @classmethod
     def input_columns(cls, cfg: PreferencesConfig) -> list[str]:

@@ -5,7 +5,10 @@ requests and the answers into output rows; everything else is here, written once
 checking the input, the engine and its cache, the cost estimate and the budget, progress, the
 per-row lineage columns, splits by prompt, the ledger of what was dropped, and publishing.
 
-Every output row carries ``requests``: one entry per teacher request it was made from::
+Every output row names the records it was made from: ``parents`` (record ids of the input dataset)
+or, for records read from a JSONL/Parquet file, ``source`` (the file, its sha256, the line or row),
+so ``manifests trace`` ends at the file and line whichever task made the row. And it carries
+``requests``: one entry per teacher request it was made from::
 
     {"key": "9c41…", "teacher": "smollm2", "endpoint": "serve:0f348e65…", "served_model": "smollm2-135m-instruct",
      "system_fingerprint": "fp_0f348e65c684", "sampling": "{\\"max_tokens\\":48,…}", "seed": 0, "attempts": 1,
@@ -31,9 +34,10 @@ from pydantic import Field, field_validator
 from manifests.console import make_console
 from manifests.errors import DistilleryError, RunFailed
 from manifests.hashing import canonical_json, record_id
+from manifests.model_runs import require_causal_lm
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig
-from manifests.records import assign_splits
+from manifests.records import SOURCE_TYPE, assign_splits
 from manifests.schema import Manifest
 from manifests.store import Store
 from synth.cache import RequestCache
@@ -56,7 +60,7 @@ LINEAGE = pa.struct(
      ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
      ("cost", pa.float64()), ("cache_hit", pa.bool_())]
 )  # fmt: skip
-COMMON = [("id", pa.string()), ("parents", pa.list_(pa.string()))]
+COMMON = [("id", pa.string()), ("parents", pa.list_(pa.string())), ("source", SOURCE_TYPE)]
 TRAILING = [("requests", pa.list_(LINEAGE)), ("verdict", pa.string())]
 CACHE_FILE = "cache/synth.sqlite"
 
@@ -119,7 +123,7 @@ class SynthTask:
     required: ClassVar[list[str]] = ["id"]
     """Input columns the task reads."""
     columns: ClassVar[list[tuple[str, pa.DataType]]] = []
-    """The task's own output columns (between ``id, parents`` and ``requests, verdict``)."""
+    """The task's own output columns (between ``id, parents, source`` and ``requests, verdict``)."""
 
     def __init__(self, cfg: SynthConfig, engine: TeacherEngine):
         self.cfg, self.engine = cfg, engine
@@ -263,6 +267,15 @@ async def _run_rows(
         return results, engine.usage
 
 
+def _served_model(teacher: TeacherConfig, store: Store) -> Manifest:
+    """The run a ``{serve: …}`` teacher names, checked to be a causal LM before anything is paid for."""
+    run = store.resolve(teacher.serve, kind="run")
+    try:
+        return require_causal_lm(run, store)
+    except DistilleryError as e:
+        raise DistilleryError(f"teacher {teacher.label} (serve: {teacher.serve}): {e}") from None
+
+
 def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Manifest:
     """Read the input, run the task over every row through the engine, publish rows + ledger."""
     source = read_input(cfg.input, store, task_cls.input_columns(cfg), f"{task_cls.stage} input")
@@ -271,7 +284,7 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
         table = table.slice(0, cfg.limit)
     if table.num_rows == 0:
         raise DistilleryError(f"{source.label} has no rows to make prompts from")
-    served = [store.resolve(t.serve, kind="run") for t in cfg.teachers if t.serve is not None]
+    served = [_served_model(t, store) for t in cfg.teachers if t.serve is not None]
     cache = RequestCache(store.root / CACHE_FILE)
     try:
         results, usage = asyncio.run(_run_rows(task_cls, cfg, store, table.to_pylist(), cache))
@@ -287,7 +300,8 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
     schema = task_cls.schema(cfg)
     rows = []
     for o in outputs:
-        rows.append({"id": row_id(task_cls.stage, o), "parents": o.parents, **o.columns,
+        parents, file_source = source.lineage(o.parents)
+        rows.append({"id": row_id(task_cls.stage, o), "parents": parents, "source": file_source, **o.columns,
                      "requests": [lineage(a) for a in o.answers], "verdict": o.verdict, "_group": o.group})  # fmt: skip
     groups = sorted({r["_group"] for r in rows})
     split_of = dict(zip(groups, assign_splits(groups, cfg.splits, cfg.seed), strict=True))
@@ -301,7 +315,9 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
             pub.write_table(pa.Table.from_pylist(split_rows, schema=schema), split=split)
         pub.write_ledger(
             [{"id": d.parent, "step": task_cls.stage, "action": "drop", "reason": d.reason, "score": d.score,
-              "detail": canonical_json(d.detail | {"requests": [a.key for a in d.answers]})} for d in dropped],
+              "detail": canonical_json(d.detail | {"requests": [a.key for a in d.answers]}
+                                       | ({"source": p} if (p := source.pointer(d.parent)) else {}))}
+             for d in dropped],
             step=task_cls.stage,
         )  # fmt: skip
         answers = list({a.key: a for o in outputs for a in o.answers}.values())  # rows may share an answer

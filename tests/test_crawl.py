@@ -464,6 +464,46 @@ def test_resume_after_sigkill(site, store):
         assert [r.rec_type for r in ArchiveIterator(f)].count("response") == 9
 
 
+def test_clean_keeps_a_running_crawls_folder_and_removes_a_killed_ones(site, store, cli):
+    pages = [f"/p{i}" for i in range(8)]
+    site.html("/", *pages)
+
+    def slow(handler, n):
+        time.sleep(0.2)
+        respond(handler, 200, b"<p>page</p>", Content_Type="text/html")
+
+    for path in pages:
+        site.routes[path] = slow
+    cfg = config(site, concurrency=1, per_host_concurrency=1)
+    script = (
+        "import sys; from corpus.crawl import CrawlConfig, crawl; from manifests.store import Store; "
+        "crawl(CrawlConfig.model_validate_json(sys.argv[1]), Store(sys.argv[2]))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, cfg.model_dump_json(), str(store.root)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while sum(site.count(p) for p in pages) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (work,) = store.name_dir("dataset", "t").glob(".crawl-*")
+        result = cli("--store", store.root, "manifests", "clean")
+        assert work.name in result.out and "kept: its process is running" in result.out, result.out
+        assert work.is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+
+    # Like a build's .work- folder, a killed crawl's folder is its resume state: listed by a dry run,
+    # removed at once by clean (its process is gone), never while its crawl runs.
+    result = cli("--store", store.root, "manifests", "clean", "--dry-run")
+    assert work.name in result.out and "would remove (its process is gone)" in result.out, result.out
+    assert work.is_dir()
+    result = cli("--store", store.root, "manifests", "clean")
+    assert work.name in result.out and "removed" in result.out
+    assert not work.exists()
+    m = crawl(cfg, store)  # starts afresh
+    assert len(index_rows(m)) == 9 and not list(store.name_dir("dataset", "t").glob(".crawl-*"))
+
+
 def test_max_pages_leaves_the_rest_in_the_ledger_and_warc_files_rotate(site, store):
     site.html("/", "/a", "/b", "/c")
     for path in ("/a", "/b", "/c"):

@@ -137,11 +137,11 @@ def test_paraphrase_drops_copies_of_the_source_and_of_each_other(cli, tmp_path, 
     # Seeds 0..3 give two distinct takes per instruction: two rows each, two duplicates each.
     assert len(rows) == 6 and {r["sample_index"] for r in rows} == {0, 1}
     assert all(r["method"] == "paraphrase" and r["prompt"].startswith("Kindly") for r in rows)
-    assert all(r["prompt"].lower().startswith("kindly " + r["source"].lower()) for r in rows)
+    assert all(r["prompt"].lower().startswith("kindly " + r["original"].lower()) for r in rows)
     reasons = sorted(e["reason"] for e in _ledger(store))
     assert reasons == ["duplicate"] * 6 + ["same_as_source"] * 4
     sources = {r["id"]: r["text"] for r in read_table(store.resolve("c")).to_pylist()}
-    assert all(sources[r["parents"][0]] == r["source"] for r in rows)
+    assert all(sources[r["parents"][0]] == r["original"] for r in rows)
 
 
 def test_paraphrase_of_conversations_keeps_their_answers(cli, tmp_path, store):
@@ -163,7 +163,7 @@ def test_paraphrase_of_conversations_keeps_their_answers(cli, tmp_path, store):
     for row in rows:
         user, assistant = row["messages"]
         assert user == {"role": "user", "content": row["prompt"]} and assistant["role"] == "assistant"
-        assert assistant["content"].startswith("Here is a careful answer about " + row["source"][:10])
+        assert assistant["content"].startswith("Here is a careful answer about " + row["original"][:10])
 
 
 def test_evol_instruct_records_a_deterministic_mutation_per_row_and_round(cli, tmp_path, store):
@@ -187,7 +187,7 @@ def test_evol_instruct_records_a_deterministic_mutation_per_row_and_round(cli, t
             assert row["mutation"] == random.Random(f"0:{rid}:{round_}").choice(MUTATIONS)
             assert row["prompt"].endswith(f"Also {row['mutation']} (level {round_}).")
             assert row["mutations"] == [r["mutation"] for r in chain[:round_]]
-            assert row["evolved_from"] == (chain[round_ - 2]["prompt"] if round_ > 1 else row["source"])
+            assert row["evolved_from"] == (chain[round_ - 2]["prompt"] if round_ > 1 else row["original"])
             assert row["messages"][0]["content"] == row["prompt"]
             assert len(row["requests"]) == round_ + 1  # the evolutions it was made by, and its answer
     assert {r["mutation"] for r in rows} != {rows[0]["mutation"]}
@@ -201,7 +201,7 @@ def test_each_elimination_rule_drops_its_planted_evolution_with_the_reason(cli, 
     with _server() as server:
         assert _augment(cli, tmp_path, store, server.url, method, "answer: true\n").code == 0
     rows = read_table(store.resolve("a")).to_pylist()
-    assert sorted(r["source"] for r in rows) == sorted(PLAIN)
+    assert sorted(r["original"] for r in rows) == sorted(PLAIN)
     texts = {r["id"]: r["text"] for r in read_table(store.resolve("c")).to_pylist()}
     got = {texts[e["id"]].split()[0]: (e["reason"], json.loads(e["detail"])) for e in _ledger(store)}
     assert {k: v[0] for k, v in got.items()} == {

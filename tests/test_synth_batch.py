@@ -34,11 +34,11 @@ def corpus(cli, tmp_path, store) -> int:
     return read_table(store.resolve("c")).num_rows
 
 
-def _recipe(tmp_path: Path, url: str, teacher: str = "", extra: str = "") -> Path:
+def _recipe(tmp_path: Path, url: str, teacher: str = "", extra: str = "", poll_s: float = 0.05) -> Path:
     return write_recipe(
         tmp_path / "s.yaml",
         "stage: synth.generate\nname: s\ninput: c\nprompt_template: 'Say: {text}'\n"
-        f"teachers: [{{model: echo, base_url: '{url}', batch: true{FAST}{teacher}}}]\n"
+        f"teachers: [{{model: echo, base_url: '{url}', batch: true, batch_poll_s: {poll_s}, backoff: 0.05{teacher}}}]\n"
         f"sampling: {{max_tokens: 6}}\nrows_in_flight: 1000\n{extra}",
     )
 
@@ -169,7 +169,7 @@ def test_killed_while_a_batch_is_in_flight_collects_it_on_the_next_run(cli, tmp_
 def test_an_interrupted_run_stops_polling_and_the_next_collects_the_batch(cli, tmp_path, store, corpus):
     log = tmp_path / "requests.jsonl"
     with start_server("echo", request_log=log, batch_delay_s=1.5) as server:
-        recipe = _recipe(tmp_path, server.url, ", batch_poll_s: 10")  # a stop must not wait for the next poll
+        recipe = _recipe(tmp_path, server.url, poll_s=10)  # a stop must not wait for the next poll
         proc = subprocess.Popen(
             [sys.executable, "-m", "manifests.cli", "--store", str(store.root), "synth", "generate", str(recipe)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -209,12 +209,14 @@ def scripted(answer):
         server.close()
 
 
-def _recipe(tmp_path: Path, url: str, source: str | Path, extra: str = "", name: str = "cot") -> Path:
+def _recipe(
+    tmp_path: Path, url: str, source: str | Path, extra: str = "", name: str = "cot", temperature: float = 0.7
+) -> Path:
     return write_recipe(
         tmp_path / f"{name}.yaml",
         f"stage: synth.cot\nname: {name}\ninput: {source}\n"
         f"teachers: [{{model: scripted, base_url: '{url}', backoff: 0.05, max_attempts: 2}}]\n"
-        f"sampling: {{max_tokens: 64, temperature: 0.7}}\n{extra}",
+        f"sampling: {{max_tokens: 64, temperature: {temperature}}}\n{extra}",
     )
 
 
@@ -425,14 +427,16 @@ def test_missing_question_column_names_the_columns_there_are(cli, tmp_path, stor
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
-    [("verify: fuzzy\n", "'verify'"), ("extract: regex\n", "'extract: regex' needs 'pattern'"),
-     ("prompt_template: 'no placeholder'\n", "must contain '{question}'"),
-     ("samples: 3\nsampling: {temperature: 0}\n", "temperature 0"),
-     ("pattern: '('\nextract: regex\n", "not a valid regular expression")],
+    ("extra", "message", "temperature"),
+    [("verify: fuzzy\n", "'verify'", 0.7), ("extract: regex\n", "'extract: regex' needs 'pattern'", 0.7),
+     ("prompt_template: 'no placeholder'\n", "must contain '{question}'", 0.7),
+     ("samples: 3\n", "temperature 0", 0),
+     ("pattern: '('\nextract: regex\n", "not a valid regular expression", 0.7)],
 )  # fmt: skip
-def test_bad_config_is_one_line(cli, tmp_path, store, extra, message):
-    recipe = _recipe(tmp_path, "http://127.0.0.1:9/v1", "examples/sample/math-qa.jsonl", extra)
+def test_bad_config_is_one_line(cli, tmp_path, store, extra, message, temperature):
+    recipe = _recipe(
+        tmp_path, "http://127.0.0.1:9/v1", "examples/sample/math-qa.jsonl", extra, temperature=temperature
+    )
     result = cli("--store", store.root, "synth", "cot", recipe)
     assert_one_line_error(result)
     assert message in result.err

@@ -34,11 +34,13 @@ def corpus(cli, tmp_path, store) -> int:
     return read_table(store.resolve("c")).num_rows
 
 
-def _recipe(tmp_path: Path, url: str, name: str = "s", teacher: str = "", extra: str = "") -> Path:
+def _recipe(
+    tmp_path: Path, url: str, name: str = "s", teacher: str = "", extra: str = "", concurrency: int = 8
+) -> Path:
     return write_recipe(
         tmp_path / f"{name}.yaml",
         f"stage: synth.generate\nname: {name}\ninput: c\nprompt_template: 'Say: {{text}}'\n"
-        f"teachers: [{{model: echo, base_url: '{url}', max_concurrency: 8, backoff: 0.05{teacher}}}]\n"
+        f"teachers: [{{model: echo, base_url: '{url}', max_concurrency: {concurrency}, backoff: 0.05{teacher}}}]\n"
         f"sampling: {{max_tokens: 6}}\n{extra}",
     )
 
@@ -125,7 +127,7 @@ def test_interrupted_run_finishes_in_flight_requests_and_resumes_without_paying_
 ):
     log = tmp_path / "requests.jsonl"
     with start_server("echo", request_log=log, latency_ms=150) as server:
-        recipe = _recipe(tmp_path, server.url, teacher=", max_concurrency: 3")
+        recipe = _recipe(tmp_path, server.url, concurrency=3)
         proc = subprocess.Popen(
             [sys.executable, "-m", "manifests.cli", "--store", str(store.root), "synth", "generate", str(recipe)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -149,7 +151,7 @@ def test_interrupted_run_finishes_in_flight_requests_and_resumes_without_paying_
 def test_sigkill_midway_then_resume_loses_nothing(cli, tmp_path, store, corpus):
     log = tmp_path / "requests.jsonl"
     with start_server("echo", request_log=log, latency_ms=100) as server:
-        recipe = _recipe(tmp_path, server.url, teacher=", max_concurrency: 2")
+        recipe = _recipe(tmp_path, server.url, concurrency=2)
         proc = subprocess.Popen(
             [sys.executable, "-m", "manifests.cli", "--store", str(store.root), "synth", "generate", str(recipe)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -173,7 +175,7 @@ def test_budget_stops_cleanly_and_a_larger_budget_continues(cli, tmp_path, store
     prices = ", price_input: 1000, price_output: 1000"
     with start_server("echo", request_log=log) as server:
         tight = _recipe(
-            tmp_path, server.url, teacher=prices + ", max_concurrency: 1", extra="budget: {max_cost: 0.1}\n"
+            tmp_path, server.url, teacher=prices, concurrency=1, extra="budget: {max_cost: 0.1}\n"
         )
         result = cli("--store", store.root, "synth", "generate", tight)
         assert_one_line_error(result, code=1)

@@ -16,7 +16,8 @@ import json
 from typing import Any
 
 from manifests.errors import DistilleryError
-from manifests.models import CHECKPOINT_DIR, base_model_of, checkpoint_path, is_adapter, load_causal_lm
+from manifests.model_runs import require_causal_lm
+from manifests.models import CHECKPOINT_DIR, base_model_of, checkpoint_path, load_causal_lm
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
@@ -36,8 +37,14 @@ class MergeConfig(RecipeConfig):
 
 def merge_adapter(cfg: MergeConfig, store: Store) -> Manifest:
     run = store.resolve(cfg.adapter, kind="run")
-    if not is_adapter(run):
-        raise DistilleryError(f"{run.ref} is a full checkpoint, not an adapter; there is nothing to merge")
+    if not (run.location / CHECKPOINT_DIR / "adapter_config.json").is_file():
+        # Say what the run is: a tokenizer or an index is no "full checkpoint" either.
+        require_causal_lm(run, store)
+        raise DistilleryError(
+            f"{run.ref} is a full model checkpoint (made by {run.producer.stage}), not an adapter; there is "
+            "nothing to merge -- use it as it is"
+        )
+    require_causal_lm(run, store)  # its base, all the way down, is a causal LM
     peft_type = json.loads((checkpoint_path(run) / "adapter_config.json").read_text()).get("peft_type", "?")
     if peft_type not in MERGEABLE:
         raise DistilleryError(

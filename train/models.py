@@ -15,6 +15,7 @@ from pydantic import Field
 
 from manifests.errors import DistilleryError
 from manifests.hashing import sha256_file
+from manifests.model_runs import require_causal_lm
 from manifests.models import CHECKPOINT_DIR, load_causal_lm
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
@@ -130,7 +131,7 @@ def make_student(cfg: MakeStudentConfig, store: Store) -> Manifest:
 
     from transformers import AutoModelForCausalLM
 
-    teacher_manifest = store.resolve(cfg.teacher, kind="run")
+    teacher_manifest = require_causal_lm(store.resolve(cfg.teacher, kind="run"), store)
     teacher, tokenizer = load_causal_lm(teacher_manifest, store)
     total = teacher.config.num_hidden_layers
     kept = kept_layers(total, cfg.layers, cfg.strategy)

@@ -49,7 +49,7 @@ from manifests.models import CHECKPOINT_DIR, load_causal_lm, load_tokenizer
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
-from manifests.store import Store
+from manifests.store import OWNER_PREFIX, Store, claim_work_folder
 from train import checkpoint
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.launch import Dist, setup, teardown
@@ -310,7 +310,7 @@ def _train(
     if resumed is not None:
         state = restore(resumed)
     if dist.main:
-        work.mkdir(parents=True, exist_ok=True)
+        claim_work_folder(work)
         _forget_after(work, None if resumed is None else int(state["step"]))
     parameters = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(parameters, model.config.num_hidden_layers, model.config.hidden_size, seq_len)
@@ -422,7 +422,7 @@ def _forget_after(work: Path, step: int | None) -> None:
     metrics = work / "metrics.jsonl"
     if step is None:
         for path in work.iterdir():
-            if path.name != "arrow":
+            if path.name != "arrow" and not path.name.startswith(OWNER_PREFIX):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     elif metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= step]

@@ -53,6 +53,7 @@ from pydantic import Field
 
 from manifests.errors import DistilleryError, RunFailed
 from manifests.hashing import canonical_json
+from manifests.model_runs import require_causal_lm
 from manifests.models import (
     CHECKPOINT_DIR,
     base_model_of,
@@ -64,7 +65,7 @@ from manifests.models import (
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
-from manifests.store import Store
+from manifests.store import Store, claim_work_folder
 from train.checkpoint import latest_trainer_checkpoint, trainer_checkpoint_marker
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.launch import as_a_job_of_one
@@ -310,7 +311,8 @@ def launch_configs(cfg: SFTRecipe, store: Store, processes: int, machines: int, 
     and for a DeepSpeed strategy the DeepSpeed config (to be written to ``deepspeed_file``): what the
     recipe also sets (batch sizes, clipping, precision) is ``auto``, filled in from the recipe."""
     stage = zero_stage(cfg.strategy)
-    layers = layer_classes(_architecture(store.resolve(cfg.model, kind="run"), store))
+    base = require_causal_lm(store.resolve(cfg.model, kind="run"), store)
+    layers = layer_classes(_architecture(base, store))
     ds = deepspeed_config(stage, offload=cfg.offload) if stage is not None else None
     accelerate = accelerate_config(cfg.strategy, processes=processes, machines=machines, layers=layers,
                                    bf16=cfg.bf16, deepspeed_file=deepspeed_file if ds else None, offload=cfg.offload)  # fmt: skip
@@ -412,7 +414,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     eval_inputs = eval_inputs if cfg.eval_split else []
     eval_sets = resolve_datasets(eval_inputs, store, ["id"], "SFT evaluation") if eval_inputs else []
     fmt = data_format(datasets)
-    base = store.resolve(cfg.model, kind="run")
+    base = require_causal_lm(store.resolve(cfg.model, kind="run"), store)
     template = chat_template_text(cfg.chat_template) if cfg.chat_template else None
 
     import torch
@@ -454,7 +456,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     if cfg.resume and last is None and main:
         print(f"note: no checkpoint of this recipe to resume from in {work.parent}; training from the start",
               file=sys.stderr)  # fmt: skip
-    work.mkdir(parents=True, exist_ok=True)
+    claim_work_folder(work)
     metrics = work / "metrics.jsonl"
     if main and last is not None and metrics.is_file():  # steps logged after the checkpoint are trained again
         done = int(last.name.rsplit("-", 1)[-1])
