@@ -30,6 +30,7 @@ from manifests.publish import Publisher, write_parquet
 from manifests.recipes import Name, RecipeConfig
 from manifests.schema import Manifest
 from manifests.store import Store, load_manifest
+from manifests.verify import ensure_verified
 
 KEYS_FILE = "index/keys.parquet"
 SETTINGS_FILE = "index/settings.json"
@@ -93,6 +94,8 @@ class LoadedIndex:
             raise DistilleryError(
                 f"{manifest.ref} is not a dedup index (no {KEYS_FILE}); build one with 'corpus dedup-index'"
             )
+        # A build trusts the index's keys to drop rows: a tampered index must not drop (or keep) any.
+        ensure_verified(manifest)
         have = json.loads((folder / SETTINGS_FILE).read_text())
         want = settings_of(case_fold, minhash)
         if have["case_fold"] != want["case_fold"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -57,6 +57,17 @@ def open_shard(path: Path | str) -> pq.ParquetFile:
     before that has none, and is read as before.
     """
     return pq.ParquetFile(path, page_checksum_verification=True)
+
+
+def shard_batches(
+    path: Path | str, ref: str | None = None, batch_size: int = 4096, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream a published Parquet file batch by batch, checksums checked; a damaged page is the one
+    ``unreadable_shard`` line wherever the stream meets it."""
+    try:
+        yield from open_shard(path).iter_batches(batch_size=batch_size, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise unreadable_shard(path, e, ref) from None
 
 
 def unreadable_shard(

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from manifests.data import read_shard, shard_batches, unreadable_shard
 from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json
 from manifests.schema import Manifest
@@ -63,13 +64,16 @@ def _find_rows(manifest: Manifest, record_id: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for f in manifest.data_files():
         path = manifest.location / f.path
-        schema = pq.read_schema(path)
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as e:
+            raise unreadable_shard(path, e, manifest.ref) from None
         if "id" not in schema.names:
             return []
-        ids = pq.read_table(path, columns=["id"]).column("id")
+        ids = read_shard(path, ["id"], manifest.ref).column("id")
         mask = pc.equal(ids, record_id)
         if pc.any(mask).as_py():
-            table = pq.read_table(path).filter(mask)
+            table = read_shard(path, ref=manifest.ref).filter(mask)
             for row in table.to_pylist():
                 row["_split"] = f.split
                 rows.append(row)
@@ -80,7 +84,7 @@ def _ledger_entries(manifest: Manifest, record_id: str) -> list[dict[str, Any]]:
     ensure_verified(manifest)
     entries: list[dict[str, Any]] = []
     for f in manifest.ledger:
-        table = pq.read_table(manifest.location / f.path)
+        table = read_shard(manifest.location / f.path, ref=manifest.ref)
         entries += table.filter(pc.equal(table.column("id"), record_id)).to_pylist()
     return entries
 
@@ -230,7 +234,7 @@ def _row_keys(manifest: Manifest, content: list[str], meta: list[str]):
     """(id, content hash, metadata hashes, position hash) per row, reading one batch at a time: only
     hashes are kept, never the texts."""
     for f in manifest.data_files():
-        for batch in pq.ParquetFile(manifest.location / f.path).iter_batches(batch_size=4096):
+        for batch in shard_batches(manifest.location / f.path, manifest.ref):
             for row in batch.to_pylist():
                 source = row.get("source") if isinstance(row.get("source"), dict) else {}
                 flat = {**row, **{f"source.{k}": v for k, v in source.items()}}

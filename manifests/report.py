@@ -20,8 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from manifests.data import read_shard
 from manifests.errors import DistilleryError
 from manifests.schema import Manifest
 from manifests.verify import ensure_verified
@@ -56,7 +56,7 @@ def summarise(manifest: Manifest) -> dict[str, Any]:
     scores: dict[str, list[float]] = {}
     pii: Counter = Counter()
     for f in manifest.data_files():
-        table = pq.read_table(manifest.location / f.path)
+        table = read_shard(manifest.location / f.path, ref=manifest.ref)
         if "text" in table.column_names:
             text = table.column("text")
             chars += pc.utf8_length(text).to_pylist()

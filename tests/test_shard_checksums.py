@@ -95,6 +95,7 @@ def test_dedup_index_reads_of_a_rotted_shard_name_the_file(cli, store, tmp_path,
     result = cli("--store", store.root, "corpus", "dedup-index", "base", "--name", "idx")
     assert result.code == 0, result.err
     index = store.resolve("idx", kind="run")
+    ensure_verified(index)  # the fast path now trusts the index's files by size and time
     assert len(indexed_texts(index.location, np.array([0, 1]))) == 2
     # The indexed dataset's texts are read when a build checks near-duplicate candidates.
     shard = base.location / base.data_files()[0].path
@@ -106,3 +107,42 @@ def test_dedup_index_reads_of_a_rotted_shard_name_the_file(cli, store, tmp_path,
     _rot_silently(keys, "id")
     with pytest.raises(DistilleryError, match=r"keys\.parquet: cannot read this file of run idx@"):
         LoadedIndex(index, case_fold=True, minhash=None)
+
+
+def test_trace_report_and_tokenizer_reads_of_a_rotted_shard_name_it(cli, store, tmp_path, base):
+    from manifests.data import shard_batches
+
+    record = read_table(base, columns=["id"]).column("id")[0].as_py()
+    shard = base.location / base.data_files()[0].path
+    _rot_silently(shard, "text")
+    # Every command that reads published rows: one line naming the file, never rows of garbage.
+    for args in (["manifests", "trace", record, "--in", "base"], ["manifests", "report", "base",
+                 "--out", str(tmp_path / "r.html")]):  # fmt: skip
+        result = cli("--store", store.root, *args)
+        assert_one_line_error(result)
+        assert shard.name in result.err and "manifests verify base" in result.err
+    assert not (tmp_path / "r.html").exists()
+    tokenizer = write_recipe(
+        tmp_path / "tok.yaml",
+        "stage: train.tokenizer\nname: tok\ndatasets: [{ref: base}]\nvocab_size: 300\n"
+        "eos_token: '<|endoftext|>'\npad_token: '<|pad|>'\n",
+    )
+    result = cli("--store", store.root, "train", "tokenizer", tokenizer)
+    assert_one_line_error(result)
+    assert shard.name in result.err
+    with pytest.raises(DistilleryError, match="checksum"):
+        list(shard_batches(shard, "base"))
+
+
+def test_a_build_refuses_a_tampered_dedup_index(cli, store, tmp_path, base):
+    assert cli("--store", store.root, "corpus", "dedup-index", "base", "--name", "idx").code == 0
+    index = store.resolve("idx", kind="run")
+    settings = index.location / "index" / "settings.json"
+    settings.write_text(settings.read_text() + " ")  # an edited index decides which rows are dropped
+    src = write_jsonl(tmp_path / "new.jsonl", docs(5))
+    result = _build(
+        cli, store, tmp_path, f"  - {{path: {src}}}\ndedup: {{exact: true, against: [idx]}}\n", "n"
+    )
+    assert_one_line_error(result, code=1)  # a verification failure, as for any tampered input
+    assert "idx@" in result.err and "altered: index/settings.json" in result.err
+    assert not list(store.root.glob("datasets/n/*/manifest.json"))

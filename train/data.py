@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import Field
 
-from manifests.data import read_table, require_columns, require_split
+from manifests.data import read_table, require_columns, require_split, shard_batches
 from manifests.errors import DistilleryError
 from manifests.recipes import RecipeConfig
 from manifests.schema import Manifest
@@ -109,12 +109,15 @@ def _arrow_copy(source: Path, target: Path, columns: list[str], rows: int = 1024
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    shard = pq.ParquetFile(source)
-    schema = pa.schema([shard.schema_arrow.field(c) for c in columns])
+    schema = pa.schema([pq.read_schema(source).field(c) for c in columns])
     tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for batch in shard.iter_batches(batch_size=rows, columns=columns):
-            writer.write_batch(batch.select(columns))
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in shard_batches(source, batch_size=rows, columns=columns):
+                writer.write_batch(batch.select(columns))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a damaged shard (or a kill) leaves no half copy behind
+        raise
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)

@@ -24,10 +24,9 @@ import json
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from manifests.data import require_columns, require_split
+from manifests.data import require_columns, require_split, shard_batches
 from manifests.errors import DistilleryError
 from manifests.models import CHECKPOINT_DIR
 from manifests.publish import Publisher
@@ -96,9 +95,7 @@ def text_batches(manifest: Manifest, split: str | None, batch_size: int, columns
     """Record batches of ``columns`` from a (verified) dataset, shard by shard, in manifest order
     (the caller has checked the split: ``require_split``)."""
     for f in manifest.data_files(split):
-        yield from pq.ParquetFile(manifest.location / f.path).iter_batches(
-            batch_size=batch_size, columns=columns
-        )
+        yield from shard_batches(manifest.location / f.path, manifest.ref, batch_size, columns)
 
 
 def _texts(datasets: list[tuple[TextInput, Manifest]], batch_size: int, counts: dict[str, int]):
