@@ -22,6 +22,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -40,6 +41,8 @@ from corpus.steps import Change, Mapper, StepConfig, StepStats
 from manifests.errors import DistilleryError
 
 NER_ENTITIES = ("PERSON", "LOCATION", "ORGANIZATION")
+_BUILD_COLUMNS = frozenset({"id", "parents", "text", "source"})
+"""Columns the step never rewrites besides the text: ids, lineage and the source pointer."""
 Entity = Literal["EMAIL", "URL", "PHONE", "CREDIT_CARD", "IBAN", "SSN", "IP_ADDRESS", "PERSON", "LOCATION", "ORGANIZATION"]  # fmt: skip
 Action = Literal["placeholder", "hash", "keep"]
 
@@ -177,6 +180,7 @@ class PiiScrubber(Mapper):
         hash_length: int = 16,
         ner_model: str = DEFAULT_NER_MODEL,
         ner_batch_size: int = 64,
+        fields: list[str] | None = None,
     ):
         super().__init__()
         self.entities = list(dict.fromkeys(entities))
@@ -191,6 +195,7 @@ class PiiScrubber(Mapper):
         self.hash_length = hash_length
         self.ner_model = ner_model
         self.ner_batch_size = ner_batch_size
+        self.fields = fields
         self.stats = PiiStats()
         if self.ner_entities:
             ner_analyzer(ner_model)  # load now: a missing model is a config error, not a mid-run one
@@ -266,20 +271,95 @@ class PiiScrubber(Mapper):
             self._add_ner(texts, found, [j for j, i in enumerate(rows) if ner_flag[i]])
         return rows, texts, found
 
+    def _spans(self, column: pa.Array) -> dict[int, list[Span]]:
+        """Row → findings, for the rows of a text column that hold any."""
+        rows, _, found = self.detect(column)
+        return {int(i): spans for i, spans in zip(rows, found, strict=True) if spans}
+
+    def _rewrite(self, text: str, spans: list[Span]) -> str | None:
+        """``text`` with each finding replaced as its type's action says; None when nothing changes."""
+        parts, pos = [], 0
+        for start, end, entity in spans:
+            if self.actions[entity] != "keep":
+                parts += [text[pos:start], self.token(entity, text[start:end])]
+                pos = end
+        return "".join([*parts, text[pos:]]) if parts else None
+
+    def _field_columns(self, batch: pa.RecordBatch) -> list[int]:
+        """The string columns besides the text that the step scrubs: the input's own fields (a title,
+        an author, a JSON list of tags) carry personal data as readily as the text does."""
+        wanted = []
+        for index, f in enumerate(batch.schema):
+            if f.name in _BUILD_COLUMNS or f.name.startswith("_"):
+                continue
+            if not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)):
+                continue
+            if self.fields is None or f.name in self.fields:
+                wanted.append(index)
+        return wanted
+
+    def _scrub_field(self, batch: pa.RecordBatch, index: int, row_spans: dict[int, list[Span]]):
+        """Findings of one field column, added to ``row_spans``; returns a function that gives the
+        rewritten column for the rows kept. A JSON-encoded field is scrubbed string by string inside
+        its values, so that it stays valid JSON (numbers are left as they are)."""
+        f = batch.schema.field(index)
+        values = batch.column(index).to_pylist()
+        is_json = (f.metadata or {}).get(b"distillery.encoding") == b"json"
+        leaves: list[tuple[int, list]] = []  # (row, [container, key]) of each string
+        texts: list[str] = []
+        parsed: list = [None] * len(values)
+        for row, value in enumerate(values):
+            if value is None:
+                continue
+            if not is_json:
+                leaves.append((row, [values, row]))
+                texts.append(value)
+                continue
+            parsed[row] = [json.loads(value)]
+            stack = [(parsed[row], 0)]
+            while stack:
+                container, key = stack.pop()
+                item = container[key]
+                if isinstance(item, str):
+                    leaves.append((row, [container, key]))
+                    texts.append(item)
+                elif isinstance(item, dict):
+                    stack += [(item, k) for k in item]
+                elif isinstance(item, list):
+                    stack += [(item, k) for k in range(len(item))]
+        found = self._spans(pa.array(texts, pa.string())) if texts else {}
+        for leaf, spans in found.items():
+            row_spans.setdefault(leaves[leaf][0], []).extend(spans)
+
+        def rewritten(keep_row: np.ndarray) -> pa.Array | None:
+            touched = False
+            for leaf, spans in found.items():
+                row, (container, key) = leaves[leaf]
+                new = self._rewrite(texts[leaf], spans) if keep_row[row] else None
+                if new is not None:
+                    container[key], touched = new, True
+            if not touched:
+                return None
+            if is_json:
+                out = [None if p is None else json.dumps(p[0], ensure_ascii=False) for p in parsed]
+            else:
+                out = values
+            return pa.array(out, f.type)
+
+        return rewritten
+
     def transform(self, batch: pa.RecordBatch) -> Change:
         column = batch.column("text")
         n = batch.num_rows
-        rows, texts, found = self.detect(column)
+        text_spans = self._spans(column)
+        all_spans: dict[int, list[Span]] = {i: list(spans) for i, spans in text_spans.items()}
+        fields = [(index, self._scrub_field(batch, index, all_spans)) for index in self._field_columns(batch)]
         counts = {e: np.zeros(n, dtype=np.int32) for e in self.entities}
         changed = np.zeros(n, dtype=bool)
         drop = np.zeros(n, dtype=bool)
         reasons: list[str | None] = [None] * n
         details: list[dict | None] = [None] * n
-        new_texts: list[str] = []
-        for j, i in enumerate(rows):
-            spans = found[j]
-            if not spans:
-                continue
+        for i, spans in all_spans.items():
             row_counts = Counter(entity for _, _, entity in spans)
             self.stats.pii_counts.update(row_counts)
             for entity, count in row_counts.items():
@@ -291,26 +371,26 @@ class PiiScrubber(Mapper):
             ):
                 drop[i] = True
                 reasons[i] = "pii_too_many"
-                continue
-            text, parts, pos = texts[j], [], 0
-            for start, end, entity in spans:
-                if self.actions[entity] != "keep":
-                    parts += [text[pos:start], self.token(entity, text[start:end])]
-                    pos = end
-            if parts:
-                parts.append(text[pos:])
-                new_texts.append("".join(parts))
+            elif any(self.actions[entity] != "keep" for _, _, entity in spans):
                 changed[i] = True
                 reasons[i] = self.reason
-        changed_mask = pa.array(changed, pa.bool_())
-        text = (
-            pc.replace_with_mask(column, changed_mask, pa.array(new_texts, column.type))
-            if new_texts
-            else column
-        )
+        rows = [i for i in text_spans if not drop[i]]
+        new_texts = {i: t for i in rows if (t := self._rewrite(column[i].as_py(), text_spans[i])) is not None}
+        text = column
+        if new_texts:
+            mask = np.zeros(n, dtype=bool)
+            mask[list(new_texts)] = True
+            text = pc.replace_with_mask(
+                column, pa.array(mask), pa.array(list(new_texts.values()), column.type)
+            )
+        rewritten = {}
+        for index, scrub in fields:
+            if (values := scrub(~drop)) is not None:
+                rewritten[batch.schema.field(index).name] = values
         pii_counts = pa.StructArray.from_arrays([pa.array(c) for c in counts.values()], names=list(counts))
         return Change(
-            text=text, changed=changed_mask, reasons=reasons, details=details, columns={"pii_counts": pii_counts},
+            text=text, changed=pa.array(changed, pa.bool_()), reasons=reasons, details=details,
+            columns={"pii_counts": pii_counts}, rewritten=rewritten,
             drop=pa.array(drop, pa.bool_()), drop_reasons=[r if d else None for r, d in zip(reasons, drop, strict=True)],
         )  # fmt: skip
 
@@ -346,6 +426,10 @@ class PiiConfig(StepConfig):
     """spaCy model for the NER types (an installed package name or a path)."""
     ner_batch_size: int = Field(default=64, ge=1)
     """Sentences per spaCy ``pipe`` batch."""
+    fields: list[str] | None = None
+    """String columns scrubbed besides the text: None (the default) scrubs every one the input brought
+    (JSONL fields and Parquet columns kept by the build, e.g. a title or an author; JSON lists and
+    objects string by string); a list scrubs those only; ``[]`` the text alone."""
 
     @model_validator(mode="after")
     def _types_are_configured(self) -> PiiConfig:
@@ -371,4 +455,5 @@ class PiiConfig(StepConfig):
         return PiiScrubber(
             self.entities, actions, drop_above=self.drop_above, drop_above_per_type=dict(self.drop_above_per_type),
             hash_key=key, hash_length=self.hash_length, ner_model=self.ner_model, ner_batch_size=self.ner_batch_size,
+            fields=self.fields,
         )  # fmt: skip

@@ -61,6 +61,9 @@ class Change:
     columns: dict[str, pa.Array] = field(default_factory=dict)
     drop: pa.BooleanArray | None = None
     drop_reasons: list[str | None] | None = None
+    rewritten: dict[str, pa.Array] = field(default_factory=dict)
+    """Existing columns besides the text that the mapper rewrote (e.g. a scrubbed title); unlike
+    ``columns`` they are the input's, not written by the step."""
 
 
 @dataclass
@@ -175,6 +178,9 @@ class Mapper(Step):
                 reason = (change.reasons[i] if change.reasons else None) or self.reason
                 self._log(ids[i], "change", reason, None, detail)
         out = batch.set_column(batch.schema.get_field_index("text"), "text", change.text)
+        for name, values in change.rewritten.items():
+            index = out.schema.get_field_index(name)
+            out = out.set_column(index, out.schema.field(index), values)  # the field keeps its metadata
         out = _with_columns(out, change.columns)
         self.columns_written.update(change.columns)
         if change.drop is not None:

@@ -346,3 +346,41 @@ def test_a_kept_url_does_not_keep_the_personal_data_inside_it():
     assert out.column("text").to_pylist() == [text]
     out, _ = scrub([text])
     assert out.column("text").to_pylist() == ["See <URL>, <URL> and <URL>."]
+
+
+def _with_fields(step: PiiScrubber) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+    tags = pa.field("tags", pa.string(), metadata={b"distillery.encoding": b"json"})
+    data = pa.RecordBatch.from_arrays(
+        [pa.array(["r0", "r1", "r2"]), pa.array(["plain text", "Mail jane@example.com now", "nothing"]),
+         pa.array(["By jane.doe@example.org", None, "A title"]),
+         pa.array(['{"to": ["ops@example.net", 7], "n": 4111111111111111}', None, '["ok"]']),
+         pa.array([1, 2, 3])],
+        schema=pa.schema([("id", pa.string()), ("text", pa.string()), ("author", pa.string()), tags,
+                          ("score", pa.int64())]),
+    )  # fmt: skip
+    return data, step(data)
+
+
+def test_the_inputs_own_string_fields_are_scrubbed_too():
+    step = PiiConfig().build()
+    data, out = _with_fields(step)
+    assert out.column("author").to_pylist() == ["By <EMAIL>", None, "A title"]
+    # JSON text stays JSON: strings inside are scrubbed, numbers left, the column keeps its encoding.
+    assert json.loads(out.column("tags")[0].as_py()) == {"to": ["<EMAIL>", 7], "n": 4111111111111111}
+    assert out.schema.field("tags").metadata == data.schema.field("tags").metadata
+    assert out.column("text").to_pylist() == ["plain text", "Mail <EMAIL> now", "nothing"]
+    assert out.column("score").to_pylist() == [1, 2, 3]
+    assert out.column("pii_counts").to_pylist()[0]["EMAIL"] == 2  # a row's findings, fields included
+    assert [(e["id"], e["reason"]) for e in step.ledger] == [("r0", "pii_replaced"), ("r1", "pii_replaced")]
+    assert "tags" not in step.columns_written and "author" not in step.columns_written
+
+
+def test_fields_limits_the_scrubbed_columns_and_drops_count_field_findings():
+    _, out = _with_fields(PiiConfig(fields=[]).build())
+    assert out.column("author")[0].as_py() == "By jane.doe@example.org"
+    _, out = _with_fields(PiiConfig(fields=["author"]).build())
+    assert (
+        out.column("author")[0].as_py() == "By <EMAIL>" and "ops@example.net" in out.column("tags")[0].as_py()
+    )
+    _, out = _with_fields(PiiConfig(drop_above=1).build())
+    assert out.column("id").to_pylist() == ["r1", "r2"]  # r0: one finding in the author, one in the tags
