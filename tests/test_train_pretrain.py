@@ -10,6 +10,7 @@ import sys
 
 import pyarrow as pa
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from manifests.publish import Publisher
@@ -56,12 +57,13 @@ def packed(store):
 
 
 def _recipe(tmp_path, extra: str = "", name: str = "lm"):
-    return write_recipe(
-        tmp_path / f"{name}.yaml",
+    base = yaml.safe_load(
         f"stage: train\nmethod: pretrain\nname: {name}\ndatasets: [{{ref: packed}}]\ntokenizer: tok\n"
         "shape: {hidden_size: 32, layers: 2, heads: 2}\nmax_steps: 8\nper_device_batch_size: 4\n"
-        f"learning_rate: 0.01\nwarmup_steps: 2\nsave_every: 2\neval_every: 4\neval_batches: 2\n{extra}",
+        "learning_rate: 0.01\nwarmup_steps: 2\nsave_every: 2\neval_every: 4\neval_batches: 2\n"
     )
+    # ``extra`` replaces a default key rather than repeating it (a recipe may give a key once).
+    return write_recipe(tmp_path / f"{name}.yaml", yaml.safe_dump(base | (yaml.safe_load(extra) or {})))
 
 
 def _metrics(m) -> list[dict]:
@@ -294,10 +296,7 @@ def test_bad_pretraining_recipes_are_one_line(cli, tmp_path, packed):
         "strategy: deepspeed-zero2\nguard: {action: skip}": "guard.action skip cannot be done under deepspeed-zero2",
     }
     for line, message in cases.items():
-        text = _recipe(tmp_path).read_text()
-        key = line.split(":")[0]
-        text = "\n".join(x for x in text.splitlines() if not x.startswith(key + ":")) + f"\n{line}\n"
-        result = cli("--store", packed.root, "train", write_recipe(tmp_path / "bad.yaml", text))
+        result = cli("--store", packed.root, "train", _recipe(tmp_path, line, name="bad"))
         assert_one_line_error(result)
         assert message in result.err, (line, result.err)
 
