@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,17 +37,10 @@ from pydantic import Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from corpus.classifier import ClassifierConfig
-from corpus.combine import (
-    HIDDEN_COLUMNS,
-    MINHASH_KEYS,
-    Combiner,
-    add_keys,
-    global_counts,
-    use_returning_memory_pool,
-    write_ledgers,
-)
+from corpus.combine import Combiner, global_counts, use_returning_memory_pool, write_ledgers
 from corpus.decontam import DecontaminateConfig
 from corpus.dedup_index import LoadedIndex
+from corpus.document_keys import HIDDEN_COLUMNS, MINHASH_KEYS, add_keys
 from corpus.executor import run_tasks, run_tasks_ray
 from corpus.language import LanguageConfig
 from corpus.lines import LineDedupConfig, add_unit_keys
@@ -57,6 +49,7 @@ from corpus.pii import PiiConfig
 from corpus.quality import C4QualityConfig, FineWebQualityConfig, GopherQualityConfig, GopherRepetitionConfig
 from corpus.sources import RECORD_SCHEMA, ReadLog, SourceConfig, Task, plan_tasks, read_task
 from corpus.steps import MinWordsFilter, StepConfig, StepStats
+from corpus.task_markers import write_marker
 from corpus.toxicity import ToxicityConfig
 from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json
@@ -214,10 +207,7 @@ def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str,
         "data": parts or None, "fields_seen": sorted(log.fields_seen),
         "ledger": f"{stem.name}.ledger.parquet" if ledger else None,
     }  # fmt: skip
-    # The marker goes last: a task without one is redone on resume.
-    tmp = Path(f"{stem}.done.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, f"{stem}.done.json")
+    write_marker(Path(f"{stem}.done.json"), result)  # last: a task without one is redone on resume
     return result
 
 

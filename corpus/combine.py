@@ -5,16 +5,15 @@ never from Python objects per document: every record id is unique (a 64-bit key,
 the strings when two keys meet), exact duplicates are dropped with the first seen kept (a 128-bit
 key of the normalised text), global cuts (keep the top fraction by a score) find their cutoff, and
 MinHash near-duplicates are found phase by phase on the executor (``corpus/minhash_phases.py``).
+The keys are the hidden columns phase 1 appended (``corpus/document_keys.py``).
 Then the filter phase: tasks in workers drop the removed rows from consecutive task files, strip
 repeated lines, and write finished shards, which the publisher takes in task order.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,67 +24,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from corpus.crawl_policy import normalise_url
+from corpus.document_keys import (
+    DEDUP_KEY,
+    HIDDEN_COLUMNS,
+    ID_KEY,
+    KEY128,
+    MINHASH_KEYS,
+    URL_KEY,
+    key_values,
+)
 from corpus.lines import UNIT_KEYS, LineDedupConfig, strip_repeated
 from corpus.minhash import MinHashConfig
-from corpus.minhash_phases import Part, Runner, near_duplicates, save_array
+from corpus.minhash_phases import Part, Runner, near_duplicates
 from corpus.sources import RECORD_SCHEMA
-from corpus.steps import normalise
+from corpus.task_markers import save_array, write_marker
 from manifests.errors import DistilleryError
 from manifests.publish import LEDGER_SCHEMA, Publisher, ShardWriter
-
-ID_KEY = "_id_key"
-DEDUP_KEY = "_dedup_key"
-URL_KEY = "_url_key"
-MINHASH_KEYS = "_minhash_keys"
-KEY_COLUMNS = (ID_KEY, DEDUP_KEY, URL_KEY)
-"""Hidden columns phase 1 adds to its task files; they never reach the published shards."""
-_KEY128 = np.dtype([("hi", ">u8"), ("lo", ">u8")])
-
-
-def _url_key(url: str | None) -> bytes:
-    """8 bytes per normalised URL; zero for a document without one (never a duplicate)."""
-    if not url:
-        return bytes(8)
-    try:
-        url = normalise_url(url)
-    except ValueError:
-        url = url.strip()
-    return hashlib.blake2b(url.encode(), digest_size=8).digest() or bytes(8)
-
-
-def text_key_bytes(normalised: list[str]) -> bytes:
-    """16-byte keys of normalised texts, concatenated: exact dedup and dedup indexes share them."""
-    return b"".join(
-        hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in normalised
-    )
-
-
-def _fixed(values: bytes, width: int, n: int) -> pa.Array:
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(values)])
-
-
-def add_keys(batch: pa.RecordBatch, case_fold: bool) -> pa.RecordBatch:
-    """Append the id, text and URL keys (computed in the worker, where the text already is)."""
-    n = batch.num_rows
-    ids = batch.column("id").to_pylist()
-    has_source = "source" in batch.schema.names
-    urls = pc.struct_field(batch.column("source"), "url").to_pylist() if has_source else [None] * n
-    texts = normalise(batch.column("text"), case_fold).to_pylist()
-    id_keys = b"".join(hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids)
-    text_keys = text_key_bytes(texts)
-    url_keys = b"".join(_url_key(u) for u in urls)
-    batch = batch.append_column(ID_KEY, _fixed(id_keys, 8, n))
-    batch = batch.append_column(DEDUP_KEY, _fixed(text_keys, 16, n))
-    return batch.append_column(URL_KEY, _fixed(url_keys, 8, n))
-
-
-def _keys(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
-    array = column.combine_chunks()
-    width = array.type.byte_width
-    return np.frombuffer(
-        array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * width
-    ).copy()
 
 
 def _row_groups(path: Path):
@@ -163,7 +117,7 @@ class Combiner:
         )
         removed = np.union1d(removed, self.url_duplicates)
         self.duplicates, self.duplicate_of = (
-            self._dedup(DEDUP_KEY, _KEY128, removed) if dedup else (none, none)
+            self._dedup(DEDUP_KEY, KEY128, removed) if dedup else (none, none)
         )
         removed = np.union1d(removed, self.duplicates)
         self.seen, self.seen_of = self._seen_before(removed) if self.against else (none, none)
@@ -178,7 +132,7 @@ class Combiner:
         """(keys, global row indices, ascending) of one hash partition of a key column."""
         keys, rows = [], []
         for index, f in enumerate(self.files):
-            values = _keys(pq.read_table(f, columns=[column]).column(column), dtype)
+            values = key_values(pq.read_table(f, columns=[column]).column(column), dtype)
             first = values["hi"] if dtype.names else values
             mask = (first % np.uint64(self.parts)) == part if self.parts > 1 else np.ones(len(values), bool)
             keys.append(values[mask])
@@ -202,7 +156,7 @@ class Combiner:
             table = pq.read_table(f, columns=["id", ID_KEY])
             for rid, key in zip(
                 table.column("id").to_pylist(),
-                _keys(table.column(ID_KEY), np.dtype(">u8")).tolist(),
+                key_values(table.column(ID_KEY), np.dtype(">u8")).tolist(),
                 strict=True,
             ):
                 if key in clash:
@@ -246,8 +200,9 @@ class Combiner:
         parts, first = [], 0
         for index in self.against:
             if index.band_keys is not None:
-                location = str(index.manifest.location)
-                parts.append(Part(first, len(index.band_keys), str(index.keys_path), "band_keys", location))
+                parts.append(
+                    Part(first, len(index.band_keys), str(index.keys_path), "band_keys", index.texts)
+                )
                 first += len(index.band_keys)
         m = first
         for index, f in enumerate(self.files):
@@ -278,10 +233,10 @@ class Combiner:
 
     def _seen_before(self, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows whose exact text is in a dedup index: (rows, -(k + 1) for the k-th indexed document)."""
-        earlier = np.concatenate([_keys(pa.chunked_array([i.text_keys]), _KEY128) for i in self.against])
+        earlier = np.concatenate([key_values(i.text_keys, KEY128) for i in self.against])
         seen, of = [], []
         for part in range(self.parts):
-            keys, rows = self._partition(DEDUP_KEY, _KEY128, part)
+            keys, rows = self._partition(DEDUP_KEY, KEY128, part)
             alive = ~np.isin(rows, removed)
             keys, rows = keys[alive], rows[alive]
             old = (
@@ -417,9 +372,6 @@ class Combiner:
         return rows, ledger, line_ledgers
 
 
-HIDDEN_COLUMNS = (*KEY_COLUMNS, UNIT_KEYS, MINHASH_KEYS)
-
-
 def _merged_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     """The type two task files' columns of one name share, or None when they cannot."""
     if a.equals(b) or pa.types.is_null(b):
@@ -546,9 +498,7 @@ def filter_task(
         ledger_path = f"{stem}.ledger.parquet"
         pq.write_table(pa.Table.from_pylist(ledger, schema=LEDGER_SCHEMA), ledger_path)
     result = {"shards": [str(p) for p in writer.paths], "rows": writer.rows, "ledger": ledger_path}
-    tmp = Path(marker + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, marker)  # last: a task without its marker is redone
+    write_marker(Path(marker), result)  # last: a task without its marker is redone
     return result
 
 

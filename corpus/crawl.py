@@ -71,7 +71,6 @@ from corpus.crawl_policy import (
     media_type,
     normalise_url,
     origin,
-    parse_retry_after,
     parse_robots,
 )
 from manifests import __version__
@@ -79,6 +78,7 @@ from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json, record_id, sha256_file
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
+from manifests.retry_after import parse_retry_after
 from manifests.schema import Manifest
 from manifests.store import Store, claim_work_folder
 

@@ -24,8 +24,6 @@ import urllib.robotparser
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from html.parser import HTMLParser
 from typing import Any, Literal
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
@@ -288,22 +286,6 @@ def http_transport(max_connections: int, allow_private_addresses: bool) -> httpx
 
 
 # --- politeness -------------------------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 class HostGate:

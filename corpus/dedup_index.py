@@ -15,15 +15,15 @@ other text or shingle settings than the build's is refused: its keys would not b
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from corpus.combine import _fixed, text_key_bytes
+from corpus.document_keys import text_keys
 from corpus.minhash import MinHashConfig, band_keys
-from corpus.steps import normalise
 from manifests.data import read_shard, read_table, require_columns
 from manifests.errors import DistilleryError
 from manifests.publish import Publisher, write_parquet
@@ -40,17 +40,12 @@ class DedupIndexConfig(RecipeConfig):
     """Index a published dataset for later incremental dedup."""
 
     name: Name
+    """Name of the index (a run) in the store."""
     dataset: str
     """The dataset to index (its documents will be dropped from later builds that use the index)."""
     case_fold: bool = True
     minhash: MinHashConfig | None = None
     """Also index MinHash band keys (near-duplicates); must match the later build's settings."""
-
-
-def text_keys(texts: pa.Array, case_fold: bool) -> pa.Array:
-    """The same keys a build's exact dedup computes, so that indexed and new documents compare."""
-    normal = normalise(texts, case_fold).to_pylist()
-    return _fixed(text_key_bytes(normal), 16, len(normal))
 
 
 def settings_of(case_fold: bool, minhash: MinHashConfig | None) -> dict[str, Any]:
@@ -114,10 +109,18 @@ class LoadedIndex:
         self.band_keys = (
             table.column("band_keys").combine_chunks() if "band_keys" in table.column_names else None
         )
+        self.texts = IndexedTexts(str(folder))
+        """Texts of indexed documents by position (for verifying near-duplicate candidates)."""
 
-    def texts(self, rows: np.ndarray) -> list[str]:
-        """Texts of indexed documents (for verifying near-duplicate candidates)."""
-        return indexed_texts(self.manifest.location, rows)
+
+@dataclass(frozen=True)
+class IndexedTexts:
+    """``indexed_texts`` of one index as a callable that pickles small (it travels to verify tasks)."""
+
+    folder: str
+
+    def __call__(self, rows: np.ndarray) -> list[str]:
+        return indexed_texts(Path(self.folder), rows)
 
 
 def indexed_texts(folder: Path, rows: np.ndarray) -> list[str]:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
+
+from manifests.time_limit import TimeLimitExceeded, call_with_time_limit
 
 _CHARSET = re.compile(r"charset=[\"']?([A-Za-z0-9_.:-]+)", re.IGNORECASE)
 
@@ -26,29 +25,6 @@ class ExtractLimits:
     """Wall time one page may take; past it the page is skipped (``extract_timeout``)."""
     min_chars: int = 1
     """Extracted text shorter than this counts as empty (``extract_empty``)."""
-
-
-class _Timeout(Exception):
-    pass
-
-
-@contextmanager
-def _time_limit(seconds: float):
-    """Raise ``_Timeout`` after ``seconds`` — only in a process's main thread (SIGALRM)."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise _Timeout
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def decode_html(payload: bytes, content_type: str | None) -> str:
@@ -79,9 +55,11 @@ def extract_html(
     logging.getLogger("trafilatura").setLevel(logging.CRITICAL)
     html = decode_html(payload, content_type)
     try:
-        with _time_limit(limits.timeout_s):
-            text = trafilatura.extract(html, include_comments=False, include_tables=True, deduplicate=False)
-    except _Timeout:
+        text = call_with_time_limit(
+            lambda: trafilatura.extract(html, include_comments=False, include_tables=True, deduplicate=False),
+            limits.timeout_s,
+        )
+    except TimeLimitExceeded:
         return None, "extract_timeout"
     except Exception:  # noqa: BLE001 - a parser failure on one hostile page is data, not a crash
         return None, "extract_error"

@@ -25,6 +25,7 @@ class LineDedupConfig(RecipeConfig):
     """Remove lines (or paragraphs) that recur across more than ``max_documents`` documents."""
 
     unit: Literal["line", "paragraph"] = "line"
+    """The unit removed where it recurs: a line, or a paragraph (text between blank lines)."""
     max_documents: int = 2
     """A unit found in more documents than this is removed from every one of them."""
     min_chars: int = 10

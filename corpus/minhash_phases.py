@@ -12,7 +12,7 @@ killed build resumes where it stopped::
               by key; each member of a run of equal keys is linked to the run's first row
                   -> pairs-00007.npy
     verify    one task per block of distinct candidate pairs: exact shingle Jaccard, the texts read
-              back from the task files
+              back from the task files (a dedup index's through the reader its ``Part`` carries)
                   -> verify-00002.npy
     clusters  in the main process: union-find over the verified pairs, then the keep rule
                   -> clusters.npz
@@ -27,7 +27,6 @@ first, then the build's in task order), so the clusters never depend on the numb
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from corpus.minhash import (
     link_to_first,
     resolve_clusters,
 )
+from corpus.task_markers import save_array, write_atomically
 
 BUCKET_ENTRIES = 1 << 20
 """Band-key entries per reduce bucket (16 bytes each: 16 MB, about 60 MB while sorted)."""
@@ -67,18 +67,10 @@ class Part:
     rows: int
     path: str
     keys_column: str
-    indexed_by: str | None = None
-    """For the documents of a dedup index: the index's folder (texts come from the indexed dataset)."""
-
-
-def save_array(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as ``.npy``, atomically: a file that exists is complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    index_texts: Callable[[np.ndarray], list[str]] | None = None
+    """For the documents of a dedup index, which was published earlier and so always stays: the texts
+    of its rows (by position in the index), which live in the indexed dataset, not in ``path``. Handed
+    over by the caller; it travels to the verify tasks, so it must pickle (a module-level class)."""
 
 
 def _gather(parts: list[Part], rows: np.ndarray, read: Callable[[Part, np.ndarray], Any]) -> list:
@@ -104,10 +96,8 @@ class RowTexts:
         self._cache: dict[str, pa.ChunkedArray] = {}
 
     def _read(self, part: Part, local: np.ndarray) -> list[str]:
-        if part.indexed_by is not None:
-            from corpus.dedup_index import indexed_texts
-
-            return indexed_texts(Path(part.indexed_by), local)
+        if part.index_texts is not None:
+            return part.index_texts(local)
         if part.path not in self._cache:
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
@@ -175,7 +165,7 @@ def _weights(parts: list[Part], cfg: MinHashConfig) -> Callable[[np.ndarray], np
         return None
 
     def read(part: Part, local: np.ndarray) -> np.ndarray:
-        if part.indexed_by is not None:
+        if part.index_texts is not None:
             return np.full(len(local), np.inf)  # already published: they stay
         column = "text" if cfg.keep == "longest" else cfg.score_column
         values = pq.read_table(part.path, columns=[column]).column(column).take(pa.array(local))
@@ -241,7 +231,5 @@ def near_duplicates(
         return band_similarity(keys, np.searchsorted(rows, a), np.searchsorted(rows, b), rows_per_band)
 
     result = resolve_clusters(u, v, verified, cfg, _weights(parts, cfg), similarity_of)
-    tmp = folder / "clusters.tmp.npz"
-    np.savez(tmp, removed=result[0], kept=result[1], similarity=result[2])
-    os.replace(tmp, done)
+    write_atomically(done, lambda f: np.savez(f, removed=result[0], kept=result[1], similarity=result[2]))
     return result

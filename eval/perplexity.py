@@ -5,8 +5,8 @@
     models: [student-base, demo-sft-run]
     dataset: {ref: demo-sft, split: test}
 
-Perplexity is taken over the assistant answers given their prompts — the tokens SFT trains on —
-so "before" and "after" are comparable. Publishes ``metrics.json`` and an eval manifest whose
+Perplexity is taken over every assistant turn given what precedes it — exactly the tokens SFT
+trains on, labelled by the same ``manifests.chat_labels`` — so "before" and "after" are comparable. Publishes ``metrics.json`` and an eval manifest whose
 parents are the models and the dataset.
 """
 
@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import Field
 from rich.progress import Progress
 
+from manifests.chat_labels import IGNORED, labelled_conversation
 from manifests.data import read_table, require_columns
 from manifests.errors import DistilleryError
 from manifests.model_runs import require_causal_lm
@@ -48,37 +49,40 @@ class PerplexityRecipe(RecipeConfig):
 
 
 def answer_nll(
-    model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int, progress=None
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_length: int,
+    batch_size: int,
+    progress=None,
+    row_ids: list[str] | None = None,
 ):
-    """(sum of negative log-likelihood, number of tokens) over the last (assistant) turn of each chat."""
+    """(sum of negative log-likelihood, number of tokens) over every assistant turn of each chat, each
+    chat cut to ``max_length`` tokens."""
     import torch
 
     total_nll, total_tokens = 0.0, 0
     task = progress.add_task("perplexity", total=len(conversations)) if progress else None
     for start in range(0, len(conversations), batch_size):
         ids, labels = [], []
-        for chat in conversations[start : start + batch_size]:
-            prompt = tokenizer.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(chat, tokenize=False)
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            f_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
-            lab = [-100] * min(len(p_ids), len(f_ids)) + f_ids[len(p_ids) :]
-            ids.append(f_ids)
-            labels.append(lab)
+        for i, chat in enumerate(conversations[start : start + batch_size], start):
+            example = labelled_conversation(chat, tokenizer, row_ids[i] if row_ids else str(i))
+            ids.append(example["input_ids"][:max_length])
+            labels.append(example["labels"][:max_length])
         width = max(len(x) for x in ids)
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        label_t = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
+        label_t = torch.tensor([x + [IGNORED] * (width - len(x)) for x in labels])
         with torch.inference_mode():
             logits = model(input_ids=input_ids, attention_mask=mask).logits
         # Prompt-learning adapters (p-tuning, prompt tuning) prepend virtual tokens: keep the real positions.
         logits = logits[:, -input_ids.size(1) :][:, :-1].float()
         target = label_t[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                                ignore_index=-100, reduction="sum")  # fmt: skip
+                                                ignore_index=IGNORED, reduction="sum")  # fmt: skip
         total_nll += float(nll)
-        total_tokens += int((target != -100).sum())
+        total_tokens += int((target != IGNORED).sum())
         if progress:
             progress.advance(task, len(ids))
     return total_nll, total_tokens
@@ -90,16 +94,15 @@ def evaluate(cfg: PerplexityRecipe, store: Store) -> Manifest:
     # Every model is checked before the first is scored: a tokenizer run named last is one error
     # line now, not a traceback after the others' work.
     models = [require_causal_lm(store.resolve(ref, kind="run"), store) for ref in cfg.models]
-    conversations = (
-        read_table(data, split=cfg.dataset.split, columns=["messages"]).column("messages").to_pylist()
-    )
+    table = read_table(data, split=cfg.dataset.split, columns=["id", "messages"])
+    conversations, row_ids = table.column("messages").to_pylist(), table.column("id").to_pylist()
     results: dict[str, Any] = {}
     with Progress() as progress:
         for manifest in models:
             model, tokenizer = load_causal_lm(manifest, store)
             model.eval()
             nll, tokens = answer_nll(
-                model, tokenizer, conversations, cfg.max_length, cfg.batch_size, progress
+                model, tokenizer, conversations, cfg.max_length, cfg.batch_size, progress, row_ids
             )
             if tokens == 0:
                 raise DistilleryError(

@@ -1,8 +1,10 @@
-"""The ``distillery`` command line: one subcommand per package, plus ``run`` and ``demo``.
+"""The ``distillery`` command line: one command group per package, plus ``run`` and ``demo``.
 
-Each package exposes ``<package>.cli.register(subparsers)``; recipe stages are dispatched by
-their ``stage:`` key through ``STAGES``. Only the chosen stage's modules are imported, so
-``distillery manifests list`` never pays for importing torch.
+The root only finds the packages: each package in ``PACKAGES`` has a ``cli`` module with
+``STAGES`` (its recipe stages: stage → config class, run function) and ``register(subparsers)``
+(all its verbs). ``distillery run RECIPE`` dispatches on the recipe's ``stage:`` through those
+tables. Only the chosen stage's modules are imported, so ``distillery manifests list`` never pays
+for importing torch. The parts a package's command line is made of are in ``manifests/verbs.py``.
 """
 
 from __future__ import annotations
@@ -12,137 +14,43 @@ import importlib
 import json
 import os
 import sys
+from types import ModuleType
 
 from manifests.errors import DistilleryError
-from manifests.overrides import apply_overrides
-from manifests.recipes import read_recipe
 from manifests.store import Store
+from manifests.verbs import (
+    HelpFormatter,
+    Stage,
+    VerbParser,
+    add_set_option,
+    add_store_option,
+    add_verb,
+    dispatch_recipe,
+    print_published,
+)
 
-STAGES = {
-    "corpus.build": "corpus.build:run_recipe",
-    "corpus.crawl": "corpus.crawl:run_recipe",
-    "corpus.decontam-index": "corpus.decontam:run_build_index",
-    "corpus.dedup-index": "corpus.dedup_index:run_build_index",
-    "corpus.train-classifier": "corpus.classifier:run_train",
-    "synth.cot": "synth.cot:run_recipe",
-    "synth.augment": "synth.augment:run_recipe",
-    "synth.generate": "synth.generate:run_recipe",
-    "synth.preferences": "synth.preferences:run_recipe",
-    "train": "train.methods:run_recipe",
-    "train.import-model": "train.models:run_import",
-    "train.make-student": "train.models:run_make_student",
-    "train.merge": "train.merge:run_recipe",
-    "train.pack": "train.pack:run_recipe",
-    "train.pretrain": "train.pretrain:run_recipe",
-    "train.sft": "train.sft:run_recipe",
-    "train.tokenizer": "train.tokenizer:run_recipe",
-    "eval": "eval.perplexity:run_recipe",
-    "eval.perplexity": "eval.perplexity:run_recipe",
-}
-"""Recipe ``stage:`` → the function that runs it (``module:function``)."""
-
-PACKAGE_CLIS = {
-    "corpus": "corpus.cli",
-    "synth": "synth.cli",
-    "train": "train.cli",
-    "eval": "eval.cli",
-    "manifests": "manifests.commands",
-}
-DEFAULT_VERBS = {"corpus": "build", "synth": "generate", "train": "run", "eval": "run"}
-"""``distillery train RECIPE.yaml`` means ``distillery train run RECIPE.yaml``."""
+PACKAGES = ("corpus", "synth", "train", "eval")
+"""The stage packages, in the order of ``distillery --help``; each has ``<package>/cli.py``."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    pass
+def package_clis() -> list[ModuleType]:
+    return [importlib.import_module(f"{package}.cli") for package in PACKAGES]
 
 
-def add_store_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store",
-        default=argparse.SUPPRESS,
-        help="store directory (default: $DISTILLERY_STORE or ./distillery-store)",
-    )
+def stage_table() -> dict[str, Stage]:
+    """Every recipe stage, from the packages' ``STAGES`` tables."""
+    table: dict[str, Stage] = {}
+    for cli in package_clis():
+        for name, stage in cli.STAGES.items():
+            if name in table:
+                raise RuntimeError(f"stage {name!r} is declared twice ({cli.__name__})")  # a bug
+            table[name] = stage
+    return table
 
 
-def add_set_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value (dotted keys, YAML values); repeatable",
-    )
-
-
-def run_recipe_file(path: str, store: Store, overrides: list[str] | None = None, expect: str | None = None):
+def run_recipe_file(path: str, store: Store, overrides: list[str] | None = None):
     """Read a recipe, apply overrides and run the stage its ``stage:`` names."""
-    data = apply_overrides(read_recipe(path), overrides or [])
-    stage = data["stage"]
-    if expect and not (stage == expect or stage.startswith(expect + ".")):
-        raise DistilleryError(
-            f"recipe {path}: stage '{stage}' is not a {expect} stage; run it with 'distillery run {path}'"
-        )
-    target = STAGES.get(stage)
-    if target is None:
-        import difflib
-
-        hint = difflib.get_close_matches(stage, STAGES, n=1)
-        advice = f"did you mean '{hint[0]}'?" if hint else "known stages: " + ", ".join(sorted(STAGES))
-        raise DistilleryError(f"recipe {path}: unknown stage '{stage}'; {advice}")
-    module_name, func = target.split(":")
-    runner = getattr(importlib.import_module(module_name), func)
-    return runner(data, store=store, source=str(path))
-
-
-def print_published(manifest) -> None:
-    from manifests.console import make_console
-
-    make_console().print(
-        f"[green]published[/] {manifest.kind} [bold]{manifest.ref}[/] → {manifest.location}\n"
-        f"  explain it: distillery manifests show {manifest.ref}"
-    )
-
-
-def add_group(sub: argparse._SubParsersAction, name: str, help_: str, description: str, epilog: str):
-    """A package's command group (``distillery corpus …``); returns its verb subparsers."""
-    parser = sub.add_parser(
-        name, help=help_, description=description, epilog=epilog, formatter_class=HelpFormatter
-    )
-    return parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-
-
-def add_verb(verbs, name: str, func, help_: str, description: str, example: str) -> argparse.ArgumentParser:
-    """One verb with ``--help`` text, an example and ``--store``."""
-    parser = verbs.add_parser(name, help=help_, description=description, formatter_class=HelpFormatter,
-                              epilog=f"example:\n  {example}\n")  # fmt: skip
-    add_store_option(parser)
-    parser.set_defaults(func=func)
-    return parser
-
-
-def add_recipe_verb(
-    verbs, name: str, *, expect: str, help_: str, description: str, example: str, report=None
-):
-    """A verb that runs a recipe of one package's stages (``distillery corpus build RECIPE``)."""
-
-    def run(args: argparse.Namespace) -> int:
-        overrides = list(args.overrides)
-        for option in ("workers", "executor", "address"):
-            if getattr(args, option, None) is not None:  # 0 too: the recipe's check refuses it
-                overrides.append(
-                    f"{'ray_address' if option == 'address' else option}={getattr(args, option)}"
-                )
-        manifest = run_recipe_file(args.recipe, args.store_obj, overrides, expect=expect)
-        print_published(manifest)
-        if report:
-            report(manifest)
-        return 0
-
-    parser = add_verb(verbs, name, run, help_, description, example)
-    parser.add_argument("recipe", help="recipe YAML file")
-    add_set_option(parser)
-    return parser
+    return dispatch_recipe(path, store, stage_table(), overrides or [])
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -151,7 +59,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
         prog="distillery",
         formatter_class=HelpFormatter,
         description="Raw text to trained language models, every byte traced by manifests.",
@@ -184,22 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiny", action="store_true", help="a smaller run (fewer prompts and steps), as the tests use"
     )
 
-    importlib.import_module("synth.serve").register(sub)
-    for module in PACKAGE_CLIS.values():
-        importlib.import_module(module).register(sub)
+    for cli in package_clis():
+        cli.register(sub)
+    importlib.import_module("manifests.commands").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for i, token in enumerate(argv):
-        if token in DEFAULT_VERBS:
-            nxt = argv[i + 1] if i + 1 < len(argv) else ""
-            if nxt.endswith((".yaml", ".yml")):
-                argv.insert(i + 1, DEFAULT_VERBS[token])
-            break
-        if not token.startswith("-") and not (i > 0 and argv[i - 1] == "--store"):
-            break
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv)  # as given (a relaunch under torchrun repeats it)

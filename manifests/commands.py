@@ -263,7 +263,7 @@ def _report(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from manifests.cli import add_group, add_verb
+    from manifests.verbs import add_group, add_verb
 
     verbs = add_group(
         sub, "manifests", "inspect and audit the store: list, show, verify, lineage, trace, diff, clean",

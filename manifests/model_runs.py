@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from manifests.errors import DistilleryError
-from manifests.models import CHECKPOINT_DIR, base_model_of
 from manifests.schema import Manifest
 from manifests.store import Store
+
+CHECKPOINT_DIR = "checkpoint"
+"""The folder of a run that holds its model files (``config.json``, weights, tokenizer)."""
 
 MODEL_RUNS = "give a model run (train import-model, make-student, sft, pretrain)"
 """What to do instead, in every message: the verbs that publish a causal language model."""
@@ -41,6 +43,14 @@ MADE_BY = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 OTHER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM")
 """Architectures whose head is not a language-model head (their weights there would be random)."""
+
+
+def base_model_of(manifest: Manifest, store: Store) -> Manifest:
+    """The run an adapter was trained on (its parent with role ``base_model``)."""
+    for parent in manifest.parents:
+        if parent.role == "base_model":
+            return store.get(parent.id)
+    raise DistilleryError(f"{manifest.ref} is an adapter but names no base_model parent")
 
 
 def _stage(manifest: Manifest) -> str:

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from manifests.errors import DistilleryError
+from manifests.model_runs import CHECKPOINT_DIR, base_model_of, require_causal_lm
 from manifests.schema import Manifest
 from manifests.store import Store
 from manifests.verify import ensure_verified
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 def checkpoint_path(manifest: Manifest) -> Path:
@@ -29,14 +28,6 @@ def checkpoint_path(manifest: Manifest) -> Path:
 
 def is_adapter(manifest: Manifest) -> bool:
     return (checkpoint_path(manifest) / "adapter_config.json").is_file()
-
-
-def base_model_of(manifest: Manifest, store: Store) -> Manifest:
-    """The run an adapter was trained on (its parent with role ``base_model``)."""
-    for parent in manifest.parents:
-        if parent.role == "base_model":
-            return store.get(parent.id)
-    raise DistilleryError(f"{manifest.ref} is an adapter but names no base_model parent")
 
 
 def load_tokenizer(manifest: Manifest):
@@ -56,8 +47,6 @@ def load_causal_lm(manifest: Manifest, store: Store, *, merge_adapter: bool = Tr
     prompt tuning) stays a ``PeftModel``: its virtual tokens are not weights that could be merged.
     """
     from transformers import AutoModelForCausalLM
-
-    from manifests.model_runs import require_causal_lm
 
     ensure_verified(manifest)
     require_causal_lm(manifest, store)  # a tokenizer run is one error line, not transformers' traceback

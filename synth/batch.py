@@ -33,58 +33,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sqlite3
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from manifests.console import make_console
-from synth.engine import Answer, Request, RunStopped, TeacherConfig, estimate_prompt_tokens
-
-if TYPE_CHECKING:
-    from synth.engine import TeacherEngine
+from synth.cache import BatchJobs, RequestCache
+from synth.teacher_requests import Answer, Engine, Request, RunStopped, TeacherConfig
 
 COLLECT_S = 0.2
 """A batch is submitted once no new request arrived for this long (the rows in flight have all asked)."""
 FINAL = {"completed", "failed", "expired", "cancelled"}
 RETRIED_STATUS = {408, 409, 429}
-
-
-class BatchJobs:
-    """The ``batches`` table beside the request cache's ``answers``, in the same SQLite file."""
-
-    def __init__(self, path: Path):
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, teacher TEXT NOT NULL, "
-            "endpoint TEXT NOT NULL, keys TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL)"
-        )
-
-    def open_jobs(self, endpoints: set[str]) -> list[tuple[str, str, dict[str, dict[str, Any]], float]]:
-        """(batch id, endpoint, entries by key, created) of the jobs not yet collected, oldest first."""
-        rows = self._db.execute(
-            "SELECT batch_id, endpoint, keys, created FROM batches "
-            "WHERE status NOT IN ('collected', 'lost') ORDER BY created"
-        ).fetchall()
-        return [(b, e, json.loads(k), c) for b, e, k, c in rows if e in endpoints]
-
-    def add(self, batch_id: str, teacher: str, endpoint: str, entries: dict[str, Any], status: str) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?)",
-            (batch_id, teacher, endpoint, json.dumps(entries, sort_keys=True), status, time.time()),
-        )
-
-    def rename(self, old: str, new: str, status: str) -> None:
-        self._db.execute("UPDATE batches SET batch_id = ?, status = ? WHERE batch_id = ?", (new, status, old))
-
-    def set_status(self, batch_id: str, status: str) -> None:
-        self._db.execute("UPDATE batches SET status = ? WHERE batch_id = ?", (status, batch_id))
-
-    def close(self) -> None:
-        self._db.close()
 
 
 @dataclass
@@ -106,11 +66,14 @@ class Failure:
 
 
 class BatchClient:
-    """Answers the cache misses of batch teachers; one per engine (``engine.ask`` dispatches here)."""
+    """The transport of the batch teachers: one per engine, shared by them (a request key is collected
+    once whichever teacher asks). It uses only the engine's public accounting (``synth.teacher_requests.Engine``)."""
 
-    def __init__(self, engine: TeacherEngine):
+    def __init__(self, engine: Engine, clients: dict[str, Any], cache: RequestCache):
         self.engine = engine
-        self.jobs = BatchJobs(engine.cache.path)
+        self._clients = clients
+        """Per batch teacher: its ``openai`` client (this transport closes them)."""
+        self.jobs = BatchJobs(cache)
         self.console = make_console()
         self._waiters: dict[str, list[tuple[Request, asyncio.Future[Answer]]]] = {}
         self._attempts: dict[str, int] = {}
@@ -125,13 +88,17 @@ class BatchClient:
         self._tasks: set[asyncio.Task] = set()
         self._flushing: set[str] = set()
 
+    def stop(self) -> None:
+        """Nothing to wake: polls look at ``engine.stopped``, and no batch is submitted past ``reserve``."""
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
-        self.jobs.close()
+        for client in self._clients.values():
+            await client.close()
 
     # ------------------------------------------------------------------ requests in, answers out
 
@@ -213,10 +180,7 @@ class BatchClient:
             self.engine.usage.retries += 1
             self._enqueue(r)
             return
-        self.engine.usage.failed += 1
-        answer = self.engine._base(r)
-        answer.error, answer.attempts = failure.error, attempts
-        self._resolve(key, answer)
+        self._resolve(key, self.engine.failed_answer(r, failure.error, attempts))
 
     # ------------------------------------------------------------------ submitting
 
@@ -240,9 +204,7 @@ class BatchClient:
         sendable = []
         for r in requests:
             try:
-                reserved.append(
-                    engine._reserve(t, estimate_prompt_tokens(r.messages), r.sampling["max_tokens"])
-                )
+                reserved.append(engine.reserve(r))
             except RunStopped as e:
                 self._stop(r.key, e)
                 continue
@@ -252,7 +214,7 @@ class BatchClient:
         entries = {}
         for r in sendable:
             self._attempts[r.key] = self._attempts.get(r.key, 0) + 1
-            entries[r.key] = {"attempt": self._attempts[r.key], "sampling": engine._base(r).sampling}
+            entries[r.key] = {"attempt": self._attempts[r.key], "sampling": engine.new_answer(r).sampling}
         try:  # the reservations hold until the answers are spent: no other batch passes the budget meanwhile
             try:
                 job = await self._create(t, sendable, entries)
@@ -265,7 +227,7 @@ class BatchClient:
             await self._follow(job)
         finally:
             for cost_tokens in reserved:
-                engine._unreserve(cost_tokens)
+                engine.release(cost_tokens)
 
     async def _create(self, t: TeacherConfig, requests: list[Request], entries: dict[str, Any]) -> Job:
         endpoint = self.engine.endpoints[t.label]
@@ -294,7 +256,7 @@ class BatchClient:
     def _control(self, teacher: str):
         """The teacher's client, retrying on its own: a status poll or an upload is cheap to repeat."""
         t = self.engine.teachers[teacher]
-        return self.engine._clients[teacher].with_options(max_retries=t.max_attempts - 1)
+        return self._clients[teacher].with_options(max_retries=t.max_attempts - 1)
 
     # ------------------------------------------------------------------ polling and collecting
 
@@ -397,11 +359,10 @@ class BatchClient:
         # The request as this batch sent it (sampling as sent): the same whether or not this run asked.
         sent = Request(job.teacher, [], entry["sampling"], 0, key)
         try:
-            answer = self.engine._read(t, sent, ChatCompletion.model_validate(body), entry["attempt"])
+            answer = self.engine.answer_from(t, sent, ChatCompletion.model_validate(body), entry["attempt"])
         except (ValueError, AttributeError, TypeError) as e:
             return Failure(f"malformed response: {str(e)[:200]}", retry=True)
-        self.engine._spend(answer)
-        self.engine.cache.put(key, self.engine._cacheable(answer))
+        self.engine.record(answer)
         if self._job_of.get(key) is job:
             self._resolve(key, answer)
         return answer

@@ -6,6 +6,9 @@ written the moment it arrives (SQLite in WAL mode, one small transaction each), 
 killed and started again re-sends nothing that was answered, and a changed prompt re-sends only
 itself. Failures are never cached: a rerun tries them again.
 
+The same file holds the Batch API jobs of ``synth/batch.py`` (``BatchJobs``): this module is the
+one owner of its SQLite connection, and every error it raises is one line (``RunFailed``).
+
 The cache lives in the store (``<store>/cache/synth.sqlite``) and is shared by every synth run
 of that store: two recipes asking the same question pay for it once.
 """
@@ -99,6 +102,11 @@ class RequestCache:
             self._failed = e
             raise
 
+    def execute(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        """One statement on the cache's file (its other tables: ``BatchJobs``), errors as one line."""
+        with self._lock, self._sqlite():
+            return self._db.execute(sql, parameters).fetchall()
+
     def __len__(self) -> int:
         with self._lock, self._sqlite():
             return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
@@ -106,3 +114,38 @@ class RequestCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class BatchJobs:
+    """The ``batches`` table beside ``answers``, in the request cache's file and through its connection
+    (``synth/batch.py`` records its Batch API jobs here): one owner of the file, so that a locked or
+    damaged one is the same one line whichever path meets it first."""
+
+    def __init__(self, cache: RequestCache):
+        self._cache = cache
+        cache.execute(
+            "CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, teacher TEXT NOT NULL, "
+            "endpoint TEXT NOT NULL, keys TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL)"
+        )
+
+    def open_jobs(self, endpoints: set[str]) -> list[tuple[str, str, dict[str, dict[str, Any]], float]]:
+        """(batch id, endpoint, entries by key, created) of the jobs not yet collected, oldest first."""
+        rows = self._cache.execute(
+            "SELECT batch_id, endpoint, keys, created FROM batches "
+            "WHERE status NOT IN ('collected', 'lost') ORDER BY created"
+        )
+        return [(b, e, json.loads(k), c) for b, e, k, c in rows if e in endpoints]
+
+    def add(self, batch_id: str, teacher: str, endpoint: str, entries: dict[str, Any], status: str) -> None:
+        self._cache.execute(
+            "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?)",
+            (batch_id, teacher, endpoint, json.dumps(entries, sort_keys=True), status, time.time()),
+        )
+
+    def rename(self, old: str, new: str, status: str) -> None:
+        self._cache.execute(
+            "UPDATE batches SET batch_id = ?, status = ? WHERE batch_id = ?", (new, status, old)
+        )
+
+    def set_status(self, batch_id: str, status: str) -> None:
+        self._cache.execute("UPDATE batches SET status = ? WHERE batch_id = ?", (status, batch_id))

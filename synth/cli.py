@@ -1,8 +1,19 @@
-"""``distillery synth …``: one verb per synth stage, each running recipes of that stage only."""
+"""``distillery synth …`` (one verb per synth stage, each running recipes of that stage only) and
+``distillery serve`` (a local OpenAI-compatible endpoint for development and tests)."""
 
 from __future__ import annotations
 
 import argparse
+
+from manifests.verbs import Stage, add_config_options, add_group, add_recipe_verb, add_verb
+
+STAGES = {
+    "synth.generate": Stage("synth.generate:GenerateConfig", "synth.generate:run_recipe"),
+    "synth.cot": Stage("synth.cot:CotConfig", "synth.cot:run_recipe"),
+    "synth.preferences": Stage("synth.preferences:PreferencesConfig", "synth.preferences:run_recipe"),
+    "synth.augment": Stage("synth.augment:AugmentConfig", "synth.augment:run_recipe"),
+}
+"""The synth recipe stages (``stage:`` → config, run function); each has the verb of its name."""
 
 VERBS = {
     "generate": ("answers to prompts made from a dataset",
@@ -24,14 +35,41 @@ VERBS = {
 """verb → (what it makes, description, example recipe in examples/recipes)."""
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from manifests.cli import add_group, add_recipe_verb
+def _serve(args: argparse.Namespace) -> int:
+    from synth.serve import run
 
+    return run(args)
+
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    from synth.serve import FaultOptions, ServeOptions
+    from synth.serve_batch import BatchOptions
+
+    parser.add_argument(
+        "model", metavar="MODEL", help="run reference of a checkpoint in the store, or 'echo'"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    for options in (ServeOptions, FaultOptions, BatchOptions):
+        add_config_options(parser, options, group=True)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
     verbs = add_group(
         sub, "synth", "have a teacher model write training data (answers, with per-row lineage)",
         "Generate teacher data from a dataset's records.",
         "example:\n  distillery synth generate examples/recipes/demo-synth.yaml --set limit=8\n",
+        default_verb="generate",
     )  # fmt: skip
     for verb, (makes, description, example) in VERBS.items():
-        add_recipe_verb(verbs, verb, expect=f"synth.{verb}", help_=f"run a synth.{verb} recipe ({makes})",
-                        description=description, example=f"distillery synth {verb} examples/recipes/{example}")  # fmt: skip
+        add_recipe_verb(verbs, verb, stages=STAGES, expect=f"synth.{verb}",
+                        help_=f"run a synth.{verb} recipe ({makes})", description=description,
+                        example=f"distillery synth {verb} examples/recipes/{example}")  # fmt: skip
+    add_verb(
+        sub, "serve", _serve, "serve a checkpoint as a local OpenAI-compatible endpoint (with fault injection)",
+        "Serve a store checkpoint (or 'echo', no model) at /v1/models, /v1/chat/completions and\n"
+        "/v1/completions with batched generation, and OpenAI's Batch API (/v1/files, /v1/batches),\n"
+        "until SIGINT or SIGTERM. The fault options make a share of requests fail, for testing\n"
+        "clients against a misbehaving endpoint.",
+        "distillery serve smollm2-135m-instruct --port 8000 --fault-429 0.1", _serve_options,
+    )  # fmt: skip

@@ -17,200 +17,57 @@ OpenAI API, vLLM, SGLang, Ollama, ``distillery serve``) with the ``openai`` clie
   price, with the same cache and lineage (``synth/batch.py``);
 - records per answer what the row lineage needs: teacher as configured and as served (``model``,
   ``system_fingerprint``), endpoint, sampling, seed, attempts, finish reason, tokens, cost, cache hit.
+
+The engine owns what every request shares (cache, budget, usage, stop, an answer's lineage); each
+teacher has a transport that only sends: ``DirectTransport`` here, or the Batch API client, which
+uses the same public accounting methods (``reserve``/``release``, ``answer_from``, ``record``).
+The types the tasks and transports share live in ``synth/teacher_requests.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
-import math
 import os
 import random
 import re
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
-from pydantic import Field, model_validator
-
 from manifests.errors import DistilleryError
-from manifests.recipes import RecipeConfig
+from manifests.retry_after import parse_delay, parse_retry_after
+from synth.batch import BatchClient
 from synth.cache import RequestCache, request_key
+from synth.teacher_requests import (  # the tasks import these from here too
+    Answer,
+    BudgetConfig,
+    Request,
+    RunStopped,
+    SamplingConfig,
+    TeacherConfig,
+    Transport,
+    Usage,
+    estimate_prompt_tokens,
+)
 
-_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEY_PREFIXES = ("sk_", "hf_", "gsk_", "xai_", "ghp_", "gho_", "github_pat_", "AKIA", "AIza", "pk_", "rk_")
-
-
-def looks_like_a_key(value: str) -> bool:
-    """Whether an ``api_key_env`` value is a secret pasted where the variable's name belongs.
-
-    A shell variable name is letters, digits and ``_``; keys have ``-`` or ``.`` in them (``sk-…``),
-    or are long runs of mixed case and digits (``hf_…``, ``AKIA…``) or of hex digits, which names
-    written in UPPER_SNAKE case are not."""
-    if not _VARIABLE_NAME.fullmatch(value):
-        return True
-    if len(value) < 20:
-        return False
-    mixed = (
-        any(c.islower() for c in value)
-        and any(c.isupper() for c in value)
-        and any(c.isdigit() for c in value)
-    )
-    digits = any(c.isdigit() for c in value)
-    return mixed or digits and (value.startswith(_KEY_PREFIXES) or len(value) >= 32 and "_" not in value)
-
-
-_SECRET_PARAMETERS = {"key", "api_key", "api-key", "apikey", "token", "access_token", "auth", "sig", "secret"}
-
-
-def credentials_in_url(url: str) -> str | None:
-    """What secret an endpoint URL carries (a password, a key parameter), or None."""
-    from urllib.parse import parse_qsl, urlsplit
-
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # a malformed port or host: the client says so when it connects
-        return None
-    if password or parts.username:
-        return "a user name or password"
-    named = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_PARAMETERS]
-    return f"a '{named[0]}' parameter" if named else None
-
-
-class TeacherConfig(RecipeConfig):
-    """One teacher: a model behind an OpenAI-compatible endpoint (or served locally for the run)."""
-
-    name: str | None = None
-    """How rows and routing name this teacher (default: the model)."""
-    model: str | None = None
-    """The model name the endpoint expects (``gpt-4o-mini``, ``Qwen/Qwen2.5-7B-Instruct``…)."""
-    base_url: str | None = None
-    """The endpoint, e.g. ``https://api.openai.com/v1``, ``http://localhost:8000/v1`` (vLLM)."""
-    serve: str | None = None
-    """Instead of ``base_url``: a checkpoint in the store, served on loopback for the run
-    (``distillery serve``) -- for development, tests and small local teachers."""
-    api_key_env: str | None = None
-    """Name of the environment variable holding the API key (never the key itself)."""
-    price_input: float = Field(default=0.0, ge=0)
-    """Price per million input tokens, for cost tracking and the budget."""
-    price_output: float = Field(default=0.0, ge=0)
-    """Price per million output tokens."""
-    max_concurrency: int = Field(default=16, ge=1)
-    """Requests in flight at most (the adaptive limit starts here and climbs back to it)."""
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    tokens_per_minute: int | None = Field(default=None, ge=1)
-    """Prompt plus ``max_tokens`` are reserved per request; what the answer did not use is given back."""
-    timeout: float = Field(default=120.0, gt=0)
-    """Seconds before a request counts as timed out (and is retried)."""
-    max_attempts: int = Field(default=6, ge=1)
-    """Attempts per request, the first included, before it becomes a failed answer."""
-    backoff: float = Field(default=1.0, gt=0)
-    """Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``, capped at 60)."""
-    serve_max_batch: int = Field(default=8, ge=1)
-    """With ``serve``: requests generated together in one batch."""
-    batch: bool = False
-    """Send this teacher's requests through the endpoint's Batch API (``/v1/files`` + ``/v1/batches``:
-    a lower price, answers within 24 h) instead of one by one; see ``synth/batch.py``. Every row of
-    the run is then in flight at once, so that one batch holds them all."""
-    batch_poll_s: float = Field(default=30.0, gt=0)
-    """With ``batch``: seconds between two looks at a batch's status."""
-    batch_max_requests: int = Field(default=50_000, ge=1)
-    """With ``batch``: requests per batch file at most (OpenAI's limit is 50,000)."""
-    batch_price_factor: float = Field(default=0.5, ge=0)
-    """With ``batch``: the share of ``price_input``/``price_output`` a batch answer costs."""
-
-    @model_validator(mode="after")
-    def _one_endpoint(self) -> TeacherConfig:
-        # Checked here, on the whole teacher, and not by a validator of the field: a field's error
-        # line shows the value it got, and that value would be the key, on the terminal and in logs.
-        if self.api_key_env is not None and looks_like_a_key(self.api_key_env):
-            raise ValueError(
-                "'api_key_env' looks like a key, not a variable name (the value is not shown); put the "
-                "key in an environment variable and give its name there, e.g. "
-                "export OPENAI_API_KEY=… and api_key_env: OPENAI_API_KEY"
-            )
-        if self.base_url is not None and credentials_in_url(self.base_url):
-            # The endpoint goes into every row's lineage, the request keys and the manifest.
-            raise ValueError(
-                f"'base_url' carries {credentials_in_url(self.base_url)} (the URL is not shown): it would be "
-                "written into every row and the manifest; give the bare endpoint and the key's variable "
-                "in 'api_key_env'"
-            )
-        if (self.base_url is None) == (self.serve is None):
-            raise ValueError("give exactly one of 'base_url' (an endpoint) or 'serve' (a store checkpoint)")
-        if self.base_url is not None and not self.model:
-            raise ValueError("'model' is needed with 'base_url'")
-        return self
-
-    @property
-    def label(self) -> str:
-        return self.name or self.model or self.serve or ""
-
-    @property
-    def price_factor(self) -> float:
-        return self.batch_price_factor if self.batch else 1.0
-
-
-class SamplingConfig(RecipeConfig):
-    """Sampling parameters (every one enters the request key)."""
-
-    max_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = 0
-    """Sent to the endpoint (sample ``k`` of a prompt uses ``seed + k``); endpoints honour it to
-    different degrees, and the response's ``system_fingerprint`` says which build answered."""
-
-
-class BudgetConfig(RecipeConfig):
-    """A cap on what the run may spend; it stops cleanly there, every answer so far cached."""
-
-    max_cost: float | None = Field(default=None, ge=0)
-    """In the currency of the teachers' prices."""
-    max_tokens: int | None = Field(default=None, ge=1)
-    """Prompt plus completion tokens sent by this run (cache hits are free)."""
-
-
-@dataclass
-class Request:
-    teacher: str
-    messages: list[dict[str, str]]
-    sampling: dict[str, Any]
-    sample_index: int = 0
-    key: str = ""
-
-
-@dataclass
-class Answer:
-    """What came back for one request, with the lineage a row keeps."""
-
-    key: str
-    teacher: str
-    endpoint: str
-    content: str | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    served_model: str | None = None
-    system_fingerprint: str | None = None
-    attempts: int = 0
-    cache_hit: bool = False
-    error: str | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-class RunStopped(Exception):
-    """No new request starts: the budget is reached or the run was interrupted (SIGINT/SIGTERM).
-    Requests in flight finish and are cached first."""
+__all__ = [
+    "AdaptiveLimit",
+    "Answer",
+    "BudgetConfig",
+    "DirectTransport",
+    "RateWindow",
+    "Request",
+    "RunStopped",
+    "SamplingConfig",
+    "TeacherConfig",
+    "TeacherEngine",
+    "Usage",
+    "estimate_prompt_tokens",
+    "gather_all",
+]
 
 
 class AdaptiveLimit:
@@ -326,11 +183,6 @@ async def gather_all(*aws) -> list[Any]:
     return list(results)
 
 
-def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
-    """About four characters a token (the common rule of thumb) plus a few per message."""
-    return sum(len(m.get("content") or "") // 4 + 4 for m in messages)
-
-
 def _text_content(content: Any) -> str:
     """A message's content as text. The client does not validate responses, so whatever JSON the
     endpoint sent is here: null is an empty answer, a list of content parts is joined, anything
@@ -363,44 +215,141 @@ def _utf8(text: str) -> str:
 
 
 def _retry_after(error: Exception) -> float | None:
+    """How long a 429 asked to wait: OpenAI's ``retry-after-ms`` first, else the standard header
+    (``manifests/retry_after.py``: the crawler reads it the same way). Unreadable counts as absent,
+    and the backoff decides: raised here, it escaped the retry loop; "inf" paused the teacher forever."""
     response = getattr(error, "response", None)
     headers = getattr(response, "headers", None) or {}
-    # A header that is neither a number nor a date, or an endless one, counts as absent (the backoff
-    # decides): raised here, it escaped the retry loop as a traceback; "inf" paused the teacher forever.
-    with contextlib.suppress(ValueError, TypeError, OverflowError):
-        if "retry-after-ms" in headers:
-            seconds = float(headers["retry-after-ms"]) / 1000
-        elif (value := headers.get("retry-after")) is None:
-            return None
-        else:
+    if "retry-after-ms" in headers:
+        millis = parse_delay(headers["retry-after-ms"])
+        return None if millis is None else millis / 1000
+    return parse_retry_after(headers.get("retry-after"))
+
+
+class DirectTransport:
+    """A teacher's requests one at a time to its endpoint: the adaptive limit, the rate window, retries."""
+
+    def __init__(self, engine: TeacherEngine, teacher: TeacherConfig, client: Any, rng: random.Random):
+        self.engine, self.teacher, self.client = engine, teacher, client
+        self.limit = AdaptiveLimit(teacher.max_concurrency)
+        self.window = RateWindow(teacher.requests_per_minute, teacher.tokens_per_minute)
+        self._rng = rng
+        self._stopping = asyncio.Event()
+        self._wakers: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def stop(self) -> None:
+        # Requests waiting for a slot, a rate window or a backoff give up now rather than after it.
+        self._stopping.set()
+        self.window.stop()
+        with contextlib.suppress(RuntimeError):  # no event loop running: nothing is waiting
+            task = asyncio.get_running_loop().create_task(self.limit.close())
+            self._wakers.add(task)
+            task.add_done_callback(self._wakers.discard)
+
+    async def answer(self, r: Request) -> Answer:
+        engine, t = self.engine, self.teacher
+        window_tokens = estimate_prompt_tokens(r.messages) + r.sampling["max_tokens"]
+        answer = engine.new_answer(r)
+        error, attempt = "no attempt made", 0
+        while attempt < t.max_attempts:
+            attempt += 1
+            # The slot first, then the window: a request waiting out a 429's pause for its slot must
+            # not hold a window entry stamped long before it is sent (the window would then let a
+            # burst through once that entry slid out).
+            if not await self.limit.acquire():
+                raise RunStopped(engine.stopped)
+            entry = await self.window.reserve(window_tokens)
+            try:  # checked last, right before sending: a stop or the cap may have come while waiting
+                reserved = engine.reserve(r)
+            except RunStopped:
+                self.window.settle(entry, 0)
+                await self.limit.release("cancelled")
+                raise
+            outcome, pause = "error", 0.0
             try:
-                seconds = float(value)
-            except ValueError:
-                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        if math.isfinite(seconds):
-            return max(0.0, seconds)
-    return None
+                engine.usage.sent += 1
+                answer = engine.answer_from(t, r, await self.post(r), attempt)
+                outcome = "ok"
+            except Exception as e:  # sorted by _classify: which failures are worth another attempt
+                outcome, pause, error = self._classify(e, attempt)
+            finally:
+                engine.release(reserved)
+                used = answer.prompt_tokens + answer.completion_tokens if outcome == "ok" else 0
+                self.window.settle(entry, used)
+                await self.limit.release(outcome, pause)
+            if outcome == "ok":
+                engine.record(answer)
+                engine.on_progress()
+                return answer
+            if outcome == "fatal":
+                break
+            if attempt < t.max_attempts:
+                engine.usage.retries += 1
+                if outcome != "rate_limited":  # after a 429 the limiter itself waits for Retry-After
+                    with contextlib.suppress(TimeoutError):  # a stop ends the backoff at once
+                        await asyncio.wait_for(self._stopping.wait(), pause)
+        answer = engine.failed_answer(r, error, attempt)
+        engine.on_progress()
+        return answer
 
+    async def post(self, r: Request) -> Any:
+        """One chat completion request, sent once."""
+        body = self.engine.request_body(self.teacher, r)
+        # client.post with a plain body, not chat.completions.create: the latter re-validates the
+        # parameters through typed dicts, about 1 ms of CPU per request (benchmarks/synth).
+        from openai.types.chat import ChatCompletion
 
-@dataclass
-class Usage:
-    """What this run spent and did, for progress, stats and the budget."""
+        return await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
 
-    sent: int = 0
-    answered: int = 0
-    cache_hits: int = 0
-    failed: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    reserved_cost: float = 0.0
-    reserved_tokens: int = 0
+    def _classify(self, error: Exception, attempt: int) -> tuple[str, float, str]:
+        """(``rate_limited``, ``retry`` or ``fatal``; seconds to wait first; the error as one line)."""
+        import openai
+
+        t = self.teacher
+        backoff = self._rng.uniform(0, min(60.0, t.backoff * 2 ** (attempt - 1)))  # full jitter
+        if isinstance(error, openai.RateLimitError):
+            self.engine.usage.rate_limited += 1
+            wait = _retry_after(error)
+            return (
+                "rate_limited",
+                backoff if wait is None else wait + self._rng.uniform(0, 0.1),
+                "HTTP 429 (rate limited)",
+            )
+        if isinstance(error, openai.APITimeoutError) and not isinstance(
+            error.__cause__, ConnectionError | OSError
+        ):
+            cause = error.__cause__
+            # The aiohttp transport reports a refused connection as a connect "timeout": say what it was.
+            if (
+                cause is not None
+                and "connect" in type(cause).__name__.lower()
+                and "timed out" not in str(cause)
+            ):
+                return "retry", backoff, f"connection failed: {str(cause)[:200]}"
+            return "retry", backoff, f"timed out after {t.timeout:g} s"
+        if isinstance(error, openai.APIConnectionError):
+            return "retry", backoff, f"connection failed: {error}"
+        if isinstance(error, openai.APIStatusError):
+            status = error.status_code
+            kind = "retry" if status >= 500 or status in (408, 409) else "fatal"
+            return kind, backoff, f"HTTP {status}: {str(error.message)[:300]}"
+        if isinstance(
+            error,
+            (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, AttributeError, TypeError),
+        ):
+            return "retry", backoff, f"malformed response: {str(error)[:200]}"
+        raise error  # a bug here, not the endpoint's failure
 
 
 class TeacherEngine:
-    """Sends requests to the configured teachers; use as ``async with TeacherEngine(...) as engine``."""
+    """Sends requests to the configured teachers; use as ``async with TeacherEngine(...) as engine``.
+
+    The engine owns what every request shares -- the cache, the budget, the usage, the stop, the
+    lineage of an answer; each teacher's ``Transport`` (``DirectTransport``, or the Batch API's
+    ``synth.batch.BatchClient``) only sends, and uses the public accounting methods below."""
 
     def __init__(self, teachers: list[TeacherConfig], cache: RequestCache, store=None,
                  budget: BudgetConfig | None = None):  # fmt: skip
@@ -413,20 +362,15 @@ class TeacherEngine:
         self.budget = budget or BudgetConfig()
         self.usage = Usage()
         self.endpoints: dict[str, str] = {}
-        self._clients: dict[str, Any] = {}
-        self._limits: dict[str, AdaptiveLimit] = {}
-        self._windows: dict[str, RateWindow] = {}
+        self.transports: dict[str, Transport] = {}
+        """Per teacher label: how its cache misses are sent (batch teachers share one Batch API client)."""
         self._servers: list[Any] = []
         self._rng = random.Random(0)
         self.stopped: str | None = None
-        """Why no new request may start (``budget`` or ``interrupted``), once that happens."""
-        self._stopping = asyncio.Event()
-        self._wakers: set[asyncio.Task] = set()
+        """Why no new request may start (``budget``, ``interrupted`` or ``cache``), once that happens."""
         self._in_flight: dict[str, asyncio.Future[Answer]] = {}
         """Requests being sent, by key: one that is asked again meanwhile waits for this answer."""
         self.on_progress = lambda: None
-        self._batch: Any = None
-        """The Batch API client (``synth/batch.py``) when a teacher has ``batch: true``."""
 
     # ------------------------------------------------------------------ set-up
 
@@ -442,6 +386,7 @@ class TeacherEngine:
     async def __aenter__(self) -> TeacherEngine:
         import openai
 
+        clients: dict[str, Any] = {}
         for label, teacher in self.teachers.items():
             self.endpoints[label] = self.endpoint_of(teacher)
             base_url = teacher.base_url
@@ -461,23 +406,25 @@ class TeacherEngine:
             # The engine retries itself (and counts attempts): the client's own retries are off.
             # aiohttp as the transport: the default one spent ~8 ms of CPU per request at 64 in flight
             # (benchmarks/synth), capping a run near 130 requests/s whatever the endpoint could do.
-            self._clients[label] = openai.AsyncOpenAI(
+            clients[label] = openai.AsyncOpenAI(
                 base_url=base_url, api_key=key, max_retries=0, timeout=teacher.timeout,
                 http_client=openai.DefaultAioHttpClient(timeout=teacher.timeout),
             )  # fmt: skip
-            self._limits[label] = AdaptiveLimit(teacher.max_concurrency)
-            self._windows[label] = RateWindow(teacher.requests_per_minute, teacher.tokens_per_minute)
-        if any(t.batch for t in self.teachers.values()):
-            from synth.batch import BatchClient
-
-            self._batch = BatchClient(self)
+        batched = {label: client for label, client in clients.items() if self.teachers[label].batch}
+        if batched:
+            batch = BatchClient(self, batched, self.cache)  # one for all: a request key is collected once
+            self.transports.update(dict.fromkeys(batched, batch))
+        for label, client in clients.items():
+            if label not in batched:
+                self.transports[label] = DirectTransport(self, self.teachers[label], client, self._rng)
+        if self.stopped is not None:  # stopped before it started: nothing may start now either
+            for transport in self.transports.values():
+                transport.stop()
         return self
 
     async def __aexit__(self, *exc) -> None:
-        if self._batch is not None:
-            await self._batch.close()
-        for client in self._clients.values():
-            await client.close()
+        for transport in {id(t): t for t in self.transports.values()}.values():
+            await transport.close()
         for server in self._servers:
             server.close()
 
@@ -519,12 +466,6 @@ class TeacherEngine:
         cached = self.cache.get_many([r.key for r in requests])
         return await gather_all(*(self._one(r, cached.get(r.key)) for r in requests))
 
-    def _base(self, r: Request) -> Answer:
-        sent = dict(r.sampling)
-        if sent.get("seed") is not None:
-            sent["seed"] += r.sample_index  # as sent: sample k of a prompt uses seed + k
-        return Answer(key=r.key, teacher=r.teacher, endpoint=self.endpoints[r.teacher], sampling=sent)
-
     async def _one(self, r: Request, cached: dict[str, Any] | None) -> Answer:
         if cached is not None:
             self.usage.cache_hits += 1
@@ -532,9 +473,9 @@ class TeacherEngine:
             known = {k: v for k, v in cached.items() if k in Answer.__dataclass_fields__}  # older entries too
             return Answer(**(known | {"cache_hit": True, "key": r.key, "teacher": r.teacher,
                                       "endpoint": self.endpoints[r.teacher]}))  # fmt: skip
-        t = self.teachers[r.teacher]
-        if t.batch:  # cache misses of a batch teacher wait for their batch (synth/batch.py)
-            return await self._batch.answer(r)
+        transport = self.transports[r.teacher]
+        if self.teachers[r.teacher].batch:  # cache misses of a batch teacher wait for their batch
+            return await transport.answer(r)
         # Two rows with the same prompt make the same request at once, before the cache has its answer:
         # the second waits for the first rather than paying again -- and perhaps getting another
         # answer under the one key (a rerun would then read both rows back with the one cached last).
@@ -550,7 +491,7 @@ class TeacherEngine:
             return answer
         mine = self._in_flight[r.key] = asyncio.get_running_loop().create_future()
         try:
-            answer = await self._send_with_retries(t, r)
+            answer = await transport.answer(r)
         except BaseException as e:
             mine.set_exception(e)
             mine.exception()  # retrieved: it is raised here, whether or not a second request waits
@@ -561,75 +502,13 @@ class TeacherEngine:
             del self._in_flight[r.key]
         return answer
 
-    async def _send_with_retries(self, t: TeacherConfig, r: Request) -> Answer:
-        prompt_estimate = estimate_prompt_tokens(r.messages)
-        limit, window = self._limits[r.teacher], self._windows[r.teacher]
-        answer = self._base(r)
-        error, attempt = "no attempt made", 0
-        while attempt < t.max_attempts:
-            attempt += 1
-            # The slot first, then the window: a request waiting out a 429's pause for its slot must
-            # not hold a window entry stamped long before it is sent (the window would then let a
-            # burst through once that entry slid out).
-            if not await limit.acquire():
-                raise RunStopped(self.stopped)
-            entry = await window.reserve(prompt_estimate + r.sampling["max_tokens"])
-            try:  # checked last, right before sending: a stop or the cap may have come while waiting
-                reserved = self._reserve(t, prompt_estimate, r.sampling["max_tokens"])
-            except RunStopped:
-                window.settle(entry, 0)
-                await limit.release("cancelled")
-                raise
-            outcome, pause = "error", 0.0
-            try:
-                self.usage.sent += 1
-                answer = self._read(t, r, await self._send(t, r), attempt)
-                outcome = "ok"
-            except Exception as e:  # sorted by _classify: which failures are worth another attempt
-                outcome, pause, error = self._classify(e, t, attempt)
-            finally:
-                self._unreserve(reserved)
-                window.settle(
-                    entry, answer.prompt_tokens + answer.completion_tokens if outcome == "ok" else 0
-                )
-                await limit.release(outcome, pause)
-            if outcome == "ok":
-                self._spend(answer)
-                try:
-                    self.cache.put(r.key, self._cacheable(answer))
-                except DistilleryError:
-                    self.stop("cache")  # an answer that cannot be saved would be paid for again
-                    raise
-                self.on_progress()
-                return answer
-            if outcome == "fatal":
-                break
-            if attempt < t.max_attempts:
-                self.usage.retries += 1
-                if outcome != "rate_limited":  # after a 429 the limiter itself waits for Retry-After
-                    with contextlib.suppress(TimeoutError):  # a stop ends the backoff at once
-                        await asyncio.wait_for(self._stopping.wait(), pause)
-        self.usage.failed += 1
-        self.on_progress()
-        answer = self._base(r)
-        answer.error, answer.attempts = error, attempt
-        return answer
-
     def stop(self, reason: str = "interrupted") -> None:
         """Start no new request (a signal handler calls this); those in flight finish and are cached."""
-        self.stopped = self.stopped or reason
-        if self._stopping.is_set():
+        if self.stopped is not None:
             return
-        self._stopping.set()
-        # Requests waiting for a slot, a rate window or a backoff give up now rather than after it.
-        for window in self._windows.values():
-            window.stop()
-        with contextlib.suppress(RuntimeError):  # no event loop running: nothing is waiting
-            loop = asyncio.get_running_loop()
-            for limit in self._limits.values():
-                task = loop.create_task(limit.close())
-                self._wakers.add(task)
-                task.add_done_callback(self._wakers.discard)
+        self.stopped = reason
+        for transport in self.transports.values():
+            transport.stop()
 
     def request_body(self, t: TeacherConfig, r: Request) -> dict[str, Any]:
         """The chat completion request sent for ``r`` (online, or as a line of a batch file)."""
@@ -640,15 +519,24 @@ class TeacherEngine:
             kwargs["seed"] = s["seed"] + r.sample_index  # sample k of a prompt: its own seed
         return kwargs
 
-    async def _send(self, t: TeacherConfig, r: Request) -> Any:
-        kwargs = self.request_body(t, r)
-        # client.post with a plain body, not chat.completions.create: the latter re-validates the
-        # parameters through typed dicts, about 1 ms of CPU per request (benchmarks/synth).
-        from openai.types.chat import ChatCompletion
+    # ------------------------------------------------------------------ accounting, for every transport
 
-        return await self._clients[r.teacher].post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
+    def new_answer(self, r: Request) -> Answer:
+        """An answer to ``r`` with its lineage (teacher, endpoint, sampling as sent) and nothing else yet."""
+        sent = dict(r.sampling)
+        if sent.get("seed") is not None:
+            sent["seed"] += r.sample_index  # as sent: sample k of a prompt uses seed + k
+        return Answer(key=r.key, teacher=r.teacher, endpoint=self.endpoints[r.teacher], sampling=sent)
 
-    def _read(self, t: TeacherConfig, r: Request, response: Any, attempt: int) -> Answer:
+    def failed_answer(self, r: Request, error: str, attempts: int) -> Answer:
+        """The answer of a request that kept failing (counted as failed): it carries its error."""
+        self.usage.failed += 1
+        answer = self.new_answer(r)
+        answer.error, answer.attempts = error, attempts
+        return answer
+
+    def answer_from(self, t: TeacherConfig, r: Request, response: Any, attempt: int) -> Answer:
+        """The answer in a chat completion ``response``, priced; ``ValueError`` & co. if it is malformed."""
         if not getattr(response, "choices", None):
             raise ValueError("response without choices")
         choice = response.choices[0]
@@ -657,7 +545,7 @@ class TeacherEngine:
         completion = int(getattr(usage, "completion_tokens", 0) or 0)
         if prompt < 0 or completion < 0:
             raise ValueError(f"negative token counts in usage ({prompt}, {completion})")
-        answer = self._base(r)
+        answer = self.new_answer(r)
         answer.content = _text_content(choice.message.content)
         answer.finish_reason = _optional_text(choice.finish_reason, "finish_reason")
         answer.prompt_tokens, answer.completion_tokens = prompt, completion
@@ -669,47 +557,12 @@ class TeacherEngine:
         answer.attempts = attempt
         return answer
 
-    def _classify(self, error: Exception, t: TeacherConfig, attempt: int) -> tuple[str, float, str]:
-        """(``rate_limited``, ``retry`` or ``fatal``; seconds to wait first; the error as one line)."""
-        import openai
-
-        backoff = self._rng.uniform(0, min(60.0, t.backoff * 2 ** (attempt - 1)))  # full jitter
-        if isinstance(error, openai.RateLimitError):
-            self.usage.rate_limited += 1
-            wait = _retry_after(error)
-            return (
-                "rate_limited",
-                backoff if wait is None else wait + self._rng.uniform(0, 0.1),
-                "HTTP 429 (rate limited)",
-            )
-        if isinstance(error, openai.APITimeoutError) and not isinstance(
-            error.__cause__, ConnectionError | OSError
-        ):
-            cause = error.__cause__
-            # The aiohttp transport reports a refused connection as a connect "timeout": say what it was.
-            if (
-                cause is not None
-                and "connect" in type(cause).__name__.lower()
-                and "timed out" not in str(cause)
-            ):
-                return "retry", backoff, f"connection failed: {str(cause)[:200]}"
-            return "retry", backoff, f"timed out after {t.timeout:g} s"
-        if isinstance(error, openai.APIConnectionError):
-            return "retry", backoff, f"connection failed: {error}"
-        if isinstance(error, openai.APIStatusError):
-            status = error.status_code
-            kind = "retry" if status >= 500 or status in (408, 409) else "fatal"
-            return kind, backoff, f"HTTP {status}: {str(error.message)[:300]}"
-        if isinstance(
-            error,
-            (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, AttributeError, TypeError),
-        ):
-            return "retry", backoff, f"malformed response: {str(error)[:200]}"
-        raise error  # a bug here, not the endpoint's failure
-
-    # ------------------------------------------------------------------ budget
-
-    def _reserve(self, t: TeacherConfig, prompt: int, max_tokens: int) -> tuple[float, int]:
+    def reserve(self, r: Request) -> tuple[float, int]:
+        """Hold the most ``r`` may cost (its prompt and ``max_tokens``) against the budget until
+        ``release``, so that requests in flight together never pass the cap. ``RunStopped`` at the cap
+        (the run stops there) or once the run was stopped."""
+        t = self.teachers[r.teacher]
+        prompt, max_tokens = estimate_prompt_tokens(r.messages), r.sampling["max_tokens"]
         cost = (prompt * t.price_input + max_tokens * t.price_output) / 1e6 * t.price_factor
         tokens = prompt + max_tokens
         u, b = self.usage, self.budget
@@ -726,20 +579,23 @@ class TeacherEngine:
         u.reserved_tokens += tokens
         return cost, tokens
 
-    def _unreserve(self, reserved: tuple[float, int]) -> None:
+    def release(self, reserved: tuple[float, int]) -> None:
         self.usage.reserved_cost -= reserved[0]
         self.usage.reserved_tokens -= reserved[1]
 
-    def _spend(self, answer: Answer) -> None:
+    def record(self, answer: Answer) -> None:
+        """Count a paid answer and cache it at once. An answer that cannot be saved would be paid for
+        again by the next run, so a cache that fails stops this one (and its error is raised)."""
         u = self.usage
         u.answered += 1
         u.prompt_tokens += answer.prompt_tokens
         u.completion_tokens += answer.completion_tokens
         u.cost += answer.cost
-
-    @staticmethod
-    def _cacheable(answer: Answer) -> dict[str, Any]:
         data = asdict(answer)
         for transient in ("cache_hit", "key", "teacher", "endpoint"):
             data.pop(transient)
-        return data
+        try:
+            self.cache.put(answer.key, data)
+        except DistilleryError:
+            self.stop("cache")
+            raise

@@ -41,17 +41,9 @@ from manifests.records import SOURCE_TYPE, assign_splits
 from manifests.schema import Manifest
 from manifests.store import Store
 from synth.cache import RequestCache
-from synth.engine import (
-    Answer,
-    BudgetConfig,
-    Request,
-    RunStopped,
-    SamplingConfig,
-    TeacherConfig,
-    TeacherEngine,
-    gather_all,
-)
+from synth.engine import TeacherEngine, gather_all
 from synth.inputs import read_input
+from synth.teacher_requests import Answer, BudgetConfig, Request, RunStopped, SamplingConfig, TeacherConfig
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 LINEAGE = pa.struct(

@@ -23,8 +23,6 @@ Only the standard library serves HTTP: no server dependency, and nothing but loo
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import queue
 import random
@@ -36,16 +34,15 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from manifests.errors import DistilleryError
 from manifests.store import Store
+from synth.serve_batch import BatchOptions, BatchService
+from synth.serve_http import GENERATION_PATHS, BadRequest, RequestLog, Response, error_body, request_key
 from synth.teacher import Answer, generate_answers
-
-if TYPE_CHECKING:
-    from synth.serve_batch import BatchOptions
 
 ECHO = "echo"
 """The model name that serves no model (see ``EchoModel``)."""
@@ -53,9 +50,8 @@ DEFAULT_MAX_TOKENS = 64
 MAX_CHOICES = 128
 MAX_BODY = 1 << 30
 """Bytes a request body may have (a batch input file of OpenAI's largest allowed size fits)."""
-GENERATION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 BATCH_PATHS = ("/v1/files", "/v1/batches")
-"""Served by ``synth/serve_batch.py`` (which builds on this module, so it is imported where used)."""
+"""Served by ``synth/serve_batch.py``."""
 
 
 class ServeOptions(BaseModel):
@@ -127,12 +123,6 @@ class GenerationRequest:
     seeds: list[int]
     """One per choice (``n`` of them)."""
     stop: list[str]
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.status, self.code = status, code
 
 
 class EchoModel:
@@ -256,55 +246,6 @@ class Batcher:
                 job.error = failure
                 job.answers = mine * len(job.request.seeds) if count == 1 else mine
                 job.done.set()
-
-
-class RequestLog:
-    """One JSON line per HTTP request, flushed as it happens (thread-safe)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def write(self, path: str, key: str, outcome: str) -> None:
-        line = json.dumps({"time": time.time(), "path": path, "key": key, "outcome": outcome})
-        with self._lock:
-            if not self._file.closed:
-                self._file.write(line + "\n")
-                self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
-
-
-def request_key(raw: bytes) -> str:
-    """sha256 of the canonical JSON body (of the raw bytes when the body is not JSON)."""
-    with contextlib.suppress(ValueError):  # UnicodeDecodeError is one too
-        raw = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(raw).hexdigest()
-
-
-def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    outcome: str
-    headers: dict[str, str] = field(default_factory=dict)
-    content_type: str = "application/json"
-
-    @classmethod
-    def json(cls, status: int, payload: Any, outcome: str, **headers: str) -> Response:
-        return cls(status, json.dumps(payload).encode(), outcome, headers)
-
-    @classmethod
-    def error(cls, status: int, message: str, code: str | None = None) -> Response:
-        type_ = "invalid_request_error" if status < 500 else "server_error"
-        return cls.json(status, error_body(message, type_, code), "error")
 
 
 def _number(
@@ -472,8 +413,6 @@ class Server:
         faults: FaultOptions,
         batch: BatchOptions | None = None,
     ):
-        from synth.serve_batch import BatchOptions, BatchService
-
         self.model, self.backend, self.faults = model, backend, faults
         self.created = int(time.time())
         self._rng = random.Random(faults.fault_seed)
@@ -607,8 +546,6 @@ class Server:
 
 
 def _option_models() -> tuple[type[BaseModel], ...]:
-    from synth.serve_batch import BatchOptions
-
     return ServeOptions, FaultOptions, BatchOptions
 
 
@@ -645,21 +582,6 @@ def start_server(
     return Server(model, backend, host, port, serve_options, faults, batch)
 
 
-def _add_fields(parser: argparse.ArgumentParser, config: type[BaseModel]) -> None:
-    """One option per field of ``config``; the field docstrings are the help text."""
-    group = parser.add_argument_group(config.__doc__.splitlines()[0].rstrip(".").replace("``", ""))
-    for name, info in config.model_fields.items():
-        kind = info.annotation if info.annotation in (int, float) else str
-        if kind is str:
-            metavar = "PATH"
-        elif kind is float and any(getattr(m, "le", None) == 1 for m in info.metadata):
-            metavar = "RATE"  # a share of requests
-        else:
-            metavar = {"ms": "MS", "seconds": "S", "after": "S", "s": "S"}.get(name.rsplit("_", 1)[-1], "N")
-        group.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, metavar=metavar,
-                           help=f"{info.description} (default: {info.default})")  # fmt: skip
-
-
 def run(args: argparse.Namespace) -> int:
     """The CLI verb: serve until SIGINT or SIGTERM, then exit 0."""
     fields = set().union(*(m.model_fields for m in _option_models()))
@@ -675,23 +597,3 @@ def run(args: argparse.Namespace) -> int:
             for s, handler in previous.items():
                 signal.signal(s, handler)
     return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from manifests.cli import add_verb
-
-    parser = add_verb(
-        sub, "serve", run, "serve a checkpoint as a local OpenAI-compatible endpoint (with fault injection)",
-        "Serve a store checkpoint (or 'echo', no model) at /v1/models, /v1/chat/completions and\n"
-        "/v1/completions with batched generation, and OpenAI's Batch API (/v1/files, /v1/batches),\n"
-        "until SIGINT or SIGTERM. The fault options make a share of requests fail, for testing\n"
-        "clients against a misbehaving endpoint.",
-        "distillery serve smollm2-135m-instruct --port 8000 --fault-429 0.1",
-    )  # fmt: skip
-    parser.add_argument(
-        "model", metavar="MODEL", help="run reference of a checkpoint in the store, or 'echo'"
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    for model in _option_models():
-        _add_fields(parser, model)

@@ -29,15 +29,12 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from synth.serve import GENERATION_PATHS, BadRequest, RequestLog, Response, error_body, request_key
-
-if TYPE_CHECKING:
-    from synth.serve import Server
+from synth.serve_http import GENERATION_PATHS, BadRequest, RequestLog, Response, error_body, request_key
 
 WINDOW_S = 24 * 3600
 """``completion_window: 24h``, the only window OpenAI offers."""
@@ -132,10 +129,23 @@ def parse_multipart(raw: bytes, content_type: str) -> dict[str, tuple[str | None
     return fields
 
 
+class GenerationServer(Protocol):
+    """What the Batch API uses of its server (``synth.serve.Server``): the model it serves, request
+    validation, the batched generation and the completion object of an answer."""
+
+    model: str
+    batcher: Any
+    """``synth.serve.Batcher``: ``submit(request)`` and ``options.max_batch``."""
+
+    def validate(self, kind: str, body: Any) -> Any: ...
+
+    def completion(self, kind: str, request: Any, answers: list[Any]) -> dict[str, Any]: ...
+
+
 class BatchService:
     """Files and batches of one server; each batch runs in its own background thread."""
 
-    def __init__(self, server: Server, options: BatchOptions, seed: int, log: RequestLog | None):
+    def __init__(self, server: GenerationServer, options: BatchOptions, seed: int, log: RequestLog | None):
         self.server, self.options, self.log = server, options, log
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, Batch] = {}

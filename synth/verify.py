@@ -44,11 +44,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from manifests.time_limit import TimeLimitExceeded, call_with_time_limit
 
 METHODS = ("exact", "numeric", "math", "regex", "tests", "none")
 EXTRACTORS = ("auto", "final_line", "boxed", "last_number", "regex", "code")
@@ -327,44 +327,6 @@ def _safe_for_sympy(expr: str) -> bool:
     return True
 
 
-class _TimeUp(Exception):
-    pass
-
-
-def _with_time_limit(fn: Callable[[], Any], seconds: float) -> Any:
-    """``fn()``, or ``_TimeUp`` after ``seconds``. In the main thread a SIGALRM timer interrupts
-    it; elsewhere it runs in a daemon thread that is abandoned on expiry (inputs are bounded by
-    ``_safe_for_sympy``, so an abandoned computation is small)."""
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-
-        def alarm(signum, frame):
-            raise _TimeUp
-
-        previous = signal.signal(signal.SIGALRM, alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        try:
-            return fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except Exception as e:  # handed to the caller's thread
-            box["error"] = e
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        raise _TimeUp
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 def _sympy(expr: str):
     from sympy import E, I, Symbol, log
     from sympy.parsing.sympy_parser import (
@@ -413,9 +375,10 @@ def math_equal(answer: str, reference: str, options: VerifyOptions) -> tuple[boo
         return False, {"how": "symbolic"}
 
     if _safe_for_sympy(a) and _safe_for_sympy(b):
+        # Off the main thread an expired computation is abandoned, not stopped: _safe_for_sympy keeps it small.
         try:
-            return _with_time_limit(compare, options.math_time_limit)
-        except _TimeUp:
+            return call_with_time_limit(compare, options.math_time_limit)
+        except TimeLimitExceeded:
             note = f"sympy took over {options.math_time_limit:g} s"
         except Exception as e:  # sympy's parser raises anything from SyntaxError to TypeError
             note = f"sympy could not parse it ({type(e).__name__})"
@@ -434,14 +397,14 @@ def math_key(answer: str, options: VerifyOptions) -> str:
     value: float | complex | None = None if "%" in answer else _plain_number(plain)
     if value is None and "%" not in answer and _safe_for_sympy(plain):
         try:
-            expr = _with_time_limit(lambda: _sympy(plain), options.math_time_limit)
+            expr = call_with_time_limit(lambda: _sympy(plain), options.math_time_limit)
             if expr.free_symbols:
                 from sympy import simplify
 
-                return str(_with_time_limit(lambda: simplify(expr), options.math_time_limit))
+                return str(call_with_time_limit(lambda: simplify(expr), options.math_time_limit))
             value = complex(expr.evalf())
             value = value.real if abs(value.imag) < options.abs_tol else value
-        except Exception:  # _TimeUp, or an answer sympy cannot read: vote on its number or text
+        except Exception:  # TimeLimitExceeded, or an answer sympy cannot read: vote on its number or text
             value = None
     if value is None:
         lone = _lone_number(answer)

@@ -111,3 +111,34 @@ def tiny_tokenizer(words: list[str] | None = None):
     )  # fmt: skip
     tokenizer.chat_template = TINY_TEMPLATE
     return tokenizer
+
+
+def assert_cache_faults_are_one_line(cli, store: Store, recipe_for, monkeypatch) -> None:
+    """A damaged request cache, then one locked by another process, each end a synth run in one line
+    (``recipe_for(url)`` writes the run's recipe for an endpoint)."""
+    import functools
+    import sqlite3
+
+    from synth.cache import RequestCache
+    from synth.serve import start_server
+
+    cache = store.root / "cache" / "synth.sqlite"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(b"not a database, " * 64)
+    result = cli("--store", store.root, "synth", "generate", recipe_for("http://127.0.0.1:9/v1"))
+    assert_one_line_error(result, code=1)
+    assert "synth.sqlite: file is not a database" in result.err and "move it away" in result.err
+
+    cache.unlink()
+    RequestCache(cache).close()
+    holder = sqlite3.connect(cache, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # as another process in a long write would
+    # A short busy timeout: the run must give up with the one line, not wait for the lock for ever.
+    monkeypatch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, timeout=0.1))
+    try:
+        with start_server("echo") as server:
+            result = cli("--store", store.root, "synth", "generate", recipe_for(server.url))
+    finally:
+        holder.close()
+    assert_one_line_error(result, code=1)
+    assert "database is locked" in result.err and "another process holds it" in result.err

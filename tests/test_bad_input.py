@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import re
+
 import pytest
 
-from manifests.cli import STAGES
+from manifests.cli import PACKAGES, package_clis, stage_table
 from manifests.errors import DistilleryError
-from manifests.recipes import parse_config, read_recipe
+from manifests.recipes import RecipeConfig, parse_config, read_recipe
 
 from .conftest import ROOT, assert_one_line_error, write_recipe
 
@@ -108,35 +111,68 @@ def test_tampered_input_stops_the_next_stage(cli, tmp_path, store):
     "recipe", sorted((ROOT / "examples" / "recipes").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_every_shipped_recipe_validates(recipe):
-    import importlib
-
     data = read_recipe(recipe)
-    module_name, func = STAGES[data["stage"]].split(":")
-    module = importlib.import_module(module_name)
-    configs = {
-        "corpus.build": "CorpusBuildConfig", "corpus.train-classifier": "TrainClassifierConfig", "corpus.crawl": "CrawlConfig", "corpus.decontam-index": "BuildIndexConfig", "synth.augment": "AugmentConfig", "synth.generate": "GenerateConfig", "synth.preferences": "PreferencesConfig", "synth.cot": "CotConfig",
-        "train.import-model": "ImportModelConfig", "train.make-student": "MakeStudentConfig", "eval": "PerplexityRecipe",
-        "train.tokenizer": "TokenizerRecipe", "train.pack": "PackRecipe",
-    }  # fmt: skip
-    if data["stage"] == "train":  # one stage, a module per method
-        from train.methods import recipe_class
-
-        model = recipe_class(data, str(recipe))
-    else:
-        model = getattr(module, configs[data["stage"]])
+    model = stage_table()[data["stage"]].config_class(data, str(recipe))  # (train: the method's)
     config = parse_config(model, data, str(recipe))
     assert config.resolved()["name"] == data["name"]
 
 
-def test_help_everywhere(cli):
-    verbs = [["corpus", "build"], ["synth", "generate"], ["synth", "augment"], ["synth", "cot"], ["train", "run"], ["train", "import-model"],
-             ["train", "make-student"], ["eval", "run"], ["run"], ["demo"]]  # fmt: skip
-    verbs += [["manifests", v] for v in ("list", "show", "verify", "lineage", "trace", "diff")]
-    verbs += [["train", "tokenizer"], ["train", "pack"], ["train", "merge"]]
-    for args in [["--help"]] + [v + ["--help"] for v in verbs]:
-        with pytest.raises(SystemExit) as exit_:
-            cli(*args)
-        assert exit_.value.code == 0
+def _help(cli, capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        cli(*args, "--help")
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def _commands(help_text: str) -> list[str]:
+    """The subcommands a --help lists (indented under COMMAND or VERB)."""
+    listed = help_text.split("positional arguments:")[1].split("options:")[0]
+    return re.findall(r"^    (\S+)", listed, flags=re.M)
+
+
+def test_help_everywhere(cli, capsys):
+    # Every command and verb the packages register: help, and an example to copy.
+    for command in _commands(_help(cli, capsys)):
+        text = _help(cli, capsys, command)
+        verbs = _commands(text) if command in (*PACKAGES, "manifests") else []
+        assert "example" in text, command
+        for verb in verbs:
+            assert "example:" in _help(cli, capsys, command, verb), (command, verb)
+
+
+def test_the_stage_tables_are_the_one_list_of_stages(cli, capsys, tmp_path, store):
+    # Each package owns its stages and their verbs; the root knows the packages, nothing else.
+    assert {p.parent.name for p in ROOT.glob("*/cli.py")} == {*PACKAGES, "manifests"}
+    commands = _commands(_help(cli, capsys))
+    for package, module in zip(PACKAGES, package_clis(), strict=True):
+        assert package in commands
+        verbs = _commands(_help(cli, capsys, package))
+        for stage in module.STAGES:
+            owner, _, verb = stage.partition(".")
+            assert owner == package, stage
+            assert verb in verbs or "run" in verbs, f"no verb runs stage {stage}"
+    # Every stage is dispatched by `distillery run`, to its own config (which reads the recipe).
+    for stage, entry in stage_table().items():
+        assert issubclass(entry.config_class({"stage": stage}), RecipeConfig) and callable(entry.runner())
+        recipe = write_recipe(tmp_path / f"{stage}.yaml", f"stage: {stage}\nname: x\nnot_a_key: 1\n")
+        result = cli("--store", store.root, "run", recipe)
+        assert_one_line_error(result)
+        assert f"{recipe}: " in result.err and "unknown stage" not in result.err, result.err
+
+
+def test_manifests_imports_no_stage_package():
+    for path in sorted((ROOT / "manifests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Call) and "import_module" in ast.unparse(node.func):
+                names = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in PACKAGES, f"{path.name}:{node.lineno}: {ast.unparse(node)}"
 
 
 def test_set_overrides_nested_values_and_rejects_malformed(cli, tmp_path, store):

@@ -112,3 +112,34 @@ def test_a_build_killed_in_any_phase_resumes_without_redoing_finished_tasks(
     total = len(calls) - calls_before
     assert calls_before == total - 2, f"{label}: {calls_before} of {total} tasks redone after 2 were finished"
     assert fresh.resolve("n").id == resumed.id
+
+
+def test_near_duplicates_of_an_index_found_the_same_by_verify_tasks_in_workers(cli, tmp_path, monkeypatch):
+    """The texts of indexed documents reach verify tasks in worker processes through the reader the
+    build hands them (the index's texts live in the indexed dataset, not in the task files)."""
+    source, kept = _corpus(tmp_path)
+    store = Store(tmp_path / "store")
+    old = write_jsonl(tmp_path / "old.jsonl", [{"text": t} for t in kept[:6]])
+    write_recipe(tmp_path / "old.yaml", f"stage: corpus.build\nname: old\ninputs: [{{path: {old}}}]\n")
+    assert cli("--store", store.root, "corpus", "build", tmp_path / "old.yaml").code == 0
+    result = cli(
+        "--store", store.root, "corpus", "dedup-index", "old", "--name", "idx", "--minhash-threshold", "0.7"
+    )
+    assert result.code == 0, result.err
+    built = {}
+    for workers in (1, 2):
+        if workers == 2:
+            _small(monkeypatch)  # many buckets and verify tasks, run in spawned workers
+        recipe = write_recipe(
+            tmp_path / f"i{workers}.yaml",
+            _recipe(tmp_path, source, workers).read_text().replace("name: n", f"name: n{workers}")
+            .replace("keep: longest}", "keep: longest}, against: [idx]"),
+        )  # fmt: skip
+        result = cli("--store", store.root, "corpus", "build", recipe)
+        assert result.code == 0, result.err
+        built[workers] = store.resolve(f"n{workers}")
+    assert _fingerprint(built[1]) == _fingerprint(built[2])
+    ledger = pq.read_table(built[2].location / "ledger" / "corpus.build.minhash_dedup.parquet").to_pylist()
+    of_index = [json.loads(e["detail"]) for e in ledger if "index" in json.loads(e["detail"])]
+    assert of_index and all(d["index"].startswith("idx@") for d in of_index)
+    assert {r["text"] for r in read_table(built[2]).to_pylist()}.isdisjoint(kept[:6])

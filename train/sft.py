@@ -13,10 +13,9 @@ The data format is chosen by the columns present (every dataset of a mixture has
 
 - ``messages`` — a chat, single- or multi-turn (``synth.generate`` and ``synth.cot`` rows). The loss
   is on the assistant turns only. TRL's ``assistant_only_loss`` needs ``{% generation %}`` markers
-  that SmolLM2's ChatML template lacks, so each conversation is tokenized here: the template is
-  rendered up to each assistant turn and through it, and the tokens in between (the answer and its
-  end-of-turn) are the turn's labels. For one turn this is exactly TRL's prompt–completion masking;
-  a template that does not render a conversation's prefixes as prefixes of the whole is an error.
+  that SmolLM2's ChatML template lacks, so each conversation is labelled by
+  ``manifests.chat_labels`` (every assistant turn's answer and end-of-turn), the same labels
+  ``eval`` perplexity scores. For one turn this is exactly TRL's prompt–completion masking.
 - ``prompt`` + ``completion`` — strings, or message lists (chat): TRL's prompt–completion format,
   loss on the completion.
 
@@ -30,6 +29,14 @@ transformers derives a block-diagonal causal mask from those position ids, so an
 attends to another: ``tests/test_train_sft.py`` checks that every example's loss in a packed batch
 equals its loss alone. Prompt-learning adapters cannot pack (their virtual tokens would precede only
 the first example of a flattened row).
+
+The loss (``loss: labelled_positions``, the default) is this module's own: the model runs without
+its LM head, and the head and cross-entropy are computed only at the positions that have a label (the
+answers), a chunk of positions at a time, each chunk's logits recomputed in the backward instead of
+kept. On a small model the vocabulary projection is most of the work (SmolLM2: 49k x 576 per
+position), so skipping the prompts' positions trains about 2x faster than scoring every position
+(``benchmarks/train/sft_speed.py``), with the loss and gradients of the model's own cross-entropy
+(``tests/test_train_sft.py``). ``loss: trl`` keeps TRL's SFTTrainer loss as it is.
 
 The run publishes ``checkpoint/`` (the adapter, or the full model, with the tokenizer),
 ``metrics.jsonl`` (loss per step) and a manifest whose parents are the datasets and the base model.
@@ -51,6 +58,7 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from manifests.chat_labels import IGNORED, labelled_conversation
 from manifests.errors import DistilleryError, RunFailed
 from manifests.hashing import canonical_json
 from manifests.model_runs import require_causal_lm
@@ -88,15 +96,13 @@ from train.strategy import (
 )
 
 SFTFormat = Literal["messages", "prompt-completion"]
+SFTLoss = Literal["labelled_positions", "trl"]
 REPORTING_FIELDS = {"eval_split", "eval_every", "peak_tflops"}
 """Recipe fields that change what is reported, not what is trained."""
 FORMAT_COLUMNS: dict[str, list[str]] = {
     "messages": ["messages"],
     "prompt-completion": ["prompt", "completion"],
 }
-COMPACT_LM_HEAD_ON_CPU = True
-"""Score the LM head only at labelled positions on CPU (``labelled_positions_only``); the benchmark
-turns it off to show what packing alone gives."""
 
 
 class SFTRecipe(RecipeConfig):
@@ -120,6 +126,12 @@ class SFTRecipe(RecipeConfig):
     """Tokens per example (longer ones are truncated); with packing, tokens per packed row."""
     packing: bool = False
     """Pack examples into rows of ``max_length`` tokens, padding-free, attention kept within each example."""
+    loss: SFTLoss = "labelled_positions"
+    """How the loss is computed. ``labelled_positions``: the LM head and cross-entropy only at the positions
+    that have a label (the answers), in chunks, so the prompts' positions are never projected onto the
+    vocabulary and the [tokens x vocabulary] logits never exist at once; the same loss and gradients as the
+    model's own cross-entropy, faster. ``trl``: TRL's SFTTrainer loss as is (on CPU it projects every
+    position); needed for models that soft-cap or scale their logits, or add a router loss (MoE)."""
     chat_template: str | None = None
     """A Jinja chat template (the text, or a path to a ``.jinja`` file) instead of the tokenizer's own."""
     bf16: bool = False
@@ -193,47 +205,12 @@ def chat_template_text(value: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> list[int]:
-    # Tokenized as TRL tokenizes chats (``trl.data_utils._tokenize``), so both routes give the same ids.
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
-    return list(encoded["input_ids"])
-
-
-def conversation_example(
-    messages: list[dict[str, Any]], tokenizer, row_id: str = "?"
-) -> dict[str, list[int]]:
-    """``input_ids`` and ``labels`` of one chat: labels are -100 except on the assistant turns.
-
-    A turn's tokens are those between the conversation rendered up to it (with the generation
-    prompt) and rendered through it: its answer and end-of-turn, what the model must learn to say.
-    """
-    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    ids = _render(tokenizer, messages)
-    labels = [-100] * len(ids)
-    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    if not turns:
-        raise DistilleryError(f"row {row_id} has no assistant message; SFT needs one to learn")
-    for i in turns:
-        start = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else []
-        through = _render(tokenizer, messages[: i + 1])
-        if ids[: len(start)] != start or ids[: len(through)] != through or len(through) < len(start):
-            raise DistilleryError(
-                f"row {row_id}: the chat template does not render the conversation up to turn {i} as the start "
-                "of the whole conversation, so the assistant's tokens cannot be found; set chat_template: to a "
-                "template that renders earlier turns the same way"
-            )
-        labels[len(start) : len(through)] = ids[len(start) : len(through)]
-    return {"input_ids": ids, "labels": labels}
-
-
 def training_rows(mixture, fmt: SFTFormat, tokenizer):
     """The mixture in a form TRL's SFTTrainer takes: tokenized chats, or its prompt–completion format."""
     if fmt == "prompt-completion":
         return mixture.select_columns(["prompt", "completion"])
     return mixture.map(
-        lambda row: conversation_example(row["messages"], tokenizer, row["id"]),
+        lambda row: labelled_conversation(row["messages"], tokenizer, row["id"]),
         remove_columns=mixture.column_names, desc="Tokenizing conversations",
     )  # fmt: skip
 
@@ -271,27 +248,118 @@ def _metrics_callback(path: Path, flops_token: float, peak: float | None, proces
     return MetricsWriter()
 
 
-@contextmanager
-def labelled_positions_only():
-    """While training: TRL's LM head scores only the positions that have a label, on CPU too.
+LOGITS_PER_CHUNK = 1 << 24
+"""Logits one chunk of labelled positions projects at a time (float32: 64 MiB; 341 positions of
+SmolLM2's vocabulary): bounds the memory, and is large enough for an efficient matrix product (chunks a
+quarter of this size made a step 1.3x slower on CPU)."""
 
-    TRL's fused LM head projects only the labelled positions (the answers) on CUDA, but every
-    position on other devices, to keep tile shapes fixed for compiled backends (Neuron). Nothing is
-    compiled on CPU, and the vocabulary projection is most of a small model's work (SmolLM2: 49k x
-    576 per position), so skipping the prompt's positions trains 1.3-1.9x faster on synth-like
-    data with the same loss (``benchmarks/train``; ``tests/test_train_sft.py`` checks the loss).
+
+def _chunk_nll(lm_head, hidden, targets):
+    import torch.nn.functional as F
+
+    logits = lm_head(hidden).float()  # the model's own loss upcasts its logits the same way
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def labelled_positions_nll(model, inputs: dict[str, Any], lm_head, vocab_size: int):
+    """(Summed negative log-likelihood, count) of the labelled tokens of a batch, the LM head applied
+    only where a position has a label, a chunk at a time.
+
+    ``model`` runs with ``output_hidden_states`` and no logits kept (``logits_to_keep`` empty): through
+    its wrappers (DDP, DeepSpeed, PEFT), so each does what it does around a forward. ``lm_head`` is then
+    called as a module, chunk by chunk, so hooks that gather sharded weights (ZeRO-3) run. Each chunk
+    is checkpointed: its logits are recomputed in the backward instead of kept. Labels are shifted as
+    the model's own loss shifts them (or taken as given in ``shift_labels``); in a padding-free row the
+    collator has already set the label at every example's first position to -100.
     """
-    import trl.trainer.utils as trl_utils
+    import torch
+    from torch.utils.checkpoint import checkpoint
 
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None or not COMPACT_LM_HEAD_ON_CPU:  # another TRL: its own behaviour
-        yield
-        return
-    trl_utils._use_triton = lambda device: original(device) or device.type == "cpu"
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
+    labels = inputs["labels"]
+    forward = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "use_cache")}
+    none_kept = torch.empty(0, dtype=torch.long, device=labels.device)
+    outputs = model(**forward, use_cache=False, output_hidden_states=True, logits_to_keep=none_kept)
+    # Prompt-learning adapters put their virtual tokens first: keep the real positions.
+    hidden = outputs.hidden_states[-1][:, -labels.size(1) :]
+    if inputs.get("shift_labels") is not None:
+        targets = inputs["shift_labels"]
+    else:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    mask = targets != IGNORED
+    hidden, targets = hidden[mask], targets[mask]
+    rows = max(1, LOGITS_PER_CHUNK // vocab_size)
+    # At least one chunk, also when nothing is labelled: a zero still connected to every weight, so
+    # a micro-batch without answers backpropagates (and DDP sees every parameter used).
+    nll = sum(
+        checkpoint(_chunk_nll, lm_head, hidden[i : i + rows], targets[i : i + rows], use_reentrant=False)
+        for i in range(0, max(1, len(targets)), rows)
+    )
+    return nll, mask.sum()
+
+
+def lm_head_problem(config) -> str | None:
+    """Why ``loss: labelled_positions`` would not be the model's own loss, or None: a forward that
+    changes the logits after the LM head (soft-capping, scaling), which a bare head call skips."""
+    text = config.get_text_config()
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                "logits_scaling"):  # fmt: skip
+        value = getattr(text, key, None)
+        if value is not None and value != 1:
+            return f"its forward changes the LM head's logits ({key}: {value})"
+    return None
+
+
+def sft_trainer(loss: SFTLoss, **kwargs):
+    """TRL's SFTTrainer whose loss is ``loss`` (``labelled_positions``: ``labelled_positions_nll``)."""
+    import torch
+    from trl import SFTTrainer
+
+    class LabelledPositionsSFTTrainer(SFTTrainer):
+        """SFTTrainer with the loss on labelled positions only; ``loss: trl`` leaves TRL's own."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.loss_kind = loss
+            self.tokens_seen = 0  # all processes' tokens trained on (real tokens: no padding)
+            config = self.model.config
+            problem = lm_head_problem(config) or (
+                "it adds a router loss (MoE)" if self.aux_loss_enabled else None
+            )
+            if loss == "labelled_positions" and problem:
+                raise DistilleryError(
+                    f"loss: labelled_positions computes the model's LM head itself, but {problem}; set loss: trl"
+                )
+            self.vocab_size = config.get_text_config().vocab_size
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # TRL's own loss; also when the logits are wanted (for compute_metrics): its path builds them.
+            if self.loss_kind == "trl" or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            head = self.model.get_output_embeddings()
+            nll, labelled = labelled_positions_nll(model, inputs, head, self.vocab_size)
+            # Normalised as TRL 1.16 normalises (``SFTTrainer.compute_loss``), so that Trainer's gradient
+            # accumulation and DDP averaging treat both losses alike: by the labelled tokens of all
+            # accumulated micro-batches (of all processes) when the Trainer counts them, by this batch's
+            # otherwise; a batch without labels gives a finite zero.
+            count = labelled if num_items_in_batch is None else num_items_in_batch
+            loss_value = nll / torch.as_tensor(count, device=nll.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss_value = loss_value * (self.accelerator.num_processes // self.get_tp_size())
+            if self.model.training:
+                # Real tokens as TRL counts them: the attention mask's ones, or the flattened row's length.
+                if "attention_mask" in inputs:
+                    local = inputs["attention_mask"].sum()
+                else:
+                    local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+                self.tokens_seen += int(self.accelerator.gather(local.reshape(1)).sum())
+            return loss_value
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if self.loss_kind == "labelled_positions" and "loss" in logs:
+                logs["num_tokens"] = float(self.tokens_seen)
+            super().log(logs, start_time)
+
+    return LabelledPositionsSFTTrainer(**kwargs)
 
 
 def _architecture(manifest: Manifest, store: Store):
@@ -418,7 +486,6 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     template = chat_template_text(cfg.chat_template) if cfg.chat_template else None
 
     import torch
-    from trl import SFTTrainer
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.check_launch(processes, torch.cuda.is_available())
@@ -494,13 +561,13 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         writer = _metrics_callback(metrics, flops, peak, processes)
         callbacks = [writer, trainer_checkpoint_marker(), *_planted_faults(), guard]
         with _deepspeed_contradictions():
-            trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                                 processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
+            trainer = sft_trainer(cfg.loss, model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                                  processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
         # Frozen weights (PEFT) get no weight gradients: 4 FLOPs a parameter a token instead of 6.
         trainable = _count(p for p in trainer.model.parameters() if p.requires_grad)
         writer.flops_token = flops - 2 * max(0, _count(trainer.model.parameters()) - trainable)
         started = time.time()
-        with labelled_positions_only(), _deepspeed_contradictions():
+        with _deepspeed_contradictions():
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)
         if guard.stopped is not None:
             if not main:

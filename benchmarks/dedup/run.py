@@ -19,7 +19,9 @@ core:
 Reported: pairwise precision/recall/F1 of the clusters (pairs of documents put together vs the
 true duplicate pairs), precision/recall/F1 of the removed set (whichever member a method keeps),
 recall of copies by their true Jaccard with the original, documents/s per core (CPU seconds of
-the process) and peak RSS.
+the process) and peak RSS. Then ours on the worst case for LSH, a bucket blow-up (``--blow-up``
+identical documents: every band puts them all in one bucket), in seconds: linking each bucket
+to its first row keeps it to ``n - 1`` candidate pairs instead of ``n * (n - 1) / 2``.
 
     .venv/bin/python benchmarks/dedup/run.py [--originals 10000] [--threshold 0.8]
 
@@ -85,7 +87,7 @@ PHASED = textwrap.dedent(
     from pathlib import Path
     import numpy as np, pyarrow as pa, pyarrow.json as pj, pyarrow.parquet as pq
     import corpus.minhash_phases as phases
-    from corpus.combine import MINHASH_KEYS
+    from corpus.document_keys import MINHASH_KEYS
     from corpus.minhash import MinHashConfig, band_keys
 
     data, out, settings = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
@@ -295,6 +297,25 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
 
 
+def bucket_blow_up(text: str, n: int, cfg: MinHashConfig) -> str:
+    """Ours on ``n`` copies of one document: band keys, then ``find_duplicates`` with verification."""
+    import pyarrow as pa
+
+    from corpus.minhash import band_keys, find_duplicates
+
+    texts = pa.array([text] * n)
+    start = time.perf_counter()
+    keys = band_keys(texts, cfg)
+    keyed = time.perf_counter()
+    removed, _, _ = find_duplicates(keys, None, cfg, lambda rows: texts.take(pa.array(rows)).to_pylist())
+    found = time.perf_counter()
+    assert len(removed) == n - 1, f"{len(removed)} of {n - 1} copies removed"
+    return (
+        f"bucket blow-up, {n:,} identical documents: band keys {keyed - start:.2f} s, "
+        f"find_duplicates (verified) {found - keyed:.2f} s, {len(removed):,} removed"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -311,6 +332,9 @@ def main() -> None:
         "--buckets", type=int, default=8, help="reduce buckets of the phased run (ours-phased)"
     )
     parser.add_argument("--only", nargs="*", choices=list(WORKERS), default=list(WORKERS))
+    parser.add_argument(
+        "--blow-up", type=int, default=1000, help="identical documents of the bucket blow-up timing (0: skip)"
+    )
     args = parser.parse_args()
 
     cfg = MinHashConfig(threshold=args.threshold, bands=args.bands, rows=args.rows)
@@ -380,6 +404,8 @@ def main() -> None:
         for other in ("datatrove", "datasketch"):
             if other in results:
                 print(f"ours / {other} docs/s per core: {ours / (n / results[other]['cpu']):.1f}x")
+    if args.blow_up:
+        print(bucket_blow_up(bench.texts[0], args.blow_up, cfg))
 
 
 if __name__ == "__main__":
