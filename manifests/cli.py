@@ -14,43 +14,18 @@ import importlib
 import json
 import os
 import sys
-from types import ModuleType
 
 from manifests.errors import DistilleryError
+from manifests.stages import package_clis, run_recipe_file
 from manifests.store import Store
 from manifests.verbs import (
     HelpFormatter,
-    Stage,
     VerbParser,
     add_set_option,
     add_store_option,
     add_verb,
-    dispatch_recipe,
     print_published,
 )
-
-PACKAGES = ("corpus", "synth", "train", "eval")
-"""The stage packages, in the order of ``distillery --help``; each has ``<package>/cli.py``."""
-
-
-def package_clis() -> list[ModuleType]:
-    return [importlib.import_module(f"{package}.cli") for package in PACKAGES]
-
-
-def stage_table() -> dict[str, Stage]:
-    """Every recipe stage, from the packages' ``STAGES`` tables."""
-    table: dict[str, Stage] = {}
-    for cli in package_clis():
-        for name, stage in cli.STAGES.items():
-            if name in table:
-                raise RuntimeError(f"stage {name!r} is declared twice ({cli.__name__})")  # a bug
-            table[name] = stage
-    return table
-
-
-def run_recipe_file(path: str, store: Store, overrides: list[str] | None = None):
-    """Read a recipe, apply overrides and run the stage its ``stage:`` names."""
-    return dispatch_recipe(path, store, stage_table(), overrides or [])
 
 
 def _run_command(args: argparse.Namespace) -> int:

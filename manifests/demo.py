@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from manifests.cli import run_recipe_file
 from manifests.console import make_console
 from manifests.errors import DistilleryError
+from manifests.stages import run_recipe_file
 
 STEPS = [
     ("corpus", "demo-corpus.yaml"),

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from manifests.cli import PACKAGES, package_clis, stage_table
 from manifests.errors import DistilleryError
 from manifests.recipes import RecipeConfig, parse_config, read_recipe
+from manifests.stages import PACKAGES, package_clis, stage_table
 
 from .conftest import ROOT, assert_one_line_error, write_recipe
 

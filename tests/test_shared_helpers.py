@@ -161,6 +161,14 @@ def import_graph() -> dict[str, set[str]]:
                     f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules
                 ]
                 targets = targets or [base]
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                targets = [node.args[0].value]  # a lazy import is an arrow of the graph too
             for target in targets:
                 while (
                     target and target not in modules
