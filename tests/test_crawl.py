@@ -428,12 +428,13 @@ def test_resume_after_kill_fetches_nothing_twice(site, store, monkeypatch):
     assert not work.exists()
 
 
-def test_resume_after_sigkill(site, store):
+def _slow_crawl_in_a_child(site, store, pause_s: float):
+    """Eight slow pages behind a seed, crawled one at a time by a child process (to be killed)."""
     pages = [f"/p{i}" for i in range(8)]
     site.html("/", *pages)
 
     def slow(handler, n):
-        time.sleep(0.1)
+        time.sleep(pause_s)
         respond(handler, 200, b"<p>page</p>", Content_Type="text/html")
 
     for path in pages:
@@ -444,6 +445,11 @@ def test_resume_after_sigkill(site, store):
         "crawl(CrawlConfig.model_validate_json(sys.argv[1]), Store(sys.argv[2]))"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, cfg.model_dump_json(), str(store.root)], cwd=ROOT)
+    return pages, cfg, proc
+
+
+def test_resume_after_sigkill(site, store):
+    pages, cfg, proc = _slow_crawl_in_a_child(site, store, 0.1)
     try:
         deadline = time.monotonic() + 20
         while sum(site.count(p) for p in pages) < 3 and time.monotonic() < deadline:
@@ -465,21 +471,7 @@ def test_resume_after_sigkill(site, store):
 
 
 def test_clean_keeps_a_running_crawls_folder_and_removes_a_killed_ones(site, store, cli):
-    pages = [f"/p{i}" for i in range(8)]
-    site.html("/", *pages)
-
-    def slow(handler, n):
-        time.sleep(0.2)
-        respond(handler, 200, b"<p>page</p>", Content_Type="text/html")
-
-    for path in pages:
-        site.routes[path] = slow
-    cfg = config(site, concurrency=1, per_host_concurrency=1)
-    script = (
-        "import sys; from corpus.crawl import CrawlConfig, crawl; from manifests.store import Store; "
-        "crawl(CrawlConfig.model_validate_json(sys.argv[1]), Store(sys.argv[2]))"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script, cfg.model_dump_json(), str(store.root)], cwd=ROOT)
+    pages, cfg, proc = _slow_crawl_in_a_child(site, store, 0.2)
     try:
         deadline = time.monotonic() + 20
         while sum(site.count(p) for p in pages) < 2 and time.monotonic() < deadline:
