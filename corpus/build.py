@@ -22,7 +22,6 @@ output has the same bytes whatever the number of workers.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
@@ -427,17 +426,10 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
         # A mistake in the input or recipe: fixing it changes the plan, so this work cannot be resumed.
         # (A crash or kill keeps the folder: the same command resumes from the finished tasks.)
         shutil.rmtree(work, ignore_errors=True)
-        _remove_if_empty(work.parent)
+        store.remove_name_if_empty("dataset", cfg.name)
         raise
     shutil.rmtree(work, ignore_errors=True)
     return manifest
-
-
-def _remove_if_empty(folder: Path) -> None:
-    """A failed first build of a name leaves no empty ``datasets/NAME`` behind (versions stay)."""
-    # Not empty: published versions, their history, or another job's work -- all stay.
-    with contextlib.suppress(OSError):
-        folder.rmdir()
 
 
 def print_funnel(manifest: Manifest) -> None:

@@ -193,6 +193,8 @@ class Publisher:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+        if exc_type is not None:
+            self.store.remove_name_if_empty(self.kind, self.name)
 
     @property
     def schema(self) -> pa.Schema | None:

@@ -14,6 +14,7 @@ unfinished job and is never listed or resolved.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -200,6 +201,12 @@ class Store:
 
     def name_dir(self, kind: Kind, name: str) -> Path:
         return self.kind_dir(kind) / check_name(name)
+
+    def remove_name_if_empty(self, kind: Kind, name: str) -> None:
+        """After a failed job: a name that never got a version leaves no empty folder behind.
+        Anything inside (versions, their history, another job's work) keeps the folder."""
+        with contextlib.suppress(OSError):
+            self.name_dir(kind, name).rmdir()
 
     def artefact_dir(self, kind: Kind, name: str, id_: str) -> Path:
         return self.name_dir(kind, name) / id_

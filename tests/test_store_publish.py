@@ -226,3 +226,19 @@ def test_a_secret_in_a_recipe_never_reaches_a_manifest(store):
         stage="t",
         recipe={"teacher": {"api_key_env": "OPENAI_API_KEY", "max_tokens": 5}},
     )
+
+
+def test_a_failed_publish_of_a_new_name_leaves_no_name_folder(store):
+    # Any stage, not only a corpus build: a job that fails before its first version leaves nothing.
+    with pytest.raises(DistilleryError), Publisher(store, kind="run", name="never", stage="t", recipe={}):
+        raise DistilleryError("the job failed")
+    assert not store.name_dir("run", "never").exists()
+    with Publisher(store, kind="run", name="kept", stage="t", recipe={"a": 1}) as pub:
+        (pub.dir / "x.txt").write_text("x")
+        first = pub.publish()
+    with (
+        pytest.raises(DistilleryError),
+        Publisher(store, kind="run", name="kept", stage="t", recipe={"a": 2}),
+    ):
+        raise DistilleryError("the second job failed")
+    assert [m.id for m in store.list(kind="run", name="kept")] == [first.id]
