@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 	# DeepSpeed (the deepspeed-zero* strategies): its ops compile on first use, so none are built here,
 	# and without build isolation it builds against the torch above instead of pulling another.
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.15'
+	# The report tests open the HTML in a real headless browser: Debian's chromium, where this
+	# machine can install it (root and apt); elsewhere those tests say why they are skipped.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+		echo "chromium could not be installed: the report browser tests will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)
