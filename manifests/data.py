@@ -19,9 +19,9 @@ RECORD_COLUMNS = ("id", "parents")
 
 
 def read_table(manifest: Manifest, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """All rows of a dataset (or of one split), after verifying its files."""
-    if manifest.kind != "dataset":
-        raise DistilleryError(f"{manifest.ref} is a {manifest.kind}, not a dataset")
+    """All rows of a dataset or of an eval's records (or of one split), after verifying its files."""
+    if manifest.kind == "run":
+        raise DistilleryError(f"{manifest.ref} is a run, not a dataset")
     ensure_verified(manifest)
     require_split(manifest, split)
     tables = []
@@ -94,16 +94,21 @@ def require_split(manifest: Manifest, split: str | None) -> None:
         raise DistilleryError(f"dataset {manifest.ref} has no split '{split}' (splits: {have})")
 
 
-def require_columns(manifest: Manifest, needed: Iterable[str], purpose: str) -> None:
-    """Fail before any model loads when a dataset is altered or lacks the columns a stage needs."""
+def column_names(manifest: Manifest) -> list[str]:
+    """The columns of a dataset (from its first shard's footer), after verifying it."""
     ensure_verified(manifest)
     files = manifest.data_files()
     if not files:
         raise DistilleryError(f"{manifest.ref} has no data files")
     try:
-        have = pq.read_schema(manifest.location / files[0].path).names
+        return pq.read_schema(manifest.location / files[0].path).names
     except (pa.ArrowException, OSError) as e:
         raise unreadable_shard(manifest.location / files[0].path, e, manifest.ref) from None
+
+
+def require_columns(manifest: Manifest, needed: Iterable[str], purpose: str) -> None:
+    """Fail before any model loads when a dataset is altered or lacks the columns a stage needs."""
+    have = column_names(manifest)
     missing = [c for c in needed if c not in have]
     if missing:
         raise DistilleryError(

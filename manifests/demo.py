@@ -1,7 +1,7 @@
 """``distillery demo``: the whole chain on the embedded sample, then one example traced back.
 
 corpus.build → train.import-model → train.make-student → synth.generate → train (LoRA SFT) →
-eval (perplexity before/after) → ``manifests trace`` of one training example.
+eval (perplexity, teacher agreement and summary quality, before/after, with intervals) → ``manifests trace`` of one training example.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from rich.table import Table
 
 from manifests.console import make_console
 from manifests.errors import DistilleryError
+from manifests.eval_tables import print_eval_metrics
 from manifests.stages import run_recipe_file
 
 STEPS = [
@@ -57,9 +58,8 @@ def main(args) -> int:
         table.add_row(label, m.kind, m.ref, f"{secs:.1f}", what[:90])
     console.rule("[bold]made")
     console.print(table)
-    eval_manifest = made[-1][1]
-    for ref, value in eval_manifest.stats.get("perplexity", {}).items():
-        console.print(f"  held-out answer perplexity  {ref}: {value:.2f}")
+    console.rule("[bold]eval: the student before and after training (95% bootstrap intervals)")
+    print_eval_metrics(made[-1][1], console)
     sft_data = next(m for label, m, _ in made if label == "synth")
     first = sft_data.data_files("train")[0]
     example_id = pq.read_table(sft_data.location / first.path, columns=["id"]).column("id")[0].as_py()

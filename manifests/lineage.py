@@ -130,9 +130,15 @@ def _trace_in(store: Store, manifest: Manifest, record_id: str, depth: int) -> T
 def trace_record(store: Store, record_id: str, ref: str | None = None) -> TraceStep:
     """Follow one record through ``parents`` and ledgers back to its source.
 
-    Searches ``ref`` when given, else every dataset in the store (newest first) for the record.
+    Searches ``ref`` when given, else every dataset, then every eval's per-sample records, in the
+    store (newest first) for the record.
     """
-    candidates = [store.resolve(ref, kind="dataset")] if ref else list(reversed(store.list(kind="dataset")))
+    if ref:
+        candidates = [store.resolve(ref)]
+        if candidates[0].kind == "run":
+            raise DistilleryError(f"--in {ref}: a run has no records; give a dataset or an eval")
+    else:
+        candidates = [*reversed(store.list(kind="dataset")), *reversed(store.list(kind="eval"))]
     for manifest in candidates:
         found = _trace_in(store, manifest, record_id, 0)
         if found.row is not None:
@@ -141,7 +147,7 @@ def trace_record(store: Store, record_id: str, ref: str | None = None) -> TraceS
         found = _trace_in(store, manifest, record_id, 0)
         if found.ledger:
             return found
-    raise DistilleryError(f"no record with id '{record_id}' in any dataset of {store.root}")
+    raise DistilleryError(f"no record with id '{record_id}' in any dataset or eval of {store.root}")
 
 
 def describe_source(source: dict[str, Any] | None) -> str:

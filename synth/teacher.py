@@ -26,12 +26,14 @@ def generate_answers(
     temperature: float,
     top_p: float,
     seeds: list[int],
+    stop: list[str] | None = None,
 ) -> list[Answer]:
     """Answers in order, one per conversation (a list of chat messages, or a raw prompt string).
 
     Greedy requests share one batched forward pass (the tokenizer must pad on the left, so that
     every row continues from its own last token); sampled ones run one by one under their own seed,
-    so that an answer never depends on what it was batched with.
+    so that an answer never depends on what it was batched with. An answer ends before the first
+    of the ``stop`` strings (generation stops there too).
     """
     import torch
 
@@ -39,7 +41,7 @@ def generate_answers(
         return [
             a
             for c, s in zip(conversations, seeds, strict=True)
-            for a in generate_answers(model, tokenizer, [c], max_new_tokens, temperature, top_p, [s])
+            for a in generate_answers(model, tokenizer, [c], max_new_tokens, temperature, top_p, [s], stop)
         ]
     texts = [
         c
@@ -51,6 +53,8 @@ def generate_answers(
     sample = temperature > 0
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample,
                               "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    if stop:
+        kwargs |= {"stop_strings": list(stop), "tokenizer": tokenizer}
     if sample:
         kwargs |= {"temperature": temperature, "top_p": top_p}
         torch.manual_seed(seeds[0])
@@ -66,6 +70,10 @@ def generate_answers(
             row = row[: row.index(eos)]
             finish = "stop"
         row = [t for t in row if t != tokenizer.pad_token_id]
-        text = tokenizer.decode(row, skip_special_tokens=True).strip()
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        cut = min((at for at in (text.find(x) for x in stop or []) if at >= 0), default=None)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        text = text.strip()
         answers.append(Answer(text, prompt_tokens, len(row) + (finish == "stop"), finish))
     return answers

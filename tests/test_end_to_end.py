@@ -41,7 +41,7 @@ def test_demo_publishes_every_stage_and_all_verify(demo):
         "train.make-student",
         "synth.generate",
         "train.sft",
-        "eval.perplexity",
+        "eval",
     }
     for m in store.list():
         assert verify(m).ok, m.ref
@@ -96,26 +96,34 @@ def test_training_run_has_losses_and_dataset_parents(demo):
 
 
 def test_eval_compares_before_and_after(demo):
-    store, _ = demo
+    store, out = demo
     ev = store.resolve("demo-eval")
     base, trained = store.resolve("student-base"), store.resolve("demo-sft-run")
+    teacher = store.resolve("smollm2-135m-instruct")
     assert {p.id for p in ev.parents if p.role == "model"} == {base.id, trained.id}
+    assert [p.id for p in ev.parents if p.role == "teacher"] == [teacher.id]
     assert [p.id for p in ev.parents if p.role == "eval_data"] == [store.resolve("demo-sft").id]
-    metrics = json.loads((ev.location / "metrics.json").read_text())
-    by_run = {value["run_id"]: value for value in metrics.values()}
-    assert set(by_run) == {base.id, trained.id}
-    before, after = by_run[base.id], by_run[trained.id]
+    tasks = json.loads((ev.location / "metrics.json").read_text())["tasks"]
+    heldout = tasks["heldout"]
+    before, after = (heldout["models"][m.ref]["perplexity"] for m in (base, trained))
     # Both models scored on the same held-out answers (the synth test split, unseen in training).
-    assert before["tokens"] == after["tokens"] > 0
-    assert before["perplexity"] > 1 and after["perplexity"] > 1
+    assert before["n"] == after["n"] == heldout["samples"] > 0
+    assert before["low"] <= before["value"] <= before["high"]
     # The point of the chain: training on the teacher's answers lowers the student's held-out
     # perplexity. The student is 8 of the teacher's 30 layers, so it starts far off (a perplexity
     # around 1e8); three LoRA steps at the recipe's rate take off about 2.6 nats a token.
-    assert after["perplexity"] < before["perplexity"], (before, after)
-    assert ev.stats["perplexity"] == {
-        base.ref: pytest.approx(before["perplexity"]),
-        trained.ref: pytest.approx(after["perplexity"]),
-    }
+    assert after["value"] < before["value"], (before, after)
+    paired = heldout["paired"][0]
+    assert (paired["a"], paired["b"]) == (base.ref, trained.ref)
+    assert paired["metrics"]["perplexity"]["diff"] == pytest.approx(after["value"] - before["value"])
+    assert paired["metrics"]["perplexity"]["high"] < 0  # lower on (nearly) every resample of the samples
+    # ... and moves its next-token distribution towards the teacher's
+    kl_before, kl_after = (heldout["models"][m.ref]["kl_teacher_student"]["value"] for m in (base, trained))
+    assert kl_after < kl_before
+    summaries = tasks["summaries"]["models"][trained.ref]
+    assert {"rougeL", "chrf", "bleu"} <= set(summaries) and summaries["rougeL"]["n"] == heldout["samples"]
+    assert ev.stats["tasks"]["heldout"][trained.ref]["perplexity"] == pytest.approx(after["value"])
+    assert "summaries" in out and "paired" in out
 
 
 def test_trace_leads_from_a_training_example_to_its_sample_line(demo):
@@ -150,7 +158,7 @@ def test_lineage_of_the_eval_reaches_the_corpus(demo):
     result = distillery("manifests", "lineage", "demo-eval", store=store.root)
     assert result.returncode == 0, result.stderr
     for stage in (
-        "eval.perplexity",
+        "eval",
         "train.sft",
         "synth.generate",
         "corpus.build",

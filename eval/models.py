@@ -1,0 +1,158 @@
+"""The models an eval asks: store runs (full checkpoints or adapters) and OpenAI-compatible endpoints.
+
+    models:
+      - student-base                      # a run in the store
+      - demo-sft-run                      # an adapter run: loaded on its base and merged
+      - {name: gpt, base_url: https://api.openai.com/v1, model: gpt-4o-mini, api_key_env: OPENAI_API_KEY}
+
+A run generates here, in batches (greedy rows share one forward pass; sampled ones run under their
+own seed, so an answer never depends on its batch); an endpoint is asked through the teacher engine
+of ``synth`` — cached, retried and budgeted like any synth request, so a rerun pays for nothing twice.
+Only a run can score perplexity or teacher agreement (an endpoint returns no log-probabilities of
+given text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from eval.perplexity import sample_nll
+from eval.tasks import Generation
+from manifests.errors import DistilleryError
+from manifests.models import load_causal_lm
+from manifests.schema import Manifest
+from manifests.store import Store
+from synth.teacher_requests import TeacherConfig
+
+
+def chat_text(chat: list[dict[str, str]]) -> str:
+    """A chat as plain text for ``chat_template: false``: the turns' contents, a blank line apart."""
+    return "\n\n".join(m["content"] for m in chat) + (
+        "\n\n" if chat and chat[-1]["role"] == "assistant" else ""
+    )
+
+
+@dataclass
+class RunModel:
+    """A causal LM run of the store, loaded once on first use."""
+
+    label: str
+    manifest: Manifest
+    store: Store
+    _loaded: tuple[Any, Any] | None = field(default=None, repr=False)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.manifest.id
+
+    def loaded(self):
+        if self._loaded is None:
+            model, tokenizer = load_causal_lm(self.manifest, self.store)
+            model.eval()
+            tokenizer.padding_side = "left"  # batched generation continues every row from its own last token
+            self._loaded = model, tokenizer
+        return self._loaded
+
+    def require_chat_template(self, task: str) -> None:
+        from manifests.models import load_tokenizer
+
+        tokenizer = self._loaded[1] if self._loaded else load_tokenizer(self.manifest)
+        if not tokenizer.chat_template:
+            raise DistilleryError(
+                f"task {task}: model {self.label}'s tokenizer has no chat template; give the run one, or set "
+                "'chat_template: false' on the task to continue plain text"
+            )
+
+    def generate(self, prompts: list[list[dict[str, str]]], gen: Generation, chat_template: bool,
+                 advance) -> list[list[str]]:  # fmt: skip
+        """``gen.n`` answers per prompt, in prompt order."""
+        from synth.teacher import generate_answers
+
+        model, tokenizer = self.loaded()
+        inputs = [p if chat_template else chat_text(p) for p in prompts]
+        out: list[list[str]] = [[] for _ in prompts]
+        if gen.temperature == 0:
+            # Longest first, in batches of similar length: less padding, and an early OOM shows at once.
+            order = sorted(range(len(inputs)), key=lambda i: -len(str(inputs[i])))
+            for start in range(0, len(order), gen.batch_size):
+                rows = order[start : start + gen.batch_size]
+                answers = generate_answers(model, tokenizer, [inputs[i] for i in rows], gen.max_new_tokens,
+                                           0.0, gen.top_p, [gen.seed] * len(rows), gen.stop)  # fmt: skip
+                for i, a in zip(rows, answers, strict=True):
+                    out[i] = [a.text]
+                advance(len(rows))
+            return out
+        for i, prompt in enumerate(inputs):
+            seeds = [gen.seed + k for k in range(gen.n)]
+            answers = generate_answers(model, tokenizer, [prompt] * gen.n, gen.max_new_tokens, gen.temperature,
+                                       gen.top_p, seeds, gen.stop)  # fmt: skip
+            out[i] = [a.text for a in answers]
+            advance(1)
+        return out
+
+    def nll(self, conversations, max_length: int, batch_size: int, row_ids: list[str], advance):
+        model, tokenizer = self.loaded()
+        return sample_nll(model, tokenizer, conversations, max_length, batch_size, row_ids, advance)
+
+    def close(self) -> None:
+        self._loaded = None
+
+
+@dataclass
+class EndpointModel:
+    """An OpenAI-compatible endpoint, asked through the teacher engine (cache, retries, budget)."""
+
+    label: str
+    teacher: TeacherConfig
+    store: Store
+    engine_factory: Any
+    """``() -> TeacherEngine`` (async context manager) for this model's requests."""
+
+    run_id = None
+    manifest = None
+
+    def require_chat_template(self, task: str) -> None:
+        return None  # the endpoint applies its own
+
+    def generate(self, prompts: list[list[dict[str, str]]], gen: Generation, chat_template: bool,
+                 advance) -> list[list[str]]:  # fmt: skip
+        from synth.teacher_requests import SamplingConfig
+
+        if not chat_template:
+            prompts = [[{"role": "user", "content": chat_text(p)}] for p in prompts]
+        sampling = SamplingConfig(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                                  seed=gen.seed)  # fmt: skip
+
+        async def ask() -> list[Any]:
+            async with self.engine_factory() as engine:
+                requests = [engine.request(self.label, p, sampling, k) for p in prompts for k in range(gen.n)]
+                engine.on_progress = lambda: None
+                answers = await engine.ask(requests)
+            advance(len(prompts))
+            return answers
+
+        answers = asyncio.run(ask())
+        failed = [a for a in answers if not a.ok]
+        if failed:
+            raise DistilleryError(
+                f"model {self.label}: {len(failed)} of {len(answers)} requests failed ({failed[0].error}); "
+                "check the endpoint and rerun (answers so far are cached)"
+            )
+        texts = [_cut(a.content or "", gen.stop) for a in answers]
+        return [texts[i * gen.n : (i + 1) * gen.n] for i in range(len(prompts))]
+
+    def nll(self, *args, **kwargs):
+        raise DistilleryError(
+            f"model {self.label} is an endpoint: it cannot score perplexity or teacher agreement (no "
+            "log-probabilities of given text); use a store run, or drop those metrics for it with the task's 'models:'"
+        )
+
+    def close(self) -> None:
+        return None
+
+
+def _cut(text: str, stop: list[str]) -> str:
+    cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=None)
+    return (text if cut is None else text[:cut]).strip()

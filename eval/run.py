@@ -1,0 +1,611 @@
+"""``stage: eval``: run tasks on models, record every sample, aggregate with intervals, publish.
+
+    stage: eval
+    name: demo-eval
+    models: [student-base, demo-sft-run]
+    tasks:
+      - {name: heldout, dataset: {ref: demo-sft, split: test}, metrics: [perplexity]}
+      - name: answers
+        dataset: {ref: demo-sft, split: test}
+        generation: {max_new_tokens: 48}
+        metrics: [rougeL, chrf]
+
+Publishes an eval manifest (parents: every model run, every dataset) with
+
+- ``metrics.json``: per task and model each metric's value with its seeded bootstrap interval, and
+  for every pair of models the paired difference on the same samples (b − a, with its interval) and
+  the samples that flipped (right in one, wrong in the other);
+- per-sample records (split ``records``): ``id``, ``parents`` (the dataset record), ``sample_id``,
+  ``task``, ``model``, ``model_id``, ``prompt_sha256``, ``target_sha256``, ``outputs``,
+  ``extracted``, ``correct`` and one column per metric — so ``manifests trace`` of a failed sample
+  reaches the dataset record and its source.
+
+Everything is checked before a model loads (datasets, columns, metrics, models' kinds), and nothing
+is published when any part fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from eval.contamination import ContaminationConfig, overlap_with_index, overlap_with_training
+from eval.explain import ExplainConfig, TrainingIndex, by_source, index_training, nearest
+from eval.judge import JudgeConfig, question_of, win_rates
+from eval.metrics import Metric, TextScorers, is_right, mean_stats, pass_at_k
+from eval.models import EndpointModel, RunModel
+from eval.stats import BootstrapSettings, interval, paired_difference
+from eval.tasks import Sample, TaskConfig, TaskData, load_samples
+from manifests.errors import DistilleryError
+from manifests.hashing import canonical_json, record_id
+from manifests.model_runs import require_causal_lm, require_sequence_classifier
+from manifests.publish import Publisher
+from manifests.recipes import Name, RecipeConfig, parse_config
+from manifests.schema import Manifest
+from manifests.store import Store
+from synth.teacher_requests import BudgetConfig, TeacherConfig
+
+STAGE = "eval"
+
+
+class BootstrapConfig(RecipeConfig):
+    samples: int = Field(default=1000, ge=0)
+    """Resamples (0: no intervals)."""
+    seed: int = 0
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+
+
+class EvalRecipe(RecipeConfig):
+    """Evaluate models on tasks; every sample's result is recorded with its lineage."""
+
+    name: Name
+    models: list[str | TeacherConfig] = Field(min_length=1)
+    """Run references (full checkpoints, adapters, reward models) or endpoints
+    (``{name, base_url, model, api_key_env}``), labelled by the reference or the endpoint's name."""
+    tasks: list[TaskConfig] = Field(min_length=1)
+    judges: dict[str, JudgeConfig] = Field(default_factory=dict)
+    """For ``win_rate``: judges by task name."""
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    """A cap on what endpoint models and judges may spend in this eval."""
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    contamination: ContaminationConfig | None = None
+    """Count the samples whose n-grams occur in each model's training data (or an index); metrics on the rest."""
+    explain: ExplainConfig | None = None
+    """For each failed sample, the nearest records of the data each model run was trained on."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_perplexity(cls, data: Any) -> Any:
+        # The first eval recipes named one dataset and scored perplexity: still read as one task.
+        if isinstance(data, dict) and "dataset" in data and "tasks" not in data:
+            data = dict(data)
+            task = {
+                "name": "perplexity",
+                "dataset": data.pop("dataset"),
+                "metrics": [data.pop("metric", "perplexity")],
+            }
+            if "max_length" in data:
+                task["max_length"] = data.pop("max_length")
+            if "batch_size" in data:
+                task["generation"] = {"batch_size": data.pop("batch_size")}
+            data["tasks"] = [task]
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalRecipe:
+        labels = [model_label(m) for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"models need distinct labels, got {labels}; set 'name' on endpoints")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be distinct, got {names}")
+        for task in self.tasks:
+            unknown = sorted(set(task.models or []) - set(labels))
+            if unknown:
+                raise ValueError(
+                    f"task {task.name}: models {unknown} are not among the eval's models {labels}"
+                )
+            if task.needs("judge"):
+                judge = self.judges.get(task.name)
+                if judge is None:
+                    raise ValueError(
+                        f"task {task.name}: win_rate needs a judge: 'judges: {{{task.name}: {{teacher: …}}}}'"
+                    )
+                if judge.against != "reference" and judge.against not in labels:
+                    raise ValueError(
+                        f"judge of {task.name}: 'against: {judge.against}' is neither 'reference' nor a model label ({labels})"
+                    )
+        for name in self.judges:
+            if name not in names:
+                raise ValueError(f"judges: no task named {name!r} (tasks: {names})")
+        return self
+
+
+def model_label(spec: str | TeacherConfig) -> str:
+    return spec if isinstance(spec, str) else spec.label
+
+
+# --------------------------------------------------------------------------------------- progress
+
+
+class SamplesPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} samples/s" if speed else "– samples/s", style="progress.data.speed")
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SamplesPerSecond(),
+                    TimeRemainingColumn())  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ engines
+
+
+@dataclass
+class Engines:
+    """One teacher engine per use (an endpoint model's answers, a judge's verdicts), all on the synth
+    cache, sharing one budget: each starts with what the ones before left."""
+
+    store: Store
+    budget: BudgetConfig
+    spent_cost: float = 0.0
+    spent_tokens: int = 0
+
+    def factory(self, teacher: TeacherConfig):
+        from contextlib import asynccontextmanager
+
+        from synth.cache import RequestCache
+        from synth.engine import TeacherEngine
+        from synth.runner import CACHE_FILE
+
+        @asynccontextmanager
+        async def session():
+            left = BudgetConfig(
+                max_cost=None
+                if self.budget.max_cost is None
+                else max(self.budget.max_cost - self.spent_cost, 0.0),
+                max_tokens=None
+                if self.budget.max_tokens is None
+                else max(self.budget.max_tokens - self.spent_tokens, 1),
+            )
+            cache = RequestCache(self.store.root / CACHE_FILE)
+            try:
+                async with TeacherEngine([teacher], cache, self.store, left) as engine:
+                    try:
+                        yield engine
+                    finally:
+                        self.spent_cost += engine.usage.cost
+                        self.spent_tokens += engine.usage.prompt_tokens + engine.usage.completion_tokens
+            finally:
+                cache.close()
+
+        return session
+
+
+# --------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scored:
+    """One model's results on one task: per metric the statistics rows and shown values."""
+
+    outputs: list[list[str]] = field(default_factory=list)
+    extracted: list[list[str | None]] = field(default_factory=list)
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+    values: dict[str, list[float | None]] = field(default_factory=dict)
+    detail: dict[str, list[Any]] = field(default_factory=dict)
+
+    def put(self, metric: str, rows: list[tuple[list[float], float | None]]) -> None:
+        self.stats[metric] = np.asarray([r[0] for r in rows], dtype=np.float64)
+        self.values[metric] = [r[1] for r in rows]
+
+
+def _verifier(task: TaskConfig, method: str):
+    from synth.verify import Verifier
+
+    try:
+        return Verifier(method, task.verifier.extract, task.verifier.pattern)
+    except ValueError as e:
+        raise DistilleryError(f"task {task.name}: verifier: {e}") from None
+
+
+def _generation_metrics(task: TaskConfig, samples: list[Sample], scored: Scored, texts: TextScorers) -> None:
+    """Every generation metric of the task, from the outputs already in ``scored``."""
+    metrics = [m for m in task.metric_list if m.needs == "generation"]
+    pass_check = _verifier(task, task.verifier.method)
+    extract = _verifier(
+        task, next((m.verifier_method for m in metrics if m.verifier_method), task.verifier.method)
+    )
+    scored.extracted = [[extract.answer_of(o) for o in outs] for outs in scored.outputs]
+    for m in metrics:
+        rows: list[tuple[list[float], float | None]] = []
+        if m.verifier_method:
+            check = _verifier(task, m.verifier_method)
+            for s, outs in zip(samples, scored.outputs, strict=True):
+                v = check(outs[0], s.target, s.row.get(task.tests))
+                rows.append((mean_stats(v.passed), float(v.passed)))
+        elif m.k:
+            for s, outs in zip(samples, scored.outputs, strict=True):
+                right = sum(pass_check(o, s.target, s.row.get(task.tests)).passed for o in outs)
+                value = pass_at_k(len(outs), right, m.k)
+                rows.append((mean_stats(value), value))
+        else:
+            for s, outs in zip(samples, scored.outputs, strict=True):
+                rows.append(texts.text_metric(m.name, outs[0], s.target or ""))
+        scored.put(m.name, rows)
+
+
+def _perplexity(model, task: TaskConfig, samples: list[Sample], scored: Scored, advance) -> None:
+    per = model.nll([s.conversation() for s in samples], task.max_length, task.generation.batch_size,
+                    [s.id for s in samples], advance)  # fmt: skip
+    scored.put(
+        "perplexity",
+        [([nll, tokens], float(np.exp(nll / tokens)) if tokens else None) for nll, tokens in per],
+    )
+
+
+def _reward_accuracy(model: RunModel, samples: list[Sample], scored: Scored, advance) -> None:
+    from synth.preferences import RewardModel
+
+    reward = RewardModel(model.manifest, model.store)
+    rows = []
+    for s in samples:
+        chosen, rejected = reward.score(s.prompt, [str(s.row["chosen"]), str(s.row["rejected"])])
+        value = 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
+        rows.append((mean_stats(value), value))
+        advance(1)
+    scored.put("reward_accuracy", rows)
+
+
+def _teacher_agreement(model: RunModel, teacher: RunModel, task: TaskConfig, samples: list[Sample], scored: Scored,
+                       advance) -> None:  # fmt: skip
+    from eval.agreement import agreement, require_same_tokenizer
+
+    student, tokenizer = model.loaded()
+    teacher_model, teacher_tok = teacher.loaded()
+    require_same_tokenizer(model.label, tokenizer, teacher.label, teacher_tok)
+    tokenizer.padding_side = "right"  # scoring: labels line up with the text, padding after it
+    try:
+        per = agreement(student, teacher_model, tokenizer, [s.conversation() for s in samples], task.max_length,
+                        task.generation.batch_size, [s.id for s in samples], advance)  # fmt: skip
+    finally:
+        tokenizer.padding_side = "left"
+    scored.put("top1_agreement", [([a, t], a / t if t else None) for a, _, t in per])
+    scored.put("kl_teacher_student", [([kl, t], kl / t if t else None) for _, kl, t in per])
+
+
+# ---------------------------------------------------------------------------------------- the stage
+
+
+def _sha(value: Any) -> str:
+    text = value if isinstance(value, str) else canonical_json(value)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _aggregates(
+    metrics: list[Metric], results: dict[str, Scored], settings: BootstrapSettings
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"models": {}, "paired": []}
+    for label, scored in results.items():
+        out["models"][label] = {m.name: interval(scored.stats[m.name], m.aggregate, settings)
+                                for m in metrics if m.name in scored.stats}  # fmt: skip
+    for a, b in itertools.combinations(results, 2):
+        shared = [m for m in metrics if m.name in results[a].stats and m.name in results[b].stats]
+        if not shared:
+            continue
+        entry: dict[str, Any] = {"a": a, "b": b, "metrics": {}}
+        for m in shared:
+            entry["metrics"][m.name] = paired_difference(results[a].stats[m.name], results[b].stats[m.name],
+                                                         m.aggregate, settings)  # fmt: skip
+        out["paired"].append(entry)
+    return out
+
+
+def _flips(primary: Metric, samples: list[Sample], results: dict[str, Scored], paired: list[dict]) -> None:
+    if not primary.binary:
+        return
+    for entry in paired:
+        a = results[entry["a"]].values.get(primary.name)
+        b = results[entry["b"]].values.get(primary.name)
+        if a is None or b is None:
+            continue
+        right = [(is_right(primary, x), is_right(primary, y)) for x, y in zip(a, b, strict=True)]
+        entry["flipped"] = {
+            "metric": primary.name,
+            "a_only": [s.id for s, (x, y) in zip(samples, right, strict=True) if x and y is False],
+            "b_only": [s.id for s, (x, y) in zip(samples, right, strict=True) if y and x is False],
+        }
+
+
+def _records(task: TaskConfig, label: str, run_id: str | None, samples: list[Sample], scored: Scored,
+             primary: Metric) -> list[dict[str, Any]]:  # fmt: skip
+    rows = []
+    primary_values = scored.values.get(primary.name)
+    for i, s in enumerate(samples):
+        row = {
+            "id": record_id(STAGE, task.name, run_id or label, s.id),
+            "parents": [s.id],
+            "sample_id": s.id,
+            "task": task.name,
+            "model": label,
+            "model_id": run_id,
+            "prompt_sha256": _sha(s.prompt),
+            "target_sha256": None if s.target is None else _sha(s.target),
+            "outputs": scored.outputs[i] if scored.outputs else [],
+            "extracted": scored.extracted[i] if scored.extracted else [],
+            "correct": is_right(primary, primary_values[i]) if primary_values else None,
+        }
+        for name, values in scored.values.items():
+            row[name] = values[i]
+        for name, values in scored.detail.items():
+            row[name] = values[i]
+        rows.append(row)
+    return rows
+
+
+def _records_table(rows: list[dict[str, Any]], metric_names: list[str]) -> pa.Table:
+    fields = [
+        ("id", pa.string()), ("parents", pa.list_(pa.string())), ("sample_id", pa.string()),
+        ("task", pa.string()), ("model", pa.string()), ("model_id", pa.string()),
+        ("prompt_sha256", pa.string()), ("target_sha256", pa.string()),
+        ("outputs", pa.list_(pa.string())), ("extracted", pa.list_(pa.string())), ("correct", pa.bool_()),
+    ]  # fmt: skip
+    fields += [(name, pa.float64()) for name in metric_names]
+    if any("judge_letters" in r for r in rows):
+        fields.append(("judge_letters", pa.list_(pa.string())))
+    if any("contaminated" in r for r in rows):
+        fields.append(("contaminated", pa.bool_()))
+    if any("nearest" in r for r in rows):
+        near = pa.struct([("id", pa.string()), ("dataset", pa.string()), ("similarity", pa.float64()),
+                          ("source", pa.string())])  # fmt: skip
+        fields.append(("nearest", pa.list_(near)))
+    schema = pa.schema(fields)
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
+def _resolve_models(cfg: EvalRecipe, store: Store) -> dict[str, Manifest | TeacherConfig]:
+    """Every model checked for what its tasks need before the first loads."""
+    out: dict[str, Manifest | TeacherConfig] = {}
+    for spec in cfg.models:
+        label = model_label(spec)
+        tasks = [t for t in cfg.tasks if t.models is None or label in t.models]
+        if isinstance(spec, TeacherConfig):
+            out[label] = spec
+            continue
+        manifest = store.resolve(spec, kind="run")
+        reward = [t.name for t in tasks if t.needs("reward")]
+        other = [t.name for t in tasks if not t.needs("reward")]
+        if reward and other:
+            raise DistilleryError(
+                f"model {label} runs reward tasks ({', '.join(reward)}) and generation/scoring tasks "
+                f"({', '.join(other)}); give each task its 'models:'"
+            )
+        try:
+            out[label] = (
+                require_sequence_classifier(manifest) if reward else require_causal_lm(manifest, store)
+            )
+        except DistilleryError as e:
+            raise DistilleryError(f"model {label}: {e}") from None
+    return out
+
+
+def _precheck(cfg: EvalRecipe, models: dict[str, RunModel | EndpointModel]) -> None:
+    """What each task asks of each model, checked before any model loads or any request is paid for."""
+    for task in cfg.tasks:
+        for label, model in models.items():
+            if task.models is not None and label not in task.models:
+                continue
+            if isinstance(model, EndpointModel) and (task.needs("loglikelihood") or task.needs("teacher")):
+                model.nll()  # the one error line
+            if (task.needs("generation") or task.needs("judge")) and task.chat_template:
+                model.require_chat_template(task.name)
+
+
+def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
+    task_data: dict[str, Manifest] = {}
+    samples: dict[str, list[Sample]] = {}
+    for task in cfg.tasks:
+        task_data[task.name] = store.resolve(task.dataset.ref, kind="dataset")
+        samples[task.name] = load_samples(task, task_data[task.name])
+    resolved = _resolve_models(cfg, store)
+    teachers = {t.teacher: require_causal_lm(store.resolve(t.teacher, kind="run"), store)
+                for t in cfg.tasks if t.teacher}  # fmt: skip
+    engines = Engines(store, cfg.budget)
+    models: dict[str, RunModel | EndpointModel] = {}
+    for label, spec in resolved.items():
+        if isinstance(spec, TeacherConfig):
+            models[label] = EndpointModel(label, spec, store, engines.factory(spec))
+        else:
+            models[label] = RunModel(label, spec, store)
+    _precheck(cfg, models)
+    settings = BootstrapSettings(cfg.bootstrap.samples, cfg.bootstrap.seed, cfg.bootstrap.confidence)
+    texts = TextScorers()
+    report: dict[str, Any] = {"bootstrap": cfg.bootstrap.resolved(), "tasks": {}}
+    records: list[dict[str, Any]] = []
+    indexes: dict[str, TrainingIndex] = {}
+    started = time.monotonic()
+    with progress_bar() as progress:
+        for task in cfg.tasks:
+            task_samples = samples[task.name]
+            labels = [label for label in models if task.models is None or label in task.models]
+            results = {label: Scored() for label in labels}
+            teacher = RunModel(task.teacher, teachers[task.teacher], store) if task.teacher else None
+            for label in labels:
+                model = models[label]
+                bar = progress.add_task(f"{task.name} · {label}", total=len(task_samples))
+
+                def advance(n: int, bar=bar) -> None:
+                    progress.advance(bar, n)
+
+                scored = results[label]
+                if task.needs("reward"):
+                    _reward_accuracy(model, task_samples, scored, advance)
+                if task.needs("loglikelihood"):
+                    _perplexity(model, task, task_samples, scored, advance)
+                if task.needs("teacher"):
+                    _teacher_agreement(model, teacher, task, task_samples, scored, advance)
+                if task.needs("generation") or task.needs("judge"):
+                    scored.outputs = model.generate([s.prompt for s in task_samples], task.generation,
+                                                    task.chat_template, advance)  # fmt: skip
+                    _generation_metrics(task, task_samples, scored, texts)
+            if task.needs("judge"):
+                _judge(cfg.judges[task.name], task, task_samples, results, engines)
+            if teacher:
+                teacher.close()
+            metrics = task.metric_list
+            summary = _aggregates(metrics, results, settings)
+            _flips(metrics[0], task_samples, results, summary["paired"])
+            report["tasks"][task.name] = {
+                "dataset": task_data[task.name].id, "split": task.dataset.split, "samples": len(task_samples),
+                "primary": metrics[0].name, **summary,
+            }  # fmt: skip
+            if cfg.contamination:
+                report["tasks"][task.name]["contamination"] = _contamination(
+                    cfg.contamination, store, models, task, task_samples, results, settings
+                )
+            if cfg.explain:
+                report["tasks"][task.name]["explained"] = _explain(
+                    cfg.explain, store, models, task_samples, results, metrics[0], indexes
+                )
+            for label in labels:
+                records += _records(
+                    task, label, models[label].run_id, task_samples, results[label], metrics[0]
+                )
+                for name, m in summary["models"][label].items():
+                    m["higher_is_better"] = next(x.higher_is_better for x in metrics if x.name == name)
+    for model in models.values():
+        model.close()
+    return _publish(cfg, store, resolved, task_data, teachers, report, records, time.monotonic() - started)
+
+
+def _contamination(cfg: ContaminationConfig, store: Store, models: dict[str, RunModel | EndpointModel],
+                   task: TaskConfig, samples: list[Sample], results: dict[str, Scored],
+                   settings: BootstrapSettings) -> dict[str, Any]:  # fmt: skip
+    """Per model: the overlapping samples and every metric on the clean ones."""
+    index_hit = None
+    if cfg.against == "index":
+        index_hit = overlap_with_index(store.resolve(cfg.index, kind="run"), samples, cfg.ngram)
+    out: dict[str, Any] = {}
+    for label, scored in results.items():
+        model = models[label]
+        if index_hit is not None:
+            hit, against = index_hit, [cfg.index]
+        elif isinstance(model, RunModel):
+            hit, against = overlap_with_training(model.manifest, store, samples, cfg.ngram)
+        else:
+            out[label] = {"against": None, "note": "an endpoint: its training data is unknown"}
+            continue
+        scored.detail["contaminated"] = [bool(x) for x in hit]
+        clean = ~hit
+        out[label] = {
+            "against": against, "ngram": cfg.ngram, "overlapping": int(hit.sum()), "samples": len(samples),
+            "overlapping_ids": [s.id for s, h in zip(samples, hit, strict=True) if h],
+            "clean": {m.name: interval(scored.stats[m.name][clean], m.aggregate, settings)
+                      for m in task.metric_list if m.name in scored.stats},
+        }  # fmt: skip
+    return out
+
+
+def _explain(cfg: ExplainConfig, store: Store, models: dict[str, RunModel | EndpointModel], samples: list[Sample],
+             results: dict[str, Scored], primary: Metric, indexes: dict[str, TrainingIndex]) -> dict[str, Any]:  # fmt: skip
+    """Per model run: each failed sample's nearest training records, and the failures by source."""
+    out: dict[str, Any] = {}
+    if not primary.binary:
+        return out
+    for label, scored in results.items():
+        model = models[label]
+        values = scored.values.get(primary.name)
+        if not isinstance(model, RunModel) or values is None:
+            continue
+        failed = [i for i, v in enumerate(values) if is_right(primary, v) is False][: cfg.max_failures]
+        if model.manifest.id not in indexes:
+            indexes[model.manifest.id] = index_training(model.manifest, store, cfg)
+        index = indexes[model.manifest.id]
+        found = nearest(index, [samples[i] for i in failed], cfg)
+        scored.detail["nearest"] = [None] * len(samples)
+        for i, near in zip(failed, found, strict=True):
+            scored.detail["nearest"][i] = near
+        out[label] = {"failures": sum(1 for v in values if is_right(primary, v) is False), "explained": len(failed),
+                      "datasets": index.scanned, "records_indexed": len(index.ids),
+                      "by_source": by_source(index, found)}  # fmt: skip
+    return out
+
+
+def _judge(judge: JudgeConfig, task: TaskConfig, samples: list[Sample], results: dict[str, Scored],
+           engines: Engines) -> None:  # fmt: skip
+    questions = [question_of(s.prompt) for s in samples]
+    label = f"judge:{judge.teacher.label}"
+    teacher = judge.teacher.model_copy(update={"name": label})
+    for model_label_, scored in results.items():
+        if judge.against == model_label_:
+            continue
+        if judge.against == "reference":
+            others = [s.target or "" for s in samples]
+        else:
+            if judge.against not in results:
+                raise DistilleryError(f"judge of {task.name}: model {judge.against} does not run this task")
+            others = [o[0] for o in results[judge.against].outputs]
+        scores, letters = win_rates(engines.factory(teacher), judge, label, questions,
+                                    [o[0] for o in scored.outputs], others)  # fmt: skip
+        scored.put("win_rate", [(mean_stats(v), v) for v in scores])
+        scored.detail["judge_letters"] = letters
+
+
+def _publish(cfg: EvalRecipe, store: Store, resolved: dict[str, Any], task_data: dict[str, Manifest],
+             teachers: dict[str, Manifest], report: dict[str, Any], records: list[dict[str, Any]],
+             seconds: float) -> Manifest:  # fmt: skip
+    runs = [m for m in resolved.values() if isinstance(m, Manifest)]
+    datasets = list({m.id: m for m in task_data.values()}.values())
+    teacher_runs = [
+        m for m in {m.id: m for m in teachers.values()}.values() if m.id not in {r.id for r in runs}
+    ]
+    parents = [*runs, *teacher_runs, *datasets]
+    roles = (
+        {m.id: "model" for m in runs}
+        | {m.id: "teacher" for m in teacher_runs}
+        | {m.id: "eval_data" for m in datasets}
+    )
+    recipe = cfg.resolved() | {
+        "models": [m.id if isinstance(m, Manifest) else m.resolved() for m in resolved.values()],
+        "tasks": [t.resolved() | {"dataset": t.dataset.resolved() | {"ref": task_data[t.name].id}}
+                  | ({"teacher": teachers[t.teacher].id} if t.teacher else {}) for t in cfg.tasks],
+    }  # fmt: skip
+    metric_names = list(dict.fromkeys(m.name for t in cfg.tasks for m in t.metric_list))
+    table = _records_table(records, metric_names)
+    stats = {
+        "samples": sum(v["samples"] for v in report["tasks"].values()),
+        "seconds": round(seconds, 2),
+        "tasks": {task: {label: {name: m["value"] for name, m in ms.items()} for label, ms in entry["models"].items()}
+                  for task, entry in report["tasks"].items()},
+    }  # fmt: skip
+    with Publisher(store, kind="eval", name=cfg.name, stage=STAGE, recipe=recipe, parents=parents,
+                   parent_roles=roles, seed=cfg.bootstrap.seed) as pub:  # fmt: skip
+        pub.write_table(table, split="records")
+        # In the recipe's order (models as listed), not sorted: tables show them as the user listed them.
+        (pub.dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        return pub.publish(stats=stats, arrow_schema=table.schema)
+
+
+def run_recipe(data: dict[str, Any], store: Store, source: str) -> Manifest:
+    return evaluate(parse_config(EvalRecipe, data, source), store)
+
+
+__all__ = ["EvalRecipe", "TaskData", "evaluate", "run_recipe"]
