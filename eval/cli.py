@@ -10,6 +10,8 @@ STAGES = {
     "eval": Stage("eval.run:EvalRecipe", "eval.run:run_recipe"),
     # The first eval recipes named their one metric in the stage; they run as one perplexity task.
     "eval.perplexity": Stage("eval.run:EvalRecipe", "eval.run:run_recipe"),
+    # lm-evaluation-harness tasks on store models (optional extra: pip install 'distillery[lmeval]').
+    "eval.harness": Stage("eval.harness:HarnessRecipe", "eval.harness:run_recipe"),
 }
 """The eval recipe stages (``stage:`` → config, run function)."""
 

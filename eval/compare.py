@@ -74,7 +74,7 @@ def columns_of(store: Store, refs: list[str]) -> list[Column]:
                         if any(r["model"] == x for r in records) else 0)  # fmt: skip
         for label in models:
             per_task = {
-                task: entry["models"][label]
+                task: entry["models"][label]["metrics"]
                 for task, entry in data["tasks"].items()
                 if label in entry["models"]
             }

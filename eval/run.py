@@ -301,12 +301,18 @@ def _sha(value: Any) -> str:
 
 
 def _aggregates(
-    metrics: list[Metric], results: dict[str, Scored], settings: BootstrapSettings
+    metrics: list[Metric],
+    results: dict[str, Scored],
+    run_ids: dict[str, str | None],
+    settings: BootstrapSettings,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"models": {}, "paired": []}
     for label, scored in results.items():
-        out["models"][label] = {m.name: interval(scored.stats[m.name], m.aggregate, settings)
-                                for m in metrics if m.name in scored.stats}  # fmt: skip
+        out["models"][label] = {
+            "run_id": run_ids[label],
+            "metrics": {m.name: interval(scored.stats[m.name], m.aggregate, settings) | {"higher_is_better": m.higher_is_better}
+                        for m in metrics if m.name in scored.stats},
+        }  # fmt: skip
     for a, b in itertools.combinations(results, 2):
         shared = [m for m in metrics if m.name in results[a].stats and m.name in results[b].stats]
         if not shared:
@@ -471,7 +477,9 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
             if teacher:
                 teacher.close()
             metrics = task.metric_list
-            summary = _aggregates(metrics, results, settings)
+            summary = _aggregates(
+                metrics, results, {label: models[label].run_id for label in labels}, settings
+            )
             _flips(metrics[0], task_samples, results, summary["paired"])
             report["tasks"][task.name] = {
                 "dataset": task_data[task.name].id, "split": task.dataset.split, "samples": len(task_samples),
@@ -489,8 +497,6 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
                 records += _records(
                     task, label, models[label].run_id, task_samples, results[label], metrics[0]
                 )
-                for name, m in summary["models"][label].items():
-                    m["higher_is_better"] = next(x.higher_is_better for x in metrics if x.name == name)
     for model in models.values():
         model.close()
     return _publish(cfg, store, resolved, task_data, teachers, report, records, time.monotonic() - started)
@@ -593,7 +599,7 @@ def _publish(cfg: EvalRecipe, store: Store, resolved: dict[str, Any], task_data:
     stats = {
         "samples": sum(v["samples"] for v in report["tasks"].values()),
         "seconds": round(seconds, 2),
-        "tasks": {task: {label: {name: m["value"] for name, m in ms.items()} for label, ms in entry["models"].items()}
+        "tasks": {task: {label: {name: m["value"] for name, m in ms["metrics"].items()} for label, ms in entry["models"].items()}
                   for task, entry in report["tasks"].items()},
     }  # fmt: skip
     with Publisher(store, kind="eval", name=cfg.name, stage=STAGE, recipe=recipe, parents=parents,

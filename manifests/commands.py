@@ -80,6 +80,70 @@ def _size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _export(args) -> int:
+    """``manifests export``: Croissant or a Hub card of one dataset, or OpenLineage events of manifests."""
+    from pathlib import Path
+
+    from manifests import exports
+    from manifests.lineage_events import write_run_events
+
+    store = args.store_obj
+    if args.openlineage:
+        if args.format or args.out:
+            raise DistilleryError(
+                "--openlineage DIR writes one file per manifest; leave out --format and --out"
+            )
+        manifests = [store.resolve(ref) for ref in args.refs] if args.refs else store.list()
+        if not manifests:
+            raise DistilleryError(
+                f"no manifests in {store.root} to export (set --store or DISTILLERY_STORE?)"
+            )
+        folder = Path(args.openlineage)
+        inside = exports.published_folder_around(folder)
+        if inside is not None:
+            raise DistilleryError(
+                f"--openlineage {folder}: inside the published folder of {inside.ref}, where a new file "
+                "makes verify report it as extra; write the events elsewhere"
+            )
+        written, edited = write_run_events(manifests, folder, store.root)
+        console.print(
+            f"{len(written)} manifests: START and COMPLETE events → {esc(folder)}/<kind>-<name>-<id>.json"
+        )
+        if edited:
+            raise VerificationError(
+                f"skipped {', '.join(edited)}: manifest.json edited after publishing, so its events would not "
+                "be trustworthy; restore it or re-run the stage that made it"
+            )
+        return 0
+    if len(args.refs) != 1 or not args.format:
+        raise DistilleryError(
+            "give one dataset and a format (manifests export REF --format croissant|hf-card), "
+            "or --openlineage DIR [REF...] for run events"
+        )
+    m = store.resolve(args.refs[0])
+    if args.format == "croissant":
+        doc = exports.croissant(m, license=args.license, url=args.url)
+        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    else:
+        text = exports.hf_card(m, license=args.license, store=store)
+    if not args.out:
+        print(text, end="")
+        return 0
+    out = Path(args.out)
+    if out.is_dir():
+        name = "croissant.json" if args.format == "croissant" else "README.md"
+        raise DistilleryError(f"--out {out}: is a folder; give the file to write (e.g. {out / name})")
+    inside = exports.published_folder_around(out)
+    if inside is not None:
+        raise DistilleryError(
+            f"--out {out}: inside the published folder of {inside.ref}, where a new file makes verify report "
+            "it as extra; write it into a copy of the folder, or elsewhere"
+        )
+    exports.write_atomic(out, text)
+    console.print(f"{args.format} of {m.ref} → {esc(out)}")
+    return 0
+
+
 def explain(m: Manifest) -> None:
     console.print(f"[bold]{m.kind} {m.name}[/]  id {m.id}")
     console.print(f"  folder    {esc(m.location)}")
@@ -302,8 +366,10 @@ def register(sub: argparse._SubParsersAction) -> None:
              "distillery manifests trace 7f3c0a9e12b4c5d6e7f8")  # fmt: skip
     p.add_argument("record_id")
     p.add_argument("--in", dest="ref", help="dataset to start from (default: search the store)")
-    p = verb("report", _report, "an HTML page (funnel, languages, lengths, scores, PII) or JSON for a dataset",
-             "distillery manifests report demo-corpus --out report.html")  # fmt: skip
+    p = verb("report", _report,
+             "an HTML page or JSON: a dataset's funnel, languages, lengths, scores and PII; a run's training "
+             "curves and guard-rail events; an eval's metrics with intervals, paired differences and flips",
+             "distillery manifests report demo-sft-run --out report.html")  # fmt: skip
     p.add_argument("ref")
     p.add_argument("--format", choices=["html", "json"], default="html")
     p.add_argument("--out", help="HTML file to write (default: NAME-ID.html here)")
@@ -312,6 +378,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("old")
     p.add_argument("new")
+    p = add_verb(
+        verbs, "export", _export,
+        "Croissant JSON-LD or a Hugging Face card (README.md) of a dataset; OpenLineage events of any manifest",
+        "Export a dataset as Croissant 1.0 JSON-LD (--format croissant) or as a Hugging Face dataset card\n"
+        "(--format hf-card), printed, or written to --out whole or not at all; paths in both are relative\n"
+        "to the dataset's folder, so put the file at the root of a copy of that folder. Or write the\n"
+        "OpenLineage START and COMPLETE events of manifests (datasets, runs, evals) to DIR, one JSON list\n"
+        "per manifest: DIR/<kind>-<name>-<id>.json (every manifest in the store when no REF is given).",
+        "distillery manifests export demo-corpus --format croissant --out croissant.json\n"
+        "  distillery manifests export demo-corpus --format hf-card --license CC-BY-4.0 > README.md\n"
+        "  distillery manifests export --openlineage lineage/",
+    )  # fmt: skip
+    p.add_argument("refs", nargs="*", metavar="REF",
+                   help="the dataset (--format), or the manifests whose events to write "
+                   "(--openlineage)")  # fmt: skip
+    p.add_argument("--format", choices=["croissant", "hf-card"], help="what to export of one dataset")
+    p.add_argument("--out", help="file to write (default: print to stdout)")
+    p.add_argument("--openlineage", metavar="DIR",
+                   help="write run events of the REFs (default: all) into DIR")  # fmt: skip
+    p.add_argument("--license", help="the dataset's license: an SPDX id as SPDX spells it (CC-BY-4.0, "
+                   "Apache-2.0) or a URL; left out when not given")  # fmt: skip
+    p.add_argument("--url", help="the dataset's web page (Croissant's url); left out when not given")
     p = verb("clean", _clean, "remove what unfinished jobs left (resume state, half-published folders)",
              "distillery manifests clean --dry-run")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")

@@ -3,7 +3,7 @@ paired differences and flips. Read by ``distillery eval run`` and the demo; the 
 ``eval/run.py``::
 
     {"tasks": {"answers": {"samples": 10, "primary": "rougeL",
-                           "models": {"student-base": {"rougeL": {"value": 0.21, "low": 0.17, "high": 0.26, "n": 10}}},
+                           "models": {"student-base": {"run_id": "a122…", "metrics": {"rougeL": {"value": 0.21, "low": 0.17, "high": 0.26, "n": 10}}}},
                            "paired": [{"a": "student-base", "b": "demo-sft-run",
                                        "metrics": {"rougeL": {"diff": 0.05, "low": 0.01, "high": 0.09, "n": 10}}}]}}}
 """
@@ -46,9 +46,9 @@ def print_eval_metrics(manifest: Manifest, console) -> None:
         table = Table(
             "metric", *labels, box=None, title=f"{task} ({entry['samples']} samples)", title_justify="left"
         )
-        names = list(dict.fromkeys(n for label in labels for n in entry["models"][label]))
+        names = list(dict.fromkeys(n for label in labels for n in entry["models"][label]["metrics"]))
         for name in names:
-            table.add_row(name, *[cell(entry["models"][label].get(name, {})) for label in labels])
+            table.add_row(name, *[cell(entry["models"][label]["metrics"].get(name, {})) for label in labels])
         console.print(table)
         for pair in entry.get("paired", []):
             diffs = ", ".join(

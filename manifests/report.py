@@ -1,20 +1,20 @@
-"""Dataset reports: one self-contained HTML page (plots inlined) or JSON for machines.
+"""Reports: one self-contained HTML page (plots inlined) or JSON for machines, for a dataset, a run
+or an eval.
 
     distillery manifests report demo-corpus                 # → demo-corpus-<id>.html
-    distillery manifests report demo-corpus --format json
+    distillery manifests report demo-sft-run --format json
 
-What it shows: the funnel (documents in, removed per step with reasons, out), the language
+A dataset's page shows the funnel (documents in, removed per step with reasons, out), the language
 distribution, document length, every numeric score column, PII counts and contamination per
-benchmark — read from the
-manifest's stats and the dataset's columns (the text itself is only measured, never shown).
+benchmark — read from the manifest's stats and the dataset's columns (the text itself is only
+measured, never shown). A run's page is ``report_runs``, an eval's ``report_evals``; the shared
+page, table and plot helpers are ``report_html``.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
+import math
 from collections import Counter
 from typing import Any
 
@@ -22,7 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from manifests.data import read_shard
-from manifests.errors import DistilleryError
+from manifests.report_evals import render_eval, summarise_eval
+from manifests.report_html import esc, page, plot
+from manifests.report_runs import render_run, summarise_run
 from manifests.schema import Manifest
 from manifests.verify import ensure_verified
 
@@ -46,9 +48,37 @@ def _histogram(values: list[float], bins: int = _BINS) -> dict[str, Any]:
 
 
 def summarise(manifest: Manifest) -> dict[str, Any]:
-    """Everything the report shows, as plain data (the ``--format json`` output)."""
-    if manifest.kind != "dataset":
-        raise DistilleryError(f"report describes datasets; {manifest.ref} is a {manifest.kind}")
+    """Everything the report shows, as plain data (the ``--format json`` output); ``kind`` says which."""
+    if manifest.kind == "run":
+        return _json_safe(summarise_run(manifest))
+    if manifest.kind == "eval":
+        return _json_safe(summarise_eval(manifest))
+    return _json_safe(summarise_dataset(manifest))
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite numbers as the strings the trainers' monitor writes (``"nan"``, ``"inf"``): JSON has
+    no NaN, and a perplexity of a broken model can be infinite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def render_html(summary: dict[str, Any]) -> str:
+    """The page of a ``summarise`` result."""
+    if summary["kind"] == "run":
+        return render_run(summary)
+    if summary["kind"] == "eval":
+        return render_eval(summary)
+    return render_dataset(summary)
+
+
+def summarise_dataset(manifest: Manifest) -> dict[str, Any]:
+    """What a dataset's page shows: measured from its columns and its manifest's stats."""
     ensure_verified(manifest)
     languages: Counter = Counter()
     chars: list[float] = []
@@ -77,7 +107,7 @@ def summarise(manifest: Manifest) -> dict[str, Any]:
     stats = manifest.stats
     pii.update(stats.get("pii", {}) if not pii else {})
     return {
-        "dataset": manifest.ref, "id": manifest.id, "stage": manifest.producer.stage,
+        "kind": "dataset", "dataset": manifest.ref, "id": manifest.id, "stage": manifest.producer.stage,
         "rows": sum(f.rows or 0 for f in manifest.data_files()), "splits": manifest.splits(),
         "funnel": stats.get("funnel", []),
         "languages": dict(languages.most_common()),
@@ -86,21 +116,6 @@ def summarise(manifest: Manifest) -> dict[str, Any]:
         "pii": dict(pii.most_common()),
         "contamination": stats.get("contamination", {}),
     }  # fmt: skip
-
-
-def _plot(draw) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no screen: render to memory
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    draw(ax)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
 def _hist_plot(title: str, hist: dict[str, Any]) -> str:
@@ -113,7 +128,7 @@ def _hist_plot(title: str, hist: dict[str, Any]) -> str:
         ax.set_title(title)
         ax.set_ylabel("documents")
 
-    return _plot(draw)
+    return plot(draw, size=(6, 3.2))
 
 
 def _bar_plot(title: str, counts: dict[str, int]) -> str:
@@ -125,11 +140,10 @@ def _bar_plot(title: str, counts: dict[str, int]) -> str:
         ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#4a78a8")
         ax.set_title(title)
 
-    return _plot(draw)
+    return plot(draw, size=(6, 3.2))
 
 
-def render_html(summary: dict[str, Any]) -> str:
-    esc = html.escape
+def render_dataset(summary: dict[str, Any]) -> str:
     rows = "".join(
         f"<tr><td>{esc(str(r['step']))}</td><td>{r['in']}</td><td>{r['out']}</td><td>{r.get('changed', '')}</td>"
         f"<td>{esc(', '.join(f'{k}: {v}' for k, v in r.get('removed', {}).items()))}</td></tr>"
@@ -153,7 +167,4 @@ def render_html(summary: dict[str, Any]) -> str:
             f"<td>{c['fraction']:.2%}</td></tr>" for name, c in summary["contamination"].items()) + "</table>"
         if summary["contamination"] else "",
     ]  # fmt: skip
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}")  # fmt: skip
-    body = "\n".join(s for s in sections if s)
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(summary['dataset'])}</title><style>{style}</style></head><body>{body}</body></html>\n"
+    return page(summary["dataset"], sections)

@@ -105,7 +105,7 @@ def test_eval_compares_before_and_after(demo):
     assert [p.id for p in ev.parents if p.role == "eval_data"] == [store.resolve("demo-sft").id]
     tasks = json.loads((ev.location / "metrics.json").read_text())["tasks"]
     heldout = tasks["heldout"]
-    before, after = (heldout["models"][m.ref]["perplexity"] for m in (base, trained))
+    before, after = (heldout["models"][m.ref]["metrics"]["perplexity"] for m in (base, trained))
     # Both models scored on the same held-out answers (the synth test split, unseen in training).
     assert before["n"] == after["n"] == heldout["samples"] > 0
     assert before["low"] <= before["value"] <= before["high"]
@@ -118,9 +118,11 @@ def test_eval_compares_before_and_after(demo):
     assert paired["metrics"]["perplexity"]["diff"] == pytest.approx(after["value"] - before["value"])
     assert paired["metrics"]["perplexity"]["high"] < 0  # lower on (nearly) every resample of the samples
     # ... and moves its next-token distribution towards the teacher's
-    kl_before, kl_after = (heldout["models"][m.ref]["kl_teacher_student"]["value"] for m in (base, trained))
+    kl_before, kl_after = (
+        heldout["models"][m.ref]["metrics"]["kl_teacher_student"]["value"] for m in (base, trained)
+    )
     assert kl_after < kl_before
-    summaries = tasks["summaries"]["models"][trained.ref]
+    summaries = tasks["summaries"]["models"][trained.ref]["metrics"]
     assert {"rougeL", "chrf", "bleu"} <= set(summaries) and summaries["rougeL"]["n"] == heldout["samples"]
     assert ev.stats["tasks"]["heldout"][trained.ref]["perplexity"] == pytest.approx(after["value"])
     assert "summaries" in out and "paired" in out

@@ -116,12 +116,12 @@ tasks:
         # Each sample alone (no padding) against transformers' own loss: the batched, padded pass agrees.
         assert r["perplexity"] == pytest.approx(float(torch.exp(loss)), rel=1e-4)
         nll, tokens = nll + float(loss) * n, tokens + n
-    value = metrics["models"]["small-a"]["perplexity"]
+    value = metrics["models"]["small-a"]["metrics"]["perplexity"]
     assert value["value"] == pytest.approx(float(np.exp(nll / tokens)), rel=1e-4)
     assert value["low"] < value["value"] < value["high"] and value["n"] == 10
     pair = metrics["paired"][0]
     assert (pair["a"], pair["b"]) == ("small-a", "small-b")
-    b = metrics["models"]["small-b"]["perplexity"]["value"]
+    b = metrics["models"]["small-b"]["metrics"]["perplexity"]["value"]
     assert pair["metrics"]["perplexity"]["diff"] == pytest.approx(b - value["value"])
     assert "heldout" in result.out and "perplexity" in result.out
 
@@ -144,7 +144,7 @@ def test_verifiers_pass_at_k_and_records_on_an_endpoint_model(cli, eval_store, t
     generation: {n: 3, temperature: 1.0, max_new_tokens: 8}
 """, name="gen")  # fmt: skip
     assert result.code == 0, result.err
-    m = metrics_of(eval_store, "gen")["tasks"]["qa"]["models"]["echo"]
+    m = metrics_of(eval_store, "gen")["tasks"]["qa"]["models"]["echo"]["metrics"]
     records = sorted(records_of(eval_store, "gen"), key=lambda r: r["sample_id"])
     assert [r["sample_id"] for r in records] == [f"q{i}" for i in range(len(QA))]
     refs = {f"q{i}": a for i, (_, a) in enumerate(QA)}
@@ -275,7 +275,10 @@ judges:
     records = records_of(eval_store, "judged")
     assert {r["win_rate"] for r in records} == {0.5}
     assert all(r["judge_letters"] == ["A", "A"] for r in records)
-    assert metrics_of(eval_store, "judged")["tasks"]["qa"]["models"]["echo"]["win_rate"]["value"] == 0.5
+    assert (
+        metrics_of(eval_store, "judged")["tasks"]["qa"]["models"]["echo"]["metrics"]["win_rate"]["value"]
+        == 0.5
+    )
 
 
 def test_a_failing_judge_is_one_error_line_and_publishes_nothing(cli, eval_store, tmp_path):
@@ -299,9 +302,9 @@ tasks:
 """, name="agree")  # fmt: skip
     assert result.code == 0, result.err
     entry = metrics_of(eval_store, "agree")["tasks"]["agree"]["models"]
-    assert entry["small-a"]["top1_agreement"]["value"] == 1.0
-    assert entry["small-a"]["kl_teacher_student"]["value"] == pytest.approx(0.0, abs=1e-6)
-    assert entry["small-b"]["kl_teacher_student"]["value"] > 0.01
+    assert entry["small-a"]["metrics"]["top1_agreement"]["value"] == 1.0
+    assert entry["small-a"]["metrics"]["kl_teacher_student"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert entry["small-b"]["metrics"]["kl_teacher_student"]["value"] > 0.01
     ev = eval_store.resolve("agree", kind="eval")
     assert {p.role for p in ev.parents} == {"model", "eval_data"}  # the teacher is one of the models here
 
@@ -336,7 +339,9 @@ tasks:
         (r for r in records_of(eval_store, "rewards") if r["task"] == "pairs"), key=lambda r: r["sample_id"]
     )
     assert [r["reward_accuracy"] for r in records] == expected
-    value = metrics_of(eval_store, "rewards")["tasks"]["pairs"]["models"]["rm"]["reward_accuracy"]["value"]
+    value = metrics_of(eval_store, "rewards")["tasks"]["pairs"]["models"]["rm"]["metrics"]["reward_accuracy"][
+        "value"
+    ]
     assert value == pytest.approx(sum(expected) / len(expected))
 
 
@@ -351,7 +356,10 @@ batch_size: 2
     result = cli("--store", eval_store.root, "run", recipe)
     assert result.code == 0, result.err
     assert (
-        metrics_of(eval_store, "old")["tasks"]["perplexity"]["models"]["small-a"]["perplexity"]["value"] > 1
+        metrics_of(eval_store, "old")["tasks"]["perplexity"]["models"]["small-a"]["metrics"]["perplexity"][
+            "value"
+        ]
+        > 1
     )
 
 
@@ -511,3 +519,65 @@ explain: {k: 2}
     explained = metrics_of(trained_store, "explained")["tasks"]["long"]["explained"]["trained"]
     assert explained["failures"] == 6 and explained["records_indexed"] == 4
     assert sum(explained["by_source"].values()) == 6 and explained["by_source"]["web/a.jsonl"] >= 1
+
+
+# ------------------------------------------------------------------------------ how a model is asked
+
+
+def test_fewshot_turns_come_from_another_split_before_each_prompt(eval_store):
+    from eval.tasks import TaskConfig, load_samples
+
+    task = TaskConfig(name="t", dataset={"ref": "qa", "split": "test"}, metrics=["exact_match"],
+                      system="Answer in one word.", fewshot={"split": "train", "n": 1})  # fmt: skip
+    samples = load_samples(task, eval_store.resolve("qa"))
+    assert [s.id for s in samples] == [f"q{i}" for i in range(len(QA))]
+    assert samples[3].prompt == [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "alpha"},  # the train split's one row, as a solved example
+        {"role": "assistant", "content": "alpha"},
+        {"role": "user", "content": "epsilon"},
+    ]
+    assert samples[3].target == "zeta"
+
+
+def test_an_answer_ends_before_its_stop_string(cli, eval_store, tmp_path):
+    from synth.serve import start_server
+
+    with start_server("echo") as server:
+        result = run_eval(cli, eval_store, tmp_path, echo_models(server.url) + """tasks:
+  - {name: qa, dataset: {ref: qa, split: test}, metrics: [exact_match], generation: {max_new_tokens: 8, stop: [" delta", " theta"]}}
+""", name="stopped")  # fmt: skip
+    assert result.code == 0, result.err
+    outputs = {r["sample_id"]: r["outputs"][0] for r in records_of(eval_store, "stopped")}
+    assert outputs["q2"] == "gamma" and outputs["q4"] == "eta" and outputs["q0"] == "alpha"
+
+
+def test_a_run_generates_the_same_greedy_answers_batched_or_alone(eval_store):
+    from eval.models import RunModel
+    from eval.tasks import Generation
+
+    model = RunModel("small-a", eval_store.resolve("small-a"), eval_store)
+    prompts = [[{"role": "user", "content": " ".join(WORDS[: 1 + i % 5])}] for i in range(6)]
+    calls = []
+    batched = model.generate(prompts, Generation(max_new_tokens=6, batch_size=4), True, calls.append)
+    alone = [
+        model.generate([p], Generation(max_new_tokens=6, batch_size=1), True, lambda n: None)[0]
+        for p in prompts
+    ]
+    assert batched == alone and sum(calls) == 6 and len(calls) == 2
+
+
+def test_a_real_eval_renders_as_a_report(cli, eval_store, tmp_path):
+    result = run_eval(cli, eval_store, tmp_path, """models: [small-a, small-b]
+tasks:
+  - {name: heldout, dataset: {ref: chats, split: test}, metrics: [perplexity], limit: 4}
+  - {name: words, dataset: {ref: qa, split: test}, metrics: [exact_match, chrf], generation: {max_new_tokens: 3}}
+""", name="reported")  # fmt: skip
+    assert result.code == 0, result.err
+    summary = cli("--store", eval_store.root, "manifests", "report", "reported", "--format", "json")
+    assert summary.code == 0, summary.err
+    page = tmp_path / "r.html"
+    html = cli("--store", eval_store.root, "manifests", "report", "reported", "--out", page)
+    assert html.code == 0, html.err
+    text = page.read_text()
+    assert "heldout" in text and "words" in text and "small-b" in text and "perplexity" in text
