@@ -9,7 +9,6 @@ sample ids that are right in one and wrong in the other, read from the evals' re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from eval.metrics import METRICS
 from eval.stats import BootstrapSettings, paired_difference
 from manifests.data import read_table
 from manifests.errors import DistilleryError
-from manifests.eval_tables import cell, diff_cell
+from manifests.eval_tables import cell, diff_cell, eval_metrics
 from manifests.schema import Manifest
 from manifests.store import Store
 
@@ -42,20 +41,12 @@ class Column:
 
 
 def _metrics(manifest: Manifest) -> dict[str, Any]:
-    path = manifest.location / "metrics.json"
-    if manifest.kind != "eval" or not path.is_file():
-        raise DistilleryError(
-            f"{manifest.ref} is not an eval with metrics (a {manifest.kind}); compare takes evals"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DistilleryError(
-            f"{path}: unreadable ({e}); run 'distillery manifests verify {manifest.ref}'"
-        ) from None
+    if manifest.kind != "eval":
+        raise DistilleryError(f"{manifest.ref} is a {manifest.kind}; compare takes evals")
+    data = eval_metrics(manifest)
     if "tasks" not in data:
         raise DistilleryError(
-            f"{manifest.ref} was made by an older eval without per-task metrics; rerun its recipe"
+            f"{manifest.ref} has no per-task metrics (made by an older eval, or without metrics.json); rerun its recipe"
         )
     return data
 

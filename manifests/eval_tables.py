@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from manifests.errors import DistilleryError
 from manifests.schema import Manifest
 
 
@@ -33,8 +34,19 @@ def diff_cell(d: dict[str, Any] | None) -> str:
 
 
 def eval_metrics(manifest: Manifest) -> dict[str, Any]:
+    """An eval's ``metrics.json`` ({} when it has none); an unreadable one is one error line."""
     path = manifest.location / "metrics.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DistilleryError(
+            f"{path}: not valid JSON ({e}); run 'distillery manifests verify {manifest.ref}' and rerun the eval"
+        ) from None
+    if not isinstance(data, dict):
+        raise DistilleryError(f"{path}: expected a JSON object; rerun the eval {manifest.ref}")
+    return data
 
 
 def print_eval_metrics(manifest: Manifest, console) -> None:

@@ -18,7 +18,6 @@ Model outputs are untrusted text: they are escaped and shortened, never interpre
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.data import read_shard, unreadable_shard
-from manifests.errors import DistilleryError
+from manifests.eval_tables import eval_metrics
 from manifests.report_html import Html, esc, number, page, parents_table, table
 from manifests.schema import Manifest
 from manifests.verify import ensure_verified
@@ -75,15 +74,7 @@ def _read_metrics(manifest: Manifest) -> tuple[str | None, dict[str, Any], dict[
     eval has no such file."""
     if not any(f.path == "metrics.json" for f in manifest.files):
         return None, {}, None
-    path = manifest.location / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DistilleryError(
-            f"{path}: not valid JSON ({e}); the eval {manifest.ref} cannot be reported"
-        ) from None
-    if not isinstance(metrics, dict):
-        raise DistilleryError(f"{path}: expected a JSON object; the eval {manifest.ref} cannot be reported")
+    metrics = eval_metrics(manifest)
     if "tasks" not in metrics:
         return None, _legacy_tasks(metrics, manifest), None
     return _intervals(metrics), _dict(metrics["tasks"]), metrics.get("bootstrap")
