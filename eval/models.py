@@ -24,7 +24,7 @@ from manifests.errors import DistilleryError
 from manifests.models import load_causal_lm
 from manifests.schema import Manifest
 from manifests.store import Store
-from synth.teacher_requests import TeacherConfig
+from synth.teacher_requests import RunStopped, TeacherConfig
 
 
 def chat_text(chat: list[dict[str, str]]) -> str:
@@ -133,7 +133,13 @@ class EndpointModel:
             advance(len(prompts))
             return answers
 
-        answers = asyncio.run(ask())
+        try:
+            answers = asyncio.run(ask())
+        except RunStopped as e:
+            raise DistilleryError(
+                f"model {self.label}: the eval's budget is spent ({e}); raise 'budget:' and rerun "
+                "(answers so far are cached)"
+            ) from None
         failed = [a for a in answers if not a.ok]
         if failed:
             raise DistilleryError(

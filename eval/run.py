@@ -168,6 +168,9 @@ class Engines:
     budget: BudgetConfig
     spent_cost: float = 0.0
     spent_tokens: int = 0
+    requests: dict[str, int] = field(
+        default_factory=lambda: {"sent": 0, "answered": 0, "cache_hits": 0, "failed": 0}
+    )
 
     def factory(self, teacher: TeacherConfig):
         from contextlib import asynccontextmanager
@@ -192,8 +195,11 @@ class Engines:
                     try:
                         yield engine
                     finally:
-                        self.spent_cost += engine.usage.cost
-                        self.spent_tokens += engine.usage.prompt_tokens + engine.usage.completion_tokens
+                        usage = engine.usage
+                        self.spent_cost += usage.cost
+                        self.spent_tokens += usage.prompt_tokens + usage.completion_tokens
+                        for key in self.requests:
+                            self.requests[key] += getattr(usage, key)
             finally:
                 cache.close()
 
@@ -499,7 +505,10 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
                 )
     for model in models.values():
         model.close()
-    return _publish(cfg, store, resolved, task_data, teachers, report, records, time.monotonic() - started)
+    usage = engines.requests | {"tokens": engines.spent_tokens, "cost": round(engines.spent_cost, 6)}
+    return _publish(
+        cfg, store, resolved, task_data, teachers, report, records, time.monotonic() - started, usage
+    )
 
 
 def _contamination(cfg: ContaminationConfig, store: Store, models: dict[str, RunModel | EndpointModel],
@@ -577,7 +586,7 @@ def _judge(judge: JudgeConfig, task: TaskConfig, samples: list[Sample], results:
 
 def _publish(cfg: EvalRecipe, store: Store, resolved: dict[str, Any], task_data: dict[str, Manifest],
              teachers: dict[str, Manifest], report: dict[str, Any], records: list[dict[str, Any]],
-             seconds: float) -> Manifest:  # fmt: skip
+             seconds: float, usage: dict[str, Any]) -> Manifest:  # fmt: skip
     runs = [m for m in resolved.values() if isinstance(m, Manifest)]
     datasets = list({m.id: m for m in task_data.values()}.values())
     teacher_runs = [
@@ -599,6 +608,7 @@ def _publish(cfg: EvalRecipe, store: Store, resolved: dict[str, Any], task_data:
     stats = {
         "samples": sum(v["samples"] for v in report["tasks"].values()),
         "seconds": round(seconds, 2),
+        "requests": usage,
         "tasks": {task: {label: {name: m["value"] for name, m in ms["metrics"].items()} for label, ms in entry["models"].items()}
                   for task, entry in report["tasks"].items()},
     }  # fmt: skip

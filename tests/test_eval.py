@@ -581,3 +581,35 @@ tasks:
     assert html.code == 0, html.err
     text = page.read_text()
     assert "heldout" in text and "words" in text and "small-b" in text and "perplexity" in text
+
+
+def test_judge_and_endpoint_requests_are_cached_and_budgeted(cli, eval_store, tmp_path):
+    from synth.serve import start_server
+
+    log = tmp_path / "requests.jsonl"
+    text = """tasks:
+  - {name: qa, dataset: {ref: qa, split: test}, metrics: [win_rate], generation: {max_new_tokens: 8}}
+judges:
+  qa: {teacher: {name: j, base_url: URL, model: echo}}
+"""
+    with start_server("echo", request_log=str(log)) as server:
+        # a system message no other test uses: these requests are new to the cache
+        recipe = echo_models(server.url) + text.replace("URL", server.url).replace(
+            "metrics:", "system: cache test, metrics:"
+        )
+        first = run_eval(cli, eval_store, tmp_path, recipe, name="cached")
+        sent_first = len(log.read_text().splitlines())
+        again = run_eval(cli, eval_store, tmp_path, recipe, name="cached")
+        sent_again = len(log.read_text().splitlines())
+        poor = run_eval(cli, eval_store, tmp_path, "budget: {max_tokens: 30}\n" + recipe.replace("cache test", "budget test"),
+                        name="poor")  # fmt: skip
+    assert first.code == 0 and again.code == 0, first.err + again.err
+    stats = eval_store.resolve("cached", kind="eval").stats["requests"]
+    # 8 answers from the model and 16 verdicts (both orders) from the judge, less the 5 samples whose
+    # answer equals the reference: their two orders are one request (same text), asked once and then
+    # answered from the cache
+    assert sent_first == stats["sent"] == 19 and stats["sent"] + stats["cache_hits"] == 24
+    assert sent_again == sent_first  # the rerun paid for nothing
+    assert len(eval_store.list(kind="eval", name="cached")) == 1
+    assert_one_line_error(poor)
+    assert "budget" in poor.err and not eval_store.list(kind="eval", name="poor")
