@@ -44,9 +44,15 @@ def _metrics(manifest: Manifest) -> dict[str, Any]:
     if manifest.kind != "eval":
         raise DistilleryError(f"{manifest.ref} is a {manifest.kind}; compare takes evals")
     data = eval_metrics(manifest)
-    if "tasks" not in data:
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict) or not all(
+        isinstance(m, dict) and isinstance(m.get("metrics"), dict)
+        for t in tasks.values()
+        for m in (t.get("models") or {}).values()
+    ):
         raise DistilleryError(
-            f"{manifest.ref} has no per-task metrics (made by an older eval, or without metrics.json); rerun its recipe"
+            f"{manifest.ref} has no per-task metrics in this layout (made by an older eval, or without "
+            "metrics.json); rerun its recipe"
         )
     return data
 

@@ -102,15 +102,23 @@ def overlap_with_training(
     return grams.hit, scanned
 
 
-def overlap_with_index(index: Manifest, samples: list[Sample], ngram: int) -> np.ndarray:
-    from corpus.decontam import check_settings, load_index
+def load_contamination_index(ref: str, store: Store, ngram: int):
+    """A ``corpus decontam-index`` checked to hold ``ngram``-grams hashed as this version hashes them."""
+    from corpus.decontam import INDEX_FILE, SETTINGS_FILE, STAGE, check_settings, load_index
 
+    index = store.resolve(ref, kind="run")
     ensure_verified(index)
-    try:
-        built = load_index(str(index.location))
-    except (OSError, KeyError, ValueError) as e:
-        raise DistilleryError(f"contamination: {index.ref} is not a decontamination index ({e})") from None
+    if not all((index.location / f).is_file() for f in (INDEX_FILE, SETTINGS_FILE)):
+        raise DistilleryError(
+            f"contamination: {index.ref} (stage {index.producer.stage}) is not a decontamination index; "
+            f"build one with stage {STAGE}"
+        )
+    built = load_index(str(index.location))
     check_settings(built.settings, index.ref, ngram)
+    return built
+
+
+def overlap_with_index(built, samples: list[Sample], ngram: int) -> np.ndarray:
     grams = SampleGrams([sample_text(s) for s in samples], ngram)
     grams.mark(built.keys)
     return grams.hit

@@ -46,7 +46,12 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from eval.contamination import ContaminationConfig, overlap_with_index, overlap_with_training
+from eval.contamination import (
+    ContaminationConfig,
+    load_contamination_index,
+    overlap_with_index,
+    overlap_with_training,
+)
 from eval.explain import ExplainConfig, TrainingIndex, by_source, index_training, nearest
 from eval.judge import JudgeConfig, question_of, win_rates
 from eval.metrics import Metric, TextScorers, is_right, mean_stats, pass_at_k
@@ -448,6 +453,10 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
         else:
             models[label] = RunModel(label, spec, store)
     _precheck(cfg, models)
+    if cfg.contamination and cfg.contamination.against == "index":
+        load_contamination_index(
+            cfg.contamination.index, store, cfg.contamination.ngram
+        )  # checked before any work
     settings = BootstrapSettings(cfg.bootstrap.samples, cfg.bootstrap.seed, cfg.bootstrap.confidence)
     texts = TextScorers()
     report: dict[str, Any] = {"bootstrap": cfg.bootstrap.resolved(), "tasks": {}}
@@ -517,7 +526,9 @@ def _contamination(cfg: ContaminationConfig, store: Store, models: dict[str, Run
     """Per model: the overlapping samples and every metric on the clean ones."""
     index_hit = None
     if cfg.against == "index":
-        index_hit = overlap_with_index(store.resolve(cfg.index, kind="run"), samples, cfg.ngram)
+        index_hit = overlap_with_index(
+            load_contamination_index(cfg.index, store, cfg.ngram), samples, cfg.ngram
+        )
     out: dict[str, Any] = {}
     for label, scored in results.items():
         model = models[label]

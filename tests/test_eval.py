@@ -613,3 +613,18 @@ judges:
     assert len(eval_store.list(kind="eval", name="cached")) == 1
     assert_one_line_error(poor)
     assert "budget" in poor.err and not eval_store.list(kind="eval", name="poor")
+
+
+def test_a_wrong_index_or_wrong_compare_inputs_are_one_error_line(cli, eval_store, tmp_path):
+    task = "{name: t, dataset: {ref: chats}, metrics: [perplexity], limit: 2}"
+    result = run_eval(cli, eval_store, tmp_path,
+                      f"models: [small-a]\ntasks:\n  - {task}\ncontamination: {{against: index, index: small-b}}\n",
+                      name="badindex")  # fmt: skip
+    assert_one_line_error(result)
+    assert "small-b" in result.err and "not a decontamination index" in result.err
+    assert not eval_store.list(kind="eval", name="badindex")
+    assert run_eval(cli, eval_store, tmp_path, f"models: [small-a]\ntasks:\n  - {task}\n", name="single").code == 0
+    for args, message in ((["single"], "at least two models"), (["chats", "single"], "chats")):
+        result = cli("--store", eval_store.root, "eval", "compare", *args)
+        assert_one_line_error(result)
+        assert message in result.err
