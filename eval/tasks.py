@@ -152,10 +152,15 @@ class Sample:
     target: str | None
     row: dict[str, Any] = field(default_factory=dict)
     """The other columns a metric may need (tests, chosen, rejected)."""
+    shots: int = 0
+    """Messages of ``prompt`` that are few-shot examples (after the system message, if any)."""
 
     def conversation(self) -> list[dict[str, str]]:
-        """The prompt followed by the target as the assistant's answer: what perplexity scores."""
-        return [*self.prompt, {"role": "assistant", "content": self.target or ""}]
+        """The prompt without its few-shot examples, then the target as the assistant's answer: what
+        perplexity and teacher agreement score (every assistant turn of it, so not the examples')."""
+        start = 1 if self.prompt and self.prompt[0]["role"] == "system" else 0
+        chat = [*self.prompt[:start], *self.prompt[start + self.shots :]]
+        return [*chat, {"role": "assistant", "content": self.target or ""}]
 
 
 def _as_chat(value: Any, column: str, row_id: str) -> list[dict[str, str]]:
@@ -248,7 +253,7 @@ def load_samples(task: TaskConfig, data: Manifest) -> list[Sample]:
         if system and chat and chat[0]["role"] == "system":
             chat = chat[1:]
         extra = {c: r[c] for c in columns if c not in ("id", prompt, target)}
-        samples.append(Sample(r["id"], [*system, *shots, *chat], answer, extra))
+        samples.append(Sample(r["id"], [*system, *shots, *chat], answer, extra, len(shots)))
     needs_target = [m.name for m in task.metric_list if m.needs in ("generation", "loglikelihood", "teacher")
                     and m.verifier_method != "tests" and not m.k]  # fmt: skip
     if needs_target and any(s.target is None for s in samples):

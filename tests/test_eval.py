@@ -538,6 +538,12 @@ def test_fewshot_turns_come_from_another_split_before_each_prompt(eval_store):
         {"role": "user", "content": "epsilon"},
     ]
     assert samples[3].target == "zeta"
+    # perplexity scores the sample's own answer, not the examples'
+    assert samples[3].conversation() == [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "epsilon"},
+        {"role": "assistant", "content": "zeta"},
+    ]
 
 
 def test_an_answer_ends_before_its_stop_string(cli, eval_store, tmp_path):
@@ -623,7 +629,10 @@ def test_a_wrong_index_or_wrong_compare_inputs_are_one_error_line(cli, eval_stor
     assert_one_line_error(result)
     assert "small-b" in result.err and "not a decontamination index" in result.err
     assert not eval_store.list(kind="eval", name="badindex")
-    assert run_eval(cli, eval_store, tmp_path, f"models: [small-a]\ntasks:\n  - {task}\n", name="single").code == 0
+    assert (
+        run_eval(cli, eval_store, tmp_path, f"models: [small-a]\ntasks:\n  - {task}\n", name="single").code
+        == 0
+    )
     for args, message in ((["single"], "at least two models"), (["chats", "single"], "chats")):
         result = cli("--store", eval_store.root, "eval", "compare", *args)
         assert_one_line_error(result)
