@@ -152,7 +152,8 @@ def model_label(spec: str | TeacherConfig) -> str:
 
 class SamplesPerSecond(ProgressColumn):
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
+        # Completed over elapsed, not rich's windowed speed: a batch of generation advances many at once.
+        speed = task.completed / task.elapsed if task.elapsed and task.completed else None
         return Text(f"{speed:.2f} samples/s" if speed else "– samples/s", style="progress.data.speed")
 
 
@@ -471,6 +472,10 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
             teacher = RunModel(task.teacher, teachers[task.teacher], store) if task.teacher else None
             for label in labels:
                 model = models[label]
+                if isinstance(model, RunModel) and not task.needs("reward"):
+                    model.loaded()  # before the bar starts: its samples/s is the eval's, not the loading's
+                    if teacher:
+                        teacher.loaded()
                 bar = progress.add_task(f"{task.name} · {label}", total=len(task_samples))
 
                 def advance(n: int, bar=bar) -> None:
