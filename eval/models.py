@@ -34,6 +34,13 @@ def chat_text(chat: list[dict[str, str]]) -> str:
     )
 
 
+def _prompt_ids(tokenizer, inputs: list) -> list[list[int]]:
+    """Token ids of each prompt as generation will see it (chat template applied to a chat)."""
+    texts = [x if isinstance(x, str) else tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True)
+             for x in inputs]  # fmt: skip
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class RunModel:
     """A causal LM run of the store, loaded once on first use."""
@@ -74,8 +81,9 @@ class RunModel:
         inputs = [p if chat_template else chat_text(p) for p in prompts]
         out: list[list[str]] = [[] for _ in prompts]
         if gen.temperature == 0:
-            # Longest first, in batches of similar length: less padding, and an early OOM shows at once.
-            order = sorted(range(len(inputs)), key=lambda i: -len(str(inputs[i])))
+            # Longest first (in tokens), in batches of similar length: less padding, an early OOM shows at once.
+            lengths = [len(x) for x in _prompt_ids(tokenizer, inputs)]
+            order = sorted(range(len(inputs)), key=lambda i: -lengths[i])
             for start in range(0, len(order), gen.batch_size):
                 rows = order[start : start + gen.batch_size]
                 answers = generate_answers(model, tokenizer, [inputs[i] for i in rows], gen.max_new_tokens,

