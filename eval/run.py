@@ -100,11 +100,13 @@ class EvalRecipe(RecipeConfig):
         # The first eval recipes named one dataset and scored perplexity: still read as one task.
         if isinstance(data, dict) and "dataset" in data and "tasks" not in data:
             data = dict(data)
-            task = {
-                "name": "perplexity",
-                "dataset": data.pop("dataset"),
-                "metrics": [data.pop("metric", "perplexity")],
-            }
+            metric = data.pop("metric", "perplexity")
+            if metric != "perplexity":
+                raise ValueError(
+                    f"'metric': {metric!r}: the single-dataset form scores perplexity only; for other "
+                    f"metrics write 'tasks: [{{name: …, dataset: {{ref: …}}, metrics: [{metric}]}}]'"
+                )
+            task = {"name": "perplexity", "dataset": data.pop("dataset"), "metrics": ["perplexity"]}
             if "max_length" in data:
                 task["max_length"] = data.pop("max_length")
             if "batch_size" in data:

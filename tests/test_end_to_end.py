@@ -105,7 +105,8 @@ def test_eval_compares_before_and_after(demo):
     assert [p.id for p in ev.parents if p.role == "eval_data"] == [store.resolve("demo-sft").id]
     tasks = json.loads((ev.location / "metrics.json").read_text())["tasks"]
     heldout = tasks["heldout"]
-    before, after = (heldout["models"][m.ref]["metrics"]["perplexity"] for m in (base, trained))
+    labels = ("student-base", "demo-sft-run")  # models are labelled as the recipe names them
+    before, after = (heldout["models"][label]["metrics"]["perplexity"] for label in labels)
     # Both models scored on the same held-out answers (the synth test split, unseen in training).
     assert before["n"] == after["n"] == heldout["samples"] > 0
     assert before["low"] <= before["value"] <= before["high"]
@@ -114,17 +115,18 @@ def test_eval_compares_before_and_after(demo):
     # around 1e8); three LoRA steps at the recipe's rate take off about 2.6 nats a token.
     assert after["value"] < before["value"], (before, after)
     paired = heldout["paired"][0]
-    assert (paired["a"], paired["b"]) == (base.ref, trained.ref)
+    assert (paired["a"], paired["b"]) == labels
+    assert heldout["models"]["demo-sft-run"]["run_id"] == trained.id
     assert paired["metrics"]["perplexity"]["diff"] == pytest.approx(after["value"] - before["value"])
     assert paired["metrics"]["perplexity"]["high"] < 0  # lower on (nearly) every resample of the samples
     # ... and moves its next-token distribution towards the teacher's
     kl_before, kl_after = (
-        heldout["models"][m.ref]["metrics"]["kl_teacher_student"]["value"] for m in (base, trained)
+        heldout["models"][label]["metrics"]["kl_teacher_student"]["value"] for label in labels
     )
     assert kl_after < kl_before
-    summaries = tasks["summaries"]["models"][trained.ref]["metrics"]
+    summaries = tasks["summaries"]["models"]["demo-sft-run"]["metrics"]
     assert {"rougeL", "chrf", "bleu"} <= set(summaries) and summaries["rougeL"]["n"] == heldout["samples"]
-    assert ev.stats["tasks"]["heldout"][trained.ref]["perplexity"] == pytest.approx(after["value"])
+    assert ev.stats["tasks"]["heldout"]["demo-sft-run"]["perplexity"] == pytest.approx(after["value"])
     assert "summaries" in out and "paired" in out
 
 
