@@ -15,16 +15,15 @@ or an unreadable reply. The judge's prompt and reply letters are those of ``synt
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from pydantic import Field
 
-from manifests.errors import DistilleryError
+from eval.models import ask_through_engine
 from manifests.recipes import RecipeConfig
 from synth.preferences import JUDGE_TEMPLATE, judge_letter
 from synth.runner import fill
-from synth.teacher_requests import RunStopped, SamplingConfig, TeacherConfig
+from synth.teacher_requests import SamplingConfig, TeacherConfig
 
 
 class JudgeConfig(RecipeConfig):
@@ -51,29 +50,15 @@ def win_rates(engine_factory, judge: JudgeConfig, judge_label: str, questions: l
               others: list[str]) -> tuple[list[float], list[list[str | None]]]:  # fmt: skip
     """Per sample: the score of ``answers`` against ``others`` and the two letters the judge gave."""
 
-    async def ask():
-        async with engine_factory() as engine:
-            requests = []
-            for q, mine, theirs in zip(questions, answers, others, strict=True):
-                for a, b in ((mine, theirs), (theirs, mine)):
-                    text = fill(judge.template, prompt=q, a=a, b=b)
-                    requests.append(
-                        engine.request(judge_label, [{"role": "user", "content": text}], judge.sampling)
-                    )
-            return await engine.ask(requests)
+    def requests(engine) -> list[Any]:
+        out = []
+        for q, mine, theirs in zip(questions, answers, others, strict=True):
+            for a, b in ((mine, theirs), (theirs, mine)):
+                text = fill(judge.template, prompt=q, a=a, b=b)
+                out.append(engine.request(judge_label, [{"role": "user", "content": text}], judge.sampling))
+        return out
 
-    try:
-        replies = asyncio.run(ask())
-    except RunStopped as e:
-        raise DistilleryError(
-            f"judge {judge_label}: the eval's budget is spent ({e}); raise 'budget:' and rerun (answers so far are cached)"
-        ) from None
-    failed = [r for r in replies if not r.ok]
-    if failed:
-        raise DistilleryError(
-            f"judge {judge_label}: {len(failed)} of {len(replies)} requests failed ({failed[0].error}); "
-            "check the judge's endpoint and rerun (answers so far are cached); nothing was published"
-        )
+    replies = ask_through_engine(engine_factory, requests, f"judge {judge_label}")
     letters = [judge_letter(r.content) for r in replies]
     pairs = [[letters[2 * i], letters[2 * i + 1]] for i in range(len(questions))]
     return [verdict(a, b) for a, b in pairs], pairs

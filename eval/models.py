@@ -27,6 +27,29 @@ from manifests.store import Store
 from synth.teacher_requests import RunStopped, TeacherConfig
 
 
+def ask_through_engine(engine_factory, requests, who: str) -> list[Any]:
+    """The answers to ``requests(engine)`` from a fresh engine, all of them: a spent budget or a failed
+    request is one error line naming ``who`` (what was answered stays cached for the rerun)."""
+
+    async def ask() -> list[Any]:
+        async with engine_factory() as engine:
+            return await engine.ask(requests(engine))
+
+    try:
+        answers = asyncio.run(ask())
+    except RunStopped as e:
+        raise DistilleryError(
+            f"{who}: the eval's budget is spent ({e}); raise 'budget:' and rerun (answers so far are cached)"
+        ) from None
+    failed = [a for a in answers if not a.ok]
+    if failed:
+        raise DistilleryError(
+            f"{who}: {len(failed)} of {len(answers)} requests failed ({failed[0].error}); check its endpoint "
+            "and rerun (answers so far are cached); nothing was published"
+        )
+    return answers
+
+
 def chat_text(chat: list[dict[str, str]]) -> str:
     """A chat as plain text for ``chat_template: false``: the turns' contents, a blank line apart."""
     return "\n\n".join(m["content"] for m in chat) + (
@@ -133,27 +156,11 @@ class EndpointModel:
         sampling = SamplingConfig(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                   seed=gen.seed)  # fmt: skip
 
-        async def ask() -> list[Any]:
-            async with self.engine_factory() as engine:
-                requests = [engine.request(self.label, p, sampling, k) for p in prompts for k in range(gen.n)]
-                engine.on_progress = lambda: None
-                answers = await engine.ask(requests)
-            advance(len(prompts))
-            return answers
+        def requests(engine) -> list[Any]:
+            return [engine.request(self.label, p, sampling, k) for p in prompts for k in range(gen.n)]
 
-        try:
-            answers = asyncio.run(ask())
-        except RunStopped as e:
-            raise DistilleryError(
-                f"model {self.label}: the eval's budget is spent ({e}); raise 'budget:' and rerun "
-                "(answers so far are cached)"
-            ) from None
-        failed = [a for a in answers if not a.ok]
-        if failed:
-            raise DistilleryError(
-                f"model {self.label}: {len(failed)} of {len(answers)} requests failed ({failed[0].error}); "
-                "check the endpoint and rerun (answers so far are cached)"
-            )
+        answers = ask_through_engine(self.engine_factory, requests, f"model {self.label}")
+        advance(len(prompts))
         texts = [_cut(a.content or "", gen.stop) for a in answers]
         return [texts[i * gen.n : (i + 1) * gen.n] for i in range(len(prompts))]
 
