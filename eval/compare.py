@@ -66,9 +66,8 @@ def columns_of(store: Store, refs: list[str]) -> list[Column]:
         ensure_verified(manifest)
         data = _metrics(manifest)
         records = read_table(manifest, split="records").to_pylist() if manifest.data_files("records") else []
-        models = sorted({label for task in data["tasks"].values() for label in task["models"]},
-                        key=lambda x: list(dict.fromkeys(r["model"] for r in records)).index(x)
-                        if any(r["model"] == x for r in records) else 0)  # fmt: skip
+        # metrics.json keeps the recipe's order of models
+        models = list(dict.fromkeys(label for task in data["tasks"].values() for label in task["models"]))
         for label in models:
             per_task = {
                 task: entry["models"][label]["metrics"]

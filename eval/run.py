@@ -138,6 +138,14 @@ class EvalRecipe(RecipeConfig):
                     raise ValueError(
                         f"judge of {task.name}: 'against: {judge.against}' is neither 'reference' nor a model label ({labels})"
                     )
+                if (
+                    judge.against != "reference"
+                    and task.models is not None
+                    and judge.against not in task.models
+                ):
+                    raise ValueError(
+                        f"judge of {task.name}: 'against: {judge.against}' does not run this task; add it to the task's 'models:'"
+                    )
         for name in self.judges:
             if name not in names:
                 raise ValueError(f"judges: no task named {name!r} (tasks: {names})")
@@ -269,16 +277,86 @@ def _resolve_models(cfg: EvalRecipe, store: Store) -> dict[str, Manifest | Teach
     return out
 
 
-def _precheck(cfg: EvalRecipe, models: dict[str, RunModel | EndpointModel]) -> None:
+def _precheck(
+    cfg: EvalRecipe, models: dict[str, RunModel | EndpointModel], teachers: dict[str, RunModel]
+) -> None:
     """What each task asks of each model, checked before any model loads or any request is paid for."""
+    from eval.agreement import require_same_tokenizer
+    from manifests.models import load_tokenizer
+
+    tokenizers: dict[str, Any] = {}
+
+    def tokenizer_of(m: RunModel):
+        if m.manifest.id not in tokenizers:
+            tokenizers[m.manifest.id] = load_tokenizer(m.manifest)
+        return tokenizers[m.manifest.id]
+
     for task in cfg.tasks:
-        for label, model in models.items():
-            if task.models is not None and label not in task.models:
-                continue
-            if isinstance(model, EndpointModel) and (task.needs("loglikelihood") or task.needs("teacher")):
-                model.nll()  # the one error line
+        for label in _labels(task, models):
+            model = models[label]
+            if isinstance(model, EndpointModel):
+                if task.needs("loglikelihood") or task.needs("teacher"):
+                    model.nll()  # the one error line
+                if task.needs("reward"):
+                    raise DistilleryError(
+                        f"task {task.name}: reward_accuracy needs a reward-model run, and {label} is an endpoint"
+                    )
+            elif task.needs("teacher"):
+                teacher = teachers[task.teacher]
+                require_same_tokenizer(label, tokenizer_of(model), teacher.label, tokenizer_of(teacher))
             if (task.needs("generation") or task.needs("judge")) and task.chat_template:
                 model.require_chat_template(task.name)
+
+
+def _labels(task: TaskConfig, models: dict[str, Any]) -> list[str]:
+    """The eval's models that run ``task``, in the recipe's order."""
+    return [label for label in models if task.models is None or label in task.models]
+
+
+def _score_task(task: TaskConfig, samples: list[Sample], models: dict[str, RunModel | EndpointModel],
+                teacher: RunModel | None, texts: TextScorers, progress) -> dict[str, Scored]:  # fmt: skip
+    """Every metric of ``task`` for each of its models (the judge's verdicts come after, over all of them)."""
+    results = {label: Scored() for label in _labels(task, models)}
+    for label, scored in results.items():
+        model = models[label]
+        if isinstance(model, RunModel) and not task.needs("reward"):
+            model.loaded()  # before the bar starts: its samples/s is the eval's, not the loading's
+            if teacher:
+                teacher.loaded()
+        bar = progress.add_task(f"{task.name} · {label}", total=len(samples))
+
+        def advance(n: int, bar=bar) -> None:
+            progress.advance(bar, n)
+
+        if task.needs("reward"):
+            score_rewards(model, samples, scored, advance)
+        if task.needs("loglikelihood"):
+            score_perplexity(model, task, samples, scored, advance)
+        if task.needs("teacher"):
+            score_agreement(model, teacher, task, samples, scored, advance)
+        if task.needs("generation") or task.needs("judge"):
+            scored.outputs = model.generate(
+                [s.prompt for s in samples], task.generation, task.chat_template, advance
+            )
+            score_generation(task, samples, scored, texts)
+    return results
+
+
+def _release_after(
+    tasks: list[TaskConfig], models: dict[str, Any], teachers: dict[str, Any]
+) -> dict[int, list]:
+    """Per task index, the models and teachers no later task uses: closed after it, so that an eval of
+    many models holds only those still needed."""
+    last: dict[int, Any] = {}
+    for i, task in enumerate(tasks):
+        for label in _labels(task, models):
+            last[id(models[label])] = (i, models[label])
+        if task.teacher:
+            last[id(teachers[task.teacher])] = (i, teachers[task.teacher])
+    out: dict[int, list] = {}
+    for i, model in last.values():
+        out.setdefault(i, []).append(model)
+    return out
 
 
 def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
@@ -288,8 +366,9 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
         task_data[task.name] = store.resolve(task.dataset.ref, kind="dataset")
         samples[task.name] = load_samples(task, task_data[task.name])
     resolved = _resolve_models(cfg, store)
-    teachers = {t.teacher: require_causal_lm(store.resolve(t.teacher, kind="run"), store)
-                for t in cfg.tasks if t.teacher}  # fmt: skip
+    teacher_runs = {t.teacher: require_causal_lm(store.resolve(t.teacher, kind="run"), store)
+                    for t in cfg.tasks if t.teacher}  # fmt: skip
+    teachers = {ref: RunModel(ref, m, store) for ref, m in teacher_runs.items()}
     engines = Engines(store, cfg.budget)
     models: dict[str, RunModel | EndpointModel] = {}
     for label, spec in resolved.items():
@@ -297,105 +376,90 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
             models[label] = EndpointModel(label, spec, store, engines.factory(spec))
         else:
             models[label] = RunModel(label, spec, store)
-    _precheck(cfg, models)
+    _precheck(cfg, models, teachers)
+    index = None
     if cfg.contamination and cfg.contamination.against == "index":
-        load_contamination_index(
-            cfg.contamination.index, store, cfg.contamination.ngram
-        )  # checked before any work
+        index = load_contamination_index(cfg.contamination.index, store, cfg.contamination.ngram)
     settings = BootstrapSettings(cfg.bootstrap.samples, cfg.bootstrap.seed, cfg.bootstrap.confidence)
     texts = TextScorers()
     report: dict[str, Any] = {"bootstrap": cfg.bootstrap.resolved(), "tasks": {}}
-    records: list[dict[str, Any]] = []
+    results: dict[str, dict[str, Scored]] = {}
     indexes: dict[str, TrainingIndex] = {}
+    release = _release_after(cfg.tasks, models, teachers)
     started = time.monotonic()
     with progress_bar() as progress:
-        for task in cfg.tasks:
+        for i, task in enumerate(cfg.tasks):
             task_samples = samples[task.name]
-            labels = [label for label in models if task.models is None or label in task.models]
-            results = {label: Scored() for label in labels}
-            teacher = RunModel(task.teacher, teachers[task.teacher], store) if task.teacher else None
-            for label in labels:
-                model = models[label]
-                if isinstance(model, RunModel) and not task.needs("reward"):
-                    model.loaded()  # before the bar starts: its samples/s is the eval's, not the loading's
-                    if teacher:
-                        teacher.loaded()
-                bar = progress.add_task(f"{task.name} · {label}", total=len(task_samples))
-
-                def advance(n: int, bar=bar) -> None:
-                    progress.advance(bar, n)
-
-                scored = results[label]
-                if task.needs("reward"):
-                    score_rewards(model, task_samples, scored, advance)
-                if task.needs("loglikelihood"):
-                    score_perplexity(model, task, task_samples, scored, advance)
-                if task.needs("teacher"):
-                    score_agreement(model, teacher, task, task_samples, scored, advance)
-                if task.needs("generation") or task.needs("judge"):
-                    scored.outputs = model.generate([s.prompt for s in task_samples], task.generation,
-                                                    task.chat_template, advance)  # fmt: skip
-                    score_generation(task, task_samples, scored, texts)
+            results[task.name] = scored = _score_task(
+                task, task_samples, models, teachers.get(task.teacher), texts, progress
+            )
             if task.needs("judge"):
-                score_judge(cfg.judges[task.name], task, task_samples, results, engines)
-            if teacher:
-                teacher.close()
+                score_judge(cfg.judges[task.name], task, task_samples, scored, engines)
             metrics = task.metric_list
             summary = _aggregates(
-                metrics, results, {label: models[label].run_id for label in labels}, settings
+                metrics, scored, {label: models[label].run_id for label in scored}, settings
             )
-            _flips(metrics[0], task_samples, results, summary["paired"])
+            _flips(metrics[0], task_samples, scored, summary["paired"])
             report["tasks"][task.name] = {
                 "dataset": task_data[task.name].id, "split": task.dataset.split, "samples": len(task_samples),
                 "primary": metrics[0].name, **summary,
             }  # fmt: skip
-            if cfg.contamination:
-                report["tasks"][task.name]["contamination"] = _contamination(
-                    cfg.contamination, store, models, task, task_samples, results, settings
-                )
             if cfg.explain:
                 report["tasks"][task.name]["explained"] = _explain(
-                    cfg.explain, store, models, task_samples, results, metrics[0], indexes
+                    cfg.explain, store, models, task_samples, scored, metrics[0], indexes
                 )
-            for label in labels:
-                records += _records(
-                    task, label, models[label].run_id, task_samples, results[label], metrics[0]
-                )
-    for model in models.values():
-        model.close()
+            for model in release.get(i, []):
+                model.close()
+    if cfg.contamination:
+        found = _contamination(cfg.contamination, store, models, index, cfg.tasks, samples, results, settings)
+        for task_name, entry in found.items():
+            report["tasks"][task_name]["contamination"] = entry
+    records = [
+        row
+        for task in cfg.tasks
+        for label, scored in results[task.name].items()
+        for row in _records(
+            task, label, models[label].run_id, samples[task.name], scored, task.metric_list[0]
+        )
+    ]
     usage = engines.requests | {"tokens": engines.spent_tokens, "cost": round(engines.spent_cost, 6)}
     return _publish(
-        cfg, store, resolved, task_data, teachers, report, records, time.monotonic() - started, usage
+        cfg, store, resolved, task_data, teacher_runs, report, records, time.monotonic() - started, usage
     )
 
 
-def _contamination(cfg: ContaminationConfig, store: Store, models: dict[str, RunModel | EndpointModel],
-                   task: TaskConfig, samples: list[Sample], results: dict[str, Scored],
-                   settings: BootstrapSettings) -> dict[str, Any]:  # fmt: skip
-    """Per model: the overlapping samples and every metric on the clean ones."""
-    index_hit = None
-    if cfg.against == "index":
-        index_hit = overlap_with_index(
-            load_contamination_index(cfg.index, store, cfg.ngram), samples, cfg.ngram
-        )
-    out: dict[str, Any] = {}
-    for label, scored in results.items():
-        model = models[label]
-        if index_hit is not None:
-            hit, against = index_hit, [cfg.index]
+def _contamination(cfg: ContaminationConfig, store: Store, models: dict[str, RunModel | EndpointModel], index,
+                   tasks: list[TaskConfig], samples: dict[str, list[Sample]], results: dict[str, dict[str, Scored]],
+                   settings: BootstrapSettings) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Per task and model: the overlapping samples and every metric on the clean ones. Each model's
+    training data is scanned once, against the samples of all its tasks together."""
+    out: dict[str, dict[str, Any]] = {task.name: {} for task in tasks}
+    for label, model in models.items():
+        mine = [task for task in tasks if label in results[task.name]]
+        union = [s for task in mine for s in samples[task.name]]
+        if index is not None:
+            hit, against = overlap_with_index(index, union, cfg.ngram), [cfg.index]
         elif isinstance(model, RunModel):
-            hit, against = overlap_with_training(model.manifest, store, samples, cfg.ngram)
+            hit, against = overlap_with_training(model.manifest, store, union, cfg.ngram)
         else:
-            out[label] = {"against": None, "note": "an endpoint: its training data is unknown"}
+            for task in mine:
+                out[task.name][label] = {"against": None, "note": "an endpoint: its training data is unknown"}
             continue
-        scored.detail["contaminated"] = [bool(x) for x in hit]
-        clean = ~hit
-        out[label] = {
-            "against": against, "ngram": cfg.ngram, "overlapping": int(hit.sum()), "samples": len(samples),
-            "overlapping_ids": [s.id for s, h in zip(samples, hit, strict=True) if h],
-            "clean": {m.name: interval(scored.stats[m.name][clean], m.aggregate, settings)
-                      for m in task.metric_list if m.name in scored.stats},
-        }  # fmt: skip
+        start = 0
+        for task in mine:
+            task_samples = samples[task.name]
+            task_hit = hit[start : start + len(task_samples)]
+            start += len(task_samples)
+            scored = results[task.name][label]
+            scored.detail["contaminated"] = [bool(x) for x in task_hit]
+            clean = ~task_hit
+            out[task.name][label] = {
+                "against": against, "ngram": cfg.ngram, "overlapping": int(task_hit.sum()),
+                "samples": len(task_samples),
+                "overlapping_ids": [s.id for s, h in zip(task_samples, task_hit, strict=True) if h],
+                "clean": {m.name: interval(scored.stats[m.name][clean], m.aggregate, settings)
+                          for m in task.metric_list if m.name in scored.stats},
+            }  # fmt: skip
     return out
 
 

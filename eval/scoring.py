@@ -185,20 +185,20 @@ def score_agreement(model: RunModel, teacher: RunModel, task: TaskConfig, sample
 
 
 def score_judge(judge: JudgeConfig, task: TaskConfig, samples: list[Sample], results: dict[str, Scored],
-           engines: Engines) -> None:  # fmt: skip
-    questions = [question_of(s.prompt) for s in samples]
+                engines: Engines) -> None:  # fmt: skip
+    """``win_rate`` of every model of the task (but the one compared against), in one engine session:
+    a judge served from the store loads once."""
     label = f"judge:{judge.teacher.label}"
     teacher = judge.teacher.model_copy(update={"name": label})
-    for model_label_, scored in results.items():
-        if judge.against == model_label_:
-            continue
-        if judge.against == "reference":
-            others = [s.target or "" for s in samples]
-        else:
-            if judge.against not in results:
-                raise DistilleryError(f"judge of {task.name}: model {judge.against} does not run this task")
-            others = [o[0] for o in results[judge.against].outputs]
-        scores, letters = win_rates(engines.factory(teacher), judge, label, questions,
-                                    [o[0] for o in scored.outputs], others)  # fmt: skip
-        scored.put("win_rate", [(mean_stats(v), v) for v in scores])
-        scored.detail["judge_letters"] = letters
+    if judge.against == "reference":
+        others = [s.target or "" for s in samples]
+    else:
+        others = [o[0] for o in results[judge.against].outputs]
+    judged = [name for name in results if name != judge.against]
+    questions = [question_of(s.prompt) for s in samples]
+    scores, letters = win_rates(engines.factory(teacher), judge, label, questions * len(judged),
+                                [o[0] for name in judged for o in results[name].outputs], others * len(judged))  # fmt: skip
+    for k, name in enumerate(judged):
+        part = slice(k * len(samples), (k + 1) * len(samples))
+        results[name].put("win_rate", [(mean_stats(v), v) for v in scores[part]])
+        results[name].detail["judge_letters"] = letters[part]

@@ -80,6 +80,20 @@ class VerifierSettings(RecipeConfig):
     method: str = "exact"
     """The check behind ``pass@k``: exact, numeric, math, regex or tests."""
 
+    @model_validator(mode="after")
+    def _valid(self) -> VerifierSettings:
+        import re
+
+        from synth.verify import Verifier
+
+        Verifier(self.method, self.extract, self.pattern)  # an unknown method or extraction: its ValueError
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"'pattern' is not a regular expression: {e}") from None
+        return self
+
 
 class TaskConfig(RecipeConfig):
     """One task of an eval."""

@@ -384,6 +384,22 @@ batch_size: 2
             "{name: t, dataset: {ref: chats}, metrics: [perplexity], fewshot: {split: test, n: 2}}",
             "another split",
         ),
+        (
+            "{name: t, dataset: {ref: qa}, metrics: [exact_match], verifier: {extract: regex}}",
+            "needs a pattern",
+        ),
+        (
+            "{name: t, dataset: {ref: qa}, metrics: [regex], verifier: {extract: regex, pattern: '(a'}}",
+            "not a regular",
+        ),
+        (
+            "{name: t, dataset: {ref: qa}, metrics: [pass@1], verifier: {method: fuzzy}}",
+            "unknown verifier 'fuzzy'",
+        ),
+        (
+            "{name: t, dataset: {ref: qa}, metrics: [exact_match], models: [other]}",
+            "not among the eval's models",
+        ),
     ],
 )
 def test_bad_tasks_are_one_error_line_and_publish_nothing(cli, eval_store, tmp_path, task, message):
@@ -637,3 +653,42 @@ def test_a_wrong_index_or_wrong_compare_inputs_are_one_error_line(cli, eval_stor
         result = cli("--store", eval_store.root, "eval", "compare", *args)
         assert_one_line_error(result)
         assert message in result.err
+
+
+def test_what_a_task_needs_of_its_models_is_refused_before_any_work(cli, eval_store, tmp_path):
+    import shutil
+
+    from synth.serve import start_server
+
+    other = tiny_tokenizer(WORDS[::-1])  # the same words under other ids
+    source = eval_store.resolve("small-b").location / CHECKPOINT_DIR
+    with Publisher(eval_store, kind="run", name="other-vocab", stage="test", recipe={}) as pub:
+        shutil.copytree(source, pub.dir / CHECKPOINT_DIR)
+        other.save_pretrained(pub.dir / CHECKPOINT_DIR)
+        pub.publish(stats={})
+    agree = "{name: t, dataset: {ref: chats}, metrics: [kl_teacher_student], teacher: other-vocab}"
+    result = run_eval(cli, eval_store, tmp_path, f"models: [small-a]\ntasks:\n  - {agree}\n", name="vocab")
+    assert_one_line_error(result)
+    assert "small-a" in result.err and "other-vocab" in result.err and "different tokenizers" in result.err
+    with start_server("echo") as server:
+        publish_dataset(
+            eval_store,
+            "pairs",
+            {"test": [{"id": "p", "prompt": "alpha", "chosen": "beta", "rejected": "mu"}]},
+        )
+        rewards = "{name: t, dataset: {ref: pairs}, metrics: [reward_accuracy]}"
+        result = run_eval(
+            cli, eval_store, tmp_path, echo_models(server.url) + f"tasks:\n  - {rewards}\n", name="rw"
+        )
+        assert_one_line_error(result)
+        assert "reward_accuracy needs a reward-model run" in result.err
+        judged = f"""models: [small-a, small-b]
+tasks:
+  - {{name: qa, dataset: {{ref: qa}}, metrics: [win_rate], models: [small-a]}}
+judges:
+  qa: {{teacher: {{name: j, base_url: {server.url}, model: echo}}, against: small-b}}
+"""
+        result = run_eval(cli, eval_store, tmp_path, judged, name="against-absent")
+        assert_one_line_error(result)
+        assert "small-b' does not run this task" in result.err
+    assert not eval_store.list(kind="eval", name="vocab") and not eval_store.list(kind="eval", name="rw")
