@@ -38,6 +38,13 @@ def _compare(args) -> int:
     return 0
 
 
+def _resamples(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of resamples, 0 or more")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     verbs = add_group(
         sub, "eval", "evaluate models on tasks (perplexity, exact match, verifiers, BLEU/chrF/ROUGE, pass@k, "
@@ -60,5 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("refs", nargs="+", help="eval references (an eval of several models gives a column each)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--limit", type=int, default=10, help="flipped sample ids shown per side (table)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the paired differences")
+    p.add_argument(
+        "--bootstrap", type=_resamples, default=1000, help="resamples for the paired differences (0: none)"
+    )
     p.add_argument("--seed", type=int, default=0)

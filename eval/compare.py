@@ -3,7 +3,7 @@
 Each column is one model of one eval (``eval-ref · model``). Rows are every task × metric the
 columns share, as ``value [low, high]``. Against the first column, each other column gets the paired
 difference on the samples both scored (for per-sample means: accuracy, ROUGE, chrF, pass@k, win rate,
-agreement — seeded bootstrap on the same resamples), and for tasks with a right/wrong metric the
+— seeded bootstrap on the same resamples), and for tasks with a right/wrong metric the
 sample ids that are right in one and wrong in the other, read from the evals' records.
 """
 
@@ -14,16 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from eval.metrics import METRICS
+from eval.metrics import METRICS, metric_named
 from eval.stats import BootstrapSettings, paired_difference
 from manifests.data import read_table
 from manifests.errors import DistilleryError
 from manifests.eval_tables import cell, diff_cell, eval_metrics
 from manifests.schema import Manifest
 from manifests.store import Store
-
-# Metrics whose aggregate is the mean of the per-sample values kept in the records.
-_MEAN_OF_VALUES = {name for name, m in METRICS.items() if name not in ("perplexity", "bleu")}
 
 
 @dataclass
@@ -119,7 +116,8 @@ def compare(columns: list[Column], settings: BootstrapSettings | None = None) ->
 def _paired(
     a: Column, b: Column, task: str, metric: str, settings: BootstrapSettings
 ) -> dict[str, Any] | None:
-    if metric not in _MEAN_OF_VALUES:
+    known = metric in METRICS or metric.startswith("pass@")
+    if not known or metric_named(metric).pooled:  # the records' values alone cannot redo a pooled aggregate
         return None
     keys = sorted(k for k in a.records if k[0] == task and k in b.records)
     pairs = [(a.records[k].get(metric), b.records[k].get(metric)) for k in keys]

@@ -51,7 +51,8 @@ class ContaminationConfig(RecipeConfig):
 
 
 def sample_text(sample: Sample) -> str:
-    asked = " ".join(m["content"] for m in sample.prompt if m["role"] == "user")
+    """The sample's own question(s) and its target: not the few-shot examples before it."""
+    asked = " ".join(m["content"] for m in sample.own_prompt() if m["role"] == "user")
     return f"{asked}\n{sample.target or ''}"
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from eval.models import ask_through_engine
 from manifests.recipes import RecipeConfig
@@ -35,6 +35,13 @@ class JudgeConfig(RecipeConfig):
     template: str = JUDGE_TEMPLATE
     """Has ``{prompt}``, ``{a}`` and ``{b}``; the judge must answer A, B or T."""
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=4, temperature=0.0))
+
+    @model_validator(mode="after")
+    def _template_fields(self) -> JudgeConfig:
+        for name in ("{prompt}", "{a}", "{b}"):
+            if name not in self.template:
+                raise ValueError(f"'template' must contain {name} (the request, answer A and answer B)")
+        return self
 
 
 def verdict(first: str | None, second: str | None) -> float:

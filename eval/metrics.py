@@ -76,6 +76,9 @@ class Metric:
     """Per sample right or wrong (or a win): records get ``correct`` and comparisons list flips."""
     k: int = 0
     """For ``pass@k``."""
+    pooled: bool = False
+    """The aggregate pools statistics across samples (tokens, n-gram counts) instead of averaging
+    the per-sample values the records keep, so records alone cannot redo it (``eval compare``)."""
 
     @property
     def verifier_method(self) -> str | None:
@@ -83,17 +86,17 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {
-    "perplexity": Metric("perplexity", "loglikelihood", _perplexity, higher_is_better=False),
+    "perplexity": Metric("perplexity", "loglikelihood", _perplexity, higher_is_better=False, pooled=True),
     **{name: Metric(name, "generation", binary=True) for name in _VERIFIER_METHOD},
-    "bleu": Metric("bleu", "generation", _corpus_bleu),
+    "bleu": Metric("bleu", "generation", _corpus_bleu, pooled=True),
     "chrf": Metric("chrf", "generation"),
     "rouge1": Metric("rouge1", "generation"),
     "rouge2": Metric("rouge2", "generation"),
     "rougeL": Metric("rougeL", "generation"),
     "reward_accuracy": Metric("reward_accuracy", "reward", binary=True),
     "win_rate": Metric("win_rate", "judge", binary=True),
-    "top1_agreement": Metric("top1_agreement", "teacher"),
-    "kl_teacher_student": Metric("kl_teacher_student", "teacher", higher_is_better=False),
+    "top1_agreement": Metric("top1_agreement", "teacher", pooled=True),
+    "kl_teacher_student": Metric("kl_teacher_student", "teacher", higher_is_better=False, pooled=True),
 }
 
 

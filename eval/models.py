@@ -24,6 +24,7 @@ from manifests.errors import DistilleryError
 from manifests.models import load_causal_lm
 from manifests.schema import Manifest
 from manifests.store import Store
+from synth.teacher import cut_at_stop
 from synth.teacher_requests import RunStopped, TeacherConfig
 
 
@@ -72,6 +73,7 @@ class RunModel:
     manifest: Manifest
     store: Store
     _loaded: tuple[Any, Any] | None = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)
 
     @property
     def run_id(self) -> str | None:
@@ -85,15 +87,22 @@ class RunModel:
             self._loaded = model, tokenizer
         return self._loaded
 
-    def require_chat_template(self, task: str) -> None:
-        from manifests.models import load_tokenizer
+    def tokenizer(self):
+        """The run's tokenizer, read once (without loading the model: for the checks before any work)."""
+        if self._tokenizer is None:
+            from manifests.models import load_tokenizer
 
-        tokenizer = self._loaded[1] if self._loaded else load_tokenizer(self.manifest)
-        if not tokenizer.chat_template:
-            raise DistilleryError(
-                f"task {task}: model {self.label}'s tokenizer has no chat template; give the run one, or set "
-                "'chat_template: false' on the task to continue plain text"
+            self._tokenizer = self._loaded[1] if self._loaded else load_tokenizer(self.manifest)
+        return self._tokenizer
+
+    def require_chat_template(self, task: str, scoring: bool = False) -> None:
+        if not self.tokenizer().chat_template:
+            fix = (
+                "give the run one (perplexity and teacher agreement score chat turns)"
+                if scoring
+                else "give the run one, or set 'chat_template: false' on the task to continue plain text"
             )
+            raise DistilleryError(f"task {task}: model {self.label}'s tokenizer has no chat template; {fix}")
 
     def generate(self, prompts: list[list[dict[str, str]]], gen: Generation, chat_template: bool,
                  advance) -> list[list[str]]:  # fmt: skip
@@ -144,7 +153,7 @@ class EndpointModel:
     run_id = None
     manifest = None
 
-    def require_chat_template(self, task: str) -> None:
+    def require_chat_template(self, task: str, scoring: bool = False) -> None:
         return None  # the endpoint applies its own
 
     def generate(self, prompts: list[list[dict[str, str]]], gen: Generation, chat_template: bool,
@@ -161,7 +170,7 @@ class EndpointModel:
 
         answers = ask_through_engine(self.engine_factory, requests, f"model {self.label}")
         advance(len(prompts))
-        texts = [_cut(a.content or "", gen.stop) for a in answers]
+        texts = [cut_at_stop(a.content or "", gen.stop)[0].strip() for a in answers]
         return [texts[i * gen.n : (i + 1) * gen.n] for i in range(len(prompts))]
 
     def nll(self, *args, **kwargs):
@@ -172,8 +181,3 @@ class EndpointModel:
 
     def close(self) -> None:
         return None
-
-
-def _cut(text: str, stop: list[str]) -> str:
-    cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=None)
-    return (text if cut is None else text[:cut]).strip()

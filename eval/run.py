@@ -149,6 +149,8 @@ class EvalRecipe(RecipeConfig):
         for name in self.judges:
             if name not in names:
                 raise ValueError(f"judges: no task named {name!r} (tasks: {names})")
+            if not next(t for t in self.tasks if t.name == name).needs("judge"):
+                raise ValueError(f"judges: task {name!r} has no win_rate metric for its judge to score")
         return self
 
 
@@ -277,19 +279,12 @@ def _resolve_models(cfg: EvalRecipe, store: Store) -> dict[str, Manifest | Teach
     return out
 
 
-def _precheck(
-    cfg: EvalRecipe, models: dict[str, RunModel | EndpointModel], teachers: dict[str, RunModel]
-) -> None:
+def _precheck(cfg: EvalRecipe, store: Store, samples: dict[str, list[Sample]],
+              models: dict[str, RunModel | EndpointModel], teachers: dict[str, RunModel]) -> None:  # fmt: skip
     """What each task asks of each model, checked before any model loads or any request is paid for."""
     from eval.agreement import require_same_tokenizer
-    from manifests.models import load_tokenizer
-
-    tokenizers: dict[str, Any] = {}
-
-    def tokenizer_of(m: RunModel):
-        if m.manifest.id not in tokenizers:
-            tokenizers[m.manifest.id] = load_tokenizer(m.manifest)
-        return tokenizers[m.manifest.id]
+    from eval.training_data import training_datasets
+    from manifests.verify import ensure_verified
 
     for task in cfg.tasks:
         for label in _labels(task, models):
@@ -303,9 +298,27 @@ def _precheck(
                     )
             elif task.needs("teacher"):
                 teacher = teachers[task.teacher]
-                require_same_tokenizer(label, tokenizer_of(model), teacher.label, tokenizer_of(teacher))
+                require_same_tokenizer(label, model.tokenizer(), teacher.label, teacher.tokenizer())
             if (task.needs("generation") or task.needs("judge")) and task.chat_template:
                 model.require_chat_template(task.name)
+            if task.needs("loglikelihood") or task.needs("teacher"):
+                model.require_chat_template(task.name, scoring=True)
+        if (
+            task.needs("judge")
+            and cfg.judges[task.name].against == "reference"
+            and any(s.target is None for s in samples[task.name])
+        ):
+            raise DistilleryError(
+                f"task {task.name}: win_rate against 'reference' needs a reference answer in every row; name the "
+                "column with 'target:', or judge against another model"
+            )
+    # The data behind each model run that contamination or explain will read: verified now, not after
+    # every model has generated.
+    if (cfg.contamination and cfg.contamination.against == "training") or cfg.explain:
+        for model in models.values():
+            if isinstance(model, RunModel):
+                for dataset in training_datasets(model.manifest, store, ancestors=bool(cfg.explain)):
+                    ensure_verified(dataset)
 
 
 def _labels(task: TaskConfig, models: dict[str, Any]) -> list[str]:
@@ -368,7 +381,6 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
     resolved = _resolve_models(cfg, store)
     teacher_runs = {t.teacher: require_causal_lm(store.resolve(t.teacher, kind="run"), store)
                     for t in cfg.tasks if t.teacher}  # fmt: skip
-    teachers = {ref: RunModel(ref, m, store) for ref, m in teacher_runs.items()}
     engines = Engines(store, cfg.budget)
     models: dict[str, RunModel | EndpointModel] = {}
     for label, spec in resolved.items():
@@ -376,7 +388,10 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
             models[label] = EndpointModel(label, spec, store, engines.factory(spec))
         else:
             models[label] = RunModel(label, spec, store)
-    _precheck(cfg, models, teachers)
+    # A teacher that is also one of the models is that model, loaded once.
+    by_id = {m.manifest.id: m for m in models.values() if isinstance(m, RunModel)}
+    teachers = {ref: by_id.get(m.id) or RunModel(ref, m, store) for ref, m in teacher_runs.items()}
+    _precheck(cfg, store, samples, models, teachers)
     index = None
     if cfg.contamination and cfg.contamination.against == "index":
         index = load_contamination_index(cfg.contamination.index, store, cfg.contamination.ngram)
@@ -399,14 +414,14 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
             summary = _aggregates(
                 metrics, scored, {label: models[label].run_id for label in scored}, settings
             )
-            _flips(metrics[0], task_samples, scored, summary["paired"])
+            _flips(task.primary, task_samples, scored, summary["paired"])
             report["tasks"][task.name] = {
                 "dataset": task_data[task.name].id, "split": task.dataset.split, "samples": len(task_samples),
-                "primary": metrics[0].name, **summary,
+                "primary": task.primary.name, **summary,
             }  # fmt: skip
             if cfg.explain:
                 report["tasks"][task.name]["explained"] = _explain(
-                    cfg.explain, store, models, task_samples, scored, metrics[0], indexes
+                    cfg.explain, store, models, task_samples, scored, task.primary, indexes
                 )
             for model in release.get(i, []):
                 model.close()
@@ -418,9 +433,7 @@ def evaluate(cfg: EvalRecipe, store: Store) -> Manifest:
         row
         for task in cfg.tasks
         for label, scored in results[task.name].items()
-        for row in _records(
-            task, label, models[label].run_id, samples[task.name], scored, task.metric_list[0]
-        )
+        for row in _records(task, label, models[label].run_id, samples[task.name], scored, task.primary)
     ]
     usage = engines.requests | {"tokens": engines.spent_tokens, "cost": round(engines.spent_cost, 6)}
     return _publish(

@@ -24,8 +24,7 @@ from rich.text import Text
 from eval.judge import JudgeConfig, question_of, win_rates
 from eval.metrics import TextScorers, mean_stats, pass_at_k
 from eval.models import RunModel
-from eval.tasks import Sample, TaskConfig
-from manifests.errors import DistilleryError
+from eval.tasks import Sample, TaskConfig, answer_text
 from manifests.store import Store
 from synth.teacher_requests import BudgetConfig, TeacherConfig
 
@@ -113,35 +112,39 @@ class Scored:
 def verifier_for(task: TaskConfig, method: str):
     from synth.verify import Verifier
 
-    try:
-        return Verifier(method, task.verifier.extract, task.verifier.pattern)
-    except ValueError as e:
-        raise DistilleryError(f"task {task.name}: verifier: {e}") from None
+    return Verifier(method, task.verifier.extract, task.verifier.pattern)  # checked when the recipe was read
 
 
 def score_generation(task: TaskConfig, samples: list[Sample], scored: Scored, texts: TextScorers) -> None:
-    """Every generation metric of the task, from the outputs already in ``scored``."""
+    """Every generation metric of the task, from the outputs already in ``scored``. Each output is
+    extracted and checked once per verifier method (a ``tests`` check is a sandboxed process)."""
     metrics = [m for m in task.metric_list if m.needs == "generation"]
-    pass_check = verifier_for(task, task.verifier.method)
+    verdicts: dict[str, list[list[bool]]] = {}
+
+    def passed(method: str) -> list[list[bool]]:
+        if method not in verdicts:
+            check = verifier_for(task, method)
+            verdicts[method] = [
+                [check(output, s.target, s.row.get(task.tests)).passed for output in outputs]
+                for s, outputs in zip(samples, scored.outputs, strict=True)
+            ]
+        return verdicts[method]
+
     extract = verifier_for(
         task, next((m.verifier_method for m in metrics if m.verifier_method), task.verifier.method)
     )
     scored.extracted = [[extract.answer_of(o) for o in outs] for outs in scored.outputs]
     for m in metrics:
-        rows: list[tuple[list[float], float | None]] = []
         if m.verifier_method:
-            check = verifier_for(task, m.verifier_method)
-            for s, outs in zip(samples, scored.outputs, strict=True):
-                v = check(outs[0], s.target, s.row.get(task.tests))
-                rows.append((mean_stats(v.passed), float(v.passed)))
+            rows = [(mean_stats(right[0]), float(right[0])) for right in passed(m.verifier_method)]
         elif m.k:
-            for s, outs in zip(samples, scored.outputs, strict=True):
-                right = sum(pass_check(o, s.target, s.row.get(task.tests)).passed for o in outs)
-                value = pass_at_k(len(outs), right, m.k)
-                rows.append((mean_stats(value), value))
+            values = [pass_at_k(len(right), sum(right), m.k) for right in passed(task.verifier.method)]
+            rows = [(mean_stats(v), v) for v in values]
         else:
-            for s, outs in zip(samples, scored.outputs, strict=True):
-                rows.append(texts.text_metric(m.name, outs[0], s.target or ""))
+            rows = [
+                texts.text_metric(m.name, outs[0], s.target or "")
+                for s, outs in zip(samples, scored.outputs, strict=True)
+            ]
         scored.put(m.name, rows)
 
 
@@ -160,7 +163,9 @@ def score_rewards(model: RunModel, samples: list[Sample], scored: Scored, advanc
     reward = RewardModel(model.manifest, model.store)
     rows = []
     for s in samples:
-        chosen, rejected = reward.score(s.prompt, [str(s.row["chosen"]), str(s.row["rejected"])])
+        chosen, rejected = reward.score(
+            s.prompt, [answer_text(s.row["chosen"]), answer_text(s.row["rejected"])]
+        )
         value = 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
         rows.append((mean_stats(value), value))
         advance(1)
@@ -169,17 +174,12 @@ def score_rewards(model: RunModel, samples: list[Sample], scored: Scored, advanc
 
 def score_agreement(model: RunModel, teacher: RunModel, task: TaskConfig, samples: list[Sample], scored: Scored,
                        advance) -> None:  # fmt: skip
-    from eval.agreement import agreement, require_same_tokenizer
+    from eval.agreement import agreement
 
-    student, tokenizer = model.loaded()
-    teacher_model, teacher_tok = teacher.loaded()
-    require_same_tokenizer(model.label, tokenizer, teacher.label, teacher_tok)
-    tokenizer.padding_side = "right"  # scoring: labels line up with the text, padding after it
-    try:
-        per = agreement(student, teacher_model, tokenizer, [s.conversation() for s in samples], task.max_length,
-                        task.generation.batch_size, [s.id for s in samples], advance)  # fmt: skip
-    finally:
-        tokenizer.padding_side = "left"
+    student, tokenizer = model.loaded()  # the same tokenizer as the teacher's: checked before any work
+    teacher_model, _ = teacher.loaded()
+    per = agreement(student, teacher_model, tokenizer, [s.conversation() for s in samples], task.max_length,
+                    task.generation.batch_size, [s.id for s in samples], advance)  # fmt: skip
     scored.put("top1_agreement", [([a, t], a / t if t else None) for a, _, t in per])
     scored.put("kl_teacher_student", [([kl, t], kl / t if t else None) for _, kl, t in per])
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from eval.metrics import Metric, metric_named
 from manifests.data import column_names, read_table, require_columns
@@ -62,7 +62,7 @@ class Generation(RecipeConfig):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
     """Answers per prompt (``pass@k`` needs k ≤ n; sampled answers need ``temperature`` > 0)."""
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Annotated[str, StringConstraints(min_length=1)]] = Field(default_factory=list)
     """An answer ends before the first of these strings."""
     seed: int = 0
     """Sample ``i`` of a prompt is drawn with seed ``seed + i``."""
@@ -122,7 +122,7 @@ class TaskConfig(RecipeConfig):
     """Tokens per chat at most for perplexity and teacher agreement (longer chats are cut)."""
     teacher: str | None = None
     """With ``top1_agreement`` / ``kl_teacher_student``: the teacher run (same tokenizer)."""
-    models: list[str] | None = None
+    models: list[str] | None = Field(default=None, min_length=1)
     """Labels of the eval's models this task runs on (default: all), e.g. only the reward models."""
 
     @field_validator("metrics")
@@ -154,6 +154,12 @@ class TaskConfig(RecipeConfig):
     def metric_list(self) -> list[Metric]:
         return [metric_named(m) for m in self.metrics]
 
+    @property
+    def primary(self) -> Metric:
+        """The metric that says whether a sample is right (``correct``, flips, failures to explain): the
+        first right-or-wrong metric listed, else the first."""
+        return next((m for m in self.metric_list if m.binary), self.metric_list[0])
+
     def needs(self, what: str) -> bool:
         return any(m.needs == what for m in self.metric_list)
 
@@ -169,12 +175,24 @@ class Sample:
     shots: int = 0
     """Messages of ``prompt`` that are few-shot examples (after the system message, if any)."""
 
-    def conversation(self) -> list[dict[str, str]]:
-        """The prompt without its few-shot examples, then the target as the assistant's answer: what
-        perplexity and teacher agreement score (every assistant turn of it, so not the examples')."""
+    def own_prompt(self) -> list[dict[str, str]]:
+        """The prompt without its few-shot examples: the sample's own turns (and the system message)."""
         start = 1 if self.prompt and self.prompt[0]["role"] == "system" else 0
-        chat = [*self.prompt[:start], *self.prompt[start + self.shots :]]
-        return [*chat, {"role": "assistant", "content": self.target or ""}]
+        return [*self.prompt[:start], *self.prompt[start + self.shots :]]
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The sample's own turns, then the target as the assistant's answer: what perplexity and
+        teacher agreement score (every assistant turn of it, so not the examples')."""
+        return [*self.own_prompt(), {"role": "assistant", "content": self.target or ""}]
+
+
+def answer_text(value: Any) -> str:
+    """An answer column's text: a string as is; a chat (as ``synth preferences`` writes ``chosen`` and
+    ``rejected``) by its last assistant turn."""
+    if isinstance(value, list):
+        turns = [m for m in value if isinstance(m, dict) and m.get("role") == "assistant"]
+        return str((turns or [{}])[-1].get("content") or "")
+    return "" if value is None else str(value)
 
 
 def _as_chat(value: Any, column: str, row_id: str) -> list[dict[str, str]]:
@@ -236,7 +254,11 @@ def _fewshot_turns(task: TaskConfig, data: Manifest, prompt: str, target: str | 
     turns: list[dict[str, str]] = []
     for r in chosen:
         question, answer = _prompt_and_target(r, prompt, target)
-        turns += [*question, {"role": "assistant", "content": answer or ""}]
+        # An example's own system message would land mid-chat, which many chat templates refuse.
+        turns += [
+            *(m for m in question if m["role"] != "system"),
+            {"role": "assistant", "content": answer or ""},
+        ]
     return turns
 
 
@@ -247,7 +269,7 @@ def _prompt_and_target(
         return _split_chat(row["messages"], row["id"])
     chat = _as_chat(row[prompt], prompt, row["id"])
     value = row.get(target) if target else None
-    return chat, (None if value is None else str(value))
+    return chat, (None if value is None else answer_text(value))
 
 
 def load_samples(task: TaskConfig, data: Manifest) -> list[Sample]:
@@ -260,19 +282,30 @@ def load_samples(task: TaskConfig, data: Manifest) -> list[Sample]:
     if not rows:
         raise DistilleryError(f"task {task.name}: split {task.dataset.split!r} of {data.ref} has no rows")
     shots = _fewshot_turns(task, data, prompt, target)
-    system = [{"role": "system", "content": task.system}] if task.system else []
     samples = []
     for r in rows:
         chat, answer = _prompt_and_target(r, prompt, target)
-        if system and chat and chat[0]["role"] == "system":
-            chat = chat[1:]
+        # One system message, first: the task's, else the row's own; then the examples, then the row.
+        own = [m for m in chat if m["role"] == "system"][:1]
+        system = [{"role": "system", "content": task.system}] if task.system else own
+        chat = [m for m in chat if m["role"] != "system"]
         extra = {c: r[c] for c in columns if c not in ("id", prompt, target)}
-        samples.append(Sample(r["id"], [*system, *shots, *chat], answer, extra, len(shots)))
-    needs_target = [m.name for m in task.metric_list if m.needs in ("generation", "loglikelihood", "teacher")
-                    and m.verifier_method != "tests" and not m.k]  # fmt: skip
-    if needs_target and any(s.target is None for s in samples):
+        samples.append(Sample(str(r["id"]), [*system, *shots, *chat], answer, extra, len(shots)))
+    needs_target = [m.name for m in task.metric_list if _needs_reference(task, m)]
+    missing = [s.id for s in samples if s.target is None]
+    if needs_target and missing:
+        where = f"column {target!r} is empty in {len(missing)} rows (e.g. {missing[0]})" if target else (
+            f"{data.ref} has no target column ({', '.join(TARGET_COLUMNS)}); name one with 'target:'"
+        )  # fmt: skip
         raise DistilleryError(
-            f"task {task.name}: {', '.join(needs_target)} need a reference answer, and {data.ref} has no target "
-            f"column ({', '.join(TARGET_COLUMNS)}); name one with 'target:'"
+            f"task {task.name}: {', '.join(needs_target)} need a reference answer, and {where}"
         )
     return samples
+
+
+def _needs_reference(task: TaskConfig, m: Metric) -> bool:
+    if m.verifier_method:
+        return m.verifier_method != "tests"
+    if m.k:
+        return task.verifier.method != "tests"
+    return m.needs in ("generation", "loglikelihood", "teacher")

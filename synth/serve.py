@@ -42,7 +42,7 @@ from manifests.errors import DistilleryError
 from manifests.store import Store
 from synth.serve_batch import BatchOptions, BatchService
 from synth.serve_http import GENERATION_PATHS, BadRequest, RequestLog, Response, error_body, request_key
-from synth.teacher import Answer, generate_answers
+from synth.teacher import Answer, cut_at_stop, generate_answers
 
 ECHO = "echo"
 """The model name that serves no model (see ``EchoModel``)."""
@@ -322,8 +322,8 @@ def parse_request(kind: str, body: Any) -> GenerationRequest:
 
 
 def _apply_stop(answer: Answer, stop: list[str]) -> tuple[str, str]:
-    cuts = [answer.text.find(s) for s in stop if s in answer.text]
-    return (answer.text[: min(cuts)], "stop") if cuts else (answer.text, answer.finish_reason)
+    text, stopped = cut_at_stop(answer.text, stop)
+    return (text, "stop") if stopped else (text, answer.finish_reason)
 
 
 class _Handler(BaseHTTPRequestHandler):

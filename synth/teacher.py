@@ -18,6 +18,12 @@ class Answer:
     finish_reason: str
 
 
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first of the ``stop`` strings, and whether one was found."""
+    cuts = [at for at in (text.find(s) for s in stop) if at >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -33,7 +39,8 @@ def generate_answers(
     Greedy requests share one batched forward pass (the tokenizer must pad on the left, so that
     every row continues from its own last token); sampled ones run one by one under their own seed,
     so that an answer never depends on what it was batched with. An answer ends before the first
-    of the ``stop`` strings (generation stops there too).
+    of the ``stop`` strings. (transformers' ``stop_strings`` would end generation there too, but it
+    fails on tokenizers whose vocabulary it cannot map back to text, such as word-level ones.)
     """
     import torch
 
@@ -53,8 +60,6 @@ def generate_answers(
     sample = temperature > 0
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample,
                               "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
-    if stop:
-        kwargs |= {"stop_strings": list(stop), "tokenizer": tokenizer}
     if sample:
         kwargs |= {"temperature": temperature, "top_p": top_p}
         torch.manual_seed(seeds[0])
@@ -71,9 +76,8 @@ def generate_answers(
             finish = "stop"
         row = [t for t in row if t != tokenizer.pad_token_id]
         text = tokenizer.decode(row, skip_special_tokens=True)
-        cut = min((at for at in (text.find(x) for x in stop or []) if at >= 0), default=None)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
+        text, stopped = cut_at_stop(text, stop or [])
+        finish = "stop" if stopped else finish
         text = text.strip()
         answers.append(Answer(text, prompt_tokens, len(row) + (finish == "stop"), finish))
     return answers

@@ -692,3 +692,135 @@ judges:
         assert_one_line_error(result)
         assert "small-b' does not run this task" in result.err
     assert not eval_store.list(kind="eval", name="vocab") and not eval_store.list(kind="eval", name="rw")
+
+
+# ------------------------------------------------------------------------ found by the review
+
+
+def test_review_findings_on_what_is_scored(cli, eval_store, tmp_path):
+    from eval.contamination import sample_text
+    from eval.tasks import TaskConfig, load_samples
+    from synth.serve import start_server
+
+    # a row's own system message comes first; the examples' system messages are dropped
+    sys_chat = [{"id": f"c{i}", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": w},
+                                             {"role": "assistant", "content": w}]} for i, w in enumerate(WORDS[:3])]  # fmt: skip
+    publish_dataset(eval_store, "sys-chats", {"test": sys_chat, "train": sys_chat})
+    task = TaskConfig(
+        name="t", dataset={"ref": "sys-chats"}, metrics=["exact_match"], fewshot={"split": "train", "n": 1}
+    )
+    sample = load_samples(task, eval_store.resolve("sys-chats"))[0]
+    assert [m["role"] for m in sample.prompt] == ["system", "user", "assistant", "user"]
+    # contamination and explain read the sample's own turns, not its few-shot examples
+    assert sample_text(sample) == f"{sample.prompt[-1]['content']}\n{sample.target}"
+    # one right-or-wrong metric decides `correct`, wherever it is listed
+    assert (
+        TaskConfig(name="t", dataset={"ref": "qa"}, metrics=["chrf", "exact_match"]).primary.name
+        == "exact_match"
+    )
+
+    with start_server("echo") as server:
+        result = run_eval(cli, eval_store, tmp_path, echo_models(server.url) + """tasks:
+  - {name: qa, dataset: {ref: qa}, metrics: [chrf, exact_match, pass@1], generation: {max_new_tokens: 8}}
+bootstrap: {samples: 0}
+""", name="nobootstrap")  # fmt: skip
+    assert result.code == 0, result.err
+    m = metrics_of(eval_store, "nobootstrap")["tasks"]["qa"]["models"]["echo"]["metrics"]
+    assert m["exact_match"]["value"] == pytest.approx(5 / 8) and m["exact_match"]["low"] is None
+    assert {r["sample_id"]: r["correct"] for r in records_of(eval_store, "nobootstrap")}["q3"] is False
+
+
+def test_rewards_of_chat_valued_pairs_read_the_answer_text(eval_store):
+    from eval.tasks import answer_text
+
+    assert (
+        answer_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": "the answer"}])
+        == "the answer"
+    )
+    assert answer_text("plain") == "plain" and answer_text(None) == ""
+
+
+def test_compare_pairs_pass_at_k_but_not_pooled_metrics(cli, eval_store, tmp_path, capsys):
+    from synth.serve import start_server
+
+    task = (
+        "  - {name: qa, dataset: {ref: qa}, metrics: [pass@1, chrf, bleu], generation: {max_new_tokens: 8}}\n"
+    )
+    with start_server("echo") as server:
+        for name, extra in (("pk-a", ""), ("pk-b", "target: question, ")):
+            assert (
+                run_eval(
+                    cli,
+                    eval_store,
+                    tmp_path,
+                    echo_models(server.url) + "tasks:\n" + task.replace("metrics:", extra + "metrics:"),
+                    name=name,
+                ).code
+                == 0
+            )
+    data = json.loads(
+        cli("--store", eval_store.root, "eval", "compare", "pk-a", "pk-b", "--format", "json").out
+    )
+    diffs = {r["metric"]: r["diffs"][0] for r in data["rows"]}
+    assert diffs["pass@1"]["diff"] == pytest.approx(3 / 8) and diffs["bleu"] is None
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error: exit 2, one line naming the option
+        cli("--store", eval_store.root, "eval", "compare", "pk-a", "pk-b", "--bootstrap", "-1")
+    assert exit_.value.code == 2 and "0 or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tasks:\n  - {name: t, dataset: {ref: bare}, metrics: [pass@1]}\n", "need a reference answer"),
+        (
+            "tasks:\n  - {name: t, dataset: {ref: chats}, metrics: [perplexity]}\n",
+            "perplexity and teacher agreement score chat turns",
+        ),
+        (
+            "tasks:\n  - {name: t, dataset: {ref: bare}, metrics: [win_rate]}\njudges:\n  t: {teacher: {serve: small-a}}\n",
+            "against 'reference' needs a reference",
+        ),
+        (
+            "tasks:\n  - {name: t, dataset: {ref: qa}, metrics: [win_rate]}\njudges:\n  t: {teacher: {serve: small-a}, template: 'which? {a}'}\n",
+            "must contain {prompt}",
+        ),
+        (
+            "tasks:\n  - {name: t, dataset: {ref: qa}, metrics: [chrf]}\njudges:\n  t: {teacher: {serve: small-a}}\n",
+            "no win_rate metric",
+        ),
+        (
+            "tasks:\n  - {name: t, dataset: {ref: qa}, metrics: [chrf], generation: {stop: ['']}}\n",
+            "generation.stop",
+        ),
+    ],
+)
+def test_review_findings_refused_before_any_work(cli, eval_store, tmp_path, text, message):
+    import shutil
+
+    if not eval_store.list(kind="dataset", name="bare"):
+        publish_dataset(eval_store, "bare", {"test": [{"id": "b0", "question": "alpha"}]})
+    if not eval_store.list(kind="run", name="plain-lm"):  # a causal LM whose tokenizer has no chat template
+        with Publisher(eval_store, kind="run", name="plain-lm", stage="test", recipe={}) as pub:
+            shutil.copytree(eval_store.resolve("small-a").location / CHECKPOINT_DIR, pub.dir / CHECKPOINT_DIR)
+            config = json.loads((pub.dir / CHECKPOINT_DIR / "tokenizer_config.json").read_text())
+            config.pop("chat_template", None)
+            (pub.dir / CHECKPOINT_DIR / "tokenizer_config.json").write_text(json.dumps(config))
+            (pub.dir / CHECKPOINT_DIR / "chat_template.jinja").unlink(missing_ok=True)
+            pub.publish(stats={})
+    model = "plain-lm" if "perplexity" in text else "small-a"
+    result = run_eval(cli, eval_store, tmp_path, f"models: [{model}]\n" + text, name="refused")
+    assert_one_line_error(result)
+    assert message in result.err, result.err
+    assert not eval_store.list(kind="eval", name="refused")
+
+
+def test_stop_strings_on_a_run_cut_the_answer(eval_store):
+    from eval.models import RunModel
+    from eval.tasks import Generation
+
+    model = RunModel("small-a", eval_store.resolve("small-a"), eval_store)
+    prompts = [[{"role": "user", "content": "alpha beta"}]]
+    free = model.generate(prompts, Generation(max_new_tokens=12), True, lambda n: None)[0][0]
+    word = free.split()[2]
+    cut = model.generate(prompts, Generation(max_new_tokens=12, stop=[word]), True, lambda n: None)[0][0]
+    assert word not in cut and free.startswith(cut)
