@@ -20,12 +20,15 @@ from manifests.verbs import (
 
 STAGES = {
     "train": Stage("train.methods:recipe_class", "train.methods:run_recipe"),
+    "train.export": Stage("train.export:ExportConfig", "train.export:run_recipe"),
     "train.import-model": Stage("train.models:ImportModelConfig", "train.models:run_import"),
     "train.make-student": Stage("train.models:MakeStudentConfig", "train.models:run_make_student"),
     "train.merge": Stage("train.merge:MergeConfig", "train.merge:run_recipe"),
     "train.pack": Stage("train.pack:PackRecipe", "train.pack:run_recipe"),
     "train.pretrain": Stage("train.pretrain:PretrainRecipe", "train.pretrain:run_recipe"),
     "train.sft": Stage("train.sft:SFTRecipe", "train.sft:run_recipe"),
+    "train.distill": Stage("train.distill:DistillRecipe", "train.distill:run_recipe"),
+    "train.teacher-logits": Stage("train.teacher_logits:TeacherLogitsRecipe", "train.teacher_logits:run_recipe"),
     "train.tokenizer": Stage("train.tokenizer:TokenizerRecipe", "train.tokenizer:run_recipe"),
 }
 """The train recipe stages (``stage:`` → config, run function); ``stage: train``'s config is picked
@@ -200,10 +203,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Tokenize a corpus dataset and pack it into rows of seq_len tokens (stage: train.pack).",
         example="distillery train pack examples/recipes/demo-pack.yaml --set seq_len=512",
     )  # fmt: skip
+    add_recipe_verb(
+        verbs, "teacher-logits", stages=STAGES, expect="train.teacher-logits",
+        help_="store a teacher's top-k next-token log-probs on a dataset, for offline distillation",
+        description="Run a teacher once over datasets and publish its top-k token ids and log-probabilities per "
+        "answer position (stage: train.teacher-logits); 'method: distill' trains from them with teacher_outputs:.",
+        example="distillery train teacher-logits examples/recipes/demo-teacher-logits.yaml --set top_k=16",
+    )  # fmt: skip
     add_verb(
         verbs, "merge", _merge, "merge a LoRA or IA³ adapter run into its base (a full checkpoint run)",
         "Fold an adapter into its base model and publish the full checkpoint as a new run.",
         "distillery train merge demo-sft-run --name demo-sft-merged",
         stage_options(STAGES["train.merge"], ["name"], positional=["adapter"],
                       computed={"name": "<adapter run name>-merged"}),
+    )  # fmt: skip
+    add_verb(
+        verbs, "export", stage_verb(STAGES["train.export"], "train export"),
+        "export a run for serving: merged safetensors, GGUF (llama.cpp), weight-only int8",
+        "Write a run (an adapter run merged into its base) as a new run for serving: checkpoint/ (safetensors),\n"
+        "export/model-<type>.gguf and export/int8/; the manifest records each format's size and logit error.",
+        "distillery train export demo-sft-run --format safetensors --format gguf --gguf-type q8_0",
+        stage_options(STAGES["train.export"], ["name", "formats", "dtype", "gguf_type"], positional=["run"],
+                      flags={"formats": "--format"}, computed={"name": "<run name>-export"}),
     )  # fmt: skip

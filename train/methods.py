@@ -10,7 +10,11 @@ from manifests.errors import DistilleryError
 from manifests.schema import Manifest
 from manifests.store import Store
 
-METHODS = {"sft": "train.sft:SFTRecipe", "pretrain": "train.pretrain:PretrainRecipe"}
+METHODS = {
+    "sft": "train.sft:SFTRecipe",
+    "pretrain": "train.pretrain:PretrainRecipe",
+    "distill": "train.distill:DistillRecipe",
+}
 """``method:`` → the recipe class of its module (the module's ``run_recipe`` runs it)."""
 
 

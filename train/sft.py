@@ -215,7 +215,7 @@ def training_rows(mixture, fmt: SFTFormat, tokenizer):
     )  # fmt: skip
 
 
-def _metrics_callback(path: Path, flops_token: float, peak: float | None, processes: int):
+def metrics_callback(path: Path, flops_token: float, peak: float | None, processes: int):
     from transformers import TrainerCallback
 
     class MetricsWriter(TrainerCallback):
@@ -362,7 +362,7 @@ def sft_trainer(loss: SFTLoss, **kwargs):
     return LabelledPositionsSFTTrainer(**kwargs)
 
 
-def _architecture(manifest: Manifest, store: Store):
+def architecture(manifest: Manifest, store: Store):
     """The model of a run without its weights (on the meta device): its layer names, in no time."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -380,14 +380,14 @@ def launch_configs(cfg: SFTRecipe, store: Store, processes: int, machines: int, 
     recipe also sets (batch sizes, clipping, precision) is ``auto``, filled in from the recipe."""
     stage = zero_stage(cfg.strategy)
     base = require_causal_lm(store.resolve(cfg.model, kind="run"), store)
-    layers = layer_classes(_architecture(base, store))
+    layers = layer_classes(architecture(base, store))
     ds = deepspeed_config(stage, offload=cfg.offload) if stage is not None else None
     accelerate = accelerate_config(cfg.strategy, processes=processes, machines=machines, layers=layers,
                                    bf16=cfg.bf16, deepspeed_file=deepspeed_file if ds else None, offload=cfg.offload)  # fmt: skip
     return accelerate, ds
 
 
-def _check_recipe(cfg: SFTRecipe) -> None:
+def check_trainer_recipe(cfg: SFTRecipe) -> None:
     if cfg.packing and cfg.peft.is_prompt_learning:
         raise DistilleryError(
             f"packing: true does not work with peft.method {cfg.peft.method}: its virtual tokens would precede "
@@ -404,7 +404,7 @@ def _check_recipe(cfg: SFTRecipe) -> None:
 
 
 @contextmanager
-def _deepspeed_contradictions():
+def deepspeed_contradictions():
     """A DeepSpeed file (``accelerate launch``) whose numbers contradict the recipe: one line."""
     try:
         yield
@@ -418,12 +418,12 @@ def _deepspeed_contradictions():
         ) from None
 
 
-def _count(parameters) -> int:
+def count_parameters(parameters) -> int:
     """Elements of ``parameters``, whole also when ZeRO-3 has partitioned them."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in parameters)
 
 
-def _trainer_args(cfg: SFTRecipe, work: Path, model, processes: int):
+def sft_arguments(cfg: SFTRecipe, work: Path, model, processes: int):
     import torch
     from trl import SFTConfig
 
@@ -452,7 +452,7 @@ FAULT_EXIT_STEP = "DISTILLERY_FAULT_EXIT_AFTER_STEP"
 """Fault injection for tests: the process dies (as if killed) right after this step's checkpoint."""
 
 
-def _planted_faults() -> list:
+def planted_faults() -> list:
     nan_step, exit_step = os.environ.get(FAULT_NAN_STEP), os.environ.get(FAULT_EXIT_STEP)
     if nan_step is None and exit_step is None:
         return []
@@ -473,7 +473,7 @@ def _planted_faults() -> list:
 
 
 def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
-    _check_recipe(cfg)
+    check_trainer_recipe(cfg)
     if cfg.guard.action == "rollback":
         raise DistilleryError("guard.action rollback needs method pretrain; for SFT use skip or stop")
     datasets = resolve_datasets(cfg.datasets, store, ["id"], "SFT")
@@ -500,7 +500,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
             f"model {base.ref} has no chat template and the data are chats; set chat_template: in the recipe"
         )
     if cfg.peft.target_modules:
-        check_target_modules(cfg.peft.target_modules, _architecture(base, store), base.ref)
+        check_target_modules(cfg.peft.target_modules, architecture(base, store), base.ref)
     train_data = training_rows(mixture, fmt, tokenizer)
     columns = ["id", *FORMAT_COLUMNS[fmt]]
     eval_data = (
@@ -538,7 +538,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     with publisher if main else contextlib.nullcontext() as pub, alone:
         # ZeRO-3 loads the weights already partitioned when the DeepSpeed config exists first.
         early = zero_stage(cfg.strategy) == 3 and not is_adapter(base)
-        args = _trainer_args(cfg, work, None, processes) if early else None
+        args = sft_arguments(cfg, work, None, processes) if early else None
         if args is not None:  # partitioning needs the process group, and DeepSpeed's view of it
             import deepspeed
             from accelerate import PartialState
@@ -549,25 +549,25 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
         loaded_partitioned = hasattr(next(model.parameters()), "ds_numel")
         peft_config = build_peft_config(cfg.peft, model, str(checkpoint_path(base)))
-        args = args or _trainer_args(cfg, work, model, processes)
+        args = args or sft_arguments(cfg, work, model, processes)
         monitor = Monitor(None, cfg.guard, 0.0, None)
         guard = trainer_guard(monitor)
         c = model.config
         flops = flops_per_token(
-            _count(model.parameters()), c.num_hidden_layers, c.hidden_size, cfg.max_length
+            count_parameters(model.parameters()), c.num_hidden_layers, c.hidden_size, cfg.max_length
         )
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         peak = peak_flops(device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
-        writer = _metrics_callback(metrics, flops, peak, processes)
-        callbacks = [writer, trainer_checkpoint_marker(), *_planted_faults(), guard]
-        with _deepspeed_contradictions():
+        writer = metrics_callback(metrics, flops, peak, processes)
+        callbacks = [writer, trainer_checkpoint_marker(), *planted_faults(), guard]
+        with deepspeed_contradictions():
             trainer = sft_trainer(cfg.loss, model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                                   processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
         # Frozen weights (PEFT) get no weight gradients: 4 FLOPs a parameter a token instead of 6.
-        trainable = _count(p for p in trainer.model.parameters() if p.requires_grad)
-        writer.flops_token = flops - 2 * max(0, _count(trainer.model.parameters()) - trainable)
+        trainable = count_parameters(p for p in trainer.model.parameters() if p.requires_grad)
+        writer.flops_token = flops - 2 * max(0, count_parameters(trainer.model.parameters()) - trainable)
         started = time.time()
-        with _deepspeed_contradictions():
+        with deepspeed_contradictions():
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)
         if guard.stopped is not None:
             if not main:
