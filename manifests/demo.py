@@ -1,7 +1,9 @@
 """``distillery demo``: the whole chain on the embedded sample, then one example traced back.
 
-corpus.build → train.import-model → train.make-student → synth.generate → train (LoRA SFT) →
-eval (perplexity, teacher agreement and summary quality, before/after, with intervals) → ``manifests trace`` of one training example.
+corpus.build → train.import-model → train.make-student → synth.generate → train (LoRA SFT) → train
+(LoRA logit distillation from the teacher, same rows and steps) → eval (perplexity, teacher agreement
+and summary quality of the base and both students, with intervals) → ``manifests trace`` of one
+training example.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ STEPS = [
     ("student", "demo-student.yaml"),
     ("synth", "demo-synth.yaml"),
     ("train", "demo-sft.yaml"),
+    ("distill", "demo-distill.yaml"),
     ("eval", "demo-eval.yaml"),
 ]
 
 TINY = {
     "demo-synth.yaml": ["limit=10", "sampling.max_tokens=24"],
     "demo-sft.yaml": ["max_steps=3"],
+    "demo-distill.yaml": ["max_steps=3"],
 }
 """Overrides for ``--tiny`` (the end-to-end test): same chain, fewer prompts and steps."""
 
@@ -58,7 +62,7 @@ def main(args) -> int:
         table.add_row(label, m.kind, m.ref, f"{secs:.1f}", what[:90])
     console.rule("[bold]made")
     console.print(table)
-    console.rule("[bold]eval: the student before and after training (95% bootstrap intervals)")
+    console.rule("[bold]eval: the student before training, after SFT and after distillation (95% bootstrap intervals)")
     print_eval_metrics(made[-1][1], console)
     sft_data = next(m for label, m, _ in made if label == "synth")
     first = sft_data.data_files("train")[0]

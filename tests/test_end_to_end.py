@@ -100,7 +100,8 @@ def test_eval_compares_before_and_after(demo):
     ev = store.resolve("demo-eval")
     base, trained = store.resolve("student-base"), store.resolve("demo-sft-run")
     teacher = store.resolve("smollm2-135m-instruct")
-    assert {p.id for p in ev.parents if p.role == "model"} == {base.id, trained.id}
+    distilled = store.resolve("demo-distill-run")
+    assert {p.id for p in ev.parents if p.role == "model"} == {base.id, trained.id, distilled.id}
     assert [p.id for p in ev.parents if p.role == "teacher"] == [teacher.id]
     assert [p.id for p in ev.parents if p.role == "eval_data"] == [store.resolve("demo-sft").id]
     tasks = json.loads((ev.location / "metrics.json").read_text())["tasks"]
@@ -128,6 +129,19 @@ def test_eval_compares_before_and_after(demo):
     assert {"rougeL", "chrf", "bleu"} <= set(summaries) and summaries["rougeL"]["n"] == heldout["samples"]
     assert ev.stats["tasks"]["heldout"]["demo-sft-run"]["perplexity"] == pytest.approx(after["value"])
     assert "summaries" in out and "paired" in out
+
+
+def test_the_distilled_student_names_its_teacher_and_moves_towards_it(demo):
+    store, out = demo
+    run = store.resolve("demo-distill-run")
+    roles = {p.name: p.role for p in run.parents}
+    assert roles == {"demo-sft": "input", "student-base": "base_model", "smollm2-135m-instruct": "teacher"}
+    logged = [json.loads(line) for line in (run.location / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "distill_logits" in r] == [1, 2, 3]
+    heldout = json.loads((store.resolve("demo-eval").location / "metrics.json").read_text())["tasks"]["heldout"]
+    kl = {label: m["metrics"]["kl_teacher_student"]["value"] for label, m in heldout["models"].items()}
+    assert kl["demo-distill-run"] < kl["student-base"], kl
+    assert "demo-distill-run" in out
 
 
 def test_trace_leads_from_a_training_example_to_its_sample_line(demo):
@@ -164,6 +178,7 @@ def test_lineage_of_the_eval_reaches_the_corpus(demo):
     for stage in (
         "eval",
         "train.sft",
+        "train.distill",
         "synth.generate",
         "corpus.build",
         "train.make-student",

@@ -28,7 +28,9 @@ STAGES = {
     "train.pretrain": Stage("train.pretrain:PretrainRecipe", "train.pretrain:run_recipe"),
     "train.sft": Stage("train.sft:SFTRecipe", "train.sft:run_recipe"),
     "train.distill": Stage("train.distill:DistillRecipe", "train.distill:run_recipe"),
-    "train.teacher-logits": Stage("train.teacher_logits:TeacherLogitsRecipe", "train.teacher_logits:run_recipe"),
+    "train.teacher-logits": Stage(
+        "train.teacher_logits:TeacherLogitsRecipe", "train.teacher_logits:run_recipe"
+    ),
     "train.tokenizer": Stage("train.tokenizer:TokenizerRecipe", "train.tokenizer:run_recipe"),
 }
 """The train recipe stages (``stage:`` → config, run function); ``stage: train``'s config is picked

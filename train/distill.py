@@ -174,9 +174,12 @@ class DistillRecipe(SFTRecipe):
     def _one_teacher(cls, data: Any) -> Any:
         if isinstance(data, dict) and "teacher" in data:
             data = dict(data)
+            teacher = data.pop("teacher")
+            if teacher is None:  # (``--set teacher=null`` removes a recipe's teacher)
+                return data
             if "teachers" in data:
                 raise ValueError("give 'teacher' or 'teachers', not both")
-            data["teachers"] = [{"ref": data.pop("teacher")}]
+            data["teachers"] = [{"ref": teacher}]
         return data
 
     @model_validator(mode="after")

@@ -116,11 +116,13 @@ def check_gguf_supported(run: Manifest, store: Store) -> None:
 def check_not_prompt_learning(run: Manifest) -> None:
     if not is_adapter(run):
         return
-    peft_type = json.loads((checkpoint_path(run) / "adapter_config.json").read_text()).get("peft_type", "?")
-    if peft_type in ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"):
+    from peft import PeftConfig
+
+    adapter = PeftConfig.from_pretrained(checkpoint_path(run))
+    if adapter.is_prompt_learning:
         raise DistilleryError(
-            f"{run.ref} is a {peft_type} adapter: its virtual tokens are not weights and cannot be merged "
-            "into a model to export; use the run as it is, loaded on its base"
+            f"{run.ref} is a {adapter.peft_type.value} adapter: its virtual tokens are not weights and cannot be "
+            "merged into a model to export; use the run as it is, loaded on its base"
         )
 
 
