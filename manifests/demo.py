@@ -62,7 +62,9 @@ def main(args) -> int:
         table.add_row(label, m.kind, m.ref, f"{secs:.1f}", what[:90])
     console.rule("[bold]made")
     console.print(table)
-    console.rule("[bold]eval: the student before training, after SFT and after distillation (95% bootstrap intervals)")
+    console.rule(
+        "[bold]eval: the student before training, after SFT and after distillation (95% bootstrap intervals)"
+    )
     print_eval_metrics(made[-1][1], console)
     sft_data = next(m for label, m, _ in made if label == "synth")
     first = sft_data.data_files("train")[0]

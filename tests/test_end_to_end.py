@@ -138,7 +138,9 @@ def test_the_distilled_student_names_its_teacher_and_moves_towards_it(demo):
     assert roles == {"demo-sft": "input", "student-base": "base_model", "smollm2-135m-instruct": "teacher"}
     logged = [json.loads(line) for line in (run.location / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "distill_logits" in r] == [1, 2, 3]
-    heldout = json.loads((store.resolve("demo-eval").location / "metrics.json").read_text())["tasks"]["heldout"]
+    heldout = json.loads((store.resolve("demo-eval").location / "metrics.json").read_text())["tasks"][
+        "heldout"
+    ]
     kl = {label: m["metrics"]["kl_teacher_student"]["value"] for label, m in heldout["models"].items()}
     assert kl["demo-distill-run"] < kl["student-base"], kl
     assert "demo-distill-run" in out

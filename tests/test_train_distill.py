@@ -154,7 +154,7 @@ def test_the_chunked_loss_and_its_gradients_equal_a_direct_computation(kd_store,
         torch.testing.assert_close(mine[n], p.grad, rtol=1e-3, atol=1e-6)
 
 
-def test_online_distillation_brings_the_student_to_its_teacher(kd_store):
+def test_online_distillation_brings_the_student_to_its_teacher(kd_store, cli):
     """Forward KL falls over the steps; lineage names teacher and base; every component is logged."""
     m = distill(kd_store, "kd", max_steps=6, loss={"logits": 1.0, "ce": 0.2})
     logged = metrics(m)
@@ -165,13 +165,13 @@ def test_online_distillation_brings_the_student_to_its_teacher(kd_store):
     assert roles == {"chat": "input", "student": "base_model", "teacher": "teacher"}
     assert m.producer.recipe["teachers"][0]["ref"] == kd_store.resolve("teacher").id
     assert m.stats["components"].keys() == {"logits", "ce"}
+    lineage = cli("--store", kd_store.root, "manifests", "lineage", m.ref)
+    assert lineage.code == 0 and "teacher" in lineage.out and "chat" in lineage.out, lineage.out
 
 
 def test_stored_top_k_outputs_train_what_the_online_teacher_trains(kd_store):
     """Stored outputs of the whole vocabulary (float16) give the online run's weights; a smaller k with
     the leftover spread gives other weights."""
-    import torch
-
     vocab = len(tiny_tokenizer())
     full = store_outputs(kd_store, "tl-full", top_k=vocab)
     assert full.stats["top_k"] == vocab and full.stats["rows"] == 16
@@ -338,11 +338,14 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(kd_store, tm
 
     import torch
 
-    one = distill(kd_store, "kd-one", max_steps=2, per_device_batch_size=4, learning_rate=0.01)
+    """Stages too: the first leaves the LM head unused, which DDP must still see a gradient for."""
+    stages = [{"steps": 1, "loss": {"logits": 0.0, "hidden": 1.0}}, {"steps": 1}]
+    one = distill(kd_store, "kd-one", per_device_batch_size=4, learning_rate=0.01, stages=stages)
     recipe = tmp_path / "ddp.yaml"
     recipe.write_text("stage: train\nmethod: distill\nname: kd-ddp\nmodel: student\nteacher: teacher\n"
-                      "datasets: [{ref: chat}]\nmax_steps: 2\nper_device_batch_size: 2\nmax_length: 128\n"
-                      "learning_rate: 0.01\npeft: {method: none}\n")  # fmt: skip
+                      "datasets: [{ref: chat}]\nper_device_batch_size: 2\nmax_length: 128\n"
+                      "learning_rate: 0.01\npeft: {method: none}\n"
+                      "stages: [{steps: 1, loss: {logits: 0.0, hidden: 1.0}}, {steps: 1}]\n")  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(kd_store.root), "train", "run",
                              str(recipe), "--nproc", "2", "--master-port", "29531"], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -29,7 +29,9 @@ positions), ``hidden`` (MSE or cosine between mapped layers' hidden states on ev
 a learned projection when the widths differ: it is saved beside the checkpoint as
 ``projections.safetensors`` and not part of the model), ``attention`` (KL between the mapped layers'
 attention rows, head-averaged when the head counts differ; the models run with eager attention, the only
-kind that returns the weights). Each component goes to ``metrics.jsonl`` per step.
+kind that returns the weights). Every term is a sum over its positions divided by the answer tokens
+of the batch (as the SFT loss is), so that gradient accumulation and several processes train what one
+process trains; ``metrics.jsonl`` logs each component per step, as a mean per position.
 
 **Stages**: ``stages: [{steps: 20, loss: {hidden: 1, logits: 0}}, {steps: 40, temperature: 1}]`` run
 one after another in one run (each stage overrides the loss weights, divergence or temperature), and
@@ -328,19 +330,23 @@ def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_
                 parts["hidden"] = self._hidden_term(s_hidden, t_outs, valid)
             if w.attention:
                 parts["attention"] = self._attention_term(out.attentions, t_outs, valid)
-            # Normalised as the SFT loss is (train/sft.py): token sums by the labelled tokens of the whole
-            # accumulated batch when the Trainer counts them, means by the accumulation steps then.
-            counted = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            # Every term is a sum over positions, divided as the SFT loss is (train/sft.py): by the answer
+            # tokens of the whole accumulated batch (of all processes) when the Trainer counts them, so that
+            # micro-batches and processes of any size weigh every position alike.
             count = num_items_in_batch if num_items_in_batch is not None else labelled
             token_scale = 1 / torch.as_tensor(count, device=device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 token_scale = token_scale * (self.accelerator.num_processes // self.get_tp_size())
-            mean_scale = 1 / self.current_gradient_accumulation_steps if counted else 1.0
-            loss = sum(p.sum() * 0.0 for p in projections.parameters()) if projections is not None else 0.0
+            # Weights a stage leaves unused (the LM head in a hidden-states stage, the projections in a
+            # logits stage) still join the graph with a zero: DDP expects a gradient for every parameter.
+            unused = [*(projections.parameters() if projections is not None else [])]
+            if not (w.logits or w.ce):
+                unused += list(self.model.get_output_embeddings().parameters())
+            loss = sum(p.sum() * 0.0 for p in unused) if unused else 0.0
             for name, value in parts.items():
-                scale = token_scale if name in ("logits", "ce") else mean_scale
-                loss = loss + getattr(w, name) * value * scale
-                shown = value / labelled.clamp(min=1) if name in ("logits", "ce") else value
+                loss = loss + getattr(w, name) * value * token_scale
+                # (shown per position: per answer token, per real token for hidden states and attention)
+                shown = value / (labelled if name in ("logits", "ce") else valid.sum()).clamp(min=1)
                 total, n = self.logged.get(f"distill_{name}", [0.0, 0])
                 self.logged[f"distill_{name}"] = [total + float(shown.detach()), n + 1]
             self.tokens_seen += int(self.accelerator.gather(inputs["attention_mask"].sum().reshape(1)).sum())
@@ -390,18 +396,17 @@ def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_
                     if projections is not None and key in projections:
                         student = projections[key](student)
                     term = hidden_state_loss(student, t_out.hidden_states[t][valid].float(), cfg.hidden_loss)
-                    total = total + weight * term.mean() / len(hidden_pairs[j])
+                    total = total + weight * term.sum() / len(hidden_pairs[j])
             return total
 
         def _attention_term(self, s_att, t_outs, valid):
             import torch
 
             total = torch.zeros((), device=valid.device)
-            rows = valid.sum().clamp(min=1)
             for j, (t_out, weight) in enumerate(zip(t_outs, weights, strict=True)):
                 for s, t in attention_pairs[j]:
                     kl = attention_loss(s_att[s - 1], t_out.attentions[t - 1].float(), valid)
-                    total = total + weight * kl / rows / len(attention_pairs[j])
+                    total = total + weight * kl / len(attention_pairs[j])
             return total
 
         def _draw(self) -> float:

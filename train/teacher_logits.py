@@ -48,7 +48,10 @@ from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 
 STAGE = "train.teacher-logits"
 COLUMNS = ["id", "parents", "sequence_sha256", "positions", "teacher_ids", "teacher_logprobs"]
-FORMAT_COLUMNS: dict[str, list[str]] = {"messages": ["messages"], "prompt-completion": ["prompt", "completion"]}
+FORMAT_COLUMNS: dict[str, list[str]] = {
+    "messages": ["messages"],
+    "prompt-completion": ["prompt", "completion"],
+}
 
 
 class TeacherLogitsRecipe(RecipeConfig):
@@ -103,7 +106,9 @@ def example_tokens(row: dict[str, Any], fmt: str, tokenizer, max_length: int) ->
         tokens = labelled_conversation(list(row["prompt"]) + list(row["completion"]), tokenizer, row["id"])
     else:
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         tokens = {"input_ids": prompt + answer, "labels": [IGNORED] * len(prompt) + answer}
     return {k: v[:max_length] for k, v in tokens.items()}
 
@@ -147,7 +152,11 @@ def teacher_topk(teacher, examples: list[dict[str, Any]], k: int, batch_size: in
         labels = torch.full((len(batch), width), IGNORED, dtype=torch.long)
         for i, e in enumerate(batch):
             n = len(e["input_ids"])
-            ids[i, :n], mask[i, :n], labels[i, :n] = (torch.tensor(e["input_ids"]), 1, torch.tensor(e["labels"]))
+            ids[i, :n], mask[i, :n], labels[i, :n] = (
+                torch.tensor(e["input_ids"]),
+                1,
+                torch.tensor(e["labels"]),
+            )
         with torch.no_grad():
             none_kept = torch.empty(0, dtype=torch.long)
             hidden = teacher(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,

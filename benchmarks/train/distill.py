@@ -77,6 +77,14 @@ def tokens_per_s(run) -> float:
     return (rows[-1]["num_tokens"] - rows[0]["num_tokens"]) / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"])
 
 
+def run_recipe_file_data(store: Store, data: dict) -> None:
+    import yaml
+
+    path = Path(tempfile.mkdtemp()) / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run_recipe_file(str(path), store)
+
+
 def gkd_worker(store_root: str, steps: int) -> None:
     """TRL's GKDTrainer, off-policy forward KL at T = 1, on the same student, teacher and rows."""
     import torch
@@ -101,7 +109,7 @@ def gkd_worker(store_root: str, steps: int) -> None:
     args = GKDConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=4,
                      learning_rate=2e-4, max_length=384, lmbda=0.0, beta=0.0, temperature=1.0, seed=0,
                      report_to="none", use_cpu=True, logging_steps=1, save_strategy="no",
-                     activation_checkpointing=False)  # fmt: skip
+                     activation_checkpointing=False, bf16=False)  # fmt: skip
     trainer = Counting(model=AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
                        teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32),
                        args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
@@ -150,7 +158,17 @@ def main() -> None:
             f"{side}: {seconds:.0f} s, {rss:.0f} MiB, {results[side]['tokens_per_s']:.0f} tokens/s",
             flush=True,
         )
-    models = ", ".join(["student-base", *(f"bench-{s}" for s in SIDES)])
+    # Compression after distillation: the kd-t1 student as GGUF q8_0, read back (dequantised) as a run.
+    t1 = time.time()
+    run_recipe_file_data(store, {"stage": "train.export", "run": "bench-kd-t1", "name": "bench-kd-t1-export",
+                                 "formats": ["gguf", "int8"], "gguf_type": "q8_0"})  # fmt: skip
+    exported = store.resolve("bench-kd-t1-export")
+    run_recipe_file_data(store, {"stage": "train.import-model", "name": "bench-kd-t1-q8_0",
+                                 "source": str(exported.location / "export"), "gguf_file": "model-q8_0.gguf"})  # fmt: skip
+    print(
+        f"export + GGUF read back: {time.time() - t1:.0f} s; {json.dumps(exported.stats)[:400]}", flush=True
+    )
+    models = ", ".join(["student-base", *(f"bench-{s}" for s in SIDES), "bench-kd-t1-q8_0"])
     (folder / "eval.yaml").write_text(
         f"stage: eval\nname: bench-distill-eval\nmodels: [{models}]\ntasks:\n  - name: heldout\n"
         "    dataset: {ref: kd-data, split: test}\n    metrics: [perplexity, top1_agreement, kl_teacher_student]\n"
@@ -190,6 +208,9 @@ def main() -> None:
         label = f"bench-{side}"
         print(f"| {side} | {cell(label, 'perplexity', 2)} | {cell(label, 'top1_agreement', 3)} | "
               f"{cell(label, 'kl_teacher_student', 3)} | {r['tokens_per_s']:.0f} | {r['rss']:.0f} | {r['seconds']:.0f} |")  # fmt: skip
+    print(f"| kd-t1 as GGUF q8_0 | {cell('bench-kd-t1-q8_0', 'perplexity', 2)} | "
+          f"{cell('bench-kd-t1-q8_0', 'top1_agreement', 3)} | {cell('bench-kd-t1-q8_0', 'kl_teacher_student', 3)} "
+          "| | | |")  # fmt: skip
     print(f"\nteacher-logits (top-32, {stored.stats['positions']} positions): {tl_seconds:.0f} s, {tl_rss:.0f} MiB "
           f"peak, {stored_mb:.2f} MiB on disk")  # fmt: skip
     print(f"online logit KD, {args.speed_steps} steps: ours {ours_tokens:.0f} tokens/s ({speed_rss:.0f} MiB), TRL GKD "
