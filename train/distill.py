@@ -13,7 +13,7 @@ next-token distribution, and optionally its hidden states and attention, not onl
     max_steps: 40
 
 **Where the teacher's outputs come from.** ``teacher``/``teachers``: the teacher runs are loaded beside
-the student, frozen (replicated on every process, in bf16 with ``bf16: true``), and run on the same batch;
+the student, frozen (replicated on every process, in bf16 on GPUs that have it), and run on the same batch;
 several teachers' distributions are mixed per position by weight. ``teacher_outputs:`` instead names a
 dataset from ``distillery train teacher-logits`` (top-k ids and log-probs per answer position): the
 teacher is not loaded at all; its tokenizer, the data version and every example's token hash are checked
@@ -83,7 +83,7 @@ from train.distill_losses import (
     topk_log_probs,
 )
 from train.launch import as_a_job_of_one
-from train.monitor import Monitor, flops_per_token, peak_flops, trainer_guard
+from train.monitor import Monitor, flops_per_token, guard_stopped, peak_flops, trainer_guard
 from train.peft_config import build_peft_config, check_target_modules, model_load_kwargs
 from train.pretrain import ModelShape
 from train.sft import (
@@ -700,7 +700,9 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
         raise DistilleryError("hidden-state projections (student and teacher widths differ) need ddp, fsdp or "
                               "deepspeed-zero1/2, not deepspeed-zero3")  # fmt: skip
     model = _load_student(cfg, store, base, config, attention)
-    teacher_dtype = torch.bfloat16 if cfg.bf16 and torch.cuda.is_available() else torch.float32
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # The teacher is frozen: bf16 halves its memory and time and loses no precision to updates.
+    teacher_dtype = torch.bfloat16 if gpu_bf16 else torch.float32
     teachers = []
     for run in teacher_runs:
         extra = {"attn_implementation": "eager"} if attention else {}
@@ -784,11 +786,7 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
         if guard.stopped is not None:
             if not main:
                 return None
-            t = guard.stopped
-            raise RunFailed(
-                f"{cfg.name}: {t['reason'].replace('_', ' ')} at step {t['step']} (loss {t['loss']}, grad norm "
-                f"{t['grad_norm']}); stopped as guard.action says -- 'guard: {{action: skip}}' drops such steps"
-            )
+            raise guard_stopped(cfg.name, guard.stopped)
         if projections is not None:  # not part of the student's architecture: saved beside it
             del trainer.accelerator.unwrap_model(trainer.model).distill_projections
             if hasattr(model, "distill_projections"):

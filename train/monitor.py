@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from manifests.errors import RunFailed
 from manifests.recipes import RecipeConfig
 
 
@@ -164,6 +165,14 @@ def _number(value: float) -> float | str:
     """JSON has no NaN: non-finite values are written as strings."""
     value = float(value)
     return round(value, 6) if math.isfinite(value) else str(value)
+
+
+def guard_stopped(run: str, trigger: dict[str, Any]) -> RunFailed:
+    """The error a Trainer-based run ends with when a guard stopped it (``trainer_guard``'s ``stopped``)."""
+    return RunFailed(
+        f"{run}: {trigger['reason'].replace('_', ' ')} at step {trigger['step']} (loss {trigger['loss']}, grad "
+        f"norm {trigger['grad_norm']}); stopped as guard.action says -- 'guard: {{action: skip}}' drops such steps"
+    )
 
 
 def trainer_guard(monitor: Monitor):

@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from manifests.chat_labels import IGNORED, labelled_conversation
-from manifests.errors import DistilleryError, RunFailed
+from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json
 from manifests.model_runs import require_causal_lm
 from manifests.models import (
@@ -77,7 +77,7 @@ from manifests.store import Store, claim_work_folder
 from train.checkpoint import latest_trainer_checkpoint, trainer_checkpoint_marker
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.launch import as_a_job_of_one
-from train.monitor import GuardConfig, Monitor, flops_per_token, peak_flops, trainer_guard
+from train.monitor import GuardConfig, Monitor, flops_per_token, guard_stopped, peak_flops, trainer_guard
 from train.peft_config import (
     PeftSettings,
     build_peft_config,
@@ -572,11 +572,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         if guard.stopped is not None:
             if not main:
                 return None
-            t = guard.stopped
-            raise RunFailed(
-                f"{cfg.name}: {t['reason'].replace('_', ' ')} at step {t['step']} (loss {t['loss']}, grad norm "
-                f"{t['grad_norm']}); stopped as guard.action says -- 'guard: {{action: skip}}' drops such steps"
-            )
+            raise guard_stopped(cfg.name, guard.stopped)
         # Every process takes part: FSDP and ZeRO-3 gather the whole weights; only the first writes them.
         trainer.save_model(str(pub.dir / CHECKPOINT_DIR if main else work / "unused"))
         if not main:
