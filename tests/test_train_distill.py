@@ -70,6 +70,7 @@ def distill(store: Store, name: str, **recipe):
         data.pop("teacher")
     if "stages" in recipe:
         data.pop("max_steps")
+    data = {k: v for k, v in data.items() if v is not None}
     return train_distill(parse_config(DistillRecipe, data, "test"), store)
 
 
@@ -239,6 +240,32 @@ def test_stages_switch_losses_and_temperature_and_lora_students_train(kd_store):
     assert (m.location / "checkpoint" / "adapter_model.safetensors").is_file()
 
 
+def test_a_lora_student_learns_through_a_projection_and_a_shape_student_trains_in_full(kd_store):
+    lora = distill(kd_store, "kd-lora-proj", model="narrow", loss={"logits": 1.0, "hidden": 1.0},
+                   peft={"method": "lora", "r": 4, "alpha": 8, "target_modules": ["all-linear"]})  # fmt: skip
+    from safetensors.torch import load_file
+
+    assert set(load_file(lora.location / "projections.safetensors")) == {"t0_l1.weight", "t0_l2.weight"}
+    adapter = load_file(lora.location / "checkpoint" / "adapter_model.safetensors")
+    assert adapter and not any("distill" in k for k in adapter)  # no adapter on the projections
+    fresh = distill(kd_store, "kd-shape", model=None, shape={"hidden_size": 32, "layers": 1, "heads": 2},
+                    peft=None, max_steps=2)  # fmt: skip
+    assert fresh.stats["peft"] == "none" and {p.role for p in fresh.parents} == {"input", "teacher"}
+
+
+def test_string_prompt_completion_is_tokenized_as_trl_tokenizes_it(kd_store):
+    from train.teacher_logits import example_tokens
+
+    from .test_train_sft import trl_trainer
+
+    rows = [{"id": f"p{i}", "prompt": f"alpha beta {i}", "completion": " gamma delta"} for i in range(3)]
+    prepared = trl_trainer(rows).train_dataset
+    for row, theirs in zip(rows, prepared, strict=True):
+        ours = example_tokens(row, "prompt-completion", tiny_tokenizer(), 128)
+        assert ours["input_ids"] == theirs["input_ids"]
+        assert ours["labels"] == theirs["labels"]
+
+
 def test_on_policy_batches_are_the_students_own_answers(kd_store):
     m = distill(kd_store, "kd-gkd", max_steps=2, on_policy={"fraction": 1.0, "max_new_tokens": 8},
                 divergence="jsd", beta=0.5)  # fmt: skip
@@ -256,6 +283,15 @@ def test_on_policy_batches_are_the_students_own_answers(kd_store):
         ({"loss": {"logits": 0.0}}, "every weight is 0"),
         ({"packing": True}, "packing"),
         ({"divergence": "reverse_kl", "top_k": 4, "leftover": "drop"}, "use leftover: spread"),
+        ({"divergence": "jsd", "beta": 1.0, "top_k": 4, "leftover": "drop"}, "jsd is reverse KL here"),
+        (
+            {
+                "model": None,
+                "shape": {"hidden_size": 32, "layers": 1, "heads": 2},
+                "peft": {"method": "lora"},
+            },
+            "trains in full",
+        ),
         ({"peft": {"method": "prefix", "num_virtual_tokens": 4}}, "virtual tokens have no teacher"),
     ],
 )

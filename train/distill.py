@@ -100,7 +100,15 @@ from train.sft import (
     sft_arguments,
 )
 from train.strategy import zero_stage
-from train.teacher_logits import distill_examples, sequence_sha256, tokenizer_fingerprint
+from train.teacher_logits import (
+    distill_examples,
+    is_prompt_learning,
+    labelled_targets,
+    require_plain_head,
+    sequence_sha256,
+    teacher_logits,
+    tokenizer_fingerprint,
+)
 
 LayerSpec = Literal["uniform"] | dict[str, int] | list[tuple[int, int]]
 COMPONENTS = ("logits", "ce", "hidden", "attention")
@@ -174,6 +182,8 @@ class DistillRecipe(SFTRecipe):
     @model_validator(mode="before")
     @classmethod
     def _one_teacher(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("shape") is not None and "peft" not in data:
+            data = data | {"peft": {"method": "none"}}  # a fresh student trains in full
         if isinstance(data, dict) and "teacher" in data:
             data = dict(data)
             teacher = data.pop("teacher")
@@ -192,6 +202,8 @@ class DistillRecipe(SFTRecipe):
             )
         if (self.model is None) == (self.shape is None):
             raise ValueError("give the student as 'model' (a run) or 'shape' (a fresh model), not both")
+        if self.shape is not None and self.peft.method != "none":
+            raise ValueError("a 'shape' student is fresh and trains in full: peft.method must be none")
         if self.packing:
             raise ValueError("packing: distillation batches are padded (packing: false)")
         if self.stages:
@@ -211,14 +223,13 @@ class DistillRecipe(SFTRecipe):
                 raise ValueError(
                     "hidden-state and attention distillation need the teacher online (teacher:), not teacher_outputs"
                 )
-            if (
-                step_settings["divergence"] == "reverse_kl"
-                and self.leftover == "drop"
-                and (self.top_k or self.teacher_outputs)
-            ):
+            kind = step_settings["divergence"]
+            reverse = kind == "reverse_kl" or (kind == "jsd" and self.beta == 1)
+            reverse = reverse or (kind == "skew_reverse_kl" and self.alpha == 0)
+            if reverse and self.leftover == "drop" and (self.top_k or self.teacher_outputs):
                 raise ValueError(
-                    "reverse_kl is infinite where the teacher's dropped tokens have student mass; "
-                    "use leftover: spread (or jsd / skew_reverse_kl)"
+                    f"{kind} is reverse KL here, infinite where the teacher's dropped tokens have student mass; "
+                    "use leftover: spread (or jsd / skew_reverse_kl between the ends)"
                 )
         if self.teacher_outputs and self.on_policy.fraction:
             raise ValueError("on_policy needs an online teacher to score the student's answers (teacher:)")
@@ -229,8 +240,8 @@ class DistillRecipe(SFTRecipe):
         if not self.stages:
             return [{"loss": self.loss, "divergence": self.divergence, "temperature": self.temperature}]
         return [
-            {"loss": s.loss or self.loss, "divergence": s.divergence or self.divergence,
-             "temperature": s.temperature or self.temperature}
+            {"loss": self.loss.model_copy(update=s.loss.model_dump(exclude_unset=True)) if s.loss else self.loss,
+             "divergence": s.divergence or self.divergence, "temperature": s.temperature or self.temperature}
             for s in self.stages
         ]  # fmt: skip
 
@@ -266,7 +277,7 @@ def _tempered_chunk(cfg: DistillRecipe, settings: dict[str, Any], teacher_weight
     else:
         each = []
         for t_head, t_hidden in zip(teacher_heads, teacher_hidden, strict=True):
-            t_logits = t_head(t_hidden).float()[..., :vocab]
+            t_logits = teacher_logits(t_head, t_hidden)[..., :vocab]
             each.append(
                 topk_log_probs(t_logits, cfg.top_k, cfg.leftover) if cfg.top_k else t_logits.log_softmax(-1)
             )
@@ -278,7 +289,8 @@ def _tempered_chunk(cfg: DistillRecipe, settings: dict[str, Any], teacher_weight
     return torch.stack([div, F.cross_entropy(logits, targets, reduction="sum")])
 
 
-def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_pairs, projections, **kwargs):
+def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_pairs, projections,
+                    stored_k: int | None = None, **kwargs):  # fmt: skip
     """TRL's SFTTrainer whose training loss is the distillation loss (evaluation: the student's own)."""
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -289,6 +301,9 @@ def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_
     class DistillTrainer(SFTTrainer):
         def __init__(self, **kw):
             super().__init__(**kw)
+            if projections is not None:  # attached after PEFT wrapped the student: no adapter on them
+                projections.to(next(kw["model"].parameters()).device)  # (the Trainer has placed the model)
+                kw["model"].distill_projections = projections
             self.tokens_seen = 0
             self.logged: dict[str, list[float]] = {}
             self.draws = (-1, 0)  # (step, micro-batch) of the on-policy draw
@@ -301,8 +316,10 @@ def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_
             if return_outputs or not model.training:  # held-out loss: the student's own cross-entropy
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             settings = cfg.settings_at(self.state.global_step)
-            if cfg.on_policy.fraction and self._draw() < cfg.on_policy.fraction:
+            sampled = bool(cfg.on_policy.fraction) and self._draw() < cfg.on_policy.fraction
+            if sampled:  # (cross-entropy on the student's own samples would be self-training, not GKD)
                 inputs = self._on_policy(model, inputs)
+                settings = settings | {"loss": settings["loss"].model_copy(update={"ce": 0.0})}
             labels = inputs["labels"]
             device = labels.device
             for t in teachers:
@@ -333,10 +350,15 @@ def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_
             # Every term is a sum over positions, divided as the SFT loss is (train/sft.py): by the answer
             # tokens of the whole accumulated batch (of all processes) when the Trainer counts them, so that
             # micro-batches and processes of any size weigh every position alike.
-            count = num_items_in_batch if num_items_in_batch is not None else labelled
+            # With on-policy batches the Trainer's count (of the data's answers) is not what is trained on:
+            # each micro-batch is then its own token mean, and micro-batches weigh alike.
+            counted = num_items_in_batch is not None and not cfg.on_policy.fraction
+            count = num_items_in_batch if counted else labelled
             token_scale = 1 / torch.as_tensor(count, device=device).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            if counted and self.args.average_tokens_across_devices:
                 token_scale = token_scale * (self.accelerator.num_processes // self.get_tp_size())
+            elif num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                token_scale = token_scale / self.current_gradient_accumulation_steps
             # Weights a stage leaves unused (the LM head in a hidden-states stage, the projections in a
             # logits stage) still join the graph with a zero: DDP expects a gradient for every parameter.
             unused = [*(projections.parameters() if projections is not None else [])]
@@ -357,7 +379,7 @@ def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_
             t_hidden = [o.hidden_states[-1][:, :-1][mask] for o in t_outs]
             ids, logprobs = stored
             if ids is not None:
-                k = ids.numel() // max(1, len(hidden))
+                k = stored_k or ids.numel() // max(1, len(hidden))
                 if ids.numel() != k * len(hidden):
                     raise RunFailed(
                         "the stored teacher outputs do not line up with the batch's answer positions"
@@ -367,7 +389,8 @@ def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_
                     ids, logprobs = ids[:, : cfg.top_k], logprobs[:, : cfg.top_k]
             head = self.model.get_output_embeddings()
             heads = [t.get_output_embeddings() for t in teachers]
-            rows = max(1, LOGITS_PER_CHUNK // (4 * head.weight.shape[0]))
+            vocab = self.model.config.get_text_config().vocab_size  # (ZeRO-3 partitions the head's weight)
+            rows = max(1, LOGITS_PER_CHUNK // (4 * vocab))
             chunk = partial(_tempered_chunk, cfg, settings, weights)
             sums = sum(
                 checkpoint(
@@ -394,7 +417,7 @@ def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_
                     student = s_hidden[s][valid]
                     key = f"t{j}_l{s}"
                     if projections is not None and key in projections:
-                        student = projections[key](student)
+                        student = projections[key](student.float())
                     term = hidden_state_loss(student, t_out.hidden_states[t][valid].float(), cfg.hidden_loss)
                     total = total + weight * term.sum() / len(hidden_pairs[j])
             return total
@@ -439,10 +462,12 @@ def distill_trainer(cfg: DistillRecipe, teachers: list, hidden_pairs, attention_
                                         max_new_tokens=cfg.on_policy.max_new_tokens, top_p=1.0,
                                         temperature=cfg.on_policy.temperature, pad_token_id=pad)[:, width:]  # fmt: skip
             student.train()
-            eos = self.processing_class.eos_token_id
+            ends = student.generation_config.eos_token_id
+            ends = set(ends if isinstance(ends, list) else [ends]) | {self.processing_class.eos_token_id, pad}
+            ends = torch.tensor(sorted(e for e in ends if e is not None), device=made.device)
             rows = []
             for p, answer in zip(prompts, made, strict=True):
-                stop = (answer == eos).nonzero()
+                stop = torch.isin(answer, ends).nonzero()
                 answer = answer[: int(stop[0]) + 1] if len(stop) else answer
                 rows.append((torch.cat([p, answer]), torch.cat([torch.full_like(p, IGNORED), answer])))
             width = max(len(r[0]) for r in rows)
@@ -522,13 +547,17 @@ def _attach_stored(examples: list[dict[str, Any]], outputs: Manifest, top_k: int
         raise DistilleryError(
             f"top_k {top_k} is more than the {stored_k} tokens per position {outputs.ref} stores"
         )
-    table = read_table(outputs, columns=["parents", "sequence_sha256", "teacher_ids", "teacher_logprobs"])
+    table = read_table(
+        outputs, columns=["parents", "sequence_sha256", "positions", "teacher_ids", "teacher_logprobs"]
+    )
     by_example = {row["parents"][0]: row for row in table.to_pylist()}
     for example in examples:
         row = by_example.get(example["id"])
         if row is None:
             raise DistilleryError(f"teacher_outputs {outputs.ref} hold nothing for example {example['id']}")
-        if row["sequence_sha256"] != sequence_sha256(example["input_ids"]):
+        if row["sequence_sha256"] != sequence_sha256(example["input_ids"]) or row[
+            "positions"
+        ] != labelled_targets(example["labels"]):
             raise DistilleryError(
                 f"example {example['id']}: its tokens differ from those teacher_outputs {outputs.ref} were made "
                 "for (another chat template or max_length?); use the teacher-logits recipe's settings"
@@ -674,8 +703,13 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
     vocab = config.vocab_size
     if cfg.top_k and cfg.top_k > vocab:
         raise DistilleryError(f"top_k {cfg.top_k} is larger than the vocabulary ({vocab} tokens)")
+    require_plain_head(base, config, "student")
     for run in teacher_runs:
         _check_teacher(tokenizer, load_tokenizer(run), run, student_ref)
+        if is_prompt_learning(run):
+            raise DistilleryError(
+                f"teacher {run.ref} is a prompt-learning adapter; give a full run or a LoRA/IA3 one"
+            )
     if outputs is not None and outputs.stats.get("tokenizer_sha256") != tokenizer_fingerprint(tokenizer):
         raise DistilleryError(
             f"teacher_outputs {outputs.ref} were made with another tokenizer than student {student_ref}'s; "
@@ -684,6 +718,18 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
     if cfg.peft.target_modules and cfg.model:
         check_target_modules(cfg.peft.target_modules, architecture(base, store), base.ref)
     t_configs = [architecture(run, store).config for run in teacher_runs]
+    for run, t_config in zip(teacher_runs, t_configs, strict=True):
+        require_plain_head(run, t_config, "teacher")
+        if t_config.vocab_size < vocab:
+            raise DistilleryError(
+                f"teacher {run.ref}'s head has {t_config.vocab_size} rows, fewer than student {student_ref}'s {vocab}; "
+                "use a student whose embedding table is not padded beyond the teacher's"
+            )
+    if outputs is not None and int(outputs.stats.get("vocab_size", 0)) > vocab:
+        raise DistilleryError(
+            f"teacher_outputs {outputs.ref} hold token ids up to {outputs.stats['vocab_size'] - 1}, beyond student "
+            f"{student_ref}'s vocabulary of {vocab}"
+        )
     hidden_pairs = [_layer_pairs(cfg.hidden_layers, config, t, "hidden_layers", False) for t in t_configs]
     attention_pairs = [
         _layer_pairs(cfg.attention_layers, config, t, "attention_layers", True) for t in t_configs
@@ -693,12 +739,13 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
     if not attention:
         attention_pairs = [[] for _ in t_configs]
     examples = distill_examples(datasets, inputs, tokenizer, cfg.max_length, cfg.seed)
-    if outputs is not None:
-        _attach_stored(examples, outputs, cfg.top_k)
+    stored_k = _attach_stored(examples, outputs, cfg.top_k) if outputs is not None else None
     projections = _projections(config, t_configs, hidden_pairs, cfg.seed)
-    if projections is not None and zero_stage(cfg.strategy) == 3:
-        raise DistilleryError("hidden-state projections (student and teacher widths differ) need ddp, fsdp or "
-                              "deepspeed-zero1/2, not deepspeed-zero3")  # fmt: skip
+    if projections is not None and (zero_stage(cfg.strategy) == 3 or cfg.strategy == "fsdp"):
+        raise DistilleryError(
+            f"hidden-state projections (student and teacher widths differ) need ddp or deepspeed-zero1/2, not "
+            f"{cfg.strategy}, which would shard them"
+        )
     model = _load_student(cfg, store, base, config, attention)
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     # The teacher is frozen: bf16 halves its memory and time and loses no precision to updates.
@@ -708,8 +755,6 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
         extra = {"attn_implementation": "eager"} if attention else {}
         teacher, _ = load_causal_lm(run, store, dtype=teacher_dtype, **extra)
         teachers.append(teacher.eval().requires_grad_(False))
-    if projections is not None:
-        model.distill_projections = projections
     eval_data = None
     if cfg.eval_split:
         from datasets import Dataset
@@ -775,7 +820,7 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
                      *planted_faults(), guard]  # fmt: skip
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with deepspeed_contradictions():
-            trainer = distill_trainer(cfg, teachers, hidden_pairs, attention_pairs, projections, model=model,
+            trainer = distill_trainer(cfg, teachers, hidden_pairs, attention_pairs, projections, stored_k, model=model,
                                       args=args, train_dataset=train_data, eval_dataset=eval_data,
                                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
                                       data_collator=stored_outputs_collator(pad))  # fmt: skip
@@ -788,9 +833,7 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
                 return None
             raise guard_stopped(cfg.name, guard.stopped)
         if projections is not None:  # not part of the student's architecture: saved beside it
-            del trainer.accelerator.unwrap_model(trainer.model).distill_projections
-            if hasattr(model, "distill_projections"):
-                del model.distill_projections
+            del model.distill_projections  # (the object PEFT, DDP and DeepSpeed wrap)
         trainer.save_model(str(pub.dir / CHECKPOINT_DIR if main else work / "unused"))
         if not main:
             return None

@@ -99,17 +99,20 @@ def data_format(columns: list[str], ref: str) -> str:
 def example_tokens(row: dict[str, Any], fmt: str, tokenizer, max_length: int) -> dict[str, list[int]]:
     """``input_ids`` and ``labels`` of one example, truncated to ``max_length``: a chat (or a
     prompt + completion of messages) labelled on its assistant turns; string prompt + completion as TRL
-    tokenizes them (the completion and an end-of-sequence token labelled)."""
+    tokenizes them (the completion and an end-of-sequence token labelled, special tokens as the tokenizer
+    adds them)."""
     if fmt == "messages":
         tokens = labelled_conversation(row["messages"], tokenizer, row["id"])
     elif not isinstance(row["prompt"], str):
         tokens = labelled_conversation(list(row["prompt"]) + list(row["completion"]), tokenizer, row["id"])
-    else:
-        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
-        tokens = {"input_ids": prompt + answer, "labels": [IGNORED] * len(prompt) + answer}
+    else:  # as TRL's SFTTrainer: the text with an end-of-sequence token; the answer where the two diverge
+        eos = tokenizer.eos_token or ""
+        completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
+        prompt = tokenizer(text=row["prompt"])["input_ids"]
+        ids = tokenizer(text=row["prompt"] + completion)["input_ids"]
+        pairs = enumerate(zip(prompt, ids, strict=False))
+        shared = next((i for i, (a, b) in pairs if a != b), min(len(prompt), len(ids)))
+        tokens = {"input_ids": ids, "labels": [IGNORED] * shared + ids[shared:]}
     return {k: v[:max_length] for k, v in tokens.items()}
 
 
@@ -126,6 +129,10 @@ def distill_examples(manifests: list[Manifest], inputs: list[DatasetInput], toke
         raise DistilleryError("datasets: a mixture needs one format (all messages, or all prompt/completion)")
     fmt = formats.pop()
     mixture = load_mixture(inputs, manifests, ["id", *FORMAT_COLUMNS[fmt]], seed)
+    if len(mixture) == 0:
+        raise DistilleryError(
+            f"datasets: {', '.join(m.ref for m in manifests)} hold no rows in the split(s) given"
+        )
     needs_template = fmt == "messages" or not isinstance(mixture[0]["prompt"], str)
     if needs_template and not tokenizer.chat_template:
         raise DistilleryError("the model has no chat template and the data are chats; set chat_template:")
@@ -135,6 +142,38 @@ def distill_examples(manifests: list[Manifest], inputs: list[DatasetInput], toke
 def labelled_targets(labels: list[int]) -> int:
     """Positions whose next token is labelled: where a causal LM's prediction is trained."""
     return sum(1 for label in labels[1:] if label != IGNORED)
+
+
+def teacher_logits(head, hidden):
+    """A teacher's logits in float32 whatever its dtype: bf16 logits would blur the distribution a
+    student learns (and the offline and online paths would differ)."""
+    import torch.nn.functional as F
+
+    bias = head.bias.float() if head.bias is not None else None
+    return F.linear(hidden.float(), head.weight.float(), bias)
+
+
+def require_plain_head(model_run: Manifest, config, role: str) -> None:
+    """Distillation applies LM heads itself: a model whose forward changes the logits after the head
+    would be distilled wrongly."""
+    from train.sft import lm_head_problem
+
+    problem = lm_head_problem(config)
+    if problem:
+        raise DistilleryError(f"{role} {model_run.ref}: {problem}, which distillation does not reproduce")
+
+
+def is_prompt_learning(run: Manifest) -> bool:
+    """An adapter run of virtual tokens (prefix, p-tuning, prompt tuning): its hidden states hold
+    positions the text has not, so it can be no teacher."""
+    import json
+
+    from manifests.models import checkpoint_path, is_adapter
+
+    if not is_adapter(run):
+        return False
+    config = json.loads((checkpoint_path(run) / "adapter_config.json").read_text())
+    return config.get("peft_type") in {"PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING"}
 
 
 def teacher_topk(teacher, examples: list[dict[str, Any]], k: int, batch_size: int, device: str):
@@ -163,7 +202,7 @@ def teacher_topk(teacher, examples: list[dict[str, Any]], k: int, batch_size: in
                              use_cache=False, logits_to_keep=none_kept.to(device)).hidden_states[-1]  # fmt: skip
             for i in range(len(batch)):
                 where = (labels[i, 1:] != IGNORED).to(device)
-                logp = torch.log_softmax(head(hidden[i, :-1][where]).float(), dim=-1)
+                logp = torch.log_softmax(teacher_logits(head, hidden[i, :-1][where]), dim=-1)
                 values, indexes = logp.topk(min(k, logp.size(-1)), dim=-1)
                 out.append((indexes.cpu().numpy(), values.cpu().numpy()))
     return out
@@ -182,21 +221,25 @@ def run_teacher_logits(cfg: TeacherLogitsRecipe, store: Store) -> Manifest:
         tokenizer.chat_template = chat_template_text(cfg.chat_template)
     if cfg.top_k > len(tokenizer):
         raise DistilleryError(f"top_k {cfg.top_k} is larger than the vocabulary ({len(tokenizer)} tokens)")
+    from train.sft import architecture
+
+    require_plain_head(teacher, architecture(teacher, store).config, "teacher")
+    if is_prompt_learning(teacher):
+        raise DistilleryError(
+            f"teacher {teacher.ref} is a prompt-learning adapter; give a full run or a LoRA/IA3 one"
+        )
     examples = distill_examples(datasets, cfg.datasets, tokenizer, cfg.max_length, cfg.seed)
+    unique = list({e["id"]: e for e in examples}.values())  # a weighted mixture repeats rows: once each
     started = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_causal_lm(teacher, store)
+    model, _ = load_causal_lm(teacher, store, dtype=torch.float32)
     model.to(device).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
     id_type, id_dtype = (pa.uint16(), np.uint16) if vocab <= 1 << 16 else (pa.int32(), np.int32)
     rows: dict[str, list] = {c: [] for c in COLUMNS}
-    seen: set[str] = set()
     for example, (ids, logprobs) in zip(
-        examples, teacher_topk(model, examples, cfg.top_k, cfg.batch_size, device), strict=True
+        unique, teacher_topk(model, unique, cfg.top_k, cfg.batch_size, device), strict=True
     ):
-        if example["id"] in seen:  # a weighted mixture repeats rows: one stored copy is enough
-            continue
-        seen.add(example["id"])
         rows["id"].append(record_id(STAGE, teacher.id, example["id"]))
         rows["parents"].append([example["id"]])
         rows["sequence_sha256"].append(sequence_sha256(example["input_ids"]))
