@@ -41,6 +41,7 @@ def test_demo_publishes_every_stage_and_all_verify(demo):
         "train.make-student",
         "synth.generate",
         "train.sft",
+        "train.distill",
         "eval",
     }
     for m in store.list():

@@ -11,8 +11,8 @@ batch, learning rate and rows:
 3. ``kd-hidden``: logits + hidden states (cosine, uniform layer map 8 -> 30);
 4. ``kd-offline``: forward KL from stored top-32 teacher outputs (``train teacher-logits``).
 
-Each run is its own process (peak RSS from ``wait4``); tokens/s is the run's own count of real tokens
-over its steps' time. Then one ``eval`` stage scores every student and the base on the held-out split:
+Each run is its own process (its peak RSS measured through a small wrapper); tokens/s is the run's own
+count of real tokens over its steps' time. Then one ``eval`` stage scores every student and the base on the held-out split:
 perplexity of the teacher's answers, top-1 agreement and KL(teacher || student) per answer token, with
 95% bootstrap intervals. Last, online logit KD against TRL's ``GKDTrainer`` (off-policy, lmbda 0, beta 0:
 forward KL, T = 1) on the same model and rows: tokens/s and peak RSS.
@@ -53,15 +53,32 @@ SIDES = {
 }
 
 
+MEASURE = """
+import json, resource, subprocess, sys, time
+started = time.time()
+done = subprocess.run(json.loads(sys.argv[1]), capture_output=True, text=True)
+print(json.dumps({"code": done.returncode, "seconds": time.time() - started, "out": done.stdout[-3000:],
+                  "err": done.stderr[-3000:], "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+"""Runs one measured process. A child's peak RSS (``ru_maxrss``) counts the memory of the process it was
+forked from until it execs: forked straight from this benchmark (grown by the eval it runs in-process)
+it would report the benchmark's size. This small wrapper forks it instead and reports its children's."""
+
+
+def measured(command: list[str]) -> dict:
+    """seconds, peak RSS (MiB) and output of ``command``; its failure ends the benchmark."""
+    wrapper = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(command)], cwd=ROOT, capture_output=True,
+                             text=True)  # fmt: skip
+    result = json.loads(wrapper.stdout.strip().splitlines()[-1])
+    if result["code"] != 0:
+        sys.exit(f"{' '.join(command[-3:])} failed:\n{result['err']}")
+    return result
+
+
 def run_process(command: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of a child process; its failure ends the benchmark."""
-    started = time.time()
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
-    err = child.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(command[-3:])} failed:\n{err[-3000:]}")
-    return time.time() - started, usage.ru_maxrss / 1024
+    """(seconds, peak RSS in MiB) of a child process."""
+    result = measured(command)
+    return result["seconds"], result["rss"]
 
 
 def cli(store: Store, *args: str) -> list[str]:
@@ -177,13 +194,10 @@ def main() -> None:
     )
     evaluation = run_recipe_file(str(folder / "eval.yaml"), store)
     table = json.loads((evaluation.location / "metrics.json").read_text())["tasks"]["heldout"]["models"]
-    gkd = subprocess.Popen([sys.executable, __file__, "--gkd-worker", str(store.root), "--speed-steps",
-                            str(args.speed_steps)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _, status, usage = os.wait4(gkd.pid, 0)
-    out = gkd.stdout.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"GKD worker failed:\n{gkd.stderr.read()[-3000:]}")
-    trl = json.loads(out.strip().splitlines()[-1])
+    gkd = measured(
+        [sys.executable, __file__, "--gkd-worker", str(store.root), "--speed-steps", str(args.speed_steps)]
+    )
+    trl = json.loads(gkd["out"].strip().splitlines()[-1])
     (folder / "speed.yaml").write_text(
         COMMON.format(steps=args.speed_steps) + "name: bench-speed\n" + SIDES["kd-t1"]
     )
@@ -214,7 +228,7 @@ def main() -> None:
     print(f"\nteacher-logits (top-32, {stored.stats['positions']} positions): {tl_seconds:.0f} s, {tl_rss:.0f} MiB "
           f"peak, {stored_mb:.2f} MiB on disk")  # fmt: skip
     print(f"online logit KD, {args.speed_steps} steps: ours {ours_tokens:.0f} tokens/s ({speed_rss:.0f} MiB), TRL GKD "
-          f"{trl_tokens:.0f} tokens/s ({usage.ru_maxrss / 1024:.0f} MiB): {ours_tokens / trl_tokens:.2f}x")  # fmt: skip
+          f"{trl_tokens:.0f} tokens/s ({gkd['rss']:.0f} MiB): {ours_tokens / trl_tokens:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
