@@ -337,9 +337,12 @@ def _score_task(task: TaskConfig, samples: list[Sample], models: dict[str, RunMo
             if teacher:
                 teacher.loaded()
         bar = progress.add_task(f"{task.name} · {label}", total=len(samples))
+        # Each pass over the samples (rewards, likelihoods, teacher agreement, generation) is its share of the bar.
+        passes = max(1, sum(map(task.needs, ("reward", "loglikelihood", "teacher")))
+                     + (task.needs("generation") or task.needs("judge")))  # fmt: skip
 
-        def advance(n: int, bar=bar) -> None:
-            progress.advance(bar, n)
+        def advance(n: int, bar=bar, passes=passes) -> None:
+            progress.advance(bar, n / passes)
 
         if task.needs("reward"):
             score_rewards(model, samples, scored, advance)
