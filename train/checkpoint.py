@@ -163,3 +163,39 @@ def latest_trainer_checkpoint(folder: Path, remove_partial: bool = True) -> Path
             if not (p / COMPLETE).is_file():
                 shutil.rmtree(p, ignore_errors=True)
     return complete[-1] if complete else None
+
+
+def trainer_work_folder(store, name: str, plan: dict[str, Any], resume: bool, main: bool):
+    """(work folder, checkpoint to resume from or None, its ``metrics.jsonl``) of a Trainer-based run.
+
+    The folder is named by a hash of ``plan`` (the recipe minus what only reports), so a resume finds
+    the checkpoints of the same training only. A fresh run clears it; a resumed one keeps the metrics
+    logged up to its checkpoint (the steps after it are trained again). Under torchrun only the first
+    process (``main``) writes.
+    """
+    import hashlib
+    import json
+    import sys
+
+    from manifests.hashing import canonical_json
+    from manifests.store import claim_work_folder
+
+    work = (
+        store.name_dir("run", name)
+        / f".work-{hashlib.sha256(canonical_json(plan).encode()).hexdigest()[:16]}"
+    )
+    if not resume and main:
+        shutil.rmtree(work, ignore_errors=True)
+    last = latest_trainer_checkpoint(work, remove_partial=main) if resume else None
+    if resume and last is None and main:
+        print(f"note: no checkpoint of this recipe to resume from in {work.parent}; training from the start",
+              file=sys.stderr)  # fmt: skip
+    claim_work_folder(work)
+    metrics = work / "metrics.jsonl"
+    if main and last is not None and metrics.is_file():
+        done = int(last.name.rsplit("-", 1)[-1])
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= done]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    elif main and metrics.is_file():
+        metrics.unlink()
+    return work, last, metrics

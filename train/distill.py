@@ -47,12 +47,10 @@ layer maps.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
 import shutil
-import sys
 import time
 from functools import partial
 from typing import Any, Literal
@@ -62,14 +60,13 @@ from pydantic import Field, model_validator
 from manifests.chat_labels import IGNORED
 from manifests.data import read_table
 from manifests.errors import DistilleryError, RunFailed
-from manifests.hashing import canonical_json
 from manifests.model_runs import require_causal_lm
 from manifests.models import CHECKPOINT_DIR, checkpoint_path, load_causal_lm, load_tokenizer
 from manifests.publish import Publisher
 from manifests.recipes import RecipeConfig, parse_config
 from manifests.schema import Manifest
-from manifests.store import Store, claim_work_folder
-from train.checkpoint import latest_trainer_checkpoint, trainer_checkpoint_marker
+from manifests.store import Store
+from train.checkpoint import trainer_checkpoint_marker, trainer_work_folder
 from train.data import DatasetInput, pinned, resolve_datasets
 from train.distill_losses import (
     Divergence,
@@ -773,25 +770,8 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
                "teacher_outputs": outputs.id if outputs else None,
                "layer_maps": {"hidden": hidden_pairs, "attention": attention_pairs}}  # fmt: skip
     plan = {k: v for k, v in recipe.items() if k not in REPORTING_FIELDS}
-    work = (
-        store.name_dir("run", cfg.name)
-        / f".work-{hashlib.sha256(canonical_json(plan).encode()).hexdigest()[:16]}"
-    )
     main = int(os.environ.get("RANK", "0")) == 0
-    if not cfg.resume and main:
-        shutil.rmtree(work, ignore_errors=True)
-    last = latest_trainer_checkpoint(work, remove_partial=main) if cfg.resume else None
-    if cfg.resume and last is None and main:
-        print(f"note: no checkpoint of this recipe to resume from in {work.parent}; training from the start",
-              file=sys.stderr)  # fmt: skip
-    claim_work_folder(work)
-    metrics = work / "metrics.jsonl"
-    if main and last is not None and metrics.is_file():
-        done = int(last.name.rsplit("-", 1)[-1])
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= done]
-        metrics.write_text("".join(line + "\n" for line in kept))
-    elif main and metrics.is_file():
-        metrics.unlink()
+    work, last, metrics = trainer_work_folder(store, cfg.name, plan, cfg.resume, main)
     if last is not None and projections is not None:
         from safetensors.torch import load_file
 

@@ -45,11 +45,9 @@ The run publishes ``checkpoint/`` (the adapter, or the full model, with the toke
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,7 +58,6 @@ from pydantic import Field
 
 from manifests.chat_labels import IGNORED, labelled_conversation
 from manifests.errors import DistilleryError
-from manifests.hashing import canonical_json
 from manifests.model_runs import require_causal_lm
 from manifests.models import (
     CHECKPOINT_DIR,
@@ -73,8 +70,8 @@ from manifests.models import (
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
-from manifests.store import Store, claim_work_folder
-from train.checkpoint import latest_trainer_checkpoint, trainer_checkpoint_marker
+from manifests.store import Store
+from train.checkpoint import trainer_checkpoint_marker, trainer_work_folder
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.launch import as_a_job_of_one
 from train.monitor import GuardConfig, Monitor, flops_per_token, guard_stopped, peak_flops, trainer_guard
@@ -512,25 +509,8 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     recipe |= {"model": base.id, "datasets": pinned(cfg.datasets, datasets)}
     # What only reports (evaluation, MFU) may change between a kill and --resume.
     plan = {k: v for k, v in recipe.items() if k not in REPORTING_FIELDS}
-    work = (
-        store.name_dir("run", cfg.name)
-        / f".work-{hashlib.sha256(canonical_json(plan).encode()).hexdigest()[:16]}"
-    )
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, the first process writes and publishes
-    if not cfg.resume and main:
-        shutil.rmtree(work, ignore_errors=True)
-    last = latest_trainer_checkpoint(work, remove_partial=main) if cfg.resume else None
-    if cfg.resume and last is None and main:
-        print(f"note: no checkpoint of this recipe to resume from in {work.parent}; training from the start",
-              file=sys.stderr)  # fmt: skip
-    claim_work_folder(work)
-    metrics = work / "metrics.jsonl"
-    if main and last is not None and metrics.is_file():  # steps logged after the checkpoint are trained again
-        done = int(last.name.rsplit("-", 1)[-1])
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= done]
-        metrics.write_text("".join(line + "\n" for line in kept))
-    elif main and metrics.is_file():
-        metrics.unlink()
+    work, last, metrics = trainer_work_folder(store, cfg.name, plan, cfg.resume, main)
     roles = {base.id: "base_model"}
     publisher = Publisher(store, kind="run", name=cfg.name, stage="train.sft", recipe=recipe, parents=[*datasets, base],
                           parent_roles=roles, seed=cfg.seed, execution={"resume": cfg.resume})  # fmt: skip
