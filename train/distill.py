@@ -636,21 +636,9 @@ def _student_plan(cfg: DistillRecipe, store: Store, teacher_runs: list[Manifest]
     if cfg.model is not None:
         base = require_causal_lm(store.resolve(cfg.model, kind="run"), store)
         return base, load_tokenizer(base), architecture(base, store).config
-    from transformers import LlamaConfig
-
     source = teacher_runs[0] if teacher_runs else store.get(outputs.producer.recipe["teacher"])
     tokenizer = load_tokenizer(source)
-    s = cfg.shape
-    if s.hidden_size % s.heads:
-        raise DistilleryError(f"shape: hidden_size {s.hidden_size} is not a multiple of heads {s.heads}")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=s.hidden_size, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads or s.heads,
-        intermediate_size=s.intermediate_size or (s.hidden_size * 8 // 3 + 7) // 8 * 8,
-        max_position_embeddings=max(cfg.max_length, 128), tie_word_embeddings=s.tie_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    config = cfg.shape.llama_config(tokenizer, cfg.max_length)
     return source, tokenizer, config
 
 
@@ -752,16 +740,14 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
         extra = {"attn_implementation": "eager"} if attention else {}
         teacher, _ = load_causal_lm(run, store, dtype=teacher_dtype, **extra)
         teachers.append(teacher.eval().requires_grad_(False))
+    from datasets import Dataset
+
     eval_data = None
     if cfg.eval_split:
-        from datasets import Dataset
-
         held_out = [d.model_copy(update={"split": cfg.eval_split, "weight": None}) for d in inputs]
         sets = resolve_datasets(held_out, store, ["id"], "distillation evaluation")
         rows = distill_examples(sets, held_out, tokenizer, cfg.max_length, cfg.seed)
         eval_data = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in rows])
-    from datasets import Dataset
-
     train_data = Dataset.from_list([{k: v for k, v in e.items() if k != "id"} for e in examples])
 
     recipe = {k: v for k, v in cfg.resolved().items() if k != "resume"}

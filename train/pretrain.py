@@ -74,6 +74,23 @@ class ModelShape(RecipeConfig):
     """Default: about 8/3 of ``hidden_size`` (SwiGLU), a multiple of 8."""
     tie_embeddings: bool = True
 
+    def llama_config(self, tokenizer, seq_len: int):
+        """The Llama config of this shape for ``tokenizer``'s vocabulary and sequences of ``seq_len``."""
+        from transformers import LlamaConfig
+
+        if self.hidden_size % self.heads:
+            raise DistilleryError(
+                f"shape: hidden_size {self.hidden_size} is not a multiple of heads {self.heads}"
+            )
+        return LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=self.hidden_size, num_hidden_layers=self.layers,
+            num_attention_heads=self.heads, num_key_value_heads=self.kv_heads or self.heads,
+            intermediate_size=self.intermediate_size or (self.hidden_size * 8 // 3 + 7) // 8 * 8,
+            max_position_embeddings=max(seq_len, 128), tie_word_embeddings=self.tie_embeddings,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+
 
 class PretrainRecipe(RecipeConfig):
     """Pretraining (or continued pretraining) of a causal LM on packed token sequences."""
@@ -131,7 +148,7 @@ class PretrainRecipe(RecipeConfig):
 
 def _build_model(cfg: PretrainRecipe, store: Store, seq_len: int):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if cfg.model is not None:
         base = store.resolve(cfg.model, kind="run")
@@ -139,18 +156,8 @@ def _build_model(cfg: PretrainRecipe, store: Store, seq_len: int):
         return model, tokenizer, base
     source = store.resolve(cfg.tokenizer, kind="run")
     tokenizer = load_tokenizer(source)
-    s = cfg.shape
-    if s.hidden_size % s.heads:
-        raise DistilleryError(f"shape: hidden_size {s.hidden_size} is not a multiple of heads {s.heads}")
+    config = cfg.shape.llama_config(tokenizer, seq_len)
     torch.manual_seed(cfg.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=s.hidden_size, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads or s.heads,
-        intermediate_size=s.intermediate_size or (s.hidden_size * 8 // 3 + 7) // 8 * 8,
-        max_position_embeddings=max(seq_len, 128), tie_word_embeddings=s.tie_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
     return LlamaForCausalLM(config), tokenizer, source
 
 
