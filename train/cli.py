@@ -28,6 +28,8 @@ STAGES = {
     "train.pretrain": Stage("train.pretrain:PretrainRecipe", "train.pretrain:run_recipe"),
     "train.sft": Stage("train.sft:SFTRecipe", "train.sft:run_recipe"),
     "train.distill": Stage("train.distill:DistillRecipe", "train.distill:run_recipe"),
+    "train.dpo": Stage("train.dpo:DPORecipe", "train.dpo:run_recipe"),
+    "train.reward": Stage("train.reward:RewardRecipe", "train.reward:run_recipe"),
     "train.teacher-logits": Stage(
         "train.teacher_logits:TeacherLogitsRecipe", "train.teacher_logits:run_recipe"
     ),

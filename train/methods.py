@@ -14,6 +14,8 @@ METHODS = {
     "sft": "train.sft:SFTRecipe",
     "pretrain": "train.pretrain:PretrainRecipe",
     "distill": "train.distill:DistillRecipe",
+    "dpo": "train.dpo:DPORecipe",
+    "reward": "train.reward:RewardRecipe",
 }
 """``method:`` → the recipe class of its module (the module's ``run_recipe`` runs it)."""
 

@@ -420,24 +420,30 @@ def count_parameters(parameters) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in parameters)
 
 
-def sft_arguments(cfg: SFTRecipe, work: Path, model, processes: int):
+def sft_arguments(cfg: SFTRecipe, work: Path, model, processes: int, config_class=None, **extra):
+    """The Trainer arguments of a recipe on the shared core: TRL's ``SFTConfig``, or ``config_class``
+    (another TRL config, e.g. ``RewardConfig``) with ``extra`` fields of its own."""
     import torch
     from trl import SFTConfig
 
+    config_class = config_class or SFTConfig
+    fields = config_class.__dataclass_fields__
     # transformers 5 renamed gradient checkpointing; the old name still works there, with a warning.
     no_checkpointing = {next(k for k in ("activation_checkpointing", "gradient_checkpointing")
-                             if k in SFTConfig.__dataclass_fields__): False}  # fmt: skip
-    return SFTConfig(
+                             if k in fields): False}  # fmt: skip
+    specific = {"max_length": cfg.max_length, "packing": cfg.packing, "packing_strategy": "bfd",
+                "padding_free": cfg.packing}  # fmt: skip
+    return config_class(
         output_dir=work, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        max_length=cfg.max_length, packing=cfg.packing, packing_strategy="bfd", padding_free=cfg.packing,
         bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, report_to="none",
         save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2,
         eval_strategy="steps" if cfg.eval_split else "no", eval_steps=cfg.eval_every,
         per_device_eval_batch_size=cfg.per_device_batch_size,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_nan_inf_filter=False,
-        **no_checkpointing, **trainer_arguments(cfg.strategy, model, processes=processes, offload=cfg.offload),
+        **{k: v for k, v in specific.items() if k in fields}, **no_checkpointing,
+        **trainer_arguments(cfg.strategy, model, processes=processes, offload=cfg.offload), **extra,
     )  # fmt: skip
 
 
