@@ -30,6 +30,7 @@ STAGES = {
     "train.distill": Stage("train.distill:DistillRecipe", "train.distill:run_recipe"),
     "train.dpo": Stage("train.dpo:DPORecipe", "train.dpo:run_recipe"),
     "train.reward": Stage("train.reward:RewardRecipe", "train.reward:run_recipe"),
+    "train.grpo": Stage("train.grpo:GRPORecipe", "train.grpo:run_recipe"),
     "train.teacher-logits": Stage(
         "train.teacher_logits:TeacherLogitsRecipe", "train.teacher_logits:run_recipe"
     ),

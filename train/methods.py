@@ -16,6 +16,7 @@ METHODS = {
     "distill": "train.distill:DistillRecipe",
     "dpo": "train.dpo:DPORecipe",
     "reward": "train.reward:RewardRecipe",
+    "grpo": "train.grpo:GRPORecipe",
 }
 """``method:`` → the recipe class of its module (the module's ``run_recipe`` runs it)."""
 

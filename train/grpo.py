@@ -1,0 +1,498 @@
+"""``train`` (method ``grpo``): group relative policy optimisation with verifiable or learned rewards.
+
+    stage: train
+    method: grpo
+    name: arith-grpo
+    model: student-base
+    datasets: [{ref: arith-prompts}]          # prompt (+ reference, tests)
+    rewards: [{verifier: numeric}]            # synth cot's verifiers and/or reward-model runs, weighted
+    group_size: 8                             # answers sampled per prompt
+    prompts_per_step: 4
+    loss_type: dapo                           # grpo | dr_grpo | dapo (TRL's names and meanings)
+    beta: 0.0                                 # KL to the reference in the loss (0: no reference model)
+    peft: {method: lora, r: 8}
+
+Each step takes ``prompts_per_step`` prompts, samples ``group_size`` answers to each from the policy
+(transformers' ``generate``; seeded per prompt and step, so the answers do not depend on how prompts are
+split over processes, and a resumed run samples what the killed one did), scores them with the reward
+functions (``train/rollouts.py``), and turns each group's rewards into advantages (GRPO: reward minus
+the group mean, over the group's standard deviation; ``advantage: rloo``: minus the mean of the others).
+The policy then takes ``updates_per_batch`` optimizer steps on the clipped surrogate
+(``train/rl_losses.py``), with the KL to the reference -- the base with the adapter disabled under PEFT,
+or a frozen copy -- when ``beta`` > 0. This is the project's own loop, not TRL's GRPOTrainer: it owns the
+rollouts, which are published as a dataset (``<name>-rollouts``) whose parents are the prompts and the run.
+
+Logged per step in ``metrics.jsonl``: reward mean and std (and each function's mean), the share of
+groups whose rewards were all equal (nothing to learn), KL, clip ratio, entropy, answer lengths and
+truncation rate, seconds generating vs training. RL guard rails (``guard:``) stop or roll back on a
+NaN, on entropy below ``entropy_floor`` for ``entropy_patience`` steps (collapse), on a KL above
+``kl_ceiling``, and on a mean answer length above ``length_ceiling``; every trigger is kept with the
+ids of that step's prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from manifests.errors import DistilleryError, RunFailed
+from manifests.hashing import canonical_json
+from manifests.model_runs import require_causal_lm
+from manifests.models import CHECKPOINT_DIR, checkpoint_path, load_causal_lm, load_tokenizer
+from manifests.publish import Publisher
+from manifests.recipes import Name, RecipeConfig, parse_config
+from manifests.schema import Manifest
+from manifests.store import Store, claim_work_folder
+from train import checkpoint
+from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
+from train.launch import Dist, setup, teardown
+from train.monitor import GuardConfig
+from train.peft_config import PeftSettings, build_peft_config, check_target_modules, model_load_kwargs
+from train.rl_losses import LOSS_TYPES, KLEstimator, group_advantages, policy_loss, zero_spread_groups
+from train.rollouts import (
+    RewardFunction,
+    Rewards,
+    answer_logps,
+    drop_after,
+    prompt_tokens,
+    publish_rollouts,
+    rollout_rows,
+    sample_answers,
+    write_step,
+)
+
+REPORTING_FIELDS = {"resume"}
+
+
+class RLGuard(GuardConfig):
+    """The core's guards (NaN) and RL's own: entropy collapse, KL blow-up, answers running away."""
+
+    entropy_floor: float | None = Field(default=None, ge=0)
+    """Mean token entropy below this for ``entropy_patience`` steps in a row is a collapse."""
+    entropy_patience: int = Field(default=3, ge=1)
+    kl_ceiling: float | None = Field(default=None, gt=0)
+    """A mean per-token KL to the reference above this (needs ``beta`` > 0)."""
+    length_ceiling: float | None = Field(default=None, gt=0)
+    """A mean answer length (tokens) above this."""
+
+
+class GRPORecipe(RecipeConfig):
+    """Group relative policy optimisation of a causal LM on prompts with reward functions."""
+
+    name: Name
+    method: Literal["grpo"] = "grpo"
+    model: str
+    """Run reference of the policy's starting point."""
+    datasets: list[DatasetInput] = Field(min_length=1)
+    rewards: list[RewardFunction] = Field(min_length=1)
+    reference_column: str = "reference"
+    """The prompts' column that holds the verifiers' reference answer."""
+    chat_template: str | None = None
+    peft: PeftSettings = Field(default_factory=PeftSettings)
+    group_size: int = Field(default=4, ge=1)
+    """Answers sampled per prompt (at least 2: the advantages compare a group's answers)."""
+    prompts_per_step: int = Field(default=4, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    """How token losses are averaged: ``grpo`` per answer then over answers, ``dapo`` over every token of the
+    step, ``dr_grpo`` summed and divided by answers x ``max_new_tokens``."""
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Where GRPO's reward standard deviation comes from (``none``: Dr. GRPO's unscaled advantages)."""
+    beta: float = Field(default=0.0, ge=0)
+    kl_estimator: KLEstimator = "k3"
+    clip_low: float = Field(default=0.2, gt=0, lt=1)
+    clip_high: float | None = Field(default=None, gt=0)
+    """The upper clip (DAPO's clip-higher); by default ``clip_low``."""
+    updates_per_batch: int = Field(default=1, ge=1)
+    """Optimizer steps on each batch of rollouts (μ); after the first, the ratio to the sampling policy clips."""
+    per_device_batch_size: int = Field(default=8, ge=1)
+    """Sequences per forward pass (the step's gradient is accumulated over them)."""
+    max_steps: int = Field(default=20, ge=1)
+    learning_rate: float = Field(default=1e-5, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    save_every: int = Field(default=10, ge=1)
+    resume: bool = False
+    guard: RLGuard = Field(default_factory=RLGuard)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPORecipe:
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size {self.group_size}: GRPO compares the answers of a group, so it needs at least 2"
+            )
+        if self.peft.is_prompt_learning:
+            raise ValueError(f"peft.method {self.peft.method}: GRPO trains lora, ia3 or the full model")
+        if self.guard.kl_ceiling is not None and self.beta == 0:
+            raise ValueError(
+                "guard.kl_ceiling watches the KL to the reference, which beta: 0 does not compute"
+            )
+        if self.loss_type == "dr_grpo" and self.scale_rewards != "none":
+            self.__dict__["scale_rewards"] = "none"  # Dr. GRPO's advantages are never scaled
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        data = super().resolved()
+        data["peft"] = {k: v for k, v in data["peft"].items() if v is not None}
+        return data
+
+
+def _prompt_rows(cfg: GRPORecipe, store: Store):
+    needs_reference = any(f.verifier and f.verifier != "tests" for f in cfg.rewards)
+    needs_tests = any(f.verifier == "tests" for f in cfg.rewards)
+    columns = [
+        "id",
+        "prompt",
+        *([cfg.reference_column] if needs_reference else []),
+        *(["tests"] if needs_tests else []),
+    ]
+    manifests = resolve_datasets(cfg.datasets, store, columns, "GRPO (prompts with what the verifiers check)")
+    rows = load_mixture(cfg.datasets, manifests, columns, cfg.seed).to_list()
+    if not rows:
+        raise DistilleryError("datasets: the prompt datasets have no rows")
+    return manifests, rows
+
+
+def _order(rows: int, epoch: int, seed: int) -> list[int]:
+    import random
+
+    order = list(range(rows))
+    random.Random(f"{seed} {epoch}").shuffle(order)
+    return order
+
+
+def step_prompts(rows: int, step: int, per_step: int, seed: int) -> list[int]:
+    """The prompt indexes of ``step`` (1-based): a seeded shuffle per pass over the data."""
+    first = (step - 1) * per_step
+    return [_order(rows, p // rows, seed)[p % rows] for p in range(first, first + per_step)]
+
+
+def _all_reduce(dist: Dist, tensor):
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.all_reduce(tensor)
+    return tensor
+
+
+def _reduce_gradients(dist: Dist, params) -> None:
+    """Sum every gradient over the processes (each loss was already divided by the global count)."""
+    if dist.world == 1:
+        return
+    import torch.distributed as td
+
+    for p in params:
+        if p.grad is not None:
+            td.all_reduce(p.grad)
+
+
+def _work_folder(store: Store, cfg: GRPORecipe, plan: dict[str, Any], main: bool):
+    key = hashlib.sha256(canonical_json(plan).encode()).hexdigest()[:16]
+    work = store.name_dir("run", cfg.name) / f".work-{key}"
+    if not cfg.resume and main:
+        shutil.rmtree(work, ignore_errors=True)
+    last = checkpoint.latest(work / "checkpoints") if cfg.resume else None
+    if cfg.resume and last is None and main:
+        print(f"note: no checkpoint of this recipe to resume from in {work.parent}; training from the start",
+              file=sys.stderr)  # fmt: skip
+    claim_work_folder(work)
+    return work, key, last
+
+
+def train_grpo(cfg: GRPORecipe, store: Store) -> Manifest | None:
+    base = require_causal_lm(store.resolve(cfg.model, kind="run"), store)
+    tokenizer = load_tokenizer(base)
+    if cfg.chat_template:
+        from train.sft import chat_template_text
+
+        tokenizer.chat_template = chat_template_text(cfg.chat_template)
+    prompts, rows = _prompt_rows(cfg, store)
+    rewards = Rewards(cfg.rewards, store, tokenizer, cfg.reference_column)
+    if cfg.peft.target_modules:
+        from train.sft import architecture
+
+        check_target_modules(cfg.peft.target_modules, architecture(base, store), base.ref)
+    dist = setup()
+    try:
+        return _train(cfg, store, base, tokenizer, prompts, rows, rewards, dist)
+    finally:
+        teardown(dist)
+
+
+def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, rows, rewards: Rewards,
+           dist: Dist) -> Manifest | None:  # fmt: skip
+    import torch
+
+    recipe = cfg.resolved() | {"model": base.id, "datasets": pinned(cfg.datasets, prompts),
+                               "reward_functions": rewards.lineage}  # fmt: skip
+    plan = {k: v for k, v in recipe.items() if k not in REPORTING_FIELDS}
+    work, plan_key, last = _work_folder(store, cfg, plan, dist.main)
+    metrics_path, rollouts = work / "metrics.jsonl", work / "rollouts"
+    torch.manual_seed(cfg.seed)
+    model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
+    model.to(dist.device)
+    peft_config = build_peft_config(cfg.peft, model, str(checkpoint_path(base)))
+    reference = None
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    elif cfg.beta > 0:
+        reference = load_causal_lm(base, store)[0].to(dist.device).eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    start = 0
+    if last is not None:
+        start = checkpoint.load(last, model, optimizer, scheduler)["step"]
+    if dist.main:
+        drop_after(rollouts, start)
+        if metrics_path.is_file():
+            kept = [
+                line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start
+            ]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+    vocab = model.config.get_text_config().vocab_size
+    eos = (
+        [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else list(tokenizer.eos_token_id)
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+    aggregation = LOSS_TYPES[cfg.loss_type]
+    method = "rloo" if cfg.advantage == "rloo" else ("dr_grpo" if cfg.scale_rewards == "none" else "grpo")
+    scale = None if method != "grpo" else cfg.scale_rewards
+    triggers: list[dict[str, Any]] = []
+    low_entropy = 0
+    started = time.time()
+    for step in range(start + 1, cfg.max_steps + 1):
+        # --- rollouts: this process's share of the step's prompts, each group sampled and scored
+        t0 = time.time()
+        chosen = step_prompts(len(rows), step, cfg.prompts_per_step, cfg.seed)
+        mine = chosen[dist.rank :: dist.world]
+        model.eval()
+        groups = []
+        for index in mine:
+            row = rows[index]
+            ids = prompt_tokens(row["prompt"], tokenizer)
+            seed = int(hashlib.sha256(f"{cfg.seed} {step} {row['id']}".encode()).hexdigest()[:8], 16)
+            answers = sample_answers(model, ids, cfg.group_size, seed, sampling, eos, pad)
+            texts = [tokenizer.decode(a, skip_special_tokens=True) for a, _ in answers]
+            totals, parts, verdicts = rewards.score(row, texts)
+            groups.append((row, ids, answers, texts, totals, parts, verdicts))
+        generation_s = time.time() - t0
+        # --- advantages per group, and the batch's sequences
+        t1 = time.time()
+        scores = torch.tensor([s for g in groups for s in g[4]], dtype=torch.float32)
+        if scale == "batch":  # the std of the whole step's rewards, over every process
+            everyone = [torch.zeros_like(scores) for _ in range(dist.world)]
+            if dist.world > 1:
+                import torch.distributed as td
+
+                td.all_gather(everyone, scores)
+            else:
+                everyone = [scores]
+            batch_std = torch.cat(everyone).std()
+            advantages = (
+                scores - scores.view(-1, cfg.group_size).mean(1).repeat_interleave(cfg.group_size)
+            ) / (batch_std + 1e-4)
+        else:
+            advantages = group_advantages(scores, cfg.group_size, method, scale=scale)
+        zero = zero_spread_groups(scores, cfg.group_size)
+        sequences = [(g[1], a) for g in groups for a, _ in g[2]]
+        answer_tokens = torch.tensor([len(a) for _, a in sequences], dtype=torch.float32)
+        counts = _all_reduce(dist, torch.tensor([float(len(sequences)), float(answer_tokens.sum())]))
+        total_sequences, total_tokens = counts.tolist()
+        model.train()
+        old: list[Any] = []
+        ref_sums: list[float] | None = None
+        logged: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0}
+        grad_norm = 0.0
+        for update in range(cfg.updates_per_batch):
+            optimizer.zero_grad(set_to_none=True)
+            sums = {k: 0.0 for k in logged}
+            logp_sums: list[float] = []
+            refs: list[float] = []
+            for first in range(0, len(sequences), cfg.per_device_batch_size):
+                part = sequences[first : first + cfg.per_device_batch_size]
+                logps, mask, entropy = answer_logps(model, part, vocab, entropy=update == 0)
+                if update == 0:
+                    old.append(logps.detach())
+                ref_logps = None
+                if cfg.beta > 0:
+                    with torch.no_grad():
+                        if reference is not None:
+                            ref_logps = answer_logps(reference, part, vocab)[0]
+                        else:
+                            with model.disable_adapter():
+                                ref_logps = answer_logps(model, part, vocab)[0]
+                    refs += (ref_logps * mask).sum(1).tolist()
+                adv = advantages[first : first + len(part)].to(logps.device)
+                loss, stats = policy_loss(
+                    logps, old[first // cfg.per_device_batch_size], adv, mask, clip_low=cfg.clip_low,
+                    clip_high=cfg.clip_high, aggregation=aggregation, max_length=cfg.max_new_tokens,
+                    token_count=total_tokens if aggregation == "token_mean" else None,
+                    ref_logps=ref_logps, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+                )  # fmt: skip
+                if aggregation != "token_mean":  # a mean over this part's answers -> its share of the step's
+                    loss = loss * len(part) / total_sequences
+                loss.backward()  # (summed over parts and processes: the step's loss)
+                weight = len(part) / max(1, len(sequences))
+                sums["loss"] += float(loss.detach())
+                sums["kl"] += float(stats.get("kl", torch.tensor(0.0))) * weight
+                sums["clip_ratio"] += float(stats["clip_fraction"]) * weight
+                if update == 0:
+                    sums["entropy"] += float((entropy * mask).sum() / mask.sum().clamp(min=1)) * weight
+                logp_sums += (logps.detach() * mask).sum(1).tolist()
+            _reduce_gradients(dist, params)
+            sums["loss"] = float(_all_reduce(dist, torch.tensor(sums["loss"], dtype=torch.float64)))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if update == 0:
+                logged = dict(sums)
+                first_logp_sums, ref_sums = logp_sums, (refs if cfg.beta > 0 else None)
+            reason = _guard_reason(cfg.guard, float(sums["loss"]), grad_norm)
+            if reason is not None:
+                break
+            optimizer.step()
+        scheduler.step()
+        training_s = time.time() - t1
+        # --- metrics, guards, rollouts
+        lengths = answer_tokens
+        truncated = sum(t for g in groups for _, t in g[2])
+        values = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                  "zero_spread": float(zero.float().mean()), "kl": logged["kl"], "clip_ratio": logged["clip_ratio"],
+                  "entropy": logged["entropy"], "loss": logged["loss"], "grad_norm": grad_norm,
+                  "length_mean": float(lengths.mean()), "length_max": float(lengths.max()),
+                  "truncated": truncated / max(1, len(lengths)), "generation_s": round(generation_s, 3),
+                  "training_s": round(training_s, 3), "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+        for f in cfg.rewards:
+            values[f"reward/{f.name}"] = sum(p[f.name] for g in groups for p in g[5]) / max(1, len(scores))
+        values = _mean_over_processes(dist, values)
+        reason = reason or _rl_reason(cfg.guard, values, low_entropy)
+        low_entropy = (
+            low_entropy + 1
+            if cfg.guard.entropy_floor is not None and values["entropy"] < cfg.guard.entropy_floor
+            else 0
+        )
+        if dist.main:
+            record = {
+                "step": step,
+                **{k: round(v, 6) for k, v in values.items()},
+                "elapsed_s": round(time.time() - started, 3),
+            }
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            adv = advantages.tolist()
+            out, at = [], 0
+            for g, z in zip(groups, zero.tolist(), strict=True):
+                n = len(g[2])
+                out += rollout_rows(plan_key, step, g[0], g[2], g[3], g[4], g[5], g[6], first_logp_sums[at : at + n],
+                                    ref_sums[at : at + n] if ref_sums is not None else None, adv[at : at + n], z)  # fmt: skip
+                at += n
+            write_step(rollouts, step, out)
+        if reason is not None:
+            action = "stop" if len(triggers) >= cfg.guard.max_triggers else cfg.guard.action
+            trigger = {
+                "step": step,
+                "reason": reason,
+                "action": action,
+                "prompts": [rows[i]["id"] for i in chosen],
+            }
+            triggers.append(trigger)
+            if dist.main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, "guard": trigger}) + "\n")
+            if action == "stop":
+                raise RunFailed(
+                    f"{cfg.name}: {reason.replace('_', ' ')} at step {step}; stopped as guard.action says -- the step's "
+                    f"prompts are in {metrics_path} ('guard: {{action: rollback}}' goes back to the last checkpoint)"
+                )
+            if action == "rollback":
+                good = checkpoint.latest(work / "checkpoints")
+                if good is None:
+                    raise RunFailed(
+                        f"{cfg.name}: {reason.replace('_', ' ')} at step {step} and no checkpoint to roll back to"
+                    )
+                checkpoint.load(good, model, optimizer, scheduler)
+                low_entropy = 0
+                continue  # the next step takes the next prompts
+        if step % cfg.save_every == 0 and step < cfg.max_steps:
+            checkpoint.save(work / "checkpoints", step, model, optimizer, scheduler, {}, write=dist.main)
+            if dist.main and os.environ.get("DISTILLERY_FAULT_EXIT_AFTER_STEP") == str(step):
+                os._exit(137)
+    if not dist.main:
+        return None
+    roles = {base.id: "base_model"} | {r.id: "reward_model" for r in rewards.models}
+    publisher = Publisher(store, kind="run", name=cfg.name, stage="train.grpo", recipe=recipe,
+                          parents=[*prompts, base, *rewards.models], parent_roles=roles, seed=cfg.seed,
+                          execution={"resume": cfg.resume})  # fmt: skip
+    records = (
+        [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+    )
+    steps = [r for r in records if "reward_mean" in r]
+    with publisher as pub:
+        model.save_pretrained(pub.dir / CHECKPOINT_DIR)
+        tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
+        shutil.copy(metrics_path, pub.dir / "metrics.jsonl")
+        stats = {"method": "grpo", "peft": cfg.peft.method, "steps": cfg.max_steps, "loss_type": cfg.loss_type,
+                 "first_reward": steps[0]["reward_mean"] if steps else None,
+                 "final_reward": steps[-1]["reward_mean"] if steps else None,
+                 "guard_triggers": [r["guard"] for r in records if "guard" in r],
+                 "wall_s": round(time.time() - started, 2), "processes": dist.world}  # fmt: skip
+        run = pub.publish(stats=stats)
+    data = publish_rollouts(store, f"{cfg.name}-rollouts", rollouts, prompts, run,
+                            {"run": run.id, "reward_functions": rewards.lineage})  # fmt: skip
+    print(f"published dataset {data.ref} (the rollouts of run {run.ref})")
+    shutil.rmtree(work, ignore_errors=True)
+    return run
+
+
+def _mean_over_processes(dist: Dist, values: dict[str, float]) -> dict[str, float]:
+    if dist.world == 1:
+        return values
+    import torch
+
+    keys = sorted(values)
+    summed = _all_reduce(dist, torch.tensor([values[k] for k in keys], dtype=torch.float64)) / dist.world
+    out = dict(zip(keys, summed.tolist(), strict=True))
+    out["loss"] = values["loss"]  # (already the whole step's)
+    return out
+
+
+def _guard_reason(guard: RLGuard, loss: float, grad_norm: float) -> str | None:
+    if not math.isfinite(loss):
+        return "nan_loss"
+    if not math.isfinite(grad_norm):
+        return "nan_grad"
+    return None
+
+
+def _rl_reason(guard: RLGuard, values: dict[str, float], low_entropy: int) -> str | None:
+    if (
+        guard.entropy_floor is not None
+        and values["entropy"] < guard.entropy_floor
+        and low_entropy + 1 >= guard.entropy_patience
+    ):
+        return "entropy_collapse"
+    if guard.kl_ceiling is not None and values["kl"] > guard.kl_ceiling:
+        return "kl_blowup"
+    if guard.length_ceiling is not None and values["length_mean"] > guard.length_ceiling:
+        return "length_explosion"
+    return None
+
+
+def run_recipe(data: dict[str, Any], store: Store, source: str) -> Manifest | None:
+    return train_grpo(parse_config(GRPORecipe, data, source), store)
