@@ -20,7 +20,8 @@ from manifests.errors import RunFailed
 from manifests.publish import Publisher
 from manifests.recipes import parse_config
 from manifests.store import Store
-from train.grpo import GRPORecipe, step_prompts, train_grpo
+from train.grpo import GRPORecipe, train_grpo
+from train.rl_core import step_prompts
 
 from .conftest import ROOT, WORDS, assert_one_line_error, tiny_tokenizer
 from .test_train_distill import llama, publish_model

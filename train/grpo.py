@@ -34,34 +34,41 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import shutil
-import sys
 import time
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from manifests.errors import DistilleryError, RunFailed
-from manifests.hashing import canonical_json
+from manifests.errors import DistilleryError
 from manifests.model_runs import require_causal_lm
 from manifests.models import CHECKPOINT_DIR, checkpoint_path, load_causal_lm, load_tokenizer
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
-from manifests.store import Store, claim_work_folder
-from train import checkpoint
+from manifests.store import Store
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.launch import Dist, setup, teardown
-from train.monitor import GuardConfig
 from train.peft_config import PeftSettings, build_peft_config, check_target_modules, model_load_kwargs
+from train.rl_core import (
+    RLGuard,
+    all_reduce,
+    append_metrics,
+    guard_acts,
+    mean_over_processes,
+    nan_reason,
+    reduce_gradients,
+    resume_state,
+    rl_reason,
+    rl_work_folder,
+    save_every,
+    step_prompts,
+)
 from train.rl_losses import LOSS_TYPES, KLEstimator, group_advantages, policy_loss, zero_spread_groups
 from train.rollouts import (
     RewardFunction,
     Rewards,
     answer_logps,
-    drop_after,
     prompt_tokens,
     publish_rollouts,
     rollout_rows,
@@ -70,18 +77,6 @@ from train.rollouts import (
 )
 
 REPORTING_FIELDS = {"resume"}
-
-
-class RLGuard(GuardConfig):
-    """The core's guards (NaN) and RL's own: entropy collapse, KL blow-up, answers running away."""
-
-    entropy_floor: float | None = Field(default=None, ge=0)
-    """Mean token entropy below this for ``entropy_patience`` steps in a row is a collapse."""
-    entropy_patience: int = Field(default=3, ge=1)
-    kl_ceiling: float | None = Field(default=None, gt=0)
-    """A mean per-token KL to the reference above this (needs ``beta`` > 0)."""
-    length_ceiling: float | None = Field(default=None, gt=0)
-    """A mean answer length (tokens) above this."""
 
 
 class GRPORecipe(RecipeConfig):
@@ -166,52 +161,6 @@ def _prompt_rows(cfg: GRPORecipe, store: Store):
     return manifests, rows
 
 
-def _order(rows: int, epoch: int, seed: int) -> list[int]:
-    import random
-
-    order = list(range(rows))
-    random.Random(f"{seed} {epoch}").shuffle(order)
-    return order
-
-
-def step_prompts(rows: int, step: int, per_step: int, seed: int) -> list[int]:
-    """The prompt indexes of ``step`` (1-based): a seeded shuffle per pass over the data."""
-    first = (step - 1) * per_step
-    return [_order(rows, p // rows, seed)[p % rows] for p in range(first, first + per_step)]
-
-
-def _all_reduce(dist: Dist, tensor):
-    if dist.world > 1:
-        import torch.distributed as td
-
-        td.all_reduce(tensor)
-    return tensor
-
-
-def _reduce_gradients(dist: Dist, params) -> None:
-    """Sum every gradient over the processes (each loss was already divided by the global count)."""
-    if dist.world == 1:
-        return
-    import torch.distributed as td
-
-    for p in params:
-        if p.grad is not None:
-            td.all_reduce(p.grad)
-
-
-def _work_folder(store: Store, cfg: GRPORecipe, plan: dict[str, Any], main: bool):
-    key = hashlib.sha256(canonical_json(plan).encode()).hexdigest()[:16]
-    work = store.name_dir("run", cfg.name) / f".work-{key}"
-    if not cfg.resume and main:
-        shutil.rmtree(work, ignore_errors=True)
-    last = checkpoint.latest(work / "checkpoints") if cfg.resume else None
-    if cfg.resume and last is None and main:
-        print(f"note: no checkpoint of this recipe to resume from in {work.parent}; training from the start",
-              file=sys.stderr)  # fmt: skip
-    claim_work_folder(work)
-    return work, key, last
-
-
 def train_grpo(cfg: GRPORecipe, store: Store) -> Manifest | None:
     base = require_causal_lm(store.resolve(cfg.model, kind="run"), store)
     tokenizer = load_tokenizer(base)
@@ -239,7 +188,7 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
     recipe = cfg.resolved() | {"model": base.id, "datasets": pinned(cfg.datasets, prompts),
                                "reward_functions": rewards.lineage}  # fmt: skip
     plan = {k: v for k, v in recipe.items() if k not in REPORTING_FIELDS}
-    work, plan_key, last = _work_folder(store, cfg, plan, dist.main)
+    work, plan_key, last = rl_work_folder(store, cfg, plan, dist.main)
     metrics_path, rollouts = work / "metrics.jsonl", work / "rollouts"
     torch.manual_seed(cfg.seed)
     model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
@@ -256,16 +205,7 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    start = 0
-    if last is not None:
-        start = checkpoint.load(last, model, optimizer, scheduler)["step"]
-    if dist.main:
-        drop_after(rollouts, start)
-        if metrics_path.is_file():
-            kept = [
-                line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start
-            ]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+    start = resume_state(last, model, optimizer, scheduler, rollouts, metrics_path, dist.main)
     vocab = model.config.get_text_config().vocab_size
     eos = (
         [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else list(tokenizer.eos_token_id)
@@ -314,7 +254,7 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
         zero = zero_spread_groups(scores, cfg.group_size)
         sequences = [(g[1], a) for g in groups for a, _ in g[2]]
         answer_tokens = torch.tensor([len(a) for _, a in sequences], dtype=torch.float32)
-        counts = _all_reduce(dist, torch.tensor([float(len(sequences)), float(answer_tokens.sum())]))
+        counts = all_reduce(dist, torch.tensor([float(len(sequences)), float(answer_tokens.sum())]))
         total_sequences, total_tokens = counts.tolist()
         model.train()
         old: list[Any] = []
@@ -357,13 +297,13 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
                 if update == 0:
                     sums["entropy"] += float((entropy * mask).sum() / mask.sum().clamp(min=1)) * weight
                 logp_sums += (logps.detach() * mask).sum(1).tolist()
-            _reduce_gradients(dist, params)
-            sums["loss"] = float(_all_reduce(dist, torch.tensor(sums["loss"], dtype=torch.float64)))
+            reduce_gradients(dist, params)
+            sums["loss"] = float(all_reduce(dist, torch.tensor(sums["loss"], dtype=torch.float64)))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             if update == 0:
                 logged = dict(sums)
                 first_logp_sums, ref_sums = logp_sums, (refs if cfg.beta > 0 else None)
-            reason = _guard_reason(cfg.guard, float(sums["loss"]), grad_norm)
+            reason = nan_reason(cfg.guard, float(sums["loss"]), grad_norm)
             if reason is not None:
                 break
             optimizer.step()
@@ -380,8 +320,8 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
                   "training_s": round(training_s, 3), "lr": scheduler.get_last_lr()[0]}  # fmt: skip
         for f in cfg.rewards:
             values[f"reward/{f.name}"] = sum(p[f.name] for g in groups for p in g[5]) / max(1, len(scores))
-        values = _mean_over_processes(dist, values)
-        reason = reason or _rl_reason(cfg.guard, values, low_entropy)
+        values = mean_over_processes(dist, values)
+        reason = reason or rl_reason(cfg.guard, values, low_entropy)
         low_entropy = (
             low_entropy + 1
             if cfg.guard.entropy_floor is not None and values["entropy"] < cfg.guard.entropy_floor
@@ -393,8 +333,7 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
                 **{k: round(v, 6) for k, v in values.items()},
                 "elapsed_s": round(time.time() - started, 3),
             }
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(metrics_path, record)
             adv = advantages.tolist()
             out, at = [], 0
             for g, z in zip(groups, zero.tolist(), strict=True):
@@ -404,35 +343,12 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
                 at += n
             write_step(rollouts, step, out)
         if reason is not None:
-            action = "stop" if len(triggers) >= cfg.guard.max_triggers else cfg.guard.action
-            trigger = {
-                "step": step,
-                "reason": reason,
-                "action": action,
-                "prompts": [rows[i]["id"] for i in chosen],
-            }
-            triggers.append(trigger)
-            if dist.main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, "guard": trigger}) + "\n")
-            if action == "stop":
-                raise RunFailed(
-                    f"{cfg.name}: {reason.replace('_', ' ')} at step {step}; stopped as guard.action says -- the step's "
-                    f"prompts are in {metrics_path} ('guard: {{action: rollback}}' goes back to the last checkpoint)"
-                )
-            if action == "rollback":
-                good = checkpoint.latest(work / "checkpoints")
-                if good is None:
-                    raise RunFailed(
-                        f"{cfg.name}: {reason.replace('_', ' ')} at step {step} and no checkpoint to roll back to"
-                    )
-                checkpoint.load(good, model, optimizer, scheduler)
+            prompt_ids = [rows[i]["id"] for i in chosen]
+            if guard_acts(cfg, reason, step, prompt_ids, triggers, work, metrics_path, dist.main, model, optimizer,
+                          scheduler):  # fmt: skip
                 low_entropy = 0
-                continue  # the next step takes the next prompts
-        if step % cfg.save_every == 0 and step < cfg.max_steps:
-            checkpoint.save(work / "checkpoints", step, model, optimizer, scheduler, {}, write=dist.main)
-            if dist.main and os.environ.get("DISTILLERY_FAULT_EXIT_AFTER_STEP") == str(step):
-                os._exit(137)
+                continue  # rolled back: the next step takes the next prompts
+        save_every(cfg, step, work, model, optimizer, scheduler, {}, dist.main)
     if not dist.main:
         return None
     roles = {base.id: "base_model"} | {r.id: "reward_model" for r in rewards.models}
@@ -458,40 +374,6 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
     print(f"published dataset {data.ref} (the rollouts of run {run.ref})")
     shutil.rmtree(work, ignore_errors=True)
     return run
-
-
-def _mean_over_processes(dist: Dist, values: dict[str, float]) -> dict[str, float]:
-    if dist.world == 1:
-        return values
-    import torch
-
-    keys = sorted(values)
-    summed = _all_reduce(dist, torch.tensor([values[k] for k in keys], dtype=torch.float64)) / dist.world
-    out = dict(zip(keys, summed.tolist(), strict=True))
-    out["loss"] = values["loss"]  # (already the whole step's)
-    return out
-
-
-def _guard_reason(guard: RLGuard, loss: float, grad_norm: float) -> str | None:
-    if not math.isfinite(loss):
-        return "nan_loss"
-    if not math.isfinite(grad_norm):
-        return "nan_grad"
-    return None
-
-
-def _rl_reason(guard: RLGuard, values: dict[str, float], low_entropy: int) -> str | None:
-    if (
-        guard.entropy_floor is not None
-        and values["entropy"] < guard.entropy_floor
-        and low_entropy + 1 >= guard.entropy_patience
-    ):
-        return "entropy_collapse"
-    if guard.kl_ceiling is not None and values["kl"] > guard.kl_ceiling:
-        return "kl_blowup"
-    if guard.length_ceiling is not None and values["length_mean"] > guard.length_ceiling:
-        return "length_explosion"
-    return None
 
 
 def run_recipe(data: dict[str, Any], store: Store, source: str) -> Manifest | None:
