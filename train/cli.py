@@ -31,6 +31,7 @@ STAGES = {
     "train.dpo": Stage("train.dpo:DPORecipe", "train.dpo:run_recipe"),
     "train.reward": Stage("train.reward:RewardRecipe", "train.reward:run_recipe"),
     "train.grpo": Stage("train.grpo:GRPORecipe", "train.grpo:run_recipe"),
+    "train.ppo": Stage("train.ppo:PPORecipe", "train.ppo:run_recipe"),
     "train.teacher-logits": Stage(
         "train.teacher_logits:TeacherLogitsRecipe", "train.teacher_logits:run_recipe"
     ),

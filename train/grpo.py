@@ -40,14 +40,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from manifests.errors import DistilleryError
 from manifests.model_runs import require_causal_lm
 from manifests.models import CHECKPOINT_DIR, checkpoint_path, load_causal_lm, load_tokenizer
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
-from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
+from train.data import DatasetInput, pinned
 from train.launch import Dist, setup, teardown
 from train.peft_config import PeftSettings, build_peft_config, check_target_modules, model_load_kwargs
 from train.rl_core import (
@@ -57,6 +56,7 @@ from train.rl_core import (
     guard_acts,
     mean_over_processes,
     nan_reason,
+    prompt_rows,
     reduce_gradients,
     resume_state,
     rl_reason,
@@ -145,22 +145,6 @@ class GRPORecipe(RecipeConfig):
         return data
 
 
-def _prompt_rows(cfg: GRPORecipe, store: Store):
-    needs_reference = any(f.verifier and f.verifier != "tests" for f in cfg.rewards)
-    needs_tests = any(f.verifier == "tests" for f in cfg.rewards)
-    columns = [
-        "id",
-        "prompt",
-        *([cfg.reference_column] if needs_reference else []),
-        *(["tests"] if needs_tests else []),
-    ]
-    manifests = resolve_datasets(cfg.datasets, store, columns, "GRPO (prompts with what the verifiers check)")
-    rows = load_mixture(cfg.datasets, manifests, columns, cfg.seed).to_list()
-    if not rows:
-        raise DistilleryError("datasets: the prompt datasets have no rows")
-    return manifests, rows
-
-
 def train_grpo(cfg: GRPORecipe, store: Store) -> Manifest | None:
     base = require_causal_lm(store.resolve(cfg.model, kind="run"), store)
     tokenizer = load_tokenizer(base)
@@ -168,7 +152,7 @@ def train_grpo(cfg: GRPORecipe, store: Store) -> Manifest | None:
         from train.sft import chat_template_text
 
         tokenizer.chat_template = chat_template_text(cfg.chat_template)
-    prompts, rows = _prompt_rows(cfg, store)
+    prompts, rows = prompt_rows(cfg, store, "GRPO")
     rewards = Rewards(cfg.rewards, store, tokenizer, cfg.reference_column)
     if cfg.peft.target_modules:
         from train.sft import architecture
@@ -268,7 +252,7 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
             refs: list[float] = []
             for first in range(0, len(sequences), cfg.per_device_batch_size):
                 part = sequences[first : first + cfg.per_device_batch_size]
-                logps, mask, entropy = answer_logps(model, part, vocab, entropy=update == 0)
+                logps, mask, entropy, _ = answer_logps(model, part, vocab, entropy=update == 0)
                 if update == 0:
                     old.append(logps.detach())
                 ref_logps = None

@@ -17,6 +17,7 @@ METHODS = {
     "dpo": "train.dpo:DPORecipe",
     "reward": "train.reward:RewardRecipe",
     "grpo": "train.grpo:GRPORecipe",
+    "ppo": "train.ppo:PPORecipe",
 }
 """``method:`` → the recipe class of its module (the module's ``run_recipe`` runs it)."""
 

@@ -14,10 +14,11 @@ from typing import Any
 
 from pydantic import Field
 
-from manifests.errors import RunFailed
+from manifests.errors import DistilleryError, RunFailed
 from manifests.hashing import canonical_json
 from manifests.store import Store, claim_work_folder
 from train import checkpoint
+from train.data import load_mixture, resolve_datasets
 from train.launch import Dist
 from train.monitor import GuardConfig
 from train.rollouts import drop_after
@@ -166,3 +167,22 @@ def save_every(
     checkpoint.save(work / "checkpoints", step, model, optimizer, scheduler, state, write=main)
     if main and os.environ.get("DISTILLERY_FAULT_EXIT_AFTER_STEP") == str(step):
         os._exit(137)  # fault injection for tests: killed right after this step's checkpoint
+
+
+def prompt_rows(cfg, store: Store, method: str):
+    """The prompt datasets (checked for the columns the reward functions read) and their rows."""
+    needs_reference = any(f.verifier and f.verifier != "tests" for f in cfg.rewards)
+    needs_tests = any(f.verifier == "tests" for f in cfg.rewards)
+    columns = [
+        "id",
+        "prompt",
+        *([cfg.reference_column] if needs_reference else []),
+        *(["tests"] if needs_tests else []),
+    ]
+    manifests = resolve_datasets(
+        cfg.datasets, store, columns, f"{method} (prompts with what the verifiers check)"
+    )
+    rows = load_mixture(cfg.datasets, manifests, columns, cfg.seed).to_list()
+    if not rows:
+        raise DistilleryError("datasets: the prompt datasets have no rows")
+    return manifests, rows

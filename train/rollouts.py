@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -177,16 +178,61 @@ def _chunk(lm_head, hidden, targets, entropy: bool):
     return picked, -(logprobs.exp() * logprobs).sum(-1).detach()
 
 
-def answer_logps(model, sequences: list[tuple[list[int], list[int]]], vocab_size: int, entropy: bool = False):
-    """Per-token log-probs ``[B, T]`` of each answer after its prompt, with the answers' mask and (when
-    asked) each position's entropy: the sequences run padding-free in one row (position ids restarting at
-    every sequence), the LM head only at the answers' positions, a checkpointed chunk at a time."""
+def answer_logps(model, sequences: list[tuple[list[int], list[int]]], vocab_size: int, entropy: bool = False,
+                 value_head=None):  # fmt: skip
+    """Per-token log-probs ``[B, T]`` of each answer after its prompt, the answers' mask, and (when asked)
+    each position's entropy and -- with ``value_head``, a module on the last hidden state -- the value of the
+    state before each answer token. The sequences run padding-free in one row (position ids restarting at
+    every sequence); the LM head is applied only at the answers' positions, a checkpointed chunk at a time.
+    Returns ``(logps, mask, entropy, values)`` (entropy zeros, values None, when not asked)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
     from train.sft import LOGITS_PER_CHUNK
 
     device = next(model.parameters()).device
+    row = packed(sequences, device)
+    none_kept = torch.empty(0, dtype=torch.long, device=device)
+    out = model(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False, output_hidden_states=True,
+                logits_to_keep=none_kept)  # fmt: skip
+    hidden = out.hidden_states[-1][0][row.mask]
+    wanted = row.targets[row.mask]
+    head = model.get_output_embeddings()
+    rows = max(1, LOGITS_PER_CHUNK // vocab_size)
+    parts = [checkpoint(_chunk, head, hidden[i : i + rows], wanted[i : i + rows], entropy, use_reentrant=False)
+             for i in range(0, max(1, len(wanted)), rows)]  # fmt: skip
+    logps = row.place(torch.cat([p[0] for p in parts])[: len(wanted)])
+    entropies = row.place(torch.cat([p[1] for p in parts])[: len(wanted)])
+    values = row.place(value_head(hidden).squeeze(-1).float()) if value_head is not None else None
+    return logps, row.place(torch.ones(len(wanted), device=device)), entropies, values
+
+
+@dataclass
+class PackedRow:
+    """Sequences laid end to end in one row, and where each answer token's prediction sits in it."""
+
+    input_ids: Any
+    position_ids: Any
+    targets: Any
+    """At each position, the next token where it is an answer's (0 elsewhere)."""
+    mask: Any
+    """The positions that predict an answer token."""
+    where: tuple
+    """(sequence, answer token) of each masked position, to place per-position values in ``[B, T]``."""
+    shape: tuple[int, int]
+
+    def place(self, flat):
+        """Per-position values of the masked positions as ``[B, T]`` (0 past each answer's end)."""
+        import torch
+
+        return torch.zeros(self.shape, device=flat.device, dtype=flat.dtype).index_put(self.where, flat)
+
+
+def packed(sequences: list[tuple[list[int], list[int]]], device) -> PackedRow:
+    """``(prompt, answer)`` pairs as one padding-free row, position ids restarting at 0 at every sequence
+    (attention then stays within each: the block-diagonal mask transformers derives from position ids)."""
+    import torch
+
     ids, positions, targets, owners, places = [], [], [], [], []
     for index, (prompt, answer) in enumerate(sequences):
         tokens = list(prompt) + list(answer)
@@ -200,26 +246,9 @@ def answer_logps(model, sequences: list[tuple[list[int], list[int]]], vocab_size
             places.append(k if inside else -1)
     owners_t, places_t = torch.tensor(owners, device=device), torch.tensor(places, device=device)
     mask = owners_t >= 0
-    none_kept = torch.empty(0, dtype=torch.long, device=device)
-    out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                use_cache=False, output_hidden_states=True, logits_to_keep=none_kept)  # fmt: skip
-    hidden = out.hidden_states[-1][0][mask]
-    wanted = torch.tensor(targets, device=device)[mask]
-    head = model.get_output_embeddings()
-    rows = max(1, LOGITS_PER_CHUNK // vocab_size)
-    parts = [checkpoint(_chunk, head, hidden[i : i + rows], wanted[i : i + rows], entropy, use_reentrant=False)
-             for i in range(0, max(1, len(wanted)), rows)]  # fmt: skip
-    picked = torch.cat([p[0] for p in parts])[: len(wanted)]
-    entropies = torch.cat([p[1] for p in parts])[: len(wanted)]
-    width = max(1, max(len(a) for _, a in sequences))
-    logps = torch.zeros(len(sequences), width, device=device, dtype=picked.dtype)
-    logps = logps.index_put((owners_t[mask], places_t[mask]), picked)
-    ent = torch.zeros(len(sequences), width, device=device).index_put(
-        (owners_t[mask], places_t[mask]), entropies
-    )
-    answer_mask = torch.zeros(len(sequences), width, device=device)
-    answer_mask[owners_t[mask], places_t[mask]] = 1.0
-    return logps, answer_mask, ent
+    return PackedRow(torch.tensor([ids], device=device), torch.tensor([positions], device=device),
+                     torch.tensor(targets, device=device), mask, (owners_t[mask], places_t[mask]),
+                     (len(sequences), max(1, max(len(a) for _, a in sequences))))  # fmt: skip
 
 
 def rollout_id(run_plan: str, step: int, prompt_id: str, sample: int) -> str:
