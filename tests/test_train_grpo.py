@@ -100,6 +100,10 @@ def test_the_policy_learns_a_scripted_reward_and_its_rollouts_are_data(rl_store)
     assert all(r["zero_spread"] == spread for r in group)
     if not spread:  # GRPO: within a group the advantages are centred
         assert abs(sum(r["advantage"] for r in group)) < 1e-4
+    from manifests.lineage import trace_record
+
+    traced = trace_record(rl_store, row["id"])  # from a rollout back to its prompt record
+    assert traced.row["id"] == row["id"] and traced.parents[0].row["id"] == row["prompt_id"]
     assert run.producer.recipe["reward_functions"][0]["name"] == "verifier:regex"
     assert run.producer.recipe["reward_functions"][0]["version"]
 
