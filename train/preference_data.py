@@ -96,6 +96,8 @@ def truncated(pair: dict[str, Any], max_length: int) -> dict[str, Any] | None:
 def tokenized_pairs(mixture, tokenizer, max_length: int, margin: bool) -> tuple[list[dict[str, Any]], int]:
     """Every row of ``mixture`` as a tokenized pair (with ``id`` and, when ``margin``, its margin), and
     how many were dropped because the prompt alone fills ``max_length``."""
+    if len(mixture) == 0:
+        raise DistilleryError("datasets: the preference datasets have no rows (in this split)")
     pairs, dropped = [], 0
     for row in mixture:
         pair = truncated(pair_tokens(row, tokenizer), max_length)

@@ -125,6 +125,8 @@ def train_reward(cfg: RewardRecipe, store: Store) -> Manifest | None:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.check_launch(processes, torch.cuda.is_available())
     train_rows = load_mixture(cfg.datasets, datasets, columns, cfg.seed).remove_columns("id")
+    if len(train_rows) == 0:
+        raise DistilleryError("datasets: the preference datasets have no rows (in this split)")
     eval_rows = None
     if cfg.eval_split:
         held_out = [d.model_copy(update={"split": cfg.eval_split, "weight": None}) for d in cfg.datasets]
