@@ -67,6 +67,7 @@ def test_a_killed_ppo_run_resumes_to_the_weights_of_an_uninterrupted_one(rl_stor
     assert killed.returncode == 137, killed.stderr[-2000:]
     again = _cli(rl_store, recipe, "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
+    assert "training from the start" not in again.stderr  # it did resume
     resumed = rl_store.resolve("ppo-resumed")
     a, b = weights_of(straight), weights_of(resumed)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -240,6 +240,7 @@ def test_a_killed_dpo_run_resumes_to_the_weights_of_an_uninterrupted_one(pref_st
         [*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
     )
     assert again.returncode == 0, again.stderr[-2000:]
+    assert "training from the start" not in again.stderr  # it did resume
     a, b = weights_of(straight), weights_of(pref_store.resolve("dpo-resumed"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 

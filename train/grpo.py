@@ -32,72 +32,50 @@ ids of that step's prompts.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from manifests.model_runs import require_causal_lm
-from manifests.models import CHECKPOINT_DIR, checkpoint_path, load_causal_lm, load_tokenizer
-from manifests.publish import Publisher
-from manifests.recipes import Name, RecipeConfig, parse_config
+from manifests.models import checkpoint_path, load_causal_lm
+from manifests.recipes import parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
-from train.data import DatasetInput, pinned
+from train.data import pinned
 from train.launch import Dist, setup, teardown
-from train.peft_config import PeftSettings, build_peft_config, check_target_modules, model_load_kwargs
+from train.peft_config import build_peft_config, model_load_kwargs
 from train.rl_core import (
-    RLGuard,
+    RLInputs,
+    RLRecipe,
     all_reduce,
     append_metrics,
     guard_acts,
     mean_over_processes,
     nan_reason,
-    prompt_rows,
+    publish_rl_run,
     reduce_gradients,
     resume_state,
+    reward_means,
+    rl_inputs,
     rl_reason,
     rl_work_folder,
+    sample_groups,
     save_every,
     step_prompts,
+    write_rollouts,
 )
 from train.rl_losses import LOSS_TYPES, KLEstimator, group_advantages, policy_loss, zero_spread_groups
 from train.rollouts import (
-    RewardFunction,
-    Rewards,
     answer_logps,
-    prompt_tokens,
-    publish_rollouts,
-    rollout_rows,
-    sample_answers,
-    write_step,
 )
 
-REPORTING_FIELDS = {"resume"}
 
-
-class GRPORecipe(RecipeConfig):
+class GRPORecipe(RLRecipe):
     """Group relative policy optimisation of a causal LM on prompts with reward functions."""
 
-    name: Name
     method: Literal["grpo"] = "grpo"
-    model: str
-    """Run reference of the policy's starting point."""
-    datasets: list[DatasetInput] = Field(min_length=1)
-    rewards: list[RewardFunction] = Field(min_length=1)
-    reference_column: str = "reference"
-    """The prompts' column that holds the verifiers' reference answer."""
-    chat_template: str | None = None
-    peft: PeftSettings = Field(default_factory=PeftSettings)
     group_size: int = Field(default=4, ge=1)
     """Answers sampled per prompt (at least 2: the advantages compare a group's answers)."""
-    prompts_per_step: int = Field(default=4, ge=1)
-    max_new_tokens: int = Field(default=64, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
     """How token losses are averaged: ``grpo`` per answer then over answers, ``dapo`` over every token of the
     step, ``dr_grpo`` summed and divided by answers x ``max_new_tokens``."""
@@ -105,23 +83,11 @@ class GRPORecipe(RecipeConfig):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Where GRPO's reward standard deviation comes from (``none``: Dr. GRPO's unscaled advantages)."""
     beta: float = Field(default=0.0, ge=0)
+    """The KL-to-reference term's weight in the loss (0: no reference model)."""
     kl_estimator: KLEstimator = "k3"
-    clip_low: float = Field(default=0.2, gt=0, lt=1)
-    clip_high: float | None = Field(default=None, gt=0)
-    """The upper clip (DAPO's clip-higher); by default ``clip_low``."""
     updates_per_batch: int = Field(default=1, ge=1)
     """Optimizer steps on each batch of rollouts (μ); after the first, the ratio to the sampling policy clips."""
-    per_device_batch_size: int = Field(default=8, ge=1)
-    """Sequences per forward pass (the step's gradient is accumulated over them)."""
-    max_steps: int = Field(default=20, ge=1)
-    learning_rate: float = Field(default=1e-5, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    save_every: int = Field(default=10, ge=1)
-    resume: bool = False
-    guard: RLGuard = Field(default_factory=RLGuard)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPORecipe:
@@ -129,8 +95,6 @@ class GRPORecipe(RecipeConfig):
             raise ValueError(
                 f"group_size {self.group_size}: GRPO compares the answers of a group, so it needs at least 2"
             )
-        if self.peft.is_prompt_learning:
-            raise ValueError(f"peft.method {self.peft.method}: GRPO trains lora, ia3 or the full model")
         if self.guard.kl_ceiling is not None and self.beta == 0:
             raise ValueError(
                 "guard.kl_ceiling watches the KL to the reference, which beta: 0 does not compute"
@@ -139,40 +103,24 @@ class GRPORecipe(RecipeConfig):
             self.__dict__["scale_rewards"] = "none"  # Dr. GRPO's advantages are never scaled
         return self
 
-    def resolved(self) -> dict[str, Any]:
-        data = super().resolved()
-        data["peft"] = {k: v for k, v in data["peft"].items() if v is not None}
-        return data
-
 
 def train_grpo(cfg: GRPORecipe, store: Store) -> Manifest | None:
-    base = require_causal_lm(store.resolve(cfg.model, kind="run"), store)
-    tokenizer = load_tokenizer(base)
-    if cfg.chat_template:
-        from train.sft import chat_template_text
-
-        tokenizer.chat_template = chat_template_text(cfg.chat_template)
-    prompts, rows = prompt_rows(cfg, store, "GRPO")
-    rewards = Rewards(cfg.rewards, store, tokenizer, cfg.reference_column)
-    if cfg.peft.target_modules:
-        from train.sft import architecture
-
-        check_target_modules(cfg.peft.target_modules, architecture(base, store), base.ref)
+    inputs = rl_inputs(cfg, store, "GRPO")  # every check before a model loads
     dist = setup()
     try:
-        return _train(cfg, store, base, tokenizer, prompts, rows, rewards, dist)
+        return _train(cfg, store, inputs, dist)
     finally:
         teardown(dist)
 
 
-def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, rows, rewards: Rewards,
-           dist: Dist) -> Manifest | None:  # fmt: skip
+def _train(cfg: GRPORecipe, store: Store, inputs: RLInputs, dist: Dist) -> Manifest | None:
     import torch
 
-    recipe = cfg.resolved() | {"model": base.id, "datasets": pinned(cfg.datasets, prompts),
-                               "reward_functions": rewards.lineage}  # fmt: skip
-    plan = {k: v for k, v in recipe.items() if k not in REPORTING_FIELDS}
-    work, plan_key, last = rl_work_folder(store, cfg, plan, dist.main)
+    base, rows = inputs.base, inputs.rows
+    recipe = {k: v for k, v in cfg.resolved().items() if k != "resume"}  # (resuming changes nothing)
+    recipe |= {"model": base.id, "datasets": pinned(cfg.datasets, inputs.prompts),
+                               "reward_functions": inputs.rewards.lineage}  # fmt: skip
+    work, plan_key, last = rl_work_folder(store, cfg, recipe, dist.main)
     metrics_path, rollouts = work / "metrics.jsonl", work / "rollouts"
     torch.manual_seed(cfg.seed)
     model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
@@ -191,11 +139,6 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     start = resume_state(last, model, optimizer, scheduler, rollouts, metrics_path, dist.main)
     vocab = model.config.get_text_config().vocab_size
-    eos = (
-        [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else list(tokenizer.eos_token_id)
-    )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
     aggregation = LOSS_TYPES[cfg.loss_type]
     method = "rloo" if cfg.advantage == "rloo" else ("dr_grpo" if cfg.scale_rewards == "none" else "grpo")
     scale = None if method != "grpo" else cfg.scale_rewards
@@ -206,29 +149,18 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
         # --- rollouts: this process's share of the step's prompts, each group sampled and scored
         t0 = time.time()
         chosen = step_prompts(len(rows), step, cfg.prompts_per_step, cfg.seed)
-        mine = chosen[dist.rank :: dist.world]
-        model.eval()
-        groups = []
-        for index in mine:
-            row = rows[index]
-            ids = prompt_tokens(row["prompt"], tokenizer)
-            seed = int(hashlib.sha256(f"{cfg.seed} {step} {row['id']}".encode()).hexdigest()[:8], 16)
-            answers = sample_answers(model, ids, cfg.group_size, seed, sampling, eos, pad)
-            texts = [tokenizer.decode(a, skip_special_tokens=True) for a, _ in answers]
-            totals, parts, verdicts = rewards.score(row, texts)
-            groups.append((row, ids, answers, texts, totals, parts, verdicts))
+        groups = sample_groups(cfg, inputs, model, chosen[dist.rank :: dist.world], step, cfg.group_size)
         generation_s = time.time() - t0
         # --- advantages per group, and the batch's sequences
         t1 = time.time()
-        scores = torch.tensor([s for g in groups for s in g[4]], dtype=torch.float32)
-        if scale == "batch":  # the std of the whole step's rewards, over every process
-            everyone = [torch.zeros_like(scores) for _ in range(dist.world)]
-            if dist.world > 1:
-                import torch.distributed as td
+        scores = torch.tensor([s for g in groups for s in g.rewards], dtype=torch.float32)
+        if scale == "batch" and dist.world > 1:  # the std of the whole step's rewards, over every process
+            import torch.distributed as td
 
-                td.all_gather(everyone, scores)
-            else:
-                everyone = [scores]
+            everyone = [torch.zeros_like(scores) for _ in range(dist.world)]
+            td.all_gather(
+                everyone, scores
+            )  # (every process has as many prompts: prompts_per_step / processes)
             batch_std = torch.cat(everyone).std()
             advantages = (
                 scores - scores.view(-1, cfg.group_size).mean(1).repeat_interleave(cfg.group_size)
@@ -236,7 +168,7 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
         else:
             advantages = group_advantages(scores, cfg.group_size, method, scale=scale)
         zero = zero_spread_groups(scores, cfg.group_size)
-        sequences = [(g[1], a) for g in groups for a, _ in g[2]]
+        sequences = [(g.prompt_ids, a) for g in groups for a, _ in g.answers]
         answer_tokens = torch.tensor([len(a) for _, a in sequences], dtype=torch.float32)
         counts = all_reduce(dist, torch.tensor([float(len(sequences)), float(answer_tokens.sum())]))
         total_sequences, total_tokens = counts.tolist()
@@ -295,16 +227,14 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
         training_s = time.time() - t1
         # --- metrics, guards, rollouts
         lengths = answer_tokens
-        truncated = sum(t for g in groups for _, t in g[2])
+        truncated = sum(t for g in groups for _, t in g.answers)
         values = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
                   "zero_spread": float(zero.float().mean()), "kl": logged["kl"], "clip_ratio": logged["clip_ratio"],
                   "entropy": logged["entropy"], "loss": logged["loss"], "grad_norm": grad_norm,
                   "length_mean": float(lengths.mean()), "length_max": float(lengths.max()),
                   "truncated": truncated / max(1, len(lengths)), "generation_s": round(generation_s, 3),
                   "training_s": round(training_s, 3), "lr": scheduler.get_last_lr()[0]}  # fmt: skip
-        for f in cfg.rewards:
-            values[f"reward/{f.name}"] = sum(p[f.name] for g in groups for p in g[5]) / max(1, len(scores))
-        values = mean_over_processes(dist, values)
+        values = mean_over_processes(dist, values | reward_means(cfg, groups))
         reason = reason or rl_reason(cfg.guard, values, low_entropy)
         low_entropy = (
             low_entropy + 1
@@ -318,14 +248,8 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
                 "elapsed_s": round(time.time() - started, 3),
             }
             append_metrics(metrics_path, record)
-            adv = advantages.tolist()
-            out, at = [], 0
-            for g, z in zip(groups, zero.tolist(), strict=True):
-                n = len(g[2])
-                out += rollout_rows(plan_key, step, g[0], g[2], g[3], g[4], g[5], g[6], first_logp_sums[at : at + n],
-                                    ref_sums[at : at + n] if ref_sums is not None else None, adv[at : at + n], z)  # fmt: skip
-                at += n
-            write_step(rollouts, step, out)
+            write_rollouts(rollouts, plan_key, step, groups, first_logp_sums, ref_sums, advantages.tolist(),
+                           zero.tolist())  # fmt: skip
         if reason is not None:
             prompt_ids = [rows[i]["id"] for i in chosen]
             if guard_acts(cfg, reason, step, prompt_ids, triggers, work, metrics_path, dist.main, model, optimizer,
@@ -335,29 +259,8 @@ def _train(cfg: GRPORecipe, store: Store, base: Manifest, tokenizer, prompts, ro
         save_every(cfg, step, work, model, optimizer, scheduler, {}, dist.main)
     if not dist.main:
         return None
-    roles = {base.id: "base_model"} | {r.id: "reward_model" for r in rewards.models}
-    publisher = Publisher(store, kind="run", name=cfg.name, stage="train.grpo", recipe=recipe,
-                          parents=[*prompts, base, *rewards.models], parent_roles=roles, seed=cfg.seed,
-                          execution={"resume": cfg.resume})  # fmt: skip
-    records = (
-        [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
-    )
-    steps = [r for r in records if "reward_mean" in r]
-    with publisher as pub:
-        model.save_pretrained(pub.dir / CHECKPOINT_DIR)
-        tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
-        shutil.copy(metrics_path, pub.dir / "metrics.jsonl")
-        stats = {"method": "grpo", "peft": cfg.peft.method, "steps": cfg.max_steps, "loss_type": cfg.loss_type,
-                 "first_reward": steps[0]["reward_mean"] if steps else None,
-                 "final_reward": steps[-1]["reward_mean"] if steps else None,
-                 "guard_triggers": [r["guard"] for r in records if "guard" in r],
-                 "wall_s": round(time.time() - started, 2), "processes": dist.world}  # fmt: skip
-        run = pub.publish(stats=stats)
-    data = publish_rollouts(store, f"{cfg.name}-rollouts", rollouts, prompts, run,
-                            {"run": run.id, "reward_functions": rewards.lineage})  # fmt: skip
-    print(f"published dataset {data.ref} (the rollouts of run {run.ref})")
-    shutil.rmtree(work, ignore_errors=True)
-    return run
+    stats = {"method": "grpo", "loss_type": cfg.loss_type, "processes": dist.world, "started": started}
+    return publish_rl_run(cfg, store, "train.grpo", inputs, recipe, model, work, stats)
 
 
 def run_recipe(data: dict[str, Any], store: Store, source: str) -> Manifest | None:

@@ -33,8 +33,6 @@ advantage); the value model is saved beside the policy in ``value/``.
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import time
 from typing import Any, Literal
 
@@ -42,28 +40,32 @@ from pydantic import Field, model_validator
 
 from manifests.errors import DistilleryError
 from manifests.model_runs import require_causal_lm, require_sequence_classifier
-from manifests.models import CHECKPOINT_DIR, checkpoint_path, is_adapter, load_causal_lm, load_tokenizer
-from manifests.publish import Publisher
-from manifests.recipes import Name, RecipeConfig, parse_config
+from manifests.models import checkpoint_path, is_adapter, load_causal_lm, load_tokenizer
+from manifests.recipes import RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
-from train.data import DatasetInput, pinned
+from train.data import pinned
 from train.launch import Dist, setup, teardown
-from train.peft_config import PeftSettings, build_peft_config, check_target_modules, model_load_kwargs
+from train.peft_config import build_peft_config, model_load_kwargs
 from train.rl_core import (
-    RLGuard,
+    RLInputs,
+    RLRecipe,
     all_reduce,
     append_metrics,
     guard_acts,
     mean_over_processes,
     nan_reason,
-    prompt_rows,
+    publish_rl_run,
     reduce_gradients,
     resume_state,
+    reward_means,
+    rl_inputs,
     rl_reason,
     rl_work_folder,
+    sample_groups,
     save_every,
     step_prompts,
+    write_rollouts,
 )
 from train.rl_losses import (
     WHITEN_EPS,
@@ -77,15 +79,8 @@ from train.rl_losses import (
     value_loss,
 )
 from train.rollouts import (
-    RewardFunction,
-    Rewards,
     answer_logps,
     packed,
-    prompt_tokens,
-    publish_rollouts,
-    rollout_rows,
-    sample_answers,
-    write_step,
 )
 
 
@@ -110,24 +105,14 @@ class ValueSettings(RecipeConfig):
     """How far a value may move from the one it had when the rollout was made (clipped value loss)."""
 
 
-class PPORecipe(RecipeConfig):
+class PPORecipe(RLRecipe):
     """PPO of a causal LM on prompts with reward functions, a value model and a frozen reference."""
 
-    name: Name
     method: Literal["ppo"] = "ppo"
-    model: str
-    datasets: list[DatasetInput] = Field(min_length=1)
-    rewards: list[RewardFunction] = Field(min_length=1)
-    reference_column: str = "reference"
-    chat_template: str | None = None
-    peft: PeftSettings = Field(default_factory=PeftSettings)
     value: ValueSettings = Field(default_factory=ValueSettings)
     kl: KLSettings = Field(default_factory=KLSettings)
     prompts_per_step: int = Field(default=8, ge=1)
     samples_per_prompt: int = Field(default=1, ge=1)
-    max_new_tokens: int = Field(default=64, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
     truncation_penalty: float = Field(default=0.0, ge=0)
     """Subtracted from the reward of an answer cut at ``max_new_tokens`` (no end of sequence)."""
     gamma: float = Field(default=1.0, ge=0, le=1)
@@ -136,35 +121,16 @@ class PPORecipe(RecipeConfig):
     ppo_epochs: int = Field(default=4, ge=1)
     minibatches: int = Field(default=1, ge=1)
     """Minibatches each epoch splits the step's answers into (an optimizer step each)."""
-    clip_low: float = Field(default=0.2, gt=0, lt=1)
-    clip_high: float | None = Field(default=None, gt=0)
-    per_device_batch_size: int = Field(default=8, ge=1)
-    """Sequences per forward pass (a minibatch's gradient is accumulated over them)."""
-    max_steps: int = Field(default=20, ge=1)
-    learning_rate: float = Field(default=1e-5, gt=0)
     value_learning_rate: float | None = Field(default=None, gt=0)
     """The value model's (or head's) learning rate; by default ``learning_rate``."""
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    save_every: int = Field(default=10, ge=1)
-    resume: bool = False
-    guard: RLGuard = Field(default_factory=RLGuard)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> PPORecipe:
-        if self.peft.is_prompt_learning:
-            raise ValueError(f"peft.method {self.peft.method}: PPO trains lora, ia3 or the full model")
         if self.guard.kl_ceiling is not None and self.kl.coef == 0 and self.kl.target is None:
             raise ValueError(
                 "guard.kl_ceiling watches the KL to the reference; kl.coef 0 does not compute it"
             )
         return self
-
-    def resolved(self) -> dict[str, Any]:
-        data = super().resolved()
-        data["peft"] = {k: v for k, v in data["peft"].items() if v is not None}
-        return data
 
 
 def value_run_of(cfg: PPORecipe, store: Store, policy_tokenizer) -> Manifest | None:
@@ -221,35 +187,27 @@ def whiten_everywhere(dist: Dist, x, mask):
 
 
 def train_ppo(cfg: PPORecipe, store: Store) -> Manifest | None:
-    base = require_causal_lm(store.resolve(cfg.model, kind="run"), store)
-    tokenizer = load_tokenizer(base)
-    if cfg.chat_template:
-        from train.sft import chat_template_text
-
-        tokenizer.chat_template = chat_template_text(cfg.chat_template)
-    prompts, rows = prompt_rows(cfg, store, "PPO")
-    rewards = Rewards(cfg.rewards, store, tokenizer, cfg.reference_column)
-    value_run = value_run_of(cfg, store, tokenizer)
-    if cfg.peft.target_modules:
-        from train.sft import architecture
-
-        check_target_modules(cfg.peft.target_modules, architecture(base, store), base.ref)
+    inputs = rl_inputs(cfg, store, "PPO")  # every check before a model loads
+    value_run = value_run_of(cfg, store, inputs.tokenizer)
     dist = setup()
     try:
-        return _train(cfg, store, base, tokenizer, prompts, rows, rewards, value_run, dist)
+        return _train(cfg, store, inputs, value_run, dist)
     finally:
         teardown(dist)
 
 
-def _train(cfg: PPORecipe, store: Store, base: Manifest, tokenizer, prompts, rows, rewards: Rewards,
-           value_run: Manifest | None, dist: Dist) -> Manifest | None:  # fmt: skip
+def _train(
+    cfg: PPORecipe, store: Store, inputs: RLInputs, value_run: Manifest | None, dist: Dist
+) -> Manifest | None:
     import torch
 
+    base, rows = inputs.base, inputs.rows
     torch.manual_seed(cfg.seed)
     model, _ = load_causal_lm(base, store, **model_load_kwargs(cfg.peft))
     value = value_model(value_run, model)
-    recipe = cfg.resolved() | {"model": base.id, "datasets": pinned(cfg.datasets, prompts),
-                               "reward_functions": rewards.lineage,
+    recipe = {k: v for k, v in cfg.resolved().items() if k != "resume"}  # (resuming changes nothing)
+    recipe |= {"model": base.id, "datasets": pinned(cfg.datasets, inputs.prompts),
+                               "reward_functions": inputs.rewards.lineage,
                                "value_model": value_run.id if value_run else None}  # fmt: skip
     work, plan_key, last = rl_work_folder(store, cfg, recipe, dist.main)
     metrics_path, rollouts = work / "metrics.jsonl", work / "rollouts"
@@ -280,11 +238,6 @@ def _train(cfg: PPORecipe, store: Store, base: Manifest, tokenizer, prompts, row
     if last is not None:
         controller.coef = torch.load(last / "trainer.pt", weights_only=False)["state"]["kl_coef"]
     vocab = model.config.get_text_config().vocab_size
-    eos = (
-        [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else list(tokenizer.eos_token_id)
-    )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
     shared = cfg.value.model is None
     triggers: list[dict[str, Any]] = []
     low_entropy = 0
@@ -302,21 +255,12 @@ def _train(cfg: PPORecipe, store: Store, base: Manifest, tokenizer, prompts, row
     for step in range(start + 1, cfg.max_steps + 1):
         t0 = time.time()
         chosen = step_prompts(len(rows), step, cfg.prompts_per_step, cfg.seed)
-        model.eval()
-        groups = []
-        for index in chosen[dist.rank :: dist.world]:
-            row = rows[index]
-            ids = prompt_tokens(row["prompt"], tokenizer)
-            seed = int(hashlib.sha256(f"{cfg.seed} {step} {row['id']}".encode()).hexdigest()[:8], 16)
-            answers = sample_answers(model, ids, cfg.samples_per_prompt, seed, sampling, eos, pad)
-            texts = [tokenizer.decode(a, skip_special_tokens=True) for a, _ in answers]
-            totals, parts, verdicts = rewards.score(row, texts)
-            totals = [s - cfg.truncation_penalty * cut for s, (_, cut) in zip(totals, answers, strict=True)]
-            groups.append((row, ids, answers, texts, totals, parts, verdicts))
+        groups = sample_groups(cfg, inputs, model, chosen[dist.rank :: dist.world], step, cfg.samples_per_prompt,
+                               cfg.truncation_penalty)  # fmt: skip
         generation_s = time.time() - t0
         t1 = time.time()
-        sequences = [(g[1], a) for g in groups for a, _ in g[2]]
-        scores = torch.tensor([s for g in groups for s in g[4]], dtype=torch.float32, device=dist.device)
+        sequences = [(g.prompt_ids, a) for g in groups for a, _ in g.answers]
+        scores = torch.tensor([s for g in groups for s in g.rewards], dtype=torch.float32, device=dist.device)
         # --- the rollout as sampled: policy, reference and value of every answer token (no gradients)
         width = max(len(a) for _, a in sequences)
         old_logps = torch.zeros(len(sequences), width, device=dist.device)
@@ -396,12 +340,12 @@ def _train(cfg: PPORecipe, store: Store, base: Manifest, tokenizer, prompts, row
             "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
             "explained_variance": float(explained_variance(old_values, returns, mask)) if mask.sum() > 1 else 0.0,
             "grad_norm": grad_norm, "length_mean": float(lengths.float().mean()),
-            "length_max": float(lengths.max()), "truncated": sum(c for g in groups for _, c in g[2]) / len(sequences),
+            "length_max": float(lengths.max()), "truncated": sum(c for g in groups for _, c in g.answers) / len(sequences),
             "generation_s": round(generation_s, 3), "training_s": round(training_s, 3),
         }  # fmt: skip
-        for f in cfg.rewards:
-            values[f"reward/{f.name}"] = sum(p[f.name] for g in groups for p in g[5]) / len(sequences)
-        values = mean_over_processes(dist, {k: v if v == v else 0.0 for k, v in values.items()})
+        values = mean_over_processes(
+            dist, {k: v if v == v else 0.0 for k, v in (values | reward_means(cfg, groups)).items()}
+        )
         reason = reason or rl_reason(cfg.guard, values, low_entropy)
         low_entropy = (low_entropy + 1
                        if cfg.guard.entropy_floor is not None and values["entropy"] < cfg.guard.entropy_floor else 0)  # fmt: skip
@@ -410,14 +354,8 @@ def _train(cfg: PPORecipe, store: Store, base: Manifest, tokenizer, prompts, row
                                           "elapsed_s": round(time.time() - started, 3)})  # fmt: skip
             logp_sums, ref_sums = (old_logps * mask).sum(1).tolist(), (ref_logps * mask).sum(1).tolist()
             answer_advantage = ((advantages * mask).sum(1) / lengths.clamp(min=1)).tolist()
-            out, at = [], 0
-            for g in groups:
-                k = len(g[2])
-                spread = len(set(g[4])) == 1 and k > 1
-                out += rollout_rows(plan_key, step, g[0], g[2], g[3], g[4], g[5], g[6], logp_sums[at : at + k],
-                                    ref_sums[at : at + k], answer_advantage[at : at + k], spread)  # fmt: skip
-                at += k
-            write_step(rollouts, step, out)
+            zero = [len(set(g.rewards)) == 1 and len(g.rewards) > 1 for g in groups]
+            write_rollouts(rollouts, plan_key, step, groups, logp_sums, ref_sums, answer_advantage, zero)
         prompt_ids = [rows[i]["id"] for i in chosen]
         if reason is not None and guard_acts(cfg, reason, step, prompt_ids, triggers, work, metrics_path, dist.main,
                                              trained, optimizer, scheduler):  # fmt: skip
@@ -426,40 +364,21 @@ def _train(cfg: PPORecipe, store: Store, base: Manifest, tokenizer, prompts, row
         save_every(cfg, step, work, trained, optimizer, scheduler, {"kl_coef": controller.coef}, dist.main)
     if not dist.main:
         return None
-    roles = {base.id: "base_model"} | {r.id: "reward_model" for r in rewards.models}
-    roles |= {value_run.id: "value_model"} if value_run else {}
-    parents = [*prompts, base, *rewards.models, *([value_run] if value_run else [])]
-    publisher = Publisher(store, kind="run", name=cfg.name, stage="train.ppo", recipe=recipe, parents=parents,
-                          parent_roles=roles, seed=cfg.seed, execution={"resume": cfg.resume})  # fmt: skip
-    import json
 
-    records = (
-        [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
-    )
-    steps = [r for r in records if "reward_mean" in r]
-    with publisher as pub:
-        model.save_pretrained(pub.dir / CHECKPOINT_DIR)
-        tokenizer.save_pretrained(pub.dir / CHECKPOINT_DIR)
+    def save_value(folder):
         if shared:
             from safetensors.torch import save_file
 
-            (pub.dir / "value").mkdir()
+            (folder / "value").mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in value.state_dict().items()},
-                      str(pub.dir / "value" / "value_head.safetensors"))  # fmt: skip
+                      str(folder / "value" / "value_head.safetensors"))  # fmt: skip
         else:
-            value.save_pretrained(pub.dir / "value")
-        shutil.copy(metrics_path, pub.dir / "metrics.jsonl")
-        stats = {"method": "ppo", "peft": cfg.peft.method, "steps": cfg.max_steps, "value": "shared" if shared else "separate",
-                 "first_reward": steps[0]["reward_mean"] if steps else None,
-                 "final_reward": steps[-1]["reward_mean"] if steps else None, "final_kl_coef": controller.coef,
-                 "guard_triggers": [r["guard"] for r in records if "guard" in r],
-                 "wall_s": round(time.time() - started, 2), "processes": dist.world}  # fmt: skip
-        run = pub.publish(stats=stats)
-    data = publish_rollouts(store, f"{cfg.name}-rollouts", rollouts, prompts, run,
-                            {"run": run.id, "reward_functions": rewards.lineage})  # fmt: skip
-    print(f"published dataset {data.ref} (the rollouts of run {run.ref})")
-    shutil.rmtree(work, ignore_errors=True)
-    return run
+            value.save_pretrained(folder / "value")
+
+    stats = {"method": "ppo", "value": "shared" if shared else "separate", "final_kl_coef": controller.coef,
+             "processes": dist.world, "started": started}  # fmt: skip
+    extra = [(value_run, "value_model")] if value_run else None
+    return publish_rl_run(cfg, store, "train.ppo", inputs, recipe, model, work, stats, extra, save_value)
 
 
 def run_recipe(data: dict[str, Any], store: Store, source: str) -> Manifest | None:
