@@ -66,7 +66,7 @@ from manifests.publish import Publisher
 from manifests.recipes import RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
-from train.checkpoint import trainer_checkpoint_marker, trainer_work_folder
+from train.checkpoint import trainer_work_folder
 from train.data import DatasetInput, pinned, resolve_datasets
 from train.distill_losses import (
     Divergence,
@@ -80,7 +80,6 @@ from train.distill_losses import (
     topk_log_probs,
 )
 from train.launch import as_a_job_of_one
-from train.monitor import Monitor, flops_per_token, guard_stopped, peak_flops, trainer_guard
 from train.peft_config import build_peft_config, check_target_modules, model_load_kwargs
 from train.pretrain import ModelShape
 from train.sft import (
@@ -92,9 +91,9 @@ from train.sft import (
     check_trainer_recipe,
     count_parameters,
     deepspeed_contradictions,
-    metrics_callback,
-    planted_faults,
     sft_arguments,
+    train_watched,
+    trainer_watch,
 )
 from train.strategy import zero_stage
 from train.teacher_logits import (
@@ -773,31 +772,22 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
         peft_config = build_peft_config(cfg.peft, model, str(checkpoint_path(base))) if cfg.model else None
         args = sft_arguments(cfg, work, model, processes)
         args.remove_unused_columns = False  # the stored teacher outputs travel with each example
-        monitor = Monitor(None, cfg.guard, 0.0, None)
-        guard = trainer_guard(monitor)
-        c = model.config
-        flops = flops_per_token(count_parameters(model.parameters()), c.num_hidden_layers, c.hidden_size,
-                                cfg.max_length) + sum(2 * count_parameters(t.parameters()) for t in teachers)  # fmt: skip
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        peak = peak_flops(device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
-        writer = metrics_callback(metrics, flops, peak, processes)
         savers = [_projection_saver(projections)] if projections is not None else []
-        callbacks = [writer, *savers, _stage_saves(cfg.stage_ends()), trainer_checkpoint_marker(),
-                     *planted_faults(), guard]  # fmt: skip
+        teacher_flops = sum(2 * count_parameters(t.parameters()) for t in teachers)  # (a forward a token)
+        watch = trainer_watch(
+            cfg, model, metrics, processes, teacher_flops, [*savers, _stage_saves(cfg.stage_ends())]
+        )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with deepspeed_contradictions():
             trainer = distill_trainer(cfg, teachers, hidden_pairs, attention_pairs, projections, stored_k, model=model,
                                       args=args, train_dataset=train_data, eval_dataset=eval_data,
-                                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                                      processing_class=tokenizer, peft_config=peft_config, callbacks=watch.callbacks,
                                       data_collator=stored_outputs_collator(pad))  # fmt: skip
         trainable = count_parameters(p for p in trainer.model.parameters() if p.requires_grad)
         started = time.time()
-        with deepspeed_contradictions():
-            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        if guard.stopped is not None:
-            if not main:
-                return None
-            raise guard_stopped(cfg.name, guard.stopped)
+        result = train_watched(trainer, last, watch, cfg.name, main)
+        if result is None:
+            return None
         if projections is not None:  # not part of the student's architecture: saved beside it
             del model.distill_projections  # (the object PEFT, DDP and DeepSpeed wrap)
         trainer.save_model(str(pub.dir / CHECKPOINT_DIR if main else work / "unused"))
@@ -821,7 +811,7 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
             "components": {c: logged[-1].get(f"distill_{c}") for c in COMPONENTS if f"distill_{c}" in logged[-1]},
             "teachers": [r.id for r in teacher_runs], "teacher_outputs": outputs.id if outputs else None,
             "stage_ends": cfg.stage_ends(), "wall_s": round(time.time() - started, 2),
-            "trainable_parameters": trainable, "guard_triggers": monitor.triggers,
+            "trainable_parameters": trainable, "guard_triggers": watch.monitor.triggers,
             "processes": trainer.accelerator.num_processes, "distributed": trainer.accelerator.distributed_type.value,
             "eval_loss": evaluated[-1] if evaluated else None,
             "projections": sorted(projections.keys()) if projections is not None else [],

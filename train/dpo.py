@@ -55,10 +55,9 @@ from manifests.publish import Publisher
 from manifests.recipes import parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
-from train.checkpoint import trainer_checkpoint_marker, trainer_work_folder
+from train.checkpoint import trainer_work_folder
 from train.data import load_mixture, pinned, resolve_datasets
 from train.launch import as_a_job_of_one
-from train.monitor import Monitor, flops_per_token, guard_stopped, peak_flops, trainer_guard
 from train.peft_config import build_peft_config, check_target_modules, model_load_kwargs
 from train.preference_data import PAIR_COLUMNS, tokenized_pairs
 from train.preference_losses import (
@@ -79,9 +78,9 @@ from train.sft import (
     count_parameters,
     deepspeed_contradictions,
     lm_head_problem,
-    metrics_callback,
-    planted_faults,
     sft_arguments,
+    train_watched,
+    trainer_watch,
 )
 from train.strategy import zero_stage
 
@@ -454,28 +453,16 @@ def train_dpo(cfg: DPORecipe, store: Store) -> Manifest | None:
         args = sft_arguments(cfg, work, model, processes)
         args.remove_unused_columns = False  # the pairs' token lists are the batch, not model inputs
         args.dataset_kwargs = {"skip_prepare_dataset": True}
-        monitor = Monitor(None, cfg.guard, 0.0, None)
-        guard = trainer_guard(monitor)
-        c = model.config
-        flops = flops_per_token(
-            count_parameters(model.parameters()), c.num_hidden_layers, c.hidden_size, cfg.max_length
-        )
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        peak = peak_flops(device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
-        writer = metrics_callback(metrics, flops, peak, processes)
-        callbacks = [writer, trainer_checkpoint_marker(), *planted_faults(), guard]
+        watch = trainer_watch(cfg, model, metrics, processes)
         with deepspeed_contradictions():
             trainer = dpo_trainer(cfg, reference, model=model, args=args, train_dataset=train_data,
                                   eval_dataset=eval_data, processing_class=tokenizer, peft_config=peft_config,
-                                  callbacks=callbacks, data_collator=collate)  # fmt: skip
+                                  callbacks=watch.callbacks, data_collator=collate)  # fmt: skip
         trainable = count_parameters(p for p in trainer.model.parameters() if p.requires_grad)
         started = time.time()
-        with deepspeed_contradictions():
-            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        if guard.stopped is not None:
-            if not main:
-                return None
-            raise guard_stopped(cfg.name, guard.stopped)
+        result = train_watched(trainer, last, watch, cfg.name, main)
+        if result is None:
+            return None
         held_out = trainer.evaluate() if eval_data is not None else {}
         trainer.save_model(str(pub.dir / CHECKPOINT_DIR if main else work / "unused"))
         if not main:
@@ -493,7 +480,7 @@ def train_dpo(cfg: DPORecipe, store: Store) -> Manifest | None:
             "dropped_pairs": dropped, "tokens_seen": int(logged[-1].get("num_tokens", 0)),
             "first_loss": logged[0]["loss"], "final_loss": logged[-1]["loss"], "train_loss": result.training_loss,
             "wall_s": round(time.time() - started, 2), "trainable_parameters": trainable,
-            "guard_triggers": monitor.triggers, "processes": trainer.accelerator.num_processes,
+            "guard_triggers": watch.monitor.triggers, "processes": trainer.accelerator.num_processes,
             "distributed": trainer.accelerator.distributed_type.value,
             "eval": {k.removeprefix("eval_"): v for k, v in held_out.items() if not k.endswith(("_runtime", "per_second"))},
             "eval_policy_accuracy_before": accuracy_before,

@@ -39,10 +39,9 @@ from manifests.publish import Publisher
 from manifests.recipes import parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
-from train.checkpoint import trainer_checkpoint_marker, trainer_work_folder
+from train.checkpoint import trainer_work_folder
 from train.data import load_mixture, pinned, resolve_datasets
 from train.launch import as_a_job_of_one
-from train.monitor import Monitor, guard_stopped, trainer_guard
 from train.peft_config import build_peft_config, check_target_modules
 from train.preference_data import PAIR_COLUMNS, has_margin
 from train.sft import (
@@ -53,9 +52,9 @@ from train.sft import (
     check_trainer_recipe,
     count_parameters,
     deepspeed_contradictions,
-    metrics_callback,
-    planted_faults,
     sft_arguments,
+    train_watched,
+    trainer_watch,
 )
 from train.strategy import zero_stage
 
@@ -155,21 +154,15 @@ def train_reward(cfg: RewardRecipe, store: Store) -> Manifest | None:
         peft_config = _seq_cls_peft(cfg, model, base)
         args = sft_arguments(cfg, work, model, processes, RewardConfig, disable_dropout=True,
                              center_rewards_coefficient=cfg.center_rewards)  # fmt: skip
-        monitor = Monitor(None, cfg.guard, 0.0, None)
-        guard = trainer_guard(monitor)
-        writer = metrics_callback(metrics, 0.0, None, processes)
-        callbacks = [writer, trainer_checkpoint_marker(), *planted_faults(), guard]
+        watch = trainer_watch(cfg, model, metrics, processes)
         with deepspeed_contradictions():
             trainer = RewardTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows,
-                                    processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
+                                    processing_class=tokenizer, peft_config=peft_config, callbacks=watch.callbacks)  # fmt: skip
         trainable = count_parameters(p for p in trainer.model.parameters() if p.requires_grad)
         started = time.time()
-        with deepspeed_contradictions():
-            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        if guard.stopped is not None:
-            if not main:
-                return None
-            raise guard_stopped(cfg.name, guard.stopped)
+        result = train_watched(trainer, last, watch, cfg.name, main)
+        if result is None:
+            return None
         held_out = trainer.evaluate() if eval_rows is not None else {}
         if not main:
             return None
@@ -186,7 +179,7 @@ def train_reward(cfg: RewardRecipe, store: Store) -> Manifest | None:
             "train_pairs": len(train_rows), "kept_pairs": len(trainer.train_dataset),
             "first_loss": logged[0]["loss"], "final_loss": logged[-1]["loss"], "train_loss": result.training_loss,
             "train_accuracy": logged[-1].get("accuracy"), "wall_s": round(time.time() - started, 2),
-            "trainable_parameters": trainable, "guard_triggers": monitor.triggers,
+            "trainable_parameters": trainable, "guard_triggers": watch.monitor.triggers,
             "processes": trainer.accelerator.num_processes,
             "eval_accuracy": held_out.get("eval_accuracy"), "eval_margin": held_out.get("eval_margin"),
             "eval_loss": held_out.get("eval_loss"), "eval_pairs": len(trainer.eval_dataset) if eval_rows else None,

@@ -50,6 +50,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -475,6 +476,47 @@ def planted_faults() -> list:
     return [PlantFaults()]
 
 
+@dataclass
+class Watch:
+    """What watches a Trainer-based run: its callbacks, and the monitor and guard they report to."""
+
+    callbacks: list
+    monitor: Monitor
+    guard: Any
+    writer: Any
+    flops: float
+    """Training FLOPs per token (the writer's, for MFU)."""
+
+
+def trainer_watch(cfg, model, metrics: Path, processes: int, extra_flops: float = 0.0, extra=()) -> Watch:
+    """The callbacks every Trainer-based run has -- ``metrics.jsonl`` (tokens/s, MFU where the device's peak
+    is known), ``extra`` ones, checkpoint markers, planted faults (tests), the guards -- in that order."""
+    import torch
+
+    monitor = Monitor(None, cfg.guard, 0.0, None)
+    guard = trainer_guard(monitor)
+    c = model.config
+    flops = flops_per_token(count_parameters(model.parameters()), c.num_hidden_layers, c.hidden_size,
+                            cfg.max_length) + extra_flops  # fmt: skip
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = peak_flops(device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
+    writer = metrics_callback(metrics, flops, peak, processes)
+    callbacks = [writer, *extra, trainer_checkpoint_marker(), *planted_faults(), guard]
+    return Watch(callbacks, monitor, guard, writer, flops)
+
+
+def train_watched(trainer, last: Path | None, watch: Watch, name: str, main: bool):
+    """``trainer.train()`` (from checkpoint ``last``); a guard's stop is one error on the first process and
+    None on the others."""
+    with deepspeed_contradictions():
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if watch.guard.stopped is not None:
+        if main:
+            raise guard_stopped(name, watch.guard.stopped)
+        return None
+    return result
+
+
 def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     check_trainer_recipe(cfg)
     if cfg.guard.action == "rollback":
@@ -536,29 +578,19 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
         loaded_partitioned = hasattr(next(model.parameters()), "ds_numel")
         peft_config = build_peft_config(cfg.peft, model, str(checkpoint_path(base)))
         args = args or sft_arguments(cfg, work, model, processes)
-        monitor = Monitor(None, cfg.guard, 0.0, None)
-        guard = trainer_guard(monitor)
-        c = model.config
-        flops = flops_per_token(
-            count_parameters(model.parameters()), c.num_hidden_layers, c.hidden_size, cfg.max_length
-        )
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        peak = peak_flops(device, cfg.peak_tflops * 1e12 if cfg.peak_tflops else None)
-        writer = metrics_callback(metrics, flops, peak, processes)
-        callbacks = [writer, trainer_checkpoint_marker(), *planted_faults(), guard]
+        watch = trainer_watch(cfg, model, metrics, processes)
         with deepspeed_contradictions():
             trainer = sft_trainer(cfg.loss, model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                                  processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
+                                  processing_class=tokenizer, peft_config=peft_config, callbacks=watch.callbacks)  # fmt: skip
         # Frozen weights (PEFT) get no weight gradients: 4 FLOPs a parameter a token instead of 6.
         trainable = count_parameters(p for p in trainer.model.parameters() if p.requires_grad)
-        writer.flops_token = flops - 2 * max(0, count_parameters(trainer.model.parameters()) - trainable)
+        watch.writer.flops_token = watch.flops - 2 * max(
+            0, count_parameters(trainer.model.parameters()) - trainable
+        )
         started = time.time()
-        with deepspeed_contradictions():
-            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        if guard.stopped is not None:
-            if not main:
-                return None
-            raise guard_stopped(cfg.name, guard.stopped)
+        result = train_watched(trainer, last, watch, cfg.name, main)
+        if result is None:
+            return None
         # Every process takes part: FSDP and ZeRO-3 gather the whole weights; only the first writes them.
         trainer.save_model(str(pub.dir / CHECKPOINT_DIR if main else work / "unused"))
         if not main:
@@ -577,7 +609,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
             "first_loss": logged[0]["loss"], "final_loss": logged[-1]["loss"], "train_loss": result.training_loss,
             "wall_s": round(time.time() - started, 2),
             "trainable_parameters": trainable,
-            "guard_triggers": monitor.triggers, "processes": trainer.accelerator.num_processes,
+            "guard_triggers": watch.monitor.triggers, "processes": trainer.accelerator.num_processes,
             "distributed": trainer.accelerator.distributed_type.value, "eval_loss": evaluated[-1] if evaluated else None,
             "deepspeed": args.hf_deepspeed_config.config if args.deepspeed else None,
             "loaded_partitioned": loaded_partitioned,
