@@ -143,6 +143,16 @@ def test_guards_stop_on_entropy_collapse_with_the_steps_prompts(rl_store):
     assert not rl_store.list(kind="run", name="grpo-collapse")
 
 
+def test_a_rollback_returns_to_the_last_checkpoint_and_goes_on(rl_store):
+    """Entropy below the floor for 2 steps: at step 2 the run goes back to step 1's checkpoint, and the
+    next steps take the next prompts (the counter starts again)."""
+    run = grpo(rl_store, "grpo-rollback", max_steps=3, save_every=1,
+               guard={"entropy_floor": 50.0, "entropy_patience": 2, "action": "rollback"})  # fmt: skip
+    triggers = run.stats["guard_triggers"]
+    assert [(t["step"], t["reason"], t["action"]) for t in triggers] == [(2, "entropy_collapse", "rollback")]
+    assert len(triggers[0]["prompts"]) == 2
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
