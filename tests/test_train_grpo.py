@@ -201,9 +201,9 @@ def _recipe(tmp_path, name: str, **extra) -> str:
 def test_a_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_one(rl_store, tmp_path):
     import torch
 
-    straight = grpo(rl_store, "grpo-straight", max_steps=4, save_every=2)
-    recipe = _recipe(tmp_path, "grpo-resumed", max_steps=4, save_every=2)
-    killed = _cli(rl_store, recipe, env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "2"})
+    straight = grpo(rl_store, "grpo-straight", max_steps=3, save_every=1)
+    recipe = _recipe(tmp_path, "grpo-resumed", max_steps=3, save_every=1)
+    killed = _cli(rl_store, recipe, env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "1"})
     assert killed.returncode == 137, killed.stderr[-2000:]
     again = _cli(rl_store, recipe, "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -212,7 +212,7 @@ def test_a_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_one(rl_sto
     a, b = weights_of(straight), weights_of(resumed)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     rollouts = rl_store.resolve("grpo-resumed-rollouts")
-    assert rollouts.stats["rows"] == 4 * 2 * 8 and rollouts.stats["steps"] == 4
+    assert rollouts.stats["rows"] == 3 * 2 * 8 and rollouts.stats["steps"] == 3
 
 
 def test_two_processes_under_torchrun_train_what_one_process_trains(rl_store, tmp_path):

@@ -42,7 +42,7 @@ def test_ppo_with_a_value_head_learns_the_scripted_reward(rl_store):  # noqa: F8
 
 def test_a_separate_value_model_adaptive_kl_in_the_loss_and_a_lora_policy(rl_store):  # noqa: F811
     run = ppo(rl_store, "ppo-rm", value={"model": "rm"}, peft={"method": "lora", "r": 4},
-              kl={"coef": 0.1, "target": 0.01, "horizon": 10, "placement": "loss"}, max_steps=3,
+              kl={"coef": 0.1, "target": 0.01, "horizon": 10, "placement": "loss"}, max_steps=2,
               truncation_penalty=0.5, learning_rate=0.05)  # fmt: skip
     steps = [r for r in records(run) if "reward_mean" in r]
     assert steps[0]["kl_coef"] != 0.1 and run.stats["final_kl_coef"] == pytest.approx(
@@ -52,18 +52,18 @@ def test_a_separate_value_model_adaptive_kl_in_the_loss_and_a_lora_policy(rl_sto
     assert {"value_model", "base_model", "input"} <= roles
     assert (run.location / "value" / "config.json").is_file()
     table = rl_store.resolve("ppo-rm-rollouts")
-    assert table.stats["rows"] == 3 * 4 * 2
+    assert table.stats["rows"] == 2 * 4 * 2
 
 
 def test_a_killed_ppo_run_resumes_to_the_weights_of_an_uninterrupted_one(rl_store, tmp_path):  # noqa: F811
     import torch
 
     kl = {"coef": 0.05, "target": 0.5, "horizon": 10}
-    straight = ppo(rl_store, "ppo-straight", max_steps=4, save_every=2, kl=kl)
+    straight = ppo(rl_store, "ppo-straight", max_steps=3, save_every=1, kl=kl)
     recipe = tmp_path / "resumed.yaml"
     recipe.write_text(json.dumps({"stage": "train", "method": "ppo", "name": "ppo-resumed"} | BASE
-                                 | {"max_steps": 4, "save_every": 2, "kl": kl}))  # fmt: skip
-    killed = _cli(rl_store, recipe, env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "2"})
+                                 | {"max_steps": 3, "save_every": 1, "kl": kl}))  # fmt: skip
+    killed = _cli(rl_store, recipe, env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "1"})
     assert killed.returncode == 137, killed.stderr[-2000:]
     again = _cli(rl_store, recipe, "--resume")
     assert again.returncode == 0, again.stderr[-2000:]

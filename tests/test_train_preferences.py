@@ -217,10 +217,10 @@ def test_a_killed_dpo_run_resumes_to_the_weights_of_an_uninterrupted_one(pref_st
 
     import torch
 
-    straight = dpo(pref_store, "dpo-straight", max_steps=4, save_every=2, per_device_batch_size=2)
+    straight = dpo(pref_store, "dpo-straight", max_steps=3, save_every=1, per_device_batch_size=2)
     recipe = tmp_path / "resumed.yaml"
     recipe.write_text("stage: train\nmethod: dpo\nname: dpo-resumed\nmodel: policy\ndatasets: [{ref: prefs}]\n"
-                      "max_steps: 4\nsave_every: 2\nper_device_batch_size: 2\nmax_length: 64\nlearning_rate: 0.01\n"
+                      "max_steps: 3\nsave_every: 1\nper_device_batch_size: 2\nmax_length: 64\nlearning_rate: 0.01\n"
                       "peft: {method: none}\nbeta: 0.5\n")  # fmt: skip
     command = [
         sys.executable,
@@ -234,7 +234,7 @@ def test_a_killed_dpo_run_resumes_to_the_weights_of_an_uninterrupted_one(pref_st
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=env | {"DISTILLERY_FAULT_EXIT_AFTER_STEP": "2"})  # fmt: skip
+                            env=env | {"DISTILLERY_FAULT_EXIT_AFTER_STEP": "1"})  # fmt: skip
     assert killed.returncode == 137, killed.stderr[-2000:]
     again = subprocess.run(
         [*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
