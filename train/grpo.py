@@ -67,6 +67,7 @@ from train.rl_core import (
 from train.rl_losses import LOSS_TYPES, KLEstimator, group_advantages, policy_loss, zero_spread_groups
 from train.rollouts import (
     answer_logps,
+    without_dropout,
 )
 
 
@@ -133,6 +134,7 @@ def _train(cfg: GRPORecipe, store: Store, inputs: RLInputs, dist: Dist) -> Manif
         model = get_peft_model(model, peft_config)
     elif cfg.beta > 0:
         reference = load_causal_lm(base, store)[0].to(dist.device).eval().requires_grad_(False)
+    without_dropout(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.warmup_steps)
@@ -184,17 +186,19 @@ def _train(cfg: GRPORecipe, store: Store, inputs: RLInputs, dist: Dist) -> Manif
             refs: list[float] = []
             for first in range(0, len(sequences), cfg.per_device_batch_size):
                 part = sequences[first : first + cfg.per_device_batch_size]
-                logps, mask, entropy, _ = answer_logps(model, part, vocab, entropy=update == 0)
+                logps, mask, entropy, _ = answer_logps(
+                    model, part, vocab, entropy=update == 0, temperature=cfg.temperature
+                )
                 if update == 0:
                     old.append(logps.detach())
                 ref_logps = None
                 if cfg.beta > 0:
                     with torch.no_grad():
                         if reference is not None:
-                            ref_logps = answer_logps(reference, part, vocab)[0]
+                            ref_logps = answer_logps(reference, part, vocab, temperature=cfg.temperature)[0]
                         else:
                             with model.disable_adapter():
-                                ref_logps = answer_logps(model, part, vocab)[0]
+                                ref_logps = answer_logps(model, part, vocab, temperature=cfg.temperature)[0]
                     refs += (ref_logps * mask).sum(1).tolist()
                 adv = advantages[first : first + len(part)].to(logps.device)
                 loss, stats = policy_loss(

@@ -81,6 +81,7 @@ from train.rl_losses import (
 from train.rollouts import (
     answer_logps,
     packed,
+    without_dropout,
 )
 
 
@@ -93,6 +94,10 @@ class KLSettings(RecipeConfig):
     placement: Literal["reward", "loss"] = "reward"
     """``reward``: a per-token penalty in the reward (before GAE); ``loss``: a term of the policy loss."""
     estimator: KLEstimator = "k1"
+
+    def used(self) -> bool:
+        """Whether the reference is run at all (a coefficient that is, or may become, above 0)."""
+        return self.coef > 0 or self.target is not None
 
 
 class ValueSettings(RecipeConfig):
@@ -217,8 +222,9 @@ def _train(
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
-    else:
+    elif cfg.kl.used():
         reference = load_causal_lm(base, store)[0].eval().requires_grad_(False)
+    without_dropout(model)
     trained = torch.nn.ModuleDict({"policy": model, "value": value}).to(dist.device)  # (saved as one)
     if reference is not None:
         reference.to(dist.device)
@@ -246,7 +252,7 @@ def _train(
     def score_tokens(part, grad: bool):
         """(logps, mask, entropy, values) of ``part`` under the policy and value model."""
         with torch.set_grad_enabled(grad):
-            logps, mask, entropy, values = answer_logps(model, part, vocab, entropy=not grad,
+            logps, mask, entropy, values = answer_logps(model, part, vocab, entropy=not grad, temperature=cfg.temperature,
                                                         value_head=value if shared else None)  # fmt: skip
             if not shared:
                 values = separate_values(value, part, dist.device)
@@ -272,11 +278,13 @@ def _train(
             old_logps[span, : lp.size(1)], mask[span, : m.size(1)] = lp, m
             entropy[span, : ent.size(1)], old_values[span, : val.size(1)] = ent, val.detach()
             with torch.no_grad():
-                if reference is not None:
-                    ref = answer_logps(reference, part, vocab)[0]
+                if not cfg.kl.used():  # no KL anywhere: the reference is not run (its log-ratio is 0)
+                    ref = lp
+                elif reference is not None:
+                    ref = answer_logps(reference, part, vocab, temperature=cfg.temperature)[0]
                 else:
                     with model.disable_adapter():
-                        ref = answer_logps(model, part, vocab)[0]
+                        ref = answer_logps(model, part, vocab, temperature=cfg.temperature)[0]
             ref_logps[span, : ref.size(1)] = ref
         in_reward = cfg.kl.placement == "reward"
         token_reward, kl = token_rewards(scores, old_logps, ref_logps, mask, controller.coef if in_reward else 0.0,

@@ -138,6 +138,16 @@ def as_messages(prompt: Any) -> list[dict[str, Any]]:
     return [{k: v for k, v in m.items() if v is not None} for m in prompt]
 
 
+def without_dropout(model) -> None:
+    """Dropout off everywhere (LoRA's too): an RL ratio compares two scorings of the same answers, and
+    dropout noise would move it -- and trip the clip -- where the policy did not change."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def prompt_tokens(prompt: Any, tokenizer) -> list[int]:
     """A prompt row's tokens: a chat through the chat template with the generation prompt, text as is."""
     if isinstance(prompt, str):
@@ -168,10 +178,10 @@ def sample_answers(model, prompt_ids: list[int], n: int, seed: int, sampling: di
     return answers
 
 
-def _chunk(lm_head, hidden, targets, entropy: bool):
+def _chunk(lm_head, hidden, targets, entropy: bool, temperature: float):
     import torch
 
-    logprobs = torch.log_softmax(lm_head(hidden).float(), dim=-1)
+    logprobs = torch.log_softmax(lm_head(hidden).float() / temperature, dim=-1)
     picked = logprobs.gather(-1, targets[:, None])[:, 0]
     if not entropy:
         return picked, torch.zeros_like(picked)
@@ -179,11 +189,13 @@ def _chunk(lm_head, hidden, targets, entropy: bool):
 
 
 def answer_logps(model, sequences: list[tuple[list[int], list[int]]], vocab_size: int, entropy: bool = False,
-                 value_head=None):  # fmt: skip
+                 value_head=None, temperature: float = 1.0):  # fmt: skip
     """Per-token log-probs ``[B, T]`` of each answer after its prompt, the answers' mask, and (when asked)
     each position's entropy and -- with ``value_head``, a module on the last hidden state -- the value of the
     state before each answer token. The sequences run padding-free in one row (position ids restarting at
     every sequence); the LM head is applied only at the answers' positions, a checkpointed chunk at a time.
+    Log-probs are those of the distribution sampled from: the logits over ``temperature``, as the sampler
+    divides them (so the ratios, KL and entropy are of the policy that chose the answers).
     Returns ``(logps, mask, entropy, values)`` (entropy zeros, values None, when not asked)."""
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -199,7 +211,8 @@ def answer_logps(model, sequences: list[tuple[list[int], list[int]]], vocab_size
     wanted = row.targets[row.mask]
     head = model.get_output_embeddings()
     rows = max(1, LOGITS_PER_CHUNK // vocab_size)
-    parts = [checkpoint(_chunk, head, hidden[i : i + rows], wanted[i : i + rows], entropy, use_reentrant=False)
+    parts = [checkpoint(_chunk, head, hidden[i : i + rows], wanted[i : i + rows], entropy, temperature,
+                        use_reentrant=False)
              for i in range(0, max(1, len(wanted)), rows)]  # fmt: skip
     logps = row.place(torch.cat([p[0] for p in parts])[: len(wanted)])
     entropies = row.place(torch.cat([p[1] for p in parts])[: len(wanted)])
