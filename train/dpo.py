@@ -14,13 +14,14 @@ The loss variants are those TRL's DPOTrainer offers (``train/preference_losses.p
 hinge, robust, EXO, NCA, BCO, SPPO, AOT, APO, DiscoPOP, length-normalised sigmoid, SFT), weighted
 together, with β, label smoothing and the f-divergence of f-DPO.
 
-What makes it fast is the batch, not the loss. Every pair's prompt + chosen and prompt + rejected are
-laid end to end in one row without padding (``padding_free``, the default; TRL's DPOTrainer pads, and
-has its padding-free mode switched off), position ids restarting at 0 at every sequence, so attention
-never crosses from one sequence into another (the block-diagonal mask transformers derives from
-position ids; ``tests/test_train_dpo.py`` checks each pair's log-probs against the pair alone). The
-LM head is applied only at the answers' positions, a chunk at a time (as SFT's ``labelled_positions``
-loss), so the prompts are never projected onto the vocabulary.
+What makes it fast is what is never computed: the LM head is applied only at the answers' positions, a
+chunk at a time (as SFT's ``labelled_positions`` loss), so the prompts and the padding are never projected
+onto the vocabulary, and the reference is not run during training (below). ``padding_free: true`` lays
+every pair's prompt + chosen and prompt + rejected end to end in one row instead (TRL's DPOTrainer has
+its padding-free mode switched off), position ids restarting at 0 at every sequence, so attention never
+crosses from one sequence into another (the block-diagonal mask transformers derives from position ids;
+``tests/test_train_preferences.py`` checks each pair's log-probs against the pair alone) -- worth it with a
+variable-length attention kernel, not with CPU attention, which then attends over the whole row.
 
 The reference's log-probs are computed once, before training, from the model as loaded (``reference:
 precomputed``, the default): no second model in memory, no reference forward per step; they are kept
@@ -110,8 +111,10 @@ class DPORecipe(SFTRecipe):
     ``reference_model``); ``online``: each batch scored by the reference as it trains."""
     reference_model: str | None = None
     """Another run as the reference (the same tokenizer); by default the model the policy starts from."""
-    padding_free: bool = True
-    """Every batch in one row without padding (attention kept within each sequence); ``false`` pads."""
+    padding_free: bool = False
+    """Every batch in one row without padding (attention kept within each sequence). Worth it with a
+    variable-length attention kernel (flash-attention on GPUs); on CPU the block-diagonal mask over the whole
+    row made a step 2.2x slower than padded rows (``benchmarks/train/dpo.py``), so the default pads."""
     max_length: int = Field(default=1024, ge=8)
     """Tokens of prompt + answer; an answer is cut to fit after its prompt."""
 
@@ -132,7 +135,7 @@ class DPORecipe(SFTRecipe):
             raise ValueError(str(e)) from None
         if self.packing:
             raise ValueError(
-                "packing: DPO batches are padding-free already (padding_free: true); drop packing"
+                "packing: DPO lays pairs in one row with padding_free: true, not packing; drop packing"
             )
         if self.padding_free and self.peft.is_prompt_learning:
             raise ValueError(
@@ -233,7 +236,7 @@ def _pair_logps(logps, ref_logps, batch) -> PairLogps:
 
 
 def dpo_trainer(cfg: DPORecipe, reference, **kwargs):
-    """TRL's SFTTrainer machinery (PEFT, launch, checkpoints) with the DPO loss over padding-free pairs.
+    """TRL's SFTTrainer machinery (PEFT, launch, checkpoints) with the DPO loss over batches of pairs.
 
     ``reference`` is None (precomputed log-probs in the batch), ``"adapter"`` (the policy with its adapter
     disabled) or a frozen model."""
