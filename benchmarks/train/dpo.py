@@ -12,7 +12,8 @@ real one -- a finished summary over one cut off at ``max_tokens``.
 
 Every side fine-tunes the same model with the same LoRA (r 8, alpha 16, no dropout, q/v), pairs,
 steps, batch, learning rate, beta and max length, each in its own process (peak RSS measured through a
-small wrapper), one after another:
+small wrapper and its CPU seconds over its wall seconds, which show what it got of the machine), one
+after another -- with ``--repeat N`` in N rounds, the order reversed every other round, medians reported:
 
 1. ``distillery``: ``method: dpo`` with ``padding_free: true`` (all pairs in one row, LM head on the
    answers only, reference log-probs computed once before training);
@@ -29,7 +30,9 @@ accuracies are computed here by one function for every side: the share of test p
 answer has the higher mean log-prob per token under the model (before and after), and the implicit
 reward accuracy after (beta * log-ratio to the base, chosen > rejected), with 95% bootstrap intervals.
 
-    .venv/bin/python benchmarks/train/dpo.py [--limit 64] [--candidates 2] [--steps 4] [--store DIR]
+    .venv/bin/python benchmarks/train/dpo.py [--limit 64] [--candidates 2] [--steps 4] [--repeat 1] [--store DIR]
+
+A store given with ``--store`` keeps the synth cache: a second run there reuses the sampled candidates.
 """
 
 from __future__ import annotations
@@ -61,15 +64,16 @@ MEASURE = """
 import json, resource, subprocess, sys, time
 started = time.time()
 done = subprocess.run(json.loads(sys.argv[1]), capture_output=True, text=True)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"code": done.returncode, "seconds": time.time() - started, "out": done.stdout[-3000:],
-                  "err": done.stderr[-3000:], "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                  "err": done.stderr[-3000:], "rss": usage.ru_maxrss / 1024, "cpu": usage.ru_utime + usage.ru_stime}))
 """
 """Runs one measured process: forked from this small wrapper, not from the benchmark (grown by the models
 it loads), so that the child's peak RSS is its own (see ``benchmarks/train/distill.py``)."""
 
 
 def measured(command: list[str]) -> dict:
-    """seconds, peak RSS (MiB) and output of ``command``; its failure ends the benchmark."""
+    """seconds, CPU seconds, peak RSS (MiB) and output of ``command``; its failure ends the benchmark."""
     wrapper = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(command)], cwd=ROOT, capture_output=True,
                              text=True)  # fmt: skip
     result = json.loads(wrapper.stdout.strip().splitlines()[-1])
@@ -280,6 +284,42 @@ def evaluate(store: Store, adapters: dict[str, Path]) -> dict:
     return results
 
 
+SIDES = ("bench-dpo", "bench-dpo-padded", "trl")
+
+
+def run_side(side: str, store: Store, folder: Path, steps: int, tokens: int, args, round_: int) -> dict:
+    """One measured training process of ``side``: tokens/s over ``train()`` and over the whole process, its
+    seconds, CPU share (CPU seconds / wall seconds: 2 is both cores), peak RSS, mean loss, own token count
+    and adapter."""
+    load = os.getloadavg()[0]
+    if side == "trl":
+        out = store.root.parent / f"bench-trl-dpo-{round_}"
+        run = measured([sys.executable, __file__, "--trl-worker", str(store.root), "--steps", str(steps), "--batch",
+                        str(args.batch), "--lr", str(args.lr), "--out", str(out)])  # fmt: skip
+        trl = json.loads(run["out"].strip().splitlines()[-1])
+        train_s, loss, own, adapter = trl["seconds"], trl["train_loss"], trl["tokens"], out
+    else:
+        (folder / f"{side}.yaml").write_text(recipe(side, steps, args, padding_free=side == "bench-dpo"))
+        run = measured(cli(store, "train", "run", str(folder / f"{side}.yaml")))
+        stats = store.resolve(side).stats
+        train_s, loss, own = stats["wall_s"], stats["train_loss"], stats["tokens_seen"]
+        adapter = store.resolve(side).location / "checkpoint"
+    return {"tokens_per_s": tokens / train_s, "tokens_per_s_process": tokens / run["seconds"],
+            "process_s": run["seconds"], "train_s": train_s, "cpu_share": run["cpu"] / run["seconds"],
+            "rss": run["rss"], "train_loss": loss, "own_tokens": own, "load": load, "adapter": adapter}  # fmt: skip
+
+
+def summary(results: list[dict]) -> dict:
+    """A side's rounds: median tokens/s and seconds, every round's tokens/s, the largest peak RSS."""
+    import statistics
+
+    middle = {k: statistics.median(r[k] for r in results)
+              for k in ("tokens_per_s", "tokens_per_s_process", "train_s", "process_s", "cpu_share")}  # fmt: skip
+    return middle | {"rounds": [r["tokens_per_s"] for r in results], "rss": max(r["rss"] for r in results),
+                     "train_loss": results[-1]["train_loss"], "own_tokens": results[-1]["own_tokens"],
+                     "load": [r["load"] for r in results], "adapter": results[-1]["adapter"]}  # fmt: skip
+
+
 def machine() -> str:
     import torch
 
@@ -295,6 +335,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps (rounded up to whole epochs)")
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the three training sides (median)")
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -311,26 +352,14 @@ def main() -> None:
     print(f"pairs: {json.dumps(facts)}; synth {synth_seconds:.0f} s, data ready after {time.time() - t0:.0f} s; "
           f"{steps} steps = {epochs} epoch(s) of {per_epoch}, {tokens} real tokens", flush=True)  # fmt: skip
     folder = Path(tempfile.mkdtemp())
-    sides: dict[str, dict] = {}
-    for side, padding_free in (("bench-dpo", True), ("bench-dpo-padded", False)):
-        (folder / f"{side}.yaml").write_text(recipe(side, steps, args, padding_free))
-        load = os.getloadavg()[0]
-        run = measured(cli(store, "train", "run", str(folder / f"{side}.yaml")))
-        manifest = store.resolve(side)
-        sides[side] = {"process_s": run["seconds"], "rss": run["rss"], "train_s": manifest.stats["wall_s"],
-                       "train_loss": manifest.stats["train_loss"], "own_tokens": manifest.stats["tokens_seen"],
-                       "load": load, "adapter": manifest.location / "checkpoint"}  # fmt: skip
-        print(f"{side}: {json.dumps({k: v for k, v in sides[side].items() if k != 'adapter'})}", flush=True)
-    trl_out = store.root.parent / "bench-trl-dpo"
-    load = os.getloadavg()[0]
-    run = measured([sys.executable, __file__, "--trl-worker", str(store.root), "--steps", str(steps), "--batch",
-                    str(args.batch), "--lr", str(args.lr), "--out", str(trl_out)])  # fmt: skip
-    trl = json.loads(run["out"].strip().splitlines()[-1])
-    sides["trl"] = {"process_s": run["seconds"], "rss": run["rss"], "train_s": trl["seconds"],
-                    "train_loss": trl["train_loss"], "own_tokens": trl["tokens"], "load": load, "adapter": trl_out}  # fmt: skip
-    print(f"trl: {json.dumps({k: v for k, v in sides['trl'].items() if k != 'adapter'})}", flush=True)
-    for s in sides.values():
-        s["tokens_per_s"], s["tokens_per_s_process"] = tokens / s["train_s"], tokens / s["process_s"]
+    rounds: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for r in range(args.repeat):  # ABC, CBA, ABC...: no side always runs first, or always last
+        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+            result = run_side(side, store, folder, steps, tokens, args, r)
+            rounds[side].append(result)
+            shown = {k: v for k, v in result.items() if k != "adapter"}
+            print(f"round {r + 1} {side}: {json.dumps(shown)}", flush=True)
+    sides = {side: summary(results) for side, results in rounds.items()}
     accuracy = evaluate(store, {side: s["adapter"] for side, s in sides.items()})
 
     def cell(value: tuple[float, float, float]) -> str:
@@ -341,23 +370,25 @@ def main() -> None:
     print(f"\n{machine()}; load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{facts['train_pairs']} train / {facts['test_pairs']} test pairs; {steps} steps x {args.batch} pairs, "
           f"lr {args.lr}, beta {BETA}, LoRA r {LORA['r']} q/v; {tokens} real tokens per side")  # fmt: skip
-    print("| side | tokens/s (train) | tokens/s (whole process) | train s | process s | peak RSS MiB | "
-          "held-out policy acc. | held-out reward acc. | mean loss |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| base, before | | | | | | {cell(accuracy['base']['policy'])} | | |")
+    print("| side | tokens/s (train) | rounds | tokens/s (whole process) | train s | process s | CPU / wall | "
+          "peak RSS MiB | held-out policy acc. | held-out reward acc. | mean loss |")  # fmt: skip
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| base, before | | | | | | | | {cell(accuracy['base']['policy'])} | | |")
     for side, s in sides.items():
         a = accuracy[side]
-        print(f"| {labels[side]} | {s['tokens_per_s']:.0f} | {s['tokens_per_s_process']:.0f} | {s['train_s']:.0f} | "
-              f"{s['process_s']:.0f} | {s['rss']:.0f} | {cell(a['policy'])} | {cell(a['reward'])} | "
-              f"{s['train_loss']:.3f} |")  # fmt: skip
-    ratio = sides["bench-dpo"]["tokens_per_s"] / sides["trl"]["tokens_per_s"]
-    padded = sides["bench-dpo-padded"]["tokens_per_s"] / sides["trl"]["tokens_per_s"]
-    print(f"\ndistillery / TRL tokens/s: {ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'missed'}); "
-          f"padded distillery / TRL: {padded:.2f}x; whole process: "
+        print(f"| {labels[side]} | {s['tokens_per_s']:.0f} | {', '.join(f'{x:.0f}' for x in s['rounds'])} | "
+              f"{s['tokens_per_s_process']:.0f} | {s['train_s']:.0f} | {s['process_s']:.0f} | {s['cpu_share']:.2f} | "
+              f"{s['rss']:.0f} | {cell(a['policy'])} | {cell(a['reward'])} | {s['train_loss']:.3f} |")  # fmt: skip
+    trl = sides["trl"]["tokens_per_s"]
+    padded, free = sides["bench-dpo-padded"]["tokens_per_s"] / trl, sides["bench-dpo"]["tokens_per_s"] / trl
+    print(f"\ndistillery DPO (default, padded) / TRL tokens/s: {padded:.2f}x (target >= 1.5x: "
+          f"{'met' if padded >= 1.5 else 'missed'}); padding_free: true / TRL: {free:.2f}x; whole process: "
+          f"{sides['bench-dpo-padded']['tokens_per_s_process'] / sides['trl']['tokens_per_s_process']:.2f}x and "
           f"{sides['bench-dpo']['tokens_per_s_process'] / sides['trl']['tokens_per_s_process']:.2f}x")  # fmt: skip
     print("each trainer's own token count: " + ", ".join(f"{k} {s['own_tokens']}" for k, s in sides.items()))
     results = {"machine": machine(), "facts": facts, "steps": steps, "tokens": tokens, "args": vars(args),
                "sides": {k: {f: v for f, v in s.items() if f != "adapter"} for k, s in sides.items()},
+               "rounds": {k: [{f: v for f, v in r.items() if f != "adapter"} for r in rs] for k, rs in rounds.items()},
                "accuracy": accuracy}  # fmt: skip
     path = store.root.parent / "dpo-results.json"
     path.write_text(json.dumps(results, indent=2, default=str))
