@@ -344,6 +344,22 @@ class DirectTransport:
         raise error  # a bug here, not the endpoint's failure
 
 
+def _token_logprobs(logprobs: Any) -> list[dict[str, Any]] | None:
+    """A choice's ``logprobs.content`` as plain data (token text, log-prob, top alternatives), or None
+    where the endpoint sent none; ``ValueError`` where it sent something else (a malformed response)."""
+    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    if content is None:
+        return None
+
+    def entry(item: Any) -> dict[str, Any]:
+        token, value = getattr(item, "token", None), getattr(item, "logprob", None)
+        if not isinstance(token, str) or isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("logprobs.content: an entry without a text token and a numeric logprob")
+        return {"token": token, "logprob": float(value)}
+
+    return [entry(t) | {"top": [entry(a) for a in (getattr(t, "top_logprobs", None) or [])]} for t in content]
+
+
 class TeacherEngine:
     """Sends requests to the configured teachers; use as ``async with TeacherEngine(...) as engine``.
 
@@ -517,6 +533,8 @@ class TeacherEngine:
                                   "temperature": s["temperature"], "top_p": s["top_p"]}  # fmt: skip
         if s.get("seed") is not None:
             kwargs["seed"] = s["seed"] + r.sample_index  # sample k of a prompt: its own seed
+        if s.get("top_logprobs") is not None:
+            kwargs |= {"logprobs": True, "top_logprobs": s["top_logprobs"]}
         return kwargs
 
     # ------------------------------------------------------------------ accounting, for every transport
@@ -555,6 +573,8 @@ class TeacherEngine:
             getattr(response, "system_fingerprint", None), "system_fingerprint"
         )
         answer.attempts = attempt
+        if r.sampling.get("top_logprobs") is not None:
+            answer.logprobs = _token_logprobs(getattr(choice, "logprobs", None))
         return answer
 
     def reserve(self, r: Request) -> tuple[float, int]:

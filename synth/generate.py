@@ -20,6 +20,12 @@ An output row (messages ready for SFT; ``requests`` is the lineage, see ``synth/
 With ``input:`` a JSONL or Parquet file, ``parents`` is empty and ``source`` names the file and line
 (or row) of the record instead: ``manifests trace`` ends there.
 
+With ``sampling: {top_logprobs: k}`` the endpoint is asked for each answer token's log-prob and its ``k``
+likeliest alternatives, and the rows get a ``logprobs`` column: per answer token
+``{"token": " Paris", "logprob": -0.02, "top": [{"token": " Paris", "logprob": -0.02}, …]}`` as the
+endpoint sent them (texts in its own tokenizer), or null where it sent none. ``method: proxy`` fits an
+open model to them.
+
 With several teachers, ``routing: all`` asks each of them; ``routing: hash`` sends each prompt to
 one teacher, chosen by a hash of the prompt (stable across runs), in proportion to ``weights``.
 """
@@ -37,6 +43,12 @@ from manifests.schema import Manifest
 from manifests.store import Store
 from synth.engine import Request
 from synth.runner import MESSAGE, Dropped, Output, SynthConfig, SynthTask, run_synth
+
+TOKEN_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
+ANSWER_LOGPROBS = pa.list_(
+    pa.struct([("token", pa.string()), ("logprob", pa.float64()), ("top", pa.list_(TOKEN_LOGPROB))])
+)
+"""The ``logprobs`` column (with ``sampling.top_logprobs``): one entry per answer token."""
 
 
 class GenerateConfig(SynthConfig):
@@ -88,6 +100,13 @@ class GenerateTask(SynthTask):
                ("messages", pa.list_(MESSAGE))]  # fmt: skip
     cfg: GenerateConfig
 
+    @classmethod
+    def output_columns(
+        cls, cfg: SynthConfig, input_schema: pa.Schema | None = None
+    ) -> list[tuple[str, pa.DataType]]:
+        asked = cfg.sampling.top_logprobs is not None
+        return cls.columns + ([("logprobs", ANSWER_LOGPROBS)] if asked else [])
+
     def _messages(self, text: str) -> list[dict[str, str]]:
         user = self.cfg.prompt_template.replace(
             "{text}", _truncate((text or "").strip(), self.cfg.max_input_chars)
@@ -137,6 +156,8 @@ class GenerateTask(SynthTask):
             else:
                 columns = {"prompt_id": prompt_id, "teacher": answer.teacher, "sample_index": request.sample_index,
                            "messages": messages + [{"role": "assistant", "content": answer.content}]}  # fmt: skip
+                if self.cfg.sampling.top_logprobs is not None:
+                    columns["logprobs"] = answer.logprobs
                 out.append(Output(columns, [answer], [row["id"]], group=prompt_id))
         return out
 

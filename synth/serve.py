@@ -3,8 +3,9 @@
     distillery serve smollm2-135m-instruct --port 8000
     distillery serve echo --port 0 --latency-ms 200 --fault-429 0.1 --request-log requests.jsonl
 
-``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions`` answer in OpenAI's
-JSON shapes, so the ``openai`` client (and so the synth engine) talks to it unchanged; so do the
+``GET /v1/models``, ``POST /v1/chat/completions`` (with ``logprobs: true, top_logprobs: k``: each
+answer token's log-prob and its k likeliest alternatives, from the model's own log-softmax) and
+``POST /v1/completions`` answer in OpenAI's JSON shapes, so the ``openai`` client (and so the synth engine) talks to it unchanged; so do the
 Files and Batches endpoints of the Batch API (``synth/serve_batch.py``). Handler
 threads queue their requests; one generation thread answers up to ``--max-batch`` of them at a
 time, in one batched ``model.generate`` per group of equal sampling settings. The model ``echo``
@@ -42,7 +43,7 @@ from manifests.errors import DistilleryError
 from manifests.store import Store
 from synth.serve_batch import BatchOptions, BatchService
 from synth.serve_http import GENERATION_PATHS, BadRequest, RequestLog, Response, error_body, request_key
-from synth.teacher import Answer, cut_at_stop, generate_answers
+from synth.teacher import Answer, cut_at_stop, generate_answers, logprobs_before_stop
 
 ECHO = "echo"
 """The model name that serves no model (see ``EchoModel``)."""
@@ -123,16 +124,20 @@ class GenerationRequest:
     seeds: list[int]
     """One per choice (``n`` of them)."""
     stop: list[str]
+    top_logprobs: int | None = None
+    """Chat requests with ``logprobs: true``: the alternatives wanted per token (0 to 20); None: no logprobs."""
 
 
 class EchoModel:
     """No model: the answer is the words of the last user message (of the prompt, for completions),
-    shuffled by the request's seed when sampling, cut to ``max_tokens`` words; usage counts words."""
+    shuffled by the request's seed when sampling, cut to ``max_tokens`` words; usage counts words. It has
+    no distribution: asked for log-probs, it returns none (``logprobs: null``, as some endpoints do)."""
 
     fingerprint = "fp_echo"
     chat_template = True
 
-    def generate(self, prompts, max_tokens: int, temperature: float, top_p: float, seeds: list[int]):
+    def generate(self, prompts, max_tokens: int, temperature: float, top_p: float, seeds: list[int],
+                 top_logprobs: int | None = None):  # fmt: skip
         answers = []
         for prompt, seed in zip(prompts, seeds, strict=True):
             if isinstance(prompt, str):
@@ -164,8 +169,10 @@ class CheckpointModel:
         self.fingerprint = f"fp_{manifest.id[:12]}"
         self.chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
-    def generate(self, prompts, max_tokens: int, temperature: float, top_p: float, seeds: list[int]):
-        return generate_answers(self.model, self.tokenizer, prompts, max_tokens, temperature, top_p, seeds)
+    def generate(self, prompts, max_tokens: int, temperature: float, top_p: float, seeds: list[int],
+                 top_logprobs: int | None = None):  # fmt: skip
+        return generate_answers(self.model, self.tokenizer, prompts, max_tokens, temperature, top_p, seeds,
+                                top_logprobs=top_logprobs)  # fmt: skip
 
 
 @dataclass
@@ -225,14 +232,16 @@ class Batcher:
         groups: dict[tuple, list[_Job]] = {}
         for job in jobs:
             r = job.request
-            groups.setdefault((r.max_tokens, r.temperature, r.top_p), []).append(job)
-        for (max_tokens, temperature, top_p), group in groups.items():
+            groups.setdefault((r.max_tokens, r.temperature, r.top_p, r.top_logprobs), []).append(job)
+        for (max_tokens, temperature, top_p, top_logprobs), group in groups.items():
             # A greedy answer is the same for every choice: generate it once and copy it.
             counts = [1 if temperature == 0 else len(j.request.seeds) for j in group]
             prompts = [j.request.prompt for j, c in zip(group, counts, strict=True) for _ in range(c)]
             seeds = [s for j, c in zip(group, counts, strict=True) for s in j.request.seeds[:c]]
             try:
-                answers = self.backend.generate(prompts, max_tokens, temperature, top_p, seeds)
+                # (only when asked: a backend of five arguments serves everything else)
+                asked = {} if top_logprobs is None else {"top_logprobs": top_logprobs}
+                answers = self.backend.generate(prompts, max_tokens, temperature, top_p, seeds, **asked)
             except Exception as e:  # the requests fail with 500; the server goes on
                 print(f"error: generation failed: {e!r}", file=sys.stderr)
                 answers, failure = [], e
@@ -309,6 +318,16 @@ def parse_request(kind: str, body: Any) -> GenerationRequest:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest("'stop' must be a string or a list of strings")
+    top_logprobs = None
+    if kind == "chat" and body.get("logprobs") is not None:
+        if not isinstance(body["logprobs"], bool):
+            raise BadRequest("'logprobs' must be a boolean")
+        if body["logprobs"]:
+            top_logprobs = _integer(body, "top_logprobs", 0, 0)
+            if top_logprobs > 20:
+                raise BadRequest("'top_logprobs' must be <= 20")
+    if kind == "chat" and body.get("top_logprobs") is not None and top_logprobs is None:
+        raise BadRequest("'top_logprobs' needs 'logprobs: true'")
     # Without a seed a sampled request draws its own: unseeded sampling is not reproducible.
     base = seed if seed is not None else random.SystemRandom().randrange(2**31)
     return GenerationRequest(
@@ -318,6 +337,7 @@ def parse_request(kind: str, body: Any) -> GenerationRequest:
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         seeds=[base + i for i in range(n)],
         stop=stop,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -527,8 +547,10 @@ class Server:
         for i, answer in enumerate(answers):
             text, finish = _apply_stop(answer, request.stop)
             if kind == "chat":
+                content = logprobs_before_stop(answer.logprobs, request.stop)
+                logprobs = None if content is None else {"content": content, "refusal": None}
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": finish})  # fmt: skip
+                                "logprobs": logprobs, "finish_reason": finish})  # fmt: skip
             else:
                 choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish})
         prompt_tokens = answers[0].prompt_tokens if answers else 0

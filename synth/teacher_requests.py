@@ -140,6 +140,16 @@ class SamplingConfig(RecipeConfig):
     seed: int | None = 0
     """Sent to the endpoint (sample ``k`` of a prompt uses ``seed + k``); endpoints honour it to
     different degrees, and the response's ``system_fingerprint`` says which build answered."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """Ask for the log-prob of every answer token and its ``k`` likeliest alternatives (OpenAI's
+    ``logprobs: true, top_logprobs: k``; 20 at most); ``synth generate`` keeps them in a ``logprobs``
+    column (null where the endpoint returns none). Unset: not asked for."""
+
+    def resolved(self) -> dict[str, Any]:
+        data = super().resolved()
+        if data["top_logprobs"] is None:  # not asked: the request keys of earlier runs stay the same
+            del data["top_logprobs"]
+        return data
 
 
 class BudgetConfig(RecipeConfig):
@@ -178,6 +188,9 @@ class Answer:
     cache_hit: bool = False
     error: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[dict[str, Any]] | None = None
+    """With ``sampling.top_logprobs``: per answer token ``{"token", "logprob", "top": [{"token", "logprob"}]}``,
+    as the endpoint returned them (None where it returned none)."""
 
     @property
     def ok(self) -> bool:

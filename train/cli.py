@@ -28,6 +28,7 @@ STAGES = {
     "train.pretrain": Stage("train.pretrain:PretrainRecipe", "train.pretrain:run_recipe"),
     "train.sft": Stage("train.sft:SFTRecipe", "train.sft:run_recipe"),
     "train.distill": Stage("train.distill:DistillRecipe", "train.distill:run_recipe"),
+    "train.proxy": Stage("train.proxy:ProxyRecipe", "train.proxy:run_recipe"),
     "train.dpo": Stage("train.dpo:DPORecipe", "train.dpo:run_recipe"),
     "train.reward": Stage("train.reward:RewardRecipe", "train.reward:run_recipe"),
     "train.grpo": Stage("train.grpo:GRPORecipe", "train.grpo:run_recipe"),

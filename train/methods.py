@@ -14,6 +14,7 @@ METHODS = {
     "sft": "train.sft:SFTRecipe",
     "pretrain": "train.pretrain:PretrainRecipe",
     "distill": "train.distill:DistillRecipe",
+    "proxy": "train.proxy:ProxyRecipe",
     "dpo": "train.dpo:DPORecipe",
     "reward": "train.reward:RewardRecipe",
     "grpo": "train.grpo:GRPORecipe",
