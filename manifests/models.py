@@ -7,14 +7,24 @@ lazily so that the manifest tools stay light.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from manifests.errors import DistilleryError
+from manifests.hashing import canonical_json
 from manifests.model_runs import CHECKPOINT_DIR, base_model_of, require_causal_lm
 from manifests.schema import Manifest
 from manifests.store import Store
 from manifests.verify import ensure_verified
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what makes token ids mean something: the vocabulary and the special tokens (two models
+    whose tokenizers share it read the same token ids the same way)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
+    return hashlib.sha256(canonical_json({"vocab": vocab, "special": special}).encode()).hexdigest()
 
 
 def checkpoint_path(manifest: Manifest) -> Path:

@@ -306,7 +306,9 @@ class AugmentTask(SynthTask):
         return ["id", cfg.prompt_column]
 
     @classmethod
-    def output_columns(cls, cfg: AugmentConfig) -> list[tuple[str, pa.DataType]]:
+    def output_columns(
+        cls, cfg: AugmentConfig, input_schema: pa.Schema | None = None
+    ) -> list[tuple[str, pa.DataType]]:
         common = [("method", pa.string()), ("prompt", pa.string()), ("teacher", pa.string())]
         keep = isinstance(cfg.method, ParaphraseMethod) and cfg.method.keep_answer
         return common + cls.method_columns + ([("messages", pa.list_(MESSAGE))] if cfg.answer or keep else [])

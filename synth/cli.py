@@ -12,6 +12,8 @@ STAGES = {
     "synth.cot": Stage("synth.cot:CotConfig", "synth.cot:run_recipe"),
     "synth.preferences": Stage("synth.preferences:PreferencesConfig", "synth.preferences:run_recipe"),
     "synth.augment": Stage("synth.augment:AugmentConfig", "synth.augment:run_recipe"),
+    "synth.mine": Stage("synth.mine:MineConfig", "synth.mine:run_recipe"),
+    "synth.loop": Stage("synth.loop:LoopConfig", "synth.loop:run_recipe"),
 }
 """The synth recipe stages (``stage:`` → config, run function); each has the verb of its name."""
 
@@ -31,6 +33,16 @@ VERBS = {
                 "Make new instructions from a dataset of instructions: paraphrases, Evol-Instruct\n"
                 "evolutions (with the paper's elimination rules) or a Self-Instruct pool grown under a ROUGE-L\n"
                 "filter; optionally answered by the teacher, as SFT-ready messages.", "synth-augment-evol.yaml"),
+    "mine": ("the candidates the student is weak on",
+             "Score candidate prompts with the student (loss on a teacher answer, pass@k of its own sampled\n"
+             "answers, KL to a white-box teacher, entropy, self-consistency), keep the hardest within a\n"
+             "fraction, threshold or teacher-token budget, per stratum and away from near-copies; the rest\n"
+             "go to the ledger with their scores.", "synth-mine.yaml"),
+    "loop": ("rounds of mine, teacher, train and eval",
+             "Round after round: mine the candidates with the newest student, have the teacher answer\n"
+             "the kept ones, train, evaluate; until a round budget, a teacher-token budget or no gain.\n"
+             "A killed loop started again resumes at the step it reached, paying no request twice.",
+             "synth-loop.yaml"),
 }  # fmt: skip
 """verb → (what it makes, description, example recipe in examples/recipes)."""
 

@@ -162,13 +162,28 @@ class SynthTask:
         return cls.required
 
     @classmethod
-    def output_columns(cls, cfg: SynthConfig) -> list[tuple[str, pa.DataType]]:
-        """The task's own output columns (``columns``, unless the recipe changes them)."""
+    def output_columns(
+        cls, cfg: SynthConfig, input_schema: pa.Schema | None = None
+    ) -> list[tuple[str, pa.DataType]]:
+        """The task's own output columns (``columns``, unless the recipe changes them); a task that
+        carries input columns through takes their types from ``input_schema``."""
         return cls.columns
 
     @classmethod
-    def schema(cls, cfg: SynthConfig | None = None) -> pa.Schema:
-        return pa.schema(COMMON + (cls.columns if cfg is None else cls.output_columns(cfg)) + TRAILING)
+    def schema(cls, cfg: SynthConfig | None = None, input_schema: pa.Schema | None = None) -> pa.Schema:
+        own = cls.columns if cfg is None else cls.output_columns(cfg, input_schema)
+        return pa.schema(COMMON + own + TRAILING)
+
+    @classmethod
+    def lineage_parents(cls, cfg: SynthConfig, store: Store) -> dict[str, Manifest]:
+        """Manifests besides the input and the served teachers that the output is made from, by role
+        (mining's student run)."""
+        return {}
+
+    @classmethod
+    def extra_stats(cls, cfg: SynthConfig, outputs: list[Output], dropped: list[Dropped]) -> dict[str, Any]:
+        """The task's own numbers for the manifest's stats."""
+        return {}
 
 
 def fill(template: str, **values: str) -> str:
@@ -277,6 +292,9 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
     if table.num_rows == 0:
         raise DistilleryError(f"{source.label} has no rows to make prompts from")
     served = [_served_model(t, store) for t in cfg.teachers if t.serve is not None]
+    extra = task_cls.lineage_parents(cfg, store)
+    roles = {m.id: "teacher" for m in served} | {m.id: role for role, m in extra.items()}
+    made_from = list({m.id: m for m in [*source.parents, *served, *extra.values()]}.values())
     cache = RequestCache(store.root / CACHE_FILE)
     try:
         results, usage = asyncio.run(_run_rows(task_cls, cfg, store, table.to_pylist(), cache))
@@ -289,7 +307,7 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
         raise RunFailed(
             f"{cfg.name}: no output row from {table.num_rows} input rows ({'; '.join(reasons[:3])})"
         )
-    schema = task_cls.schema(cfg)
+    schema = task_cls.schema(cfg, source.table.schema)
     rows = []
     for o in outputs:
         parents, file_source = source.lineage(o.parents)
@@ -302,7 +320,7 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
         by_split.setdefault(split_of[r.pop("_group")], []).append(r)
     recipe = cfg.resolved() | source.recipe
     with Publisher(store, kind="dataset", name=cfg.name, stage=task_cls.stage, recipe=recipe,
-                   parents=[*source.parents, *served], parent_roles={m.id: "teacher" for m in served}, seed=cfg.seed) as pub:  # fmt: skip
+                   parents=made_from, parent_roles=roles, seed=cfg.seed) as pub:  # fmt: skip
         for split, split_rows in sorted(by_split.items()):
             pub.write_table(pa.Table.from_pylist(split_rows, schema=schema), split=split)
         pub.write_ledger(
@@ -324,5 +342,5 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
             "cost_this_run": round(usage.cost, 6),
             "cost_of_rows": round(sum(a.cost for a in answers), 6),
             "finish_reasons": dict(sorted(Counter(str(a.finish_reason) for a in answers).items())),
-        }  # fmt: skip
+        } | task_cls.extra_stats(cfg, outputs, dropped)  # fmt: skip
         return pub.publish(stats=stats, arrow_schema=schema)
