@@ -20,7 +20,9 @@ Scores, each a *hardness* (higher: more worth the teacher's tokens):
 - ``kl``: the mean per-token KL(teacher || student) over the teacher answer, for a white-box ``teacher``
   run of the same tokenizer;
 - ``entropy``: the student's mean per-token entropy over its own sampled answers;
-- ``self_consistency``: one minus the share of the student's sampled answers that agree with their majority.
+- ``self_consistency``: one minus the share of the student's sampled answers that agree with their majority;
+- ``random``: a uniform number fixed by ``seed`` and the candidate -- the baseline: the same budget, strata
+  and output, without asking the student.
 
 The student's answers are sampled through the teacher engine -- by default from the student served on
 loopback (``distillery serve``), or from ``sampler:``, an endpoint serving the same checkpoint (vLLM) --
@@ -44,6 +46,7 @@ not offered again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 from collections import Counter
@@ -63,7 +66,7 @@ from synth.selection import Candidate, Rules, combine, pass_at_k, select
 from synth.teacher_requests import TeacherConfig, estimate_prompt_tokens
 from synth.verify import Verifier, VerifyOptions
 
-ScoreName = Literal["loss", "pass_at_k", "kl", "entropy", "self_consistency"]
+ScoreName = Literal["loss", "pass_at_k", "kl", "entropy", "self_consistency", "random"]
 SAMPLED = ("pass_at_k", "entropy", "self_consistency")
 """The scores that need the student's own answers."""
 STUDENT = "student"
@@ -196,6 +199,8 @@ def hardness(measures: dict[str, float | None], name: str) -> float | None:
     """A score as a hardness (higher: weaker student) from the row's measures."""
     if name == "loss":
         return measures["student_loss"]
+    if name == "random":
+        return measures["random"]
     if name == "pass_at_k":
         return None if measures["pass_at_k"] is None else 1.0 - measures["pass_at_k"]
     if name == "self_consistency":
@@ -321,6 +326,7 @@ class MineTask(SynthTask):
                 ]
                 continue
             measures[row["id"]] = await self._sample_measures(row, answers)
+            measures[row["id"]]["random"] = random_score(cfg.seed, row["id"])
         kept = [row for row in scored if row["id"] in measures]
         await asyncio.to_thread(self._forward_measures, kept, prompts, samples, measures)
         names = list(cfg.scores)
@@ -465,6 +471,12 @@ class MineTask(SynthTask):
         if cfg.teacher:
             parents["teacher"] = store.resolve(cfg.teacher, kind="run")
         return parents
+
+
+def random_score(seed: int, candidate: str) -> float:
+    """A uniform number in [0, 1) fixed by the seed and the candidate: the ``random`` score, the baseline
+    that spends the same budget on the same strata without asking the student."""
+    return int(hashlib.sha256(f"{seed}\x1f{candidate}".encode()).hexdigest()[:13], 16) / 16**13
 
 
 def stratum_stats(cfg: MineConfig, outputs: list[Output], dropped: list[Dropped]) -> dict[str, Any]:

@@ -286,3 +286,18 @@ def test_a_pool_without_references_says_so(mine_store, tmp_path, echo, cli):
     )
     assert result.code != 0 and result.err.startswith("error: ") and "reference" in result.err, result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_the_random_baseline_keeps_a_seeded_uniform_pick(mine_store, tmp_path, echo):
+    from synth.mine import random_score
+
+    rows = questions(10, seed=2)
+    manifest = run_mine(
+        mine_store, tmp_path, echo, rows, scores={"random": 1}, seed=7, select={"top_fraction": 0.3}
+    )
+    kept = read_table(manifest).to_pylist()
+    every = [(random_score(7, r["candidate_id"]), r["candidate_id"]) for r in kept]
+    assert len(kept) == 3 and manifest.stats["requests"]["sent"] == 0  # the student is never asked
+    ledger = manifest_ledger(manifest)
+    assert min(s for s, _ in every) >= max(e["score"] for e in ledger)
+    assert all(r["mine_score"] == pytest.approx(random_score(7, r["candidate_id"])) for r in kept)
