@@ -17,6 +17,9 @@ Round r runs, through each stage's own recipe (the blocks above with the loop's 
 1. ``synth.mine`` ``<name>-r<r>-mined``: the candidates scored by the newest student (round 1: ``student``),
    sampled from it served on loopback; the candidates of earlier rounds' mined datasets are excluded;
 2. the teacher stage (``synth.cot``, ``synth.generate``…) ``<name>-r<r>-teacher`` on the mined rows;
+   With ``reweight: true``, from round 2 each stratum's share of the teacher budget is the previous round's
+   mean mining score there over their sum (the ``mixture_weights`` of its stats: where the student is
+   weakest gets most), recorded in the round's mine recipe and the loop's row;
 3. ``train`` ``<name>-r<r>``: by default from ``student`` on every round's teacher data so far
    (``base: last`` continues from the previous round's run, ``train_on: new`` uses this round's only);
 4. ``eval`` ``<name>-r<r>-eval`` of that run (and ``<name>-r0-eval`` of ``student`` once, the baseline).
@@ -99,6 +102,9 @@ class LoopConfig(RecipeConfig):
     """Every round's teacher data so far (default), or this round's only."""
     split: str = "train"
     """The teacher data's split to train on."""
+    reweight: bool = False
+    """From round 2, share the teacher budget among the strata (``mine.select.stratify_by``) by the
+    previous round's per-stratum mining scores -- the student's weakness there -- instead of by size."""
     stop: LoopStop = Field(default_factory=LoopStop)
 
     @model_validator(mode="after")
@@ -113,6 +119,8 @@ class LoopConfig(RecipeConfig):
             raise ValueError(
                 "'eval' and 'metric' go together: the metric names a task and a metric of the eval"
             )
+        if self.reweight and not (self.mine.get("select") or {}).get("stratify_by"):
+            raise ValueError("'reweight' shares the budget among strata: set mine.select.stratify_by")
         if self.stop.min_gain is not None and self.eval is None:
             raise ValueError("'stop.min_gain' needs 'eval' and 'metric' (the gain is measured there)")
         return self
@@ -150,9 +158,12 @@ class Loop:
 
     # ------------------------------------------------------------------ the steps' recipes
 
-    def mine_recipe(self, r: int, student: str, mined: list[str]) -> dict[str, Any]:
-        return {"stage": "synth.mine", **copy.deepcopy(self.cfg.mine), "name": f"{self.cfg.name}-r{r}-mined",
+    def mine_recipe(self, r: int, student: str, mined: list[str], weights: dict[str, float] | None = None):
+        data = {"stage": "synth.mine", **copy.deepcopy(self.cfg.mine), "name": f"{self.cfg.name}-r{r}-mined",
                 "input": self.cfg.candidates, "student": student, "exclude": mined}  # fmt: skip
+        if weights:  # the previous round's gaps decide this round's shares
+            data["select"] = data["select"] | {"strata": "weights", "stratum_weights": weights}
+        return data
 
     def teacher_recipe(self, r: int, mined: str) -> dict[str, Any]:
         return {**copy.deepcopy(self.cfg.teacher), "name": f"{self.cfg.name}-r{r}-teacher", "input": mined}
@@ -223,7 +234,10 @@ class Loop:
                 break
             base = student.ref if cfg.base == "last" else start.ref
             try:
-                mined_now = self.step(f"r{r}/mine", self.mine_recipe(r, student.ref, [m.ref for m in mined]))
+                weights = mined[-1].stats["mined"]["mixture_weights"] if cfg.reweight and mined else None
+                mined_now = self.step(
+                    f"r{r}/mine", self.mine_recipe(r, student.ref, [m.ref for m in mined], weights)
+                )
             except DistilleryError as e:
                 if "no candidate can be scored" in str(e) and mined:
                     why = "every candidate was mined in an earlier round"
@@ -238,7 +252,7 @@ class Loop:
             run = self.step(f"r{r}/train", self.train_recipe(r, base, data))
             tokens = teacher_tokens(teacher, self.store)
             spent += tokens
-            row = {"round": r, "mined": pin(mined_now), "teacher_data": pin(teacher), "run": pin(run), "eval": None,
+            row = {"round": r, "strata_weights": canonical_json(weights) if weights else None, "mined": pin(mined_now), "teacher_data": pin(teacher), "run": pin(run), "eval": None,
                    "kept": mined_now.stats["mined"]["kept"], "teacher_tokens": tokens, "metric": None, "gain": None}  # fmt: skip
             for m, role in ((mined_now, "mined"), (teacher, "teacher_data"), (run, "run")):
                 parents[m.id] = (m, role)
@@ -262,7 +276,7 @@ class Loop:
 
     def publish(self, rows, parents, spent: int, why: str) -> Manifest:
         cfg = self.cfg
-        schema = pa.schema([("id", pa.string()), ("round", pa.int64()), ("mined", pa.string()),
+        schema = pa.schema([("id", pa.string()), ("round", pa.int64()), ("strata_weights", pa.string()), ("mined", pa.string()),
                             ("teacher_data", pa.string()), ("run", pa.string()), ("eval", pa.string()),
                             ("kept", pa.int64()), ("teacher_tokens", pa.int64()), ("metric", pa.float64()),
                             ("gain", pa.float64())])  # fmt: skip

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 from collections import Counter
 from typing import Any, Literal
@@ -529,8 +528,3 @@ def run_recipe(data: dict[str, Any], store: Store, source: str) -> Manifest:
     from manifests.recipes import parse_config
 
     return mine(parse_config(MineConfig, data, source), store)
-
-
-def summary(manifest: Manifest) -> dict[str, Any]:
-    """A mined dataset's headline numbers, as the loop and the CLI print them."""
-    return json.loads(canonical_json(manifest.stats.get("mined", {})))

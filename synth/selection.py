@@ -7,7 +7,8 @@ Pure functions over plain lists (``synth/mine.py`` feeds them), so each rule is 
   candidates (ties share their mean rank) and averaged by weight -- a loss in nats and a pass@k in 0..1
   then count alike;
 - ``select``: candidates in order of score (ties by id, so a rerun picks the same), each stratum with its
-  share of the budget (``proportional`` to its candidates, ``equal``, or given weights), greedily: a
+  share of the budget or of the kept count (``proportional`` to its candidates, ``equal``, or given
+  weights), greedily: a
   candidate that no longer fits the stratum's tokens is skipped and a cheaper one after it may still fit;
   what a stratum leaves unused goes to the best remaining candidates of any stratum. With a diversity
   weight, a candidate's score is multiplied by ``novelty ** weight`` -- novelty is one minus its largest
@@ -176,15 +177,14 @@ def select(candidates: list[Candidate], rules: Rules) -> dict[str, Decision]:
     for c in eligible:
         by_stratum[c.stratum].append(c)
     if rules.teacher_tokens is not None:
-        allowance = {s: rules.teacher_tokens * share[s] for s in by_stratum}
+        total = float(rules.teacher_tokens)
     elif rules.top_fraction is not None:
-        sizes = {s: sum(1 for c in candidates if c.stratum == s) for s in by_stratum}
-        allowance = {s: float(round(rules.top_fraction * sizes[s])) for s in by_stratum}
+        total = float(round(rules.top_fraction * len(candidates)))
     else:
-        allowance = {s: math.inf for s in by_stratum}
+        total = math.inf
     index = NoveltyIndex()
     grams = {c.id: ngrams(c.text, rules.ngram) for c in eligible} if _novelty_used(rules) else {}
-    spent = {"tokens": 0, "count": 0}
+    spent = {"units": 0}
 
     def cost(c: Candidate) -> float:
         return c.tokens if rules.teacher_tokens is not None else 1
@@ -210,8 +210,7 @@ def select(candidates: list[Candidate], rules: Rules) -> dict[str, Decision]:
             if cost(c) > left:
                 continue  # too dear for what is left; a cheaper one below may fit
             left -= cost(c)
-            spent["tokens"] += c.tokens
-            spent["count"] += 1
+            spent["units"] += cost(c)
             if _novelty_used(rules):
                 index.add(c.id, grams[c.id])
             decisions[c.id] = Decision(
@@ -219,10 +218,10 @@ def select(candidates: list[Candidate], rules: Rules) -> dict[str, Decision]:
             )
 
     for stratum in sorted(by_stratum):
-        pick(by_stratum[stratum], allowance[stratum])
-    if rules.teacher_tokens is not None and rules.teacher_tokens > spent["tokens"]:
+        pick(by_stratum[stratum], total * share[stratum])
+    if math.isfinite(total) and total > spent["units"]:
         # what the strata left unused goes to the best candidates left, whatever their stratum
-        pick(eligible, rules.teacher_tokens - spent["tokens"])
+        pick(eligible, total - spent["units"])
     for c in eligible:
         if c.id not in decisions:
             why = (

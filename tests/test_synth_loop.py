@@ -18,13 +18,13 @@ from .test_train_sft import run_cli
 
 
 def loop_recipe(tmp_path, echo_url: str, **changes) -> dict:
-    rows = [
-        {"question": f"{WORDS[i]} {WORDS[i + 1]} {WORDS[i + 2]}", "answer": WORDS[i + 2]} for i in range(8)
-    ]
+    rows = [{"question": f"{WORDS[i]} {WORDS[i + 1]} {WORDS[i + 2]}", "answer": WORDS[i + 2], "domain": "ab"[i % 2]}
+            for i in range(8)]  # fmt: skip
     pool = write_jsonl(tmp_path / "pool.jsonl", rows)
     return {"stage": "synth.loop", "name": "lp", "student": "student", "candidates": str(pool), "rounds": 2,
             "mine": {"scores": {"pass_at_k": 1}, "samples": 2, "sampling": {"temperature": 1.0, "max_tokens": 4},
-                     "verify": {"method": "exact", "extract": "auto"}, "select": {"top_fraction": 0.5}},
+                     "verify": {"method": "exact", "extract": "auto"},
+                     "select": {"top_fraction": 0.5, "stratify_by": "domain"}}, "reweight": True,
             "teacher": {"stage": "synth.cot", "teachers": [{"base_url": echo_url, "model": "echo"}],
                         "sampling": {"max_tokens": 8}, "verify": "none", "max_tries": 1},
             "train": {"method": "sft", "max_steps": 2, "save_every": 1, "per_device_batch_size": 2,
@@ -62,6 +62,10 @@ def test_a_killed_loop_resumes_where_it_was_and_asks_the_teacher_nothing_twice(t
     first = set(read_table(mined1, columns=["candidate_id"]).column("candidate_id").to_pylist())
     second = set(read_table(mined2, columns=["candidate_id"]).column("candidate_id").to_pylist())
     assert len(first) == 4 and len(second) == 2 and not first & second
+    # Round 2 shared its budget by round 1's per-stratum gaps (reweight), and says so.
+    weights = mined1.stats["mined"]["mixture_weights"]
+    assert set(weights) == {"a", "b"} and mined2.producer.recipe["select"]["stratum_weights"] == weights
+    assert json.loads(rounds[1]["strata_weights"]) == weights and rounds[0]["strata_weights"] is None
     # Round 2 trained on both rounds' teacher data; every step is a parent of the loop's dataset.
     round2 = store.resolve(rounds[1]["run"])
     assert len(round2.producer.recipe["datasets"]) == 2
