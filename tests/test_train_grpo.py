@@ -198,16 +198,17 @@ def _recipe(tmp_path, name: str, **extra) -> str:
     return str(path)
 
 
-def test_a_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_one(rl_store, tmp_path):
+def test_a_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_one(rl_store, cli, tmp_path):
     import torch
 
     straight = grpo(rl_store, "grpo-straight", max_steps=3, save_every=1)
     recipe = _recipe(tmp_path, "grpo-resumed", max_steps=3, save_every=1)
     killed = _cli(rl_store, recipe, env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "1"})
     assert killed.returncode == 137, killed.stderr[-2000:]
-    again = _cli(rl_store, recipe, "--resume")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "training from the start" not in again.stderr  # it did resume
+    # The resume runs in this process: only the kill needs a process of its own.
+    again = cli("--store", rl_store.root, "train", "run", recipe, "--resume")
+    assert again.code == 0, again.err[-2000:]
+    assert "training from the start" not in again.err  # it did resume
     resumed = rl_store.resolve("grpo-resumed")
     a, b = weights_of(straight), weights_of(resumed)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -55,7 +55,7 @@ def test_a_separate_value_model_adaptive_kl_in_the_loss_and_a_lora_policy(rl_sto
     assert table.stats["rows"] == 2 * 4 * 2
 
 
-def test_a_killed_ppo_run_resumes_to_the_weights_of_an_uninterrupted_one(rl_store, tmp_path):  # noqa: F811
+def test_a_killed_ppo_run_resumes_to_the_weights_of_an_uninterrupted_one(rl_store, cli, tmp_path):  # noqa: F811
     import torch
 
     kl = {"coef": 0.05, "target": 0.5, "horizon": 10}
@@ -65,9 +65,10 @@ def test_a_killed_ppo_run_resumes_to_the_weights_of_an_uninterrupted_one(rl_stor
                                  | {"max_steps": 3, "save_every": 1, "kl": kl}))  # fmt: skip
     killed = _cli(rl_store, recipe, env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "1"})
     assert killed.returncode == 137, killed.stderr[-2000:]
-    again = _cli(rl_store, recipe, "--resume")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "training from the start" not in again.stderr  # it did resume
+    # The resume runs in this process: only the kill needs a process of its own.
+    again = cli("--store", rl_store.root, "train", "run", recipe, "--resume")
+    assert again.code == 0, again.err[-2000:]
+    assert "training from the start" not in again.err  # it did resume
     resumed = rl_store.resolve("ppo-resumed")
     a, b = weights_of(straight), weights_of(resumed)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

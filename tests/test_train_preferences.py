@@ -210,7 +210,7 @@ def test_dpo_mistakes_are_one_line_and_publish_nothing(pref_store, cli, tmp_path
     assert not pref_store.list(kind="run", name="dpo-bad")
 
 
-def test_a_killed_dpo_run_resumes_to_the_weights_of_an_uninterrupted_one(pref_store, tmp_path):
+def test_a_killed_dpo_run_resumes_to_the_weights_of_an_uninterrupted_one(pref_store, cli, tmp_path):
     import os
     import subprocess
     import sys
@@ -236,11 +236,9 @@ def test_a_killed_dpo_run_resumes_to_the_weights_of_an_uninterrupted_one(pref_st
     killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=env | {"DISTILLERY_FAULT_EXIT_AFTER_STEP": "1"})  # fmt: skip
     assert killed.returncode == 137, killed.stderr[-2000:]
-    again = subprocess.run(
-        [*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
-    )
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "training from the start" not in again.stderr  # it did resume
+    again = cli(*command[3:], "--resume")  # in this process: only the kill needs a process of its own
+    assert again.code == 0, again.err[-2000:]
+    assert "training from the start" not in again.err  # it did resume
     a, b = weights_of(straight), weights_of(pref_store.resolve("dpo-resumed"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 

@@ -585,6 +585,28 @@ def has_gpus() -> bool:
     return torch.cuda.device_count() >= 2
 
 
+SHARDED = {"stage": "train", "model": "tiny", "datasets": [{"ref": "chat"}], "max_steps": 4, "save_every": 2,
+           "per_device_batch_size": 2, "max_length": 128, "learning_rate": 0.01, "peft": {"method": "none"}}  # fmt: skip
+"""Two processes x 2 examples, 4 steps, a checkpoint every 2 (``strategy`` added)."""
+
+
+def sharded_run(
+    store: Store, folder, name: str, strategy: str, port: str, *extra: str, env: dict | None = None
+):
+    recipe = write_recipe(folder / f"{name}.yaml", json.dumps(SHARDED | {"name": name, "strategy": strategy}))
+    return run_cli(store, "train", "run", str(recipe), "--nproc", "2", "--master-port", port, *extra, env=env)
+
+
+@pytest.fixture(scope="module")
+def zero2_straight(sft_store, tmp_path_factory):
+    """An uninterrupted ZeRO-2 run on 2 processes: the sharded-strategies test checks it against one process,
+    the kill-and-resume test resumes to its weights (one launch for both)."""
+    result = sharded_run(sft_store, tmp_path_factory.mktemp("zero2"), "sharded-deepspeed-zero2", "deepspeed-zero2",
+                         "29522")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.parametrize(
     "strategy",
     [
@@ -595,19 +617,18 @@ def has_gpus() -> bool:
         "deepspeed-zero3",
     ],
 )
-def test_sharded_strategies_on_two_processes_match_one_process(sft_store, tmp_path, strategy):
+def test_sharded_strategies_on_two_processes_match_one_process(sft_store, tmp_path, request, strategy):
     """2 processes x 2 examples under FSDP or ZeRO train the weights 1 process x 4 examples trains."""
-    common = {"max_steps": 2, "max_length": 128, "learning_rate": 0.01, "peft": {"method": "none"}}
-    alone = train(sft_store, f"alone-{strategy}", per_device_batch_size=4, **common)
-    data = {"stage": "train", "name": f"sharded-{strategy}", "model": "tiny", "datasets": [{"ref": "chat"}],
-            "per_device_batch_size": 2, "strategy": strategy} | common  # fmt: skip
-    recipe = write_recipe(tmp_path / "sharded.yaml", json.dumps(data))  # JSON is YAML
-    port = str(29521 + ["fsdp", "deepspeed-zero2", "deepspeed-zero3"].index(strategy))
-    result = run_cli(sft_store, "train", "run", str(recipe), "--nproc", "2", "--master-port", port)
+    alone = train(sft_store, f"alone-{strategy}", **(SHARDED | {"per_device_batch_size": 4}))
+    if strategy == "deepspeed-zero2":
+        result = request.getfixturevalue("zero2_straight")
+    else:
+        port = str(29521 + ["fsdp", "deepspeed-zero2", "deepspeed-zero3"].index(strategy))
+        result = sharded_run(sft_store, tmp_path, f"sharded-{strategy}", strategy, port)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("published run") == 1
     sharded = sft_store.resolve(f"sharded-{strategy}")
-    assert sharded.producer.recipe["strategy"] == strategy and sharded.stats["steps"] == 2
+    assert sharded.producer.recipe["strategy"] == strategy and sharded.stats["steps"] == 4
     assert sharded.stats["processes"] == 2
     assert sharded.stats["distributed"] == ("FSDP" if strategy == "fsdp" else "DEEPSPEED")
     assert sharded.stats["loaded_partitioned"] == (strategy == "deepspeed-zero3")  # no whole copy per process
@@ -640,39 +661,40 @@ def test_evaluation_on_a_held_out_split_and_throughput_go_to_the_metrics(sft_sto
         train(sft_store, "x", eval_split="validation")
 
 
-def test_a_killed_deepspeed_run_resumes_to_the_weights_of_an_uninterrupted_one(sft_store, tmp_path):
+def test_a_killed_deepspeed_run_resumes_to_the_weights_of_an_uninterrupted_one(
+    sft_store, tmp_path, zero2_straight
+):
     """ZeRO-2 on 2 processes, killed after the step-2 checkpoint and resumed on 2 processes."""
-    common = {"stage": "train", "model": "tiny", "datasets": [{"ref": "chat"}], "max_steps": 4, "save_every": 2,
-              "per_device_batch_size": 2, "max_length": 128, "learning_rate": 0.01, "peft": {"method": "none"},
-              "strategy": "deepspeed-zero2"}  # fmt: skip
-    straight = write_recipe(tmp_path / "straight.yaml", json.dumps(common | {"name": "zero-straight"}))
-    resumed = write_recipe(tmp_path / "resumed.yaml", json.dumps(common | {"name": "zero-resumed"}))
-    two = ["--nproc", "2", "--master-port", "29533"]
-    assert run_cli(sft_store, "train", "run", str(straight), *two).returncode == 0
-    killed = run_cli(
-        sft_store, "train", "run", str(resumed), *two, env={"DISTILLERY_FAULT_EXIT_AFTER_STEP": "2"}
-    )
+    kill = {"DISTILLERY_FAULT_EXIT_AFTER_STEP": "2"}
+    killed = sharded_run(sft_store, tmp_path, "zero-resumed", "deepspeed-zero2", "29533", env=kill)
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert killed.stderr.strip().splitlines()[-1].startswith("error: process ")  # named, no traceback
-    again = run_cli(sft_store, "train", "run", str(resumed), *two, "--resume")
+    again = sharded_run(sft_store, tmp_path, "zero-resumed", "deepspeed-zero2", "29533", "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
-    a, b = weights_of(sft_store.resolve("zero-straight")), weights_of(sft_store.resolve("zero-resumed"))
+    straight, resumed = (sft_store.resolve(name) for name in ("sharded-deepspeed-zero2", "zero-resumed"))
+    a, b = weights_of(straight), weights_of(resumed)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
-    steps = [json.loads(line)["step"] for line in (sft_store.resolve("zero-resumed").location / "metrics.jsonl")
-             .read_text().splitlines()]  # fmt: skip
+    steps = [
+        json.loads(line)["step"] for line in (resumed.location / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3, 4]
 
 
-def test_deepspeed_runs_in_one_process_and_fsdp_in_one_process_is_plain(sft_store, tmp_path):
+def test_deepspeed_runs_in_one_process_and_fsdp_in_one_process_is_plain(cli, sft_store, tmp_path):
     """One process without a launcher: ZeRO (e.g. ZeRO-Offload on one GPU) gets a job of one; FSDP
     has nothing to shard."""
     for strategy in ("deepspeed-zero2", "fsdp"):
         data = {"stage": "train", "name": f"one-{strategy}", "model": "tiny", "datasets": [{"ref": "chat"}],
                 "max_steps": 1, "max_length": 128, "strategy": strategy}  # fmt: skip
-        result = run_cli(
-            sft_store, "train", "run", str(write_recipe(tmp_path / "one.yaml", json.dumps(data)))
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        recipe = write_recipe(tmp_path / "one.yaml", json.dumps(data))
+        if (
+            strategy == "fsdp"
+        ):  # plain training: this process will do (DeepSpeed would start a job of one in it)
+            result = cli("--store", sft_store.root, "train", "run", recipe)
+            assert result.code == 0, result.err[-3000:]
+        else:
+            result = run_cli(sft_store, "train", "run", str(recipe))
+            assert result.returncode == 0, result.stderr[-3000:]
         m = sft_store.resolve(f"one-{strategy}")
         assert (
             m.stats["distributed"] == ("DEEPSPEED" if strategy != "fsdp" else "NO")
@@ -680,7 +702,7 @@ def test_deepspeed_runs_in_one_process_and_fsdp_in_one_process_is_plain(sft_stor
         )
 
 
-def test_strategy_mistakes_are_caught_before_training(sft_store, tmp_path):
+def test_strategy_mistakes_are_caught_before_training(cli, sft_store, tmp_path):
     with pytest.raises(DistilleryError, match="offload: true needs strategy fsdp or deepspeed"):
         train(sft_store, "x", offload=True)
     with pytest.raises(DistilleryError, match="guard.action skip cannot be done under deepspeed-zero2"):
@@ -689,20 +711,21 @@ def test_strategy_mistakes_are_caught_before_training(sft_store, tmp_path):
         return
     recipe = write_recipe(tmp_path / "fsdp.yaml", "stage: train\nname: f\nmodel: tiny\ndatasets: [{ref: chat}]\n"
                           "strategy: fsdp\n")  # fmt: skip
-    result = run_cli(sft_store, "train", "run", str(recipe), "--nproc", "2")  # refused before torchrun starts
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    # Refused before torchrun starts (so both commands run in this process).
+    result = cli("--store", sft_store.root, "train", "run", recipe, "--nproc", "2")
+    assert result.code == 2 and "Traceback" not in result.err
     # ... but a script or config for GPU nodes can be written here
-    emitted = run_cli(
-        sft_store, "train", "run", str(recipe), "--nproc", "8", "--emit-slurm", str(tmp_path / "j.sh")
+    emitted = cli(
+        "--store", sft_store.root, "train", "run", recipe, "--nproc", "8", "--emit-slurm", tmp_path / "j.sh"
     )
-    assert emitted.returncode == 0, emitted.stderr
-    assert result.stderr.strip().splitlines() == [
+    assert emitted.code == 0, emitted.err
+    assert result.err.strip().splitlines() == [
         "error: strategy fsdp: accelerate applies FSDP to GPU processes only, so on CPUs it would run as plain "
         "DDP; use strategy deepspeed-zero3 (sharded on CPUs too) or ddp"
     ]
 
 
-def test_emitted_accelerate_config_launches_the_recipe_with_deepspeed(sft_store, tmp_path):
+def test_emitted_accelerate_config_launches_the_recipe_with_deepspeed(cli, sft_store, tmp_path):
     import sys
 
     import yaml
@@ -711,10 +734,11 @@ def test_emitted_accelerate_config_launches_the_recipe_with_deepspeed(sft_store,
             "per_device_batch_size": 2, "max_length": 128, "strategy": "deepspeed-zero2"}  # fmt: skip
     recipe = write_recipe(tmp_path / "acc.yaml", json.dumps(data))
     target = tmp_path / "launch" / "accelerate.yaml"
-    emitted = run_cli(
-        sft_store, "train", "run", str(recipe), "--nproc", "2", "--emit-accelerate", str(target)
+    # (writing the files starts nothing: this process will do)
+    emitted = cli(
+        "--store", sft_store.root, "train", "run", recipe, "--nproc", "2", "--emit-accelerate", target
     )
-    assert emitted.returncode == 0, emitted.stderr[-2000:]
+    assert emitted.code == 0, emitted.err[-2000:]
     config = yaml.safe_load(target.read_text())
     ds = json.loads((tmp_path / "launch" / "accelerate.deepspeed.json").read_text())
     assert config["distributed_type"] == "DEEPSPEED" and config["num_processes"] == 2
@@ -722,7 +746,7 @@ def test_emitted_accelerate_config_launches_the_recipe_with_deepspeed(sft_store,
         tmp_path / "launch" / "accelerate.deepspeed.json"
     )
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == "auto"
-    printed = emitted.stdout.strip().splitlines()[-1].split()
+    printed = emitted.out.strip().splitlines()[-1].split()
     assert printed[:4] == ["accelerate", "launch", "--config_file", str(target)]
     # the printed command, as printed (with this environment's Python and a free port)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "29531"]
@@ -749,7 +773,7 @@ def test_emitted_accelerate_config_launches_the_recipe_with_deepspeed(sft_store,
     assert "contradicts the recipe (ds gradient_clipping=0.25 vs hf max_grad_norm=1.0)" in contradicted.stderr
 
 
-def test_a_killed_sft_run_resumes_to_the_same_weights(sft_store, tmp_path):
+def test_a_killed_sft_run_resumes_to_the_same_weights(cli, sft_store, tmp_path):
     import os
     import subprocess
     import sys
@@ -783,10 +807,10 @@ def test_a_killed_sft_run_resumes_to_the_same_weights(sft_store, tmp_path):
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"cut short")
     # (an option that only reports -- MFU's peak -- may change between the kill and the resume)
-    again = subprocess.run([*command, "--resume", "--set", "peak_tflops=5"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "no checkpoint of this recipe to resume from" not in again.stderr
+    # The resume runs in this process: only the kill needs a process of its own.
+    again = cli(*command[3:], "--resume", "--set", "peak_tflops=5")
+    assert again.code == 0, again.err[-2000:]
+    assert "no checkpoint of this recipe to resume from" not in again.err
     resumed = sft_store.resolve("resumed")
     a = load_file(straight.location / "checkpoint" / "model.safetensors")
     b = load_file(resumed.location / "checkpoint" / "model.safetensors")
