@@ -11,6 +11,9 @@ are concatenated; with weights they are interleaved with ``datasets.interleave_d
 proportions, the smaller ones repeated until every dataset has been seen once in full
 (``all_exhausted``), with the recipe's seed -- so a mixture is the same in every run. The run's
 manifest names each dataset by its pinned id.
+
+With a ``curriculum`` (``train/curriculum.py``) the mixture's rows -- after concatenating or
+interleaving -- are put in the order of a score; every method trains on them in that order.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from manifests.recipes import RecipeConfig
 from manifests.schema import Manifest
 from manifests.store import Store
 from manifests.verify import ensure_verified
+from train.curriculum import LENGTH, Curriculum, check_curriculum, in_curriculum_order
 
 
 class DatasetInput(RecipeConfig):
@@ -42,9 +46,14 @@ class DatasetInput(RecipeConfig):
 
 
 def resolve_datasets(
-    inputs: list[DatasetInput], store: Store, columns: list[str], purpose: str
+    inputs: list[DatasetInput],
+    store: Store,
+    columns: list[str],
+    purpose: str,
+    curriculum: Curriculum | None = None,
 ) -> list[Manifest]:
-    """The manifests of ``inputs``, verified, each checked for its split and ``columns``."""
+    """The manifests of ``inputs``, verified, each checked for its split and ``columns`` (and for the
+    ``curriculum``'s score)."""
     weighted = [d.weight is not None for d in inputs]
     if any(weighted) and not all(weighted):
         raise DistilleryError("datasets: give every dataset a 'weight', or none (they are then concatenated)")
@@ -53,18 +62,35 @@ def resolve_datasets(
         manifest = store.resolve(d.ref, kind="dataset")
         require_columns(manifest, columns, purpose)
         require_split(manifest, d.split)
+        if curriculum is not None:
+            check_curriculum(curriculum, manifest, d.split)
         manifests.append(manifest)
     return manifests
 
 
 def load_mixture(inputs: list[DatasetInput], manifests: list[Manifest], columns: list[str], seed: int,
-                 cache_dir: Path | None = None):  # fmt: skip
-    """One Hugging Face dataset of ``columns``: the inputs concatenated, or interleaved by weight.
+                 cache_dir: Path | None = None, curriculum: Curriculum | None = None):  # fmt: skip
+    """One Hugging Face dataset of ``columns``: the inputs concatenated, or interleaved by weight, and
+    with a ``curriculum`` then put in its order (its score column read for that, and not kept).
 
     In memory, or with ``cache_dir`` memory-mapped: each shard is copied once, a block at a time, to
     an Arrow file there, and rows are read from disk as they are used -- for corpora larger than memory.
     """
-    from datasets import Dataset, concatenate_datasets, interleave_datasets
+    extra = curriculum.by if curriculum and curriculum.by != LENGTH and curriculum.by not in columns else None
+    mixture = _mixture(inputs, manifests, columns, seed, cache_dir, extra)
+    if curriculum is None:
+        return mixture
+    ordered = in_curriculum_order(mixture, curriculum, seed)
+    return ordered.remove_columns(extra) if extra else ordered
+
+
+def _mixture(inputs: list[DatasetInput], manifests: list[Manifest], columns: list[str], seed: int,
+             cache_dir: Path | None, score: str | None):  # fmt: skip
+    """The mixture of ``columns`` (and of the ``score`` column, as float64: one dataset's integer scores
+    and another's floats mix)."""
+    from datasets import Dataset, Value, concatenate_datasets, interleave_datasets
+
+    columns = [*columns, score] if score else columns
 
     if cache_dir is None:
         parts = [
@@ -75,6 +101,8 @@ def load_mixture(inputs: list[DatasetInput], manifests: list[Manifest], columns:
         parts = [
             _memory_mapped(m, d.split, columns, cache_dir) for d, m in zip(inputs, manifests, strict=True)
         ]
+    if score:
+        parts = [part.cast_column(score, Value("float64")) for part in parts]
     if len(parts) == 1:
         return parts[0]
     if inputs[0].weight is None:

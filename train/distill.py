@@ -524,7 +524,7 @@ def _stored_outputs(cfg: DistillRecipe, store: Store) -> tuple[Manifest, list[Ma
         for d in outputs.producer.recipe["datasets"]
     ]
     inputs = cfg.datasets or made_for
-    datasets = resolve_datasets(inputs, store, ["id"], "distillation")
+    datasets = resolve_datasets(inputs, store, ["id"], "distillation", cfg.curriculum)
     wanted = sorted((m.id, d.split) for m, d in zip(datasets, inputs, strict=True))
     if wanted != sorted((d.ref.split("@")[1], d.split) for d in made_for):
         have = ", ".join(f"{d.ref[: d.ref.index('@') + 13]}:{d.split}" for d in made_for)
@@ -674,7 +674,7 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
                 "datasets: give the data to distil on (with online teachers it has no default)"
             )
         inputs = cfg.datasets
-        datasets = resolve_datasets(inputs, store, ["id"], "distillation")
+        datasets = resolve_datasets(inputs, store, ["id"], "distillation", cfg.curriculum)
     teacher_runs = [require_causal_lm(store.resolve(t.ref, kind="run"), store) for t in cfg.teachers]
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.check_launch(processes, torch.cuda.is_available())
@@ -722,7 +722,7 @@ def train_distill(cfg: DistillRecipe, store: Store) -> Manifest | None:
         hidden_pairs = [[] for _ in t_configs]
     if not attention:
         attention_pairs = [[] for _ in t_configs]
-    examples = distill_examples(datasets, inputs, tokenizer, cfg.max_length, cfg.seed)
+    examples = distill_examples(datasets, inputs, tokenizer, cfg.max_length, cfg.seed, cfg.curriculum)
     stored_k = _attach_stored(examples, outputs, cfg.top_k) if outputs is not None else None
     projections = _projections(config, t_configs, hidden_pairs, cfg.seed)
     if projections is not None and (zero_stage(cfg.strategy) == 3 or cfg.strategy == "fsdp"):

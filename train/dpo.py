@@ -371,8 +371,9 @@ def _pairs_of(cfg: DPORecipe, store: Store, split: str | None, tokenizer, purpos
         if split
         else cfg.datasets
     )
-    manifests = resolve_datasets(inputs, store, PAIR_COLUMNS, purpose)
-    mixture = load_mixture(inputs, manifests, PAIR_COLUMNS, cfg.seed)
+    curriculum = None if split else cfg.curriculum  # (held-out pairs are scored, not trained on in order)
+    manifests = resolve_datasets(inputs, store, PAIR_COLUMNS, purpose, curriculum)
+    mixture = load_mixture(inputs, manifests, PAIR_COLUMNS, cfg.seed, curriculum=curriculum)
     pairs, dropped = tokenized_pairs(mixture, tokenizer, cfg.max_length, margin=False)
     return manifests, pairs, dropped
 

@@ -12,11 +12,12 @@
     beta: 0.0                                 # KL to the reference in the loss (0: no reference model)
     peft: {method: lora, r: 8}
 
-Each step takes ``prompts_per_step`` prompts, samples ``group_size`` answers to each from the policy
-(transformers' ``generate``; seeded per prompt and step, so the answers do not depend on how prompts are
-split over processes, and a resumed run samples what the killed one did), scores them with the reward
-functions (``train/rollouts.py``), and turns each group's rewards into advantages (GRPO: reward minus
-the group mean, over the group's standard deviation; ``advantage: rloo``: minus the mean of the others).
+Each step takes ``prompts_per_step`` prompts (a seeded shuffle, or a ``curriculum:``'s order), samples
+``group_size`` answers to each from the policy (transformers' ``generate``; seeded per prompt and step,
+so the answers do not depend on how prompts are split over processes, and a resumed run samples what the
+killed one did), scores them with the reward functions (``train/rollouts.py``), and turns each group's
+rewards into advantages (GRPO: reward minus the group mean, over the group's standard deviation;
+``advantage: rloo``: minus the mean of the others).
 The policy then takes ``updates_per_batch`` optimizer steps on the clipped surrogate
 (``train/rl_losses.py``), with the KL to the reference -- the base with the adapter disabled under PEFT,
 or a frozen copy -- when ``beta`` > 0. This is the project's own loop, not TRL's GRPOTrainer: it owns the
@@ -150,7 +151,7 @@ def _train(cfg: GRPORecipe, store: Store, inputs: RLInputs, dist: Dist) -> Manif
     for step in range(start + 1, cfg.max_steps + 1):
         # --- rollouts: this process's share of the step's prompts, each group sampled and scored
         t0 = time.time()
-        chosen = step_prompts(len(rows), step, cfg.prompts_per_step, cfg.seed)
+        chosen = step_prompts(len(rows), step, cfg.prompts_per_step, cfg.seed, shuffle=cfg.curriculum is None)
         groups = sample_groups(cfg, inputs, model, chosen[dist.rank :: dist.world], step, cfg.group_size)
         generation_s = time.time() - t0
         # --- advantages per group, and the batch's sequences

@@ -260,7 +260,7 @@ def _train(
 
     for step in range(start + 1, cfg.max_steps + 1):
         t0 = time.time()
-        chosen = step_prompts(len(rows), step, cfg.prompts_per_step, cfg.seed)
+        chosen = step_prompts(len(rows), step, cfg.prompts_per_step, cfg.seed, shuffle=cfg.curriculum is None)
         groups = sample_groups(cfg, inputs, model, chosen[dist.rank :: dist.world], step, cfg.samples_per_prompt,
                                cfg.truncation_penalty)  # fmt: skip
         generation_s = time.time() - t0

@@ -26,6 +26,8 @@ the corpus (``benchmarks/train/pretrain_memory.py``). Data order is a seeded per
 of the global sequence indexes; each optimizer step
 takes ``per_device_batch_size * processes * gradient_accumulation_steps`` of them and each process
 its own slice, so 2 processes of 2 see what 1 process of 4 sees (``--nproc``, ``train/launch.py``).
+With a ``curriculum`` (a numeric column of the packed rows; ``train/curriculum.py``) the order is the
+curriculum's instead, the same in every epoch.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import OWNER_PREFIX, Store, claim_work_folder
 from train import checkpoint
+from train.curriculum import Curriculum
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.launch import Dist, setup, teardown
 from train.monitor import GuardConfig, Monitor, flops_per_token, peak_flops
@@ -98,6 +101,9 @@ class PretrainRecipe(RecipeConfig):
     name: Name
     method: Literal["pretrain"] = "pretrain"
     datasets: list[DatasetInput] = Field(min_length=1)
+    curriculum: Curriculum | None = None
+    """Train on the packed rows in the order of a numeric column of theirs (``train/curriculum.py``), e.g.
+    ``{by: quality, order: descending, stages: 4}``; without it, a seeded permutation per epoch."""
     model: str | None = None
     """Continue pretraining this checkpoint (a run reference); or give ``tokenizer`` and ``shape``."""
     tokenizer: str | None = None
@@ -210,15 +216,23 @@ class TokenRows:
 
 
 class Batches:
-    """Global sequence positions in a seeded order, epoch after epoch; each process takes its slice."""
+    """Global sequence positions in a seeded order, epoch after epoch; each process takes its slice.
+    ``shuffle=False``: the rows' own order every epoch (they are already in a curriculum's)."""
 
-    def __init__(self, tokens: TokenRows, seed: int, dist: Dist, per_device: int):
+    def __init__(self, tokens: TokenRows, seed: int, dist: Dist, per_device: int, shuffle: bool = True):
         self.tokens, self.seed, self.dist, self.per_device = tokens, seed, dist, per_device
+        self.shuffle = shuffle
         self._orders: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng(self.seed + epoch).permutation(len(self.tokens))}
+            rows = len(self.tokens)
+            order = (
+                np.random.default_rng(self.seed + epoch).permutation(rows)
+                if self.shuffle
+                else np.arange(rows)
+            )
+            self._orders = {epoch: order}
         return self._orders[epoch]
 
     def take(self, position: int):
@@ -236,7 +250,7 @@ class Batches:
 def train_pretrain(cfg: PretrainRecipe, store: Store) -> Manifest | None:
     import torch
 
-    manifests = resolve_datasets(cfg.datasets, store, ["id", "input_ids"], "pretraining")
+    manifests = resolve_datasets(cfg.datasets, store, ["id", "input_ids"], "pretraining", cfg.curriculum)
     dist = setup()
     try:
         return _train(cfg, store, manifests, dist, torch)
@@ -262,7 +276,8 @@ def _train(
     arrow = work / "arrow"
     if not dist.main:
         torch.distributed.barrier()
-    tokens = TokenRows(load_mixture(cfg.datasets, manifests, ["input_ids"], cfg.seed, cache_dir=arrow))
+    tokens = TokenRows(load_mixture(cfg.datasets, manifests, ["input_ids"], cfg.seed, cache_dir=arrow,
+                                    curriculum=cfg.curriculum))  # fmt: skip
     seq_len = tokens.seq_len
     if cfg.per_device_batch_size * dist.world > len(tokens):
         raise DistilleryError(
@@ -328,7 +343,7 @@ def _train(
     monitor.resume_at(state["tokens"])
     for loss in state["losses"][-cfg.guard.window :]:
         monitor.good(loss)
-    batches = Batches(tokens, cfg.seed, dist, cfg.per_device_batch_size)
+    batches = Batches(tokens, cfg.seed, dist, cfg.per_device_batch_size, shuffle=cfg.curriculum is None)
     fault = int(os.environ.get(FAULT_NAN, "-1"))
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     autocast = None if zero is not None else autocast  # DeepSpeed casts the model itself

@@ -111,7 +111,7 @@ def train_reward(cfg: RewardRecipe, store: Store) -> Manifest | None:
             f"model {base.ref} is an adapter; a reward model starts from whole weights -- merge it first "
             f"(distillery train merge {base.ref})"
         )
-    datasets = resolve_datasets(cfg.datasets, store, PAIR_COLUMNS, "a reward model")
+    datasets = resolve_datasets(cfg.datasets, store, PAIR_COLUMNS, "a reward model", cfg.curriculum)
     margin = cfg.margin and has_margin(datasets)
     columns = [*PAIR_COLUMNS, *(["margin"] if margin else [])]
     tokenizer = load_tokenizer(base)
@@ -123,7 +123,8 @@ def train_reward(cfg: RewardRecipe, store: Store) -> Manifest | None:
         check_target_modules(cfg.peft.target_modules, architecture(base, store), base.ref)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.check_launch(processes, torch.cuda.is_available())
-    train_rows = load_mixture(cfg.datasets, datasets, columns, cfg.seed).remove_columns("id")
+    train_rows = load_mixture(cfg.datasets, datasets, columns, cfg.seed, curriculum=cfg.curriculum)
+    train_rows = train_rows.remove_columns("id")
     if len(train_rows) == 0:
         raise DistilleryError("datasets: the preference datasets have no rows (in this split)")
     eval_rows = None

@@ -21,6 +21,7 @@ from manifests.recipes import Name, RecipeConfig
 from manifests.schema import Manifest
 from manifests.store import Store, claim_work_folder
 from train import checkpoint
+from train.curriculum import Curriculum
 from train.data import DatasetInput, load_mixture, resolve_datasets
 from train.launch import Dist
 from train.monitor import GuardConfig
@@ -57,9 +58,12 @@ def _order(rows: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
-def step_prompts(rows: int, step: int, per_step: int, seed: int) -> list[int]:
-    """The prompt indexes of ``step`` (1-based): a seeded shuffle per pass over the data."""
+def step_prompts(rows: int, step: int, per_step: int, seed: int, shuffle: bool = True) -> list[int]:
+    """The prompt indexes of ``step`` (1-based): a seeded shuffle per pass over the data, or with
+    ``shuffle=False`` the rows' own order every pass (they are already in a curriculum's)."""
     first = (step - 1) * per_step
+    if not shuffle:
+        return [p % rows for p in range(first, first + per_step)]
     return [_order(rows, p // rows, seed)[p % rows] for p in range(first, first + per_step)]
 
 
@@ -193,9 +197,9 @@ def prompt_rows(cfg, store: Store, method: str):
         *(["tests"] if needs_tests else []),
     ]
     manifests = resolve_datasets(
-        cfg.datasets, store, columns, f"{method} (prompts with what the verifiers check)"
+        cfg.datasets, store, columns, f"{method} (prompts with what the verifiers check)", cfg.curriculum
     )
-    rows = load_mixture(cfg.datasets, manifests, columns, cfg.seed).to_list()
+    rows = load_mixture(cfg.datasets, manifests, columns, cfg.seed, curriculum=cfg.curriculum).to_list()
     if not rows:
         raise DistilleryError("datasets: the prompt datasets have no rows")
     return manifests, rows
@@ -210,6 +214,9 @@ class RLRecipe(RecipeConfig):
     """Run reference of the policy's starting point (also its frozen reference)."""
     datasets: list[DatasetInput] = Field(min_length=1)
     """Prompt datasets: a ``prompt`` column (a chat or text), and what the verifiers check."""
+    curriculum: Curriculum | None = None
+    """Take the prompts in the order of a score (``train/curriculum.py``), ``prompts_per_step`` at a time
+    (each process its share of a step's); without it, a seeded shuffle per pass."""
     rewards: list[RewardFunction] = Field(min_length=1)
     reference_column: str = "reference"
     """The prompts' column that holds the verifiers' reference answer."""

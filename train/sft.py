@@ -73,6 +73,7 @@ from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
 from train.checkpoint import trainer_checkpoint_marker, trainer_work_folder
+from train.curriculum import Curriculum
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 from train.launch import as_a_job_of_one
 from train.monitor import GuardConfig, Monitor, flops_per_token, guard_stopped, peak_flops, trainer_guard
@@ -112,6 +113,9 @@ class SFTRecipe(RecipeConfig):
     """Run reference of the base checkpoint (from ``train import-model``, ``make-student`` or a training run)."""
     datasets: list[DatasetInput] = Field(min_length=1)
     peft: PeftSettings = Field(default_factory=PeftSettings)
+    curriculum: Curriculum | None = None
+    """Train on the rows in the order of a score, e.g. ``{by: mine_score, order: ascending, stages: 3}``
+    (``train/curriculum.py``); without it the Trainer draws them in a seeded random order."""
     max_steps: int = Field(default=30, ge=1)
     per_device_batch_size: int = Field(default=4, ge=1)
     """Examples per step (with packing: packed rows of ``max_length`` tokens per step)."""
@@ -386,6 +390,8 @@ def launch_configs(cfg: SFTRecipe, store: Store, processes: int, machines: int, 
 
 
 def check_trainer_recipe(cfg: SFTRecipe) -> None:
+    if cfg.curriculum is not None:
+        check_sequential_sampling(cfg)
     if cfg.packing and cfg.peft.is_prompt_learning:
         raise DistilleryError(
             f"packing: true does not work with peft.method {cfg.peft.method}: its virtual tokens would precede "
@@ -398,6 +404,29 @@ def check_trainer_recipe(cfg: SFTRecipe) -> None:
     if cfg.offload and cfg.strategy == "ddp":
         raise DistilleryError(
             "offload: true needs strategy fsdp or deepspeed-zero1/2/3 (ddp keeps a whole model)"
+        )
+
+
+def check_sequential_sampling(cfg: SFTRecipe) -> None:
+    """That the Trainer can take the rows in the curriculum's order. Its default sampler is random; its
+    public ``train_sampling_strategy: sequential`` (``sft_arguments``) gives a SequentialSampler, which
+    accelerate shards by batch -- each process takes its share of every step from the one global order --
+    and which ``--resume`` skips into as into any other. No private sampler hook is overridden. Packing
+    would reorder the examples (TRL packs by length, best-fit decreasing), so it is refused."""
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+        import transformers
+
+        raise DistilleryError(
+            f"curriculum: the Trainer of transformers {transformers.__version__} draws rows at random and "
+            "has no train_sampling_strategy to take them in order; install a newer transformers or drop "
+            "curriculum:"
+        )
+    if cfg.packing:
+        raise DistilleryError(
+            "curriculum: packing: true reorders the examples (TRL packs them by length, best-fit "
+            "decreasing), so the curriculum's order would not hold; set packing: false"
         )
 
 
@@ -439,6 +468,7 @@ def sft_arguments(cfg: SFTRecipe, work: Path, model, processes: int, config_clas
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, report_to="none",
+        **({"train_sampling_strategy": "sequential"} if cfg.curriculum is not None else {}),
         save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2,
         eval_strategy="steps" if cfg.eval_split else "no", eval_steps=cfg.eval_every,
         per_device_eval_batch_size=cfg.per_device_batch_size,
@@ -521,7 +551,7 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     check_trainer_recipe(cfg)
     if cfg.guard.action == "rollback":
         raise DistilleryError("guard.action rollback needs method pretrain; for SFT use skip or stop")
-    datasets = resolve_datasets(cfg.datasets, store, ["id"], "SFT")
+    datasets = resolve_datasets(cfg.datasets, store, ["id"], "SFT", cfg.curriculum)
     # Held out: each dataset's split once (a weighted mixture would repeat rows of the smaller ones).
     eval_inputs = [d.model_copy(update={"split": cfg.eval_split, "weight": None}) for d in cfg.datasets]
     eval_inputs = eval_inputs if cfg.eval_split else []
@@ -535,7 +565,9 @@ def train_sft(cfg: SFTRecipe, store: Store) -> Manifest | None:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.check_launch(processes, torch.cuda.is_available())
 
-    mixture = load_mixture(cfg.datasets, datasets, ["id", *FORMAT_COLUMNS[fmt]], cfg.seed)
+    mixture = load_mixture(
+        cfg.datasets, datasets, ["id", *FORMAT_COLUMNS[fmt]], cfg.seed, curriculum=cfg.curriculum
+    )
     tokenizer = load_tokenizer(base)
     if template is not None:
         tokenizer.chat_template = template

@@ -44,6 +44,7 @@ from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
+from train.curriculum import Curriculum
 from train.data import DatasetInput, load_mixture, pinned, resolve_datasets
 
 STAGE = "train.teacher-logits"
@@ -117,9 +118,10 @@ def example_tokens(row: dict[str, Any], fmt: str, tokenizer, max_length: int) ->
 
 
 def distill_examples(manifests: list[Manifest], inputs: list[DatasetInput], tokenizer, max_length: int,
-                     seed: int) -> list[dict[str, Any]]:  # fmt: skip
-    """The mixture of ``inputs`` as tokenized examples (``id``, ``input_ids``, ``labels``): the one
-    tokenization both the stored teacher outputs and the distill run use."""
+                     seed: int, curriculum: Curriculum | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """The mixture of ``inputs`` as tokenized examples (``id``, ``input_ids``, ``labels``), in the
+    ``curriculum``'s order if any: the one tokenization both the stored teacher outputs and the distill
+    run use."""
     import pyarrow.parquet as pq
 
     formats = set()
@@ -128,7 +130,7 @@ def distill_examples(manifests: list[Manifest], inputs: list[DatasetInput], toke
     if len(formats) > 1:
         raise DistilleryError("datasets: a mixture needs one format (all messages, or all prompt/completion)")
     fmt = formats.pop()
-    mixture = load_mixture(inputs, manifests, ["id", *FORMAT_COLUMNS[fmt]], seed)
+    mixture = load_mixture(inputs, manifests, ["id", *FORMAT_COLUMNS[fmt]], seed, curriculum=curriculum)
     if len(mixture) == 0:
         raise DistilleryError(
             f"datasets: {', '.join(m.ref for m in manifests)} hold no rows in the split(s) given"
