@@ -356,7 +356,7 @@ def _policy_preference(pairs: list[dict[str, Any]], table: pa.Table) -> float:
 
 
 def _check_tokenizers(policy_tok, reference_tok, reference: Manifest, policy_ref: str) -> None:
-    from train.teacher_logits import tokenizer_fingerprint
+    from manifests.models import tokenizer_fingerprint
 
     if tokenizer_fingerprint(policy_tok) != tokenizer_fingerprint(reference_tok):
         raise DistilleryError(

@@ -142,7 +142,7 @@ def value_run_of(cfg: PPORecipe, store: Store, policy_tokenizer) -> Manifest | N
     """The run that starts a separate value model, checked (None: a value head on the policy)."""
     if cfg.value.model is None:
         return None
-    from train.teacher_logits import tokenizer_fingerprint
+    from manifests.models import tokenizer_fingerprint
 
     run = store.resolve(cfg.value.model, kind="run")
     try:  # a reward model (its trained head starts the values) or a causal LM (a fresh head)

@@ -84,8 +84,8 @@ class Rewards:
     def __init__(
         self, functions: list[RewardFunction], store: Store, policy_tokenizer, reference_column: str
     ):
+        from manifests.models import tokenizer_fingerprint
         from synth.verify import Verifier
-        from train.teacher_logits import tokenizer_fingerprint
 
         self.functions, self.reference_column = functions, reference_column
         self.scorers: list[Any] = []

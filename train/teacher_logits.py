@@ -37,9 +37,9 @@ from pydantic import Field
 
 from manifests.chat_labels import IGNORED, labelled_conversation
 from manifests.errors import DistilleryError
-from manifests.hashing import canonical_json, record_id
+from manifests.hashing import record_id
 from manifests.model_runs import require_causal_lm
-from manifests.models import load_causal_lm, load_tokenizer
+from manifests.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
@@ -73,13 +73,6 @@ class TeacherLogitsRecipe(RecipeConfig):
     batch_size: int = Field(default=8, ge=1)
     seed: int = 0
     """Order of a weighted mixture (as in the distill run)."""
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of what makes token ids mean something: the vocabulary and the special tokens."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
-    return hashlib.sha256(canonical_json({"vocab": vocab, "special": special}).encode()).hexdigest()
 
 
 def sequence_sha256(input_ids: list[int]) -> str:
