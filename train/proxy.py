@@ -53,7 +53,13 @@ from manifests.console import make_console
 from manifests.data import read_table
 from manifests.errors import DistilleryError, RunFailed
 from manifests.model_runs import require_causal_lm
-from manifests.models import CHECKPOINT_DIR, checkpoint_path, load_causal_lm, load_tokenizer
+from manifests.models import (
+    CHECKPOINT_DIR,
+    checkpoint_path,
+    load_causal_lm,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from manifests.publish import Publisher
 from manifests.recipes import parse_config
 from manifests.schema import Manifest
@@ -77,7 +83,6 @@ from train.sft import (
     trainer_watch,
 )
 from train.strategy import zero_stage
-from train.teacher_logits import tokenizer_fingerprint
 
 COLUMNS = ["id", "messages", "requests"]
 """What a proxy's data must have (``synth generate`` rows); ``logprobs`` is used where present."""
