@@ -24,6 +24,34 @@ def store(tmp_path) -> Store:
     return Store(tmp_path / "store")
 
 
+@pytest.fixture(scope="session")
+def imported_smollm2(tmp_path_factory) -> Store:
+    """A store holding SmolLM2-135M-Instruct as ``train import-model`` imports it (its defaults: the demo's
+    teacher), imported once for the session: dequantising the GGUF takes most of a minute."""
+    imported = Store(tmp_path_factory.mktemp("smollm2") / "store")
+    assert main(["--store", str(imported.root), "train", "import-model"]) == 0
+    return imported
+
+
+@pytest.fixture
+def smollm2(store, imported_smollm2) -> Store:
+    """The test's own ``store`` with the imported SmolLM2 run in it (its weights hard-linked, not copied)."""
+    import shutil
+
+    def link_large(src: str, dst: str) -> None:
+        # Only the big weight files are shared; small ones (manifest, history) stay the test's own.
+        if os.path.getsize(src) > 1 << 20:
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    name = "smollm2-135m-instruct"
+    shutil.copytree(
+        imported_smollm2.name_dir("run", name), store.name_dir("run", name), copy_function=link_large
+    )
+    return store
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

@@ -387,8 +387,8 @@ def test_cli_errors_are_one_line(cli, store):
 
 
 @pytest.mark.slow
-def test_smollm2_batched_and_seeded(cli, store):
-    assert cli("--store", store.root, "train", "import-model").code == 0
+def test_smollm2_batched_and_seeded(cli, smollm2):
+    store = smollm2  # with the imported model (conftest's imported_smollm2)
     prompts = ["What is the capital of France?", "Name a colour.", "Say hello.", "What is 2 + 2?"]
     bodies = [chat("smollm2-135m-instruct", p, max_tokens=12, temperature=0) for p in prompts]
     with start_server("smollm2-135m-instruct", store, max_batch=4, batch_wait_ms=5000) as server:

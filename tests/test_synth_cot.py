@@ -444,9 +444,9 @@ def test_bad_config_is_one_line(cli, tmp_path, store, extra, message, temperatur
 
 
 @pytest.mark.slow
-def test_real_smollm2_answers_are_well_formed_rows(cli, tmp_path, store):
+def test_real_smollm2_answers_are_well_formed_rows(cli, tmp_path, smollm2):
     """A 135M model is rarely right: this checks the structure of what comes back, not correctness."""
-    assert cli("--store", store.root, "run", "examples/recipes/demo-model.yaml").code == 0
+    store = smollm2  # with the imported model (examples/recipes/demo-model.yaml, run by the end-to-end demo)
     result = cli("--store", store.root, "synth", "cot", "examples/recipes/synth-cot.yaml", "--set", "limit=3",
                  "--set", "max_tries=1", "--set", "keep_unverified=true", "--set", "sampling.max_tokens=64")  # fmt: skip
     assert result.code == 0, result.err
