@@ -57,7 +57,7 @@ from manifests.store import Store
 
 TEACHER_STAGES = ("synth.cot", "synth.generate", "synth.preferences", "synth.augment")
 FILLED = {
-    "mine": ("name", "input", "student", "exclude", "sampler"),
+    "mine": ("name", "input", "student", "exclude"),
     "teacher": ("name", "input"),
     "train": ("name", "model", "datasets", "resume"),
     "eval": ("name", "models"),
@@ -88,7 +88,7 @@ class LoopConfig(RecipeConfig):
     """The candidate prompts: a dataset or a JSONL/Parquet file, mined every round."""
     rounds: int = Field(default=2, ge=1)
     mine: dict[str, Any]
-    """A ``synth.mine`` recipe without name, input, student, exclude and sampler."""
+    """A ``synth.mine`` recipe without name, input, student and exclude (``sampler``: none or ``in_process``)."""
     teacher: dict[str, Any]
     """A teacher stage's recipe (``stage:`` one of synth.cot, synth.generate, …) without name and input."""
     train: dict[str, Any]
@@ -113,6 +113,11 @@ class LoopConfig(RecipeConfig):
             given = set(getattr(self, block) or {}) & set(FILLED[block])
             if given:
                 raise ValueError(f"'{block}' must not set {', '.join(sorted(given))}: the loop fills it in")
+        if self.mine.get("sampler") not in (None, "in_process"):
+            raise ValueError(
+                "mine.sampler: the student changes every round, so its answers come from it served on loopback "
+                "(no sampler) or 'in_process'; an endpoint would go on serving the first student"
+            )
         if self.teacher.get("stage") not in TEACHER_STAGES:
             raise ValueError(f"'teacher' needs 'stage': one of {', '.join(TEACHER_STAGES)}")
         if (self.eval is None) != (self.metric is None):

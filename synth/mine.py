@@ -26,7 +26,8 @@ Scores, each a *hardness* (higher: more worth the teacher's tokens):
 
 The student's answers are sampled through the teacher engine -- by default from the student served on
 loopback (``distillery serve``), or from ``sampler:``, an endpoint serving the same checkpoint (vLLM) --
-so they are cached like any teacher answer: a rerun samples nothing twice. Loss, KL and entropy come
+or, with ``sampler: in_process``, here, a prompt's answers in one batched ``generate`` call. Either way
+they are cached like any teacher answer: a rerun samples nothing twice. Loss, KL and entropy come
 from forward passes in this process. With several scores each becomes a percentile rank, averaged by
 weight (``synth/selection.py``), then the top fraction, the rows above a threshold, or the best rows
 that fit a budget of teacher tokens (a prompt costs its estimated tokens plus ``teacher_max_tokens`` per
@@ -130,8 +131,10 @@ class MineConfig(SynthConfig):
     """The student run (a full checkpoint or an adapter) that scores the candidates."""
     teachers: list[TeacherConfig] = Field(default_factory=list)
     """Set from ``sampler``; not given in a recipe."""
-    sampler: TeacherConfig | None = None
-    """Where the student's answers are sampled: default the student served on loopback."""
+    sampler: TeacherConfig | Literal["in_process"] | None = None
+    """Where the student's answers are sampled: default the student served on loopback (one request per
+    answer, cached); ``in_process``: in this process, every answer of a prompt from one batched
+    ``generate`` call (faster on one machine), cached as well; or an endpoint serving exactly ``student``."""
     scores: dict[ScoreName, float] = Field(default_factory=lambda: {"pass_at_k": 1.0})
     """Score → weight (> 0)."""
     teacher: str | None = None
@@ -185,7 +188,8 @@ class MineConfig(SynthConfig):
             )
         if self.sampled() and self.samples > 1 and self.sampling.temperature == 0:
             raise ValueError("sampling.temperature 0 gives every sample the same answer; set it above 0")
-        if self.sampled():  # set, not assigned: assignment would validate the model again, 'teachers' and all
+        if self.sampled() and self.sampler != "in_process":
+            # set, not assigned: assignment would validate the model again, 'teachers' and all
             sampler = (self.sampler or TeacherConfig(serve=self.student)).model_copy(update={"name": STUDENT})
             object.__setattr__(self, "teachers", [sampler])
         return self
@@ -222,6 +226,7 @@ class MineTask(SynthTask):
         self.teacher = store.resolve(cfg.teacher, kind="run") if cfg.teacher else None
         self.verifier = cfg.verify.verifier()
         self.excluded = excluded_ids(cfg.exclude, store)
+        self._models = None
         if "kl" in cfg.scores:  # checked before any answer is sampled or any model loaded
             from manifests.models import load_tokenizer, tokenizer_fingerprint
 
@@ -282,7 +287,7 @@ class MineTask(SynthTask):
         return None
 
     def first_requests(self, row: dict[str, Any]):
-        if not self.cfg.sampled():
+        if not self.cfg.sampled() or self.cfg.sampler == "in_process":
             return []
         prompt = self.prompt(row)
         return [self.engine.request(STUDENT, prompt, self.cfg.sampling, k) for k in range(self.cfg.samples)]
@@ -387,6 +392,8 @@ class MineTask(SynthTask):
         return "check the input"
 
     async def _sample(self, rows, prompts) -> dict[str, list[Answer]]:
+        if self.cfg.sampler == "in_process":
+            return await asyncio.to_thread(self._sample_in_process, rows, prompts)
         limit = asyncio.Semaphore(self.cfg.rows_in_flight)
         done = 0
 
@@ -402,6 +409,45 @@ class MineTask(SynthTask):
 
         answered = await gather_all(*(one(r) for r in rows))
         return {row["id"]: a for row, a in zip(rows, answered, strict=True)}
+
+    def models(self):
+        """(student, tokenizer), loaded once for sampling in process and the forward passes."""
+        if self._models is None:
+            from manifests.models import load_causal_lm
+
+            self._models = load_causal_lm(self.student, self.engine.store)
+            self._models[0].eval()
+        return self._models
+
+    def _sample_in_process(self, rows, prompts) -> dict[str, list[Answer]]:
+        """Every prompt's answers from the student in this process, through the request cache: an answer
+        is keyed like an engine request (endpoint ``in_process:<student id>``, the sampling and the number
+        of samples), so a rerun generates none twice."""
+        from synth.cache import request_key
+        from synth.student_scores import sample_answers
+
+        cfg, cache = self.cfg, self.engine.cache
+        endpoint, params = f"in_process:{self.student.id}", cfg.sampling.resolved() | {"samples": cfg.samples}
+        out: dict[str, list[Answer]] = {}
+        for done, row in enumerate(rows, 1):
+            prompt = prompts[row["id"]]
+            keys = [request_key(endpoint, self.student.ref, prompt, params, k) for k in range(cfg.samples)]
+            cached = cache.get_many(keys)
+            if len(cached) < len(keys):
+                model, tokenizer = self.models()
+                seed = int(
+                    hashlib.sha256(f"{params.get('seed')}\x1f{row['id']}".encode()).hexdigest()[:8], 16
+                )
+                made = sample_answers(model, tokenizer, prompt, cfg.samples, cfg.sampling.max_tokens,
+                                      cfg.sampling.temperature, cfg.sampling.top_p, seed)  # fmt: skip
+                for key, a in zip(keys, made, strict=True):
+                    cached[key] = {"content": a.text, "finish_reason": a.finish_reason, "prompt_tokens": a.prompt_tokens,
+                                   "completion_tokens": a.completion_tokens, "served_model": self.student.ref}  # fmt: skip
+                    cache.put(key, cached[key])
+            out[row["id"]] = [Answer(key=key, teacher=STUDENT, endpoint=endpoint, sampling=params,
+                                     cache_hit=False, **cached[key]) for key in keys]  # fmt: skip
+            self.progress(done, len(rows))
+        return out
 
     async def _sample_measures(self, row: dict[str, Any], answers: list[Answer]) -> dict[str, Any]:
         m: dict[str, Any] = {name: None for name, _ in MEASURES}
@@ -431,7 +477,7 @@ class MineTask(SynthTask):
         from manifests.models import load_causal_lm
         from synth.student_scores import AnswerScorer
 
-        student, tokenizer = load_causal_lm(self.student, self.engine.store)
+        student, tokenizer = self.models()
         teacher = load_causal_lm(self.teacher, self.engine.store)[0] if "kl" in wanted else None
         scorer = AnswerScorer(student, tokenizer, teacher, cfg.batch_size, cfg.max_length)
         if {"loss", "kl"} & wanted:

@@ -108,3 +108,38 @@ class AnswerScorer:
                 kl = float((t_logp.exp() * (t_logp - logp)).sum(-1).mean())
             out.append(TokenStats(len(targets), float(loss.mean()), float(entropy.mean()), kl))
         return out
+
+
+@dataclass
+class Sampled:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def sample_answers(model: Any, tokenizer: Any, prompt: list[dict[str, str]], n: int, max_new_tokens: int,
+                   temperature: float, top_p: float, seed: int) -> list[Sampled]:  # fmt: skip
+    """``n`` answers to one chat prompt from one ``generate`` call (``num_return_sequences``), under a seed
+    of the prompt's own -- so a prompt's answers never depend on which prompts ran beside it."""
+    import torch
+
+    ids = render_chat(tokenizer, prompt, add_generation_prompt=True) if tokenizer.chat_template else (
+        tokenizer(prompt[-1]["content"] + "\n", add_special_tokens=False)["input_ids"])  # fmt: skip
+    input_ids = torch.tensor([ids])
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_return_sequences": n,
+                              "pad_token_id": tokenizer.pad_token_id, "do_sample": temperature > 0}  # fmt: skip
+    if temperature > 0:
+        kwargs |= {"temperature": temperature, "top_p": top_p}
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    answers = []
+    for row in out[:, len(ids) :].tolist():
+        finish = "length"
+        if tokenizer.eos_token_id in row:
+            row, finish = row[: row.index(tokenizer.eos_token_id)], "stop"
+        if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+            row = [t for t in row if t != tokenizer.pad_token_id]
+        answers.append(Sampled(tokenizer.decode(row, skip_special_tokens=True), len(ids), len(row), finish))
+    return answers

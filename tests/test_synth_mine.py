@@ -301,3 +301,35 @@ def test_the_random_baseline_keeps_a_seeded_uniform_pick(mine_store, tmp_path, e
     ledger = manifest_ledger(manifest)
     assert min(s for s, _ in every) >= max(e["score"] for e in ledger)
     assert all(r["mine_score"] == pytest.approx(random_score(7, r["candidate_id"])) for r in kept)
+
+
+def test_in_process_sampling_is_seeded_per_prompt_and_cached(mine_store, tmp_path, echo, monkeypatch):
+    import hashlib
+
+    import synth.student_scores as student_scores
+    from manifests.models import load_causal_lm
+
+    rows = questions(4, seed=3)
+    recipe = {"sampler": "in_process", "scores": {"pass_at_k": 1, "entropy": 1}, "samples": 3, "k": 1,
+              "sampling": {"temperature": 1.0, "max_tokens": 6}, "verify": {"method": "exact", "extract": "auto"}}  # fmt: skip
+    first = {
+        r["candidate_id"]: r
+        for r in read_table(run_mine(mine_store, tmp_path, echo, rows, **recipe)).to_pylist()
+    }
+    student, tok = load_causal_lm(mine_store.resolve("student"), mine_store)
+    for rid, r in first.items():
+        seed = int(hashlib.sha256(f"0\x1f{rid}".encode()).hexdigest()[:8], 16)
+        answers = student_scores.sample_answers(student, tok, r["prompt"], 3, 6, 1.0, 1.0, seed)
+        assert [a["completion_tokens"] for a in r["requests"]] == [a.completion_tokens for a in answers]
+        assert all(a["endpoint"] == f"in_process:{mine_store.resolve('student').id}" for a in r["requests"])
+        correct = sum(a.text.strip() == r["answer"] for a in answers)
+        assert r["samples_correct"] == correct
+        entropy = sum(direct(student, tok, r["prompt"], a.text)["entropy"] for a in answers) / 3
+        assert r["entropy"] == pytest.approx(entropy, rel=1e-4)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a cached answer was generated again")
+
+    monkeypatch.setattr(student_scores, "sample_answers", no_generation)
+    again = read_table(run_mine(mine_store, tmp_path, echo, rows, name="again", **recipe)).to_pylist()
+    assert {r["candidate_id"]: r["entropy"] for r in again} == {k: r["entropy"] for k, r in first.items()}
