@@ -381,7 +381,7 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(kd_store, tm
                       "learning_rate: 0.01\npeft: {method: none}\n"
                       "stages: [{steps: 1, loss: {logits: 0.0, hidden: 1.0}}, {steps: 1}]\n")  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(kd_store.root), "train", "run",
-                             str(recipe), "--nproc", "2", "--master-port", "29531"], cwd=ROOT,
+                             str(recipe), "--nproc", "2", "--master-port", "29545"], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("published run") == 1

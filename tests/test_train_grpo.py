@@ -221,7 +221,7 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(rl_store, tm
 
     one = grpo(rl_store, "grpo-one", max_steps=2)
     result = _cli(
-        rl_store, _recipe(tmp_path, "grpo-two", max_steps=2), "--nproc", "2", "--master-port", "29537"
+        rl_store, _recipe(tmp_path, "grpo-two", max_steps=2), "--nproc", "2", "--master-port", "29541"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     two = rl_store.resolve("grpo-two")

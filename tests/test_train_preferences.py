@@ -256,7 +256,7 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(pref_store, 
                       "max_steps: 2\nper_device_batch_size: 2\nmax_length: 64\nlearning_rate: 0.01\n"
                       "peft: {method: none}\nbeta: 0.5\n")  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "manifests.cli", "--store", str(pref_store.root), "train", "run",
-                             str(recipe), "--nproc", "2", "--master-port", "29533"], cwd=ROOT,
+                             str(recipe), "--nproc", "2", "--master-port", "29543"], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     two = pref_store.resolve("dpo-ddp")
