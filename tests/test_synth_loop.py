@@ -31,9 +31,10 @@ def loop_recipe(tmp_path, echo_url: str, **changes) -> dict:
                       "max_length": 64, "peft": {"method": "none"}, "learning_rate": 1e-3}} | changes  # fmt: skip
 
 
-def test_a_killed_loop_resumes_where_it_was_and_asks_the_teacher_nothing_twice(tmp_path):
+def test_a_killed_loop_resumes_where_it_was_and_asks_the_teacher_nothing_twice(tmp_path, cli, capsys):
     store = Store(tmp_path / "store")
     publish_model(store, "student", llama(3, 1, 32, 2), tiny_tokenizer())
+    capsys.readouterr()
     log = tmp_path / "teacher-requests.jsonl"
     with start_server("echo", request_log=log) as echo:
         recipe = write_recipe(tmp_path / "loop.yaml", yaml.safe_dump(loop_recipe(tmp_path, echo.url)))
@@ -43,11 +44,11 @@ def test_a_killed_loop_resumes_where_it_was_and_asks_the_teacher_nothing_twice(t
         assert journal["r1/train"] == {"started": True} and "id" in journal["r1/teacher"]
         asked_before = len(log.read_text().splitlines())
         assert asked_before == 4  # round 1's four mined questions, one teacher request each
-        done = run_cli(store, "run", str(recipe))
-        assert done.returncode == 0, done.stderr[-3000:]
+        done = cli("--store", store.root, "run", recipe)  # the second start, in this process
+        assert done.code == 0, done.err[-3000:]
     keys = [json.loads(line)["key"] for line in log.read_text().splitlines()]
     assert len(keys) == 6 and not [k for k, n in Counter(keys).items() if n > 1]  # rounds 1 and 2, none twice
-    assert "r1/mine: done before" in done.stdout and "r1/teacher: done before" in done.stdout
+    assert "r1/mine: done before" in done.out and "r1/teacher: done before" in done.out
     result = store.resolve("lp")
     rounds = read_table(result).to_pylist()
     # Half of 8 candidates in round 1, half of the 4 never mined in round 2.
