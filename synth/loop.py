@@ -136,7 +136,17 @@ class Journal:
 
     def __init__(self, path: Path):
         self.path = path
-        self.steps: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+        self.steps: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            try:
+                self.steps = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise DistilleryError(
+                    f"loop journal {path} is damaged ({e}); remove it and run again: finished steps are found "
+                    "again by their manifests' content, and no teacher request is paid twice (the cache)"
+                ) from None
+            if not isinstance(self.steps, dict):
+                raise DistilleryError(f"loop journal {path} is not a JSON object; remove it and run again")
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.steps.get(key)
@@ -158,7 +168,11 @@ class Loop:
 
         self.cfg, self.store, self.stages = cfg, store, stage_table()
         self.console = make_console()
-        digest = hashlib.sha256(canonical_json(cfg.resolved()).encode()).hexdigest()[:16]
+        # The journal belongs to this recipe on these inputs: another candidates file, or another version of
+        # the student under the same name, starts a journal of its own.
+        inputs = {"recipe": cfg.resolved(), "student": store.resolve(cfg.student, kind="run").id,
+                  "candidates": candidates_version(cfg.candidates, store)}  # fmt: skip
+        digest = hashlib.sha256(canonical_json(inputs).encode()).hexdigest()[:16]
         self.journal = Journal(store.root / "loops" / cfg.name / f"{digest}.json")
 
     # ------------------------------------------------------------------ the steps' recipes
@@ -296,6 +310,14 @@ class Loop:
             manifest = pub.publish(stats=stats, arrow_schema=schema)
         self.console.print(f"stopped: {why}; the last round's run: {rows[-1]['run']}")
         return manifest
+
+
+def candidates_version(ref: str, store: Store) -> str:
+    """What the candidates are: a file's sha256, or the dataset's manifest id."""
+    from manifests.hashing import sha256_file
+    from synth.inputs import is_data_file
+
+    return sha256_file(Path(ref)) if is_data_file(ref) else store.resolve(ref, kind="dataset").id
 
 
 def pin(manifest: Manifest) -> str:

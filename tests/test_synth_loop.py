@@ -72,6 +72,11 @@ def test_a_killed_loop_resumes_where_it_was_and_asks_the_teacher_nothing_twice(t
     assert len(round2.producer.recipe["datasets"]) == 2
     assert {p.role for p in result.parents} == {"student", "mined", "teacher_data", "run"}
     assert result.stats["teacher_tokens"] == sum(r["teacher_tokens"] for r in rounds) > 0
+    journal = next((store.root / "loops" / "lp").glob("*.json"))
+    journal.write_text('{"r1/mine": ')  # damaged: one line saying what to do, nothing run
+    damaged = cli("--store", store.root, "run", recipe)
+    assert_one_line_error(damaged)
+    assert "journal" in damaged.err and "remove it" in damaged.err
 
 
 def test_a_block_that_sets_what_the_loop_fills_is_one_error_line(tmp_path, cli, capsys):
