@@ -76,6 +76,9 @@ class SynthConfig(RecipeConfig):
     """Seed of the split assignment."""
     rows_in_flight: int = Field(default=256, ge=1)
     """Input rows worked on at once (bounds memory; the teachers' concurrency limits requests)."""
+    keep_columns: list[str] = Field(default_factory=list)
+    """Input columns every output row carries as they are -- a score to order training by (``synth mine``'s
+    ``mine_score``: ``curriculum: {by: mine_score}``), a domain; a row made from several takes the first's."""
 
     @field_validator("splits")
     @classmethod
@@ -172,7 +175,17 @@ class SynthTask:
     @classmethod
     def schema(cls, cfg: SynthConfig | None = None, input_schema: pa.Schema | None = None) -> pa.Schema:
         own = cls.columns if cfg is None else cls.output_columns(cfg, input_schema)
-        return pa.schema(COMMON + own + TRAILING)
+        kept = []
+        if cfg is not None and input_schema is not None:
+            taken = {name for name, _ in COMMON + own + TRAILING}
+            clash = [c for c in cfg.keep_columns if c in taken]
+            if clash:
+                raise DistilleryError(
+                    f"keep_columns: {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} already an output column "
+                    f"of {cls.stage}; keep another column, or rename it in the input"
+                )
+            kept = [(c, input_schema.field(c).type) for c in cfg.keep_columns]
+        return pa.schema(COMMON + own + kept + TRAILING)
 
     @classmethod
     def lineage_parents(cls, cfg: SynthConfig, store: Store) -> dict[str, Manifest]:
@@ -285,12 +298,14 @@ def _served_model(teacher: TeacherConfig, store: Store) -> Manifest:
 
 def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Manifest:
     """Read the input, run the task over every row through the engine, publish rows + ledger."""
-    source = read_input(cfg.input, store, task_cls.input_columns(cfg), f"{task_cls.stage} input")
+    wanted = list(dict.fromkeys([*task_cls.input_columns(cfg), *cfg.keep_columns]))
+    source = read_input(cfg.input, store, wanted, f"{task_cls.stage} input")
     table = source.table.take(pc.sort_indices(source.table, sort_keys=[("id", "ascending")]))
     if cfg.limit:
         table = table.slice(0, cfg.limit)
     if table.num_rows == 0:
         raise DistilleryError(f"{source.label} has no rows to make prompts from")
+    schema = task_cls.schema(cfg, source.table.schema)  # a kept column that clashes fails before any request
     served = [_served_model(t, store) for t in cfg.teachers if t.serve is not None]
     extra = task_cls.lineage_parents(cfg, store)
     roles = {m.id: "teacher" for m in served} | {m.id: role for role, m in extra.items()}
@@ -307,11 +322,15 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
         raise RunFailed(
             f"{cfg.name}: no output row from {table.num_rows} input rows ({'; '.join(reasons[:3])})"
         )
-    schema = task_cls.schema(cfg, source.table.schema)
+    inputs = (
+        {r["id"]: r for r in table.select(["id", *cfg.keep_columns]).to_pylist()} if cfg.keep_columns else {}
+    )
     rows = []
     for o in outputs:
         parents, file_source = source.lineage(o.parents)
-        rows.append({"id": row_id(task_cls.stage, o), "parents": parents, "source": file_source, **o.columns,
+        first = inputs.get(o.parents[0], {}) if o.parents else {}
+        kept = {c: first.get(c) for c in cfg.keep_columns}
+        rows.append({"id": row_id(task_cls.stage, o), "parents": parents, "source": file_source, **o.columns, **kept,
                      "requests": [lineage(a) for a in o.answers], "verdict": o.verdict, "_group": o.group})  # fmt: skip
     groups = sorted({r["_group"] for r in rows})
     split_of = dict(zip(groups, assign_splits(groups, cfg.splits, cfg.seed), strict=True))

@@ -26,9 +26,11 @@ def loop_recipe(tmp_path, echo_url: str, **changes) -> dict:
                      "verify": {"method": "exact", "extract": "auto"},
                      "select": {"top_fraction": 0.5, "stratify_by": "domain"}}, "reweight": True,
             "teacher": {"stage": "synth.cot", "teachers": [{"base_url": echo_url, "model": "echo"}],
-                        "sampling": {"max_tokens": 8}, "verify": "none", "max_tries": 1},
+                        "sampling": {"max_tokens": 8}, "verify": "none", "max_tries": 1,
+                        "keep_columns": ["mine_score", "domain"]},
             "train": {"method": "sft", "max_steps": 2, "save_every": 1, "per_device_batch_size": 2,
-                      "max_length": 64, "peft": {"method": "none"}, "learning_rate": 1e-3}} | changes  # fmt: skip
+                      "max_length": 64, "peft": {"method": "none"}, "learning_rate": 1e-3,
+                      "curriculum": {"by": "mine_score", "order": "descending"}}} | changes  # fmt: skip
 
 
 def test_a_killed_loop_resumes_where_it_was_and_asks_the_teacher_nothing_twice(tmp_path, cli, capsys):
@@ -67,6 +69,12 @@ def test_a_killed_loop_resumes_where_it_was_and_asks_the_teacher_nothing_twice(t
     weights = mined1.stats["mined"]["mixture_weights"]
     assert set(weights) == {"a", "b"} and mined2.producer.recipe["select"]["stratum_weights"] == weights
     assert json.loads(rounds[1]["strata_weights"]) == weights and rounds[0]["strata_weights"] is None
+    # The teacher data carries each question's mining score (keep_columns), which round 2 trains in order of.
+    taught = read_table(store.resolve(rounds[1]["teacher_data"])).to_pylist()
+    scores = {r["candidate_id"]: r["mine_score"] for r in read_table(mined2).to_pylist()}
+    assert sorted(r["mine_score"] for r in taught) == sorted(scores.values()) and all(
+        r["domain"] for r in taught
+    )
     # Round 2 trained on both rounds' teacher data; every step is a parent of the loop's dataset.
     round2 = store.resolve(rounds[1]["run"])
     assert len(round2.producer.recipe["datasets"]) == 2

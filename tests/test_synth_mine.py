@@ -15,6 +15,7 @@ import re
 import pytest
 
 from manifests.data import read_table
+from manifests.errors import DistilleryError
 from manifests.recipes import parse_config
 from manifests.store import Store
 from synth.mine import MineConfig, mine
@@ -333,3 +334,24 @@ def test_in_process_sampling_is_seeded_per_prompt_and_cached(mine_store, tmp_pat
     monkeypatch.setattr(student_scores, "sample_answers", no_generation)
     again = read_table(run_mine(mine_store, tmp_path, echo, rows, name="again", **recipe)).to_pylist()
     assert {r["candidate_id"]: r["entropy"] for r in again} == {k: r["entropy"] for k, r in first.items()}
+
+
+def test_a_kept_column_that_clashes_with_an_output_column_is_refused():
+    import pyarrow as pa
+
+    from synth.cot import CotConfig, CotTask
+
+    cfg = parse_config(CotConfig, {"name": "c", "input": "x", "teachers": [{"base_url": "http://127.0.0.1:9/v1", "model": "m"}],
+                                   "keep_columns": ["messages"]}, "test")  # fmt: skip
+    inputs = pa.schema([("id", pa.string()), ("question", pa.string()), ("messages", pa.string()),
+                        ("mine_score", pa.float64())])  # fmt: skip
+    with pytest.raises(
+        DistilleryError, match="keep_columns: messages is already an output column of synth.cot"
+    ):
+        CotTask.schema(cfg, inputs)
+    kept = CotTask.schema(cfg.model_copy(update={"keep_columns": ["mine_score"]}), inputs)
+    assert kept.field("mine_score").type == pa.float64() and kept.names[-3:] == [
+        "mine_score",
+        "requests",
+        "verdict",
+    ]
