@@ -15,7 +15,7 @@
 Round r runs, through each stage's own recipe (the blocks above with the loop's fields filled in):
 
 1. ``synth.mine`` ``<name>-r<r>-mined``: the candidates scored by the newest student (round 1: ``student``),
-   sampled from it served on loopback; the candidates of earlier rounds' mined datasets are excluded;
+   sampled from it in process; the candidates of earlier rounds' mined datasets are excluded;
 2. the teacher stage (``synth.cot``, ``synth.generate``…) ``<name>-r<r>-teacher`` on the mined rows;
    With ``reweight: true``, from round 2 each stratum's share of the teacher budget is the previous round's
    mean mining score there over their sum (the ``mixture_weights`` of its stats: where the student is
@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 
 from manifests.console import make_console
 from manifests.data import read_table
-from manifests.errors import DistilleryError
+from manifests.errors import DistilleryError, RunFailed
 from manifests.hashing import canonical_json, record_id
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
@@ -88,7 +88,7 @@ class LoopConfig(RecipeConfig):
     """The candidate prompts: a dataset or a JSONL/Parquet file, mined every round."""
     rounds: int = Field(default=2, ge=1)
     mine: dict[str, Any]
-    """A ``synth.mine`` recipe without name, input, student and exclude (``sampler``: none or ``in_process``)."""
+    """A ``synth.mine`` recipe without name, input, student and exclude (the student is sampled in process)."""
     teacher: dict[str, Any]
     """A teacher stage's recipe (``stage:`` one of synth.cot, synth.generate, …) without name and input."""
     train: dict[str, Any]
@@ -115,8 +115,8 @@ class LoopConfig(RecipeConfig):
                 raise ValueError(f"'{block}' must not set {', '.join(sorted(given))}: the loop fills it in")
         if self.mine.get("sampler") not in (None, "in_process"):
             raise ValueError(
-                "mine.sampler: the student changes every round, so its answers come from it served on loopback "
-                "(no sampler) or 'in_process'; an endpoint would go on serving the first student"
+                "mine.sampler: the student changes every round, so the loop samples it in process; an endpoint "
+                "would go on serving the first student"
             )
         if self.teacher.get("stage") not in TEACHER_STAGES:
             raise ValueError(f"'teacher' needs 'stage': one of {', '.join(TEACHER_STAGES)}")
@@ -266,7 +266,13 @@ class Loop:
             if mined_now.stats.get("mined", {}).get("kept", 0) == 0:
                 why = f"round {r} kept no candidate"
                 break
-            teacher = self.step(f"r{r}/teacher", self.teacher_recipe(r, mined_now.ref))
+            try:
+                teacher = self.step(f"r{r}/teacher", self.teacher_recipe(r, mined_now.ref))
+            except RunFailed as e:
+                if "no output row" not in str(e):
+                    raise
+                why = f"round {r}: the teacher gave no row for the {mined_now.stats['mined']['kept']} mined prompts"
+                break
             data = (data if cfg.train_on == "all" else []) + [teacher.ref]
             run = self.step(f"r{r}/train", self.train_recipe(r, base, data))
             tokens = teacher_tokens(teacher, self.store)

@@ -24,10 +24,13 @@ Scores, each a *hardness* (higher: more worth the teacher's tokens):
 - ``random``: a uniform number fixed by ``seed`` and the candidate -- the baseline: the same budget, strata
   and output, without asking the student.
 
-The student's answers are sampled through the teacher engine -- by default from the student served on
-loopback (``distillery serve``), or from ``sampler:``, an endpoint serving the same checkpoint (vLLM) --
-or, with ``sampler: in_process``, here, a prompt's answers in one batched ``generate`` call. Either way
-they are cached like any teacher answer: a rerun samples nothing twice. Loss, KL and entropy come
+The student's answers are sampled in this process by default (``sampler: in_process``: a prompt's answers
+from one batched ``generate`` call under the prompt's own seed), or through the teacher engine from
+``sampler:`` -- ``{serve: <the student>}`` (``distillery serve`` on loopback, one request per answer) or an
+endpoint serving the same checkpoint (vLLM). Either way they are cached like any teacher answer: a rerun
+samples nothing twice. (In-process answers are keyed apart from any endpoint's, so a teacher that is the
+student's own checkpoint served with the same prompt and sampling never gets the mined -- wrong --
+answers back from the cache as its own.) Loss, KL and entropy come
 from forward passes in this process. With several scores each becomes a percentile rank, averaged by
 weight (``synth/selection.py``), then the top fraction, the rows above a threshold, or the best rows
 that fit a budget of teacher tokens (a prompt costs its estimated tokens plus ``teacher_max_tokens`` per
@@ -131,10 +134,11 @@ class MineConfig(SynthConfig):
     """The student run (a full checkpoint or an adapter) that scores the candidates."""
     teachers: list[TeacherConfig] = Field(default_factory=list)
     """Set from ``sampler``; not given in a recipe."""
-    sampler: TeacherConfig | Literal["in_process"] | None = None
-    """Where the student's answers are sampled: default the student served on loopback (one request per
-    answer, cached); ``in_process``: in this process, every answer of a prompt from one batched
-    ``generate`` call (faster on one machine), cached as well; or an endpoint serving exactly ``student``."""
+    sampler: TeacherConfig | Literal["in_process"] = "in_process"
+    """Where the student's answers are sampled: ``in_process`` (default: every answer of a prompt from one
+    batched ``generate`` call, cached), or a teacher config -- ``{serve: <student>}`` on loopback, or an
+    endpoint serving exactly ``student`` (answers are cached by endpoint and model name: give a name that
+    changes with the checkpoint)."""
     scores: dict[ScoreName, float] = Field(default_factory=lambda: {"pass_at_k": 1.0})
     """Score → weight (> 0)."""
     teacher: str | None = None
@@ -190,8 +194,7 @@ class MineConfig(SynthConfig):
             raise ValueError("sampling.temperature 0 gives every sample the same answer; set it above 0")
         if self.sampled() and self.sampler != "in_process":
             # set, not assigned: assignment would validate the model again, 'teachers' and all
-            sampler = (self.sampler or TeacherConfig(serve=self.student)).model_copy(update={"name": STUDENT})
-            object.__setattr__(self, "teachers", [sampler])
+            object.__setattr__(self, "teachers", [self.sampler.model_copy(update={"name": STUDENT})])
         return self
 
     def sampled(self) -> bool:
@@ -254,6 +257,10 @@ class MineTask(SynthTask):
     @classmethod
     def input_columns(cls, cfg: MineConfig) -> list[str]:
         return ["id", *cls.passed_through(cfg)]
+
+    @classmethod
+    def carried(cls, cfg: MineConfig) -> list[str]:
+        return cls.passed_through(cfg)
 
     @classmethod
     def output_columns(cls, cfg: MineConfig, input_schema: pa.Schema | None = None):

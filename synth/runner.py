@@ -178,14 +178,24 @@ class SynthTask:
         kept = []
         if cfg is not None and input_schema is not None:
             taken = {name for name, _ in COMMON + own + TRAILING}
-            clash = [c for c in cfg.keep_columns if c in taken]
+            clash = [c for c in cls.kept(cfg) if c in taken]
             if clash:
                 raise DistilleryError(
                     f"keep_columns: {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} already an output column "
                     f"of {cls.stage}; keep another column, or rename it in the input"
                 )
-            kept = [(c, input_schema.field(c).type) for c in cfg.keep_columns]
+            kept = [(c, input_schema.field(c).type) for c in cls.kept(cfg)]
         return pa.schema(COMMON + own + kept + TRAILING)
+
+    @classmethod
+    def carried(cls, cfg: SynthConfig) -> list[str]:
+        """Input columns the task's rows already carry as they are (``keep_columns`` naming one is satisfied)."""
+        return []
+
+    @classmethod
+    def kept(cls, cfg: SynthConfig) -> list[str]:
+        """The ``keep_columns`` the runner adds (those the task does not already carry)."""
+        return [c for c in cfg.keep_columns if c not in cls.carried(cfg)]
 
     @classmethod
     def lineage_parents(cls, cfg: SynthConfig, store: Store) -> dict[str, Manifest]:
@@ -323,13 +333,15 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
             f"{cfg.name}: no output row from {table.num_rows} input rows ({'; '.join(reasons[:3])})"
         )
     inputs = (
-        {r["id"]: r for r in table.select(["id", *cfg.keep_columns]).to_pylist()} if cfg.keep_columns else {}
+        {r["id"]: r for r in table.select(["id", *task_cls.kept(cfg)]).to_pylist()}
+        if task_cls.kept(cfg)
+        else {}
     )
     rows = []
     for o in outputs:
         parents, file_source = source.lineage(o.parents)
         first = inputs.get(o.parents[0], {}) if o.parents else {}
-        kept = {c: first.get(c) for c in cfg.keep_columns}
+        kept = {c: first.get(c) for c in task_cls.kept(cfg)}
         rows.append({"id": row_id(task_cls.stage, o), "parents": parents, "source": file_source, **o.columns, **kept,
                      "requests": [lineage(a) for a in o.answers], "verdict": o.verdict, "_group": o.group})  # fmt: skip
     groups = sorted({r["_group"] for r in rows})

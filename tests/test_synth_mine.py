@@ -355,3 +355,9 @@ def test_a_kept_column_that_clashes_with_an_output_column_is_refused():
         "requests",
         "verdict",
     ]
+    # A column mining already carries (the reference, read by pass@k) is kept once, not refused.
+    from synth.mine import MineTask
+
+    mined = parse_config(MineConfig, {"name": "m", "input": "x", "student": "s", "select": {"top_fraction": 1.0},
+                                      "keep_columns": ["answer"]}, "test")  # fmt: skip
+    assert MineTask.schema(mined, inputs.append(pa.field("answer", pa.string()))).names.count("answer") == 1
