@@ -102,7 +102,10 @@ class SelectConfig(RecipeConfig):
     teacher_max_tokens: int = Field(default=512, ge=1)
     """The teacher's ``max_tokens`` per request, for the estimate (every answer that long, as the engine estimates)."""
     teacher_requests: int = Field(default=1, ge=1)
-    """Teacher requests per kept prompt (samples a teacher task will ask)."""
+    """Teacher requests per kept prompt at most (a rejection-sampling ``synth cot``: its ``max_tries``)."""
+    teacher_template: str | None = None
+    """The teacher task's prompt template with ``{question}`` (``synth cot``'s asks for steps and a final
+    line), for the estimate; default: the mining prompt."""
     stratify_by: str | None = None
     """An input column (source, domain): each of its values gets its share of the budget or fraction."""
     strata: Literal["proportional", "equal", "weights"] = "proportional"
@@ -299,8 +302,15 @@ class MineTask(SynthTask):
         prompt = self.prompt(row)
         return [self.engine.request(STUDENT, prompt, self.cfg.sampling, k) for k in range(self.cfg.samples)]
 
-    def teacher_tokens(self, prompt: list[dict[str, str]]) -> int:
+    def teacher_tokens(self, row: dict[str, Any], prompt: list[dict[str, str]]) -> int:
+        """The engine's estimate of what the teacher will cost for the row: every request at max_tokens."""
         s = self.cfg.select
+        if s.teacher_template is not None and not self.cfg.messages_column:
+            question = str(row[self.cfg.question_column] or "").strip()
+            prompt = [
+                *prompt[:-1],
+                {"role": "user", "content": s.teacher_template.replace("{question}", question)},
+            ]
         return (estimate_prompt_tokens(prompt) + s.teacher_max_tokens) * s.teacher_requests
 
     # ------------------------------------------------------------------ the whole candidate set
@@ -321,7 +331,7 @@ class MineTask(SynthTask):
                 f"{cfg.name}: no candidate can be scored ({dict(reasons)}); {self._fix(reasons)}"
             )
         prompts = {row["id"]: self.prompt(row) for row in scored}
-        tokens = {rid: self.teacher_tokens(p) for rid, p in prompts.items()}
+        tokens = {row["id"]: self.teacher_tokens(row, prompts[row["id"]]) for row in scored}
         if cfg.select.teacher_tokens is not None and cfg.select.teacher_tokens < min(tokens.values()):
             raise DistilleryError(
                 f"{cfg.name}: select.teacher_tokens {cfg.select.teacher_tokens} is smaller than one teacher request "

@@ -361,3 +361,19 @@ def test_a_kept_column_that_clashes_with_an_output_column_is_refused():
     mined = parse_config(MineConfig, {"name": "m", "input": "x", "student": "s", "select": {"top_fraction": 1.0},
                                       "keep_columns": ["answer"]}, "test")  # fmt: skip
     assert MineTask.schema(mined, inputs.append(pa.field("answer", pa.string()))).names.count("answer") == 1
+
+
+def test_teacher_tokens_are_the_engines_estimate_of_the_teacher_prompt(mine_store, tmp_path, echo):
+    from synth.teacher_requests import estimate_prompt_tokens
+
+    template = "Solve step by step, then end with 'Final answer: <n>'.\n\n{question}"
+    select = {
+        "top_fraction": 1.0,
+        "teacher_max_tokens": 50,
+        "teacher_requests": 3,
+        "teacher_template": template,
+    }
+    manifest = run_mine(mine_store, tmp_path, echo, questions(4), scores={"random": 1}, select=select)
+    for r in read_table(manifest).to_pylist():
+        asked = [{"role": "user", "content": template.replace("{question}", r["question"])}]
+        assert r["teacher_tokens"] == (estimate_prompt_tokens(asked) + 50) * 3
