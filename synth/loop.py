@@ -168,12 +168,15 @@ class Loop:
 
         self.cfg, self.store, self.stages = cfg, store, stage_table()
         self.console = make_console()
-        # The journal belongs to this recipe on these inputs: another candidates file, or another version of
-        # the student under the same name, starts a journal of its own.
-        inputs = {"recipe": cfg.resolved(), "student": store.resolve(cfg.student, kind="run").id,
-                  "candidates": candidates_version(cfg.candidates, store)}  # fmt: skip
+        self.journal: Journal | None = None
+
+    def open_journal(self, start: Manifest) -> Journal:
+        """The journal of this recipe on these inputs: another candidates file, or another version of the
+        student under the same name, starts a journal of its own."""
+        inputs = {"recipe": self.cfg.resolved(), "student": start.id,
+                  "candidates": candidates_version(self.cfg.candidates, self.store)}  # fmt: skip
         digest = hashlib.sha256(canonical_json(inputs).encode()).hexdigest()[:16]
-        self.journal = Journal(store.root / "loops" / cfg.name / f"{digest}.json")
+        return Journal(self.store.root / "loops" / self.cfg.name / f"{digest}.json")
 
     # ------------------------------------------------------------------ the steps' recipes
 
@@ -239,6 +242,7 @@ class Loop:
         cfg = self.cfg
         self.check_recipes()
         start = self.store.resolve(cfg.student, kind="run")
+        self.journal = self.open_journal(start)
         rows: list[dict[str, Any]] = []
         parents: dict[str, tuple[Manifest, str]] = {start.id: (start, "student")}
         before = None

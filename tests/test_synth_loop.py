@@ -12,7 +12,7 @@ from manifests.data import read_table
 from manifests.store import Store
 from synth.serve import start_server
 
-from .conftest import WORDS, assert_one_line_error, tiny_tokenizer, write_jsonl, write_recipe
+from .conftest import ROOT, WORDS, assert_one_line_error, tiny_tokenizer, write_jsonl, write_recipe
 from .test_train_distill import llama, publish_model
 from .test_train_sft import run_cli
 
@@ -101,3 +101,11 @@ def test_a_block_that_sets_what_the_loop_fills_is_one_error_line(tmp_path, cli, 
     result = cli("--store", store.root, "run", write_recipe(tmp_path / "b.yaml", yaml.safe_dump(data)))
     assert_one_line_error(result)
     assert "max_stepz" in result.err and not (store.root / "loops").exists()
+
+
+def test_the_shipped_loop_recipes_blocks_are_valid_recipes_of_their_stages(tmp_path):
+    from manifests.recipes import parse_config
+    from synth.loop import Loop, LoopConfig
+
+    data = yaml.safe_load((ROOT / "examples" / "recipes" / "synth-loop.yaml").read_text())
+    Loop(parse_config(LoopConfig, data, "synth-loop.yaml"), Store(tmp_path / "store")).check_recipes()
