@@ -14,15 +14,20 @@ chain, each stage its own measured process:
    ``--scores`` (``pass_at_k``: 1 - pass@1 of the student's ``--samples`` sampled answers checked by the
    numeric verifier; ``loss``: the student's NLL per token of the reference number, ``answer_column``),
    and the first score again at ``--fraction`` of B;
-2. ``synth.cot`` on the kept rows: SmolLM2-135M-Instruct served on loopback, rejection sampling (2 answers
-   a round, at most ``--tries``), the numeric verifier on the last number;
+2. ``synth.cot`` on the kept rows: the setting's teacher, rejection sampling (at most ``--tries``), the
+   numeric verifier on the last number;
 3. the same LoRA SFT (``--steps`` steps) from the setting's student on the verified answers;
 4. one ``eval`` of the student and every side on the held-out questions (greedy, the same verifier):
    accuracy with 95% bootstrap intervals, paired differences against the random side, per kind.
 
-Settings: ``demo`` -- the demo student (``examples/recipes/demo-student.yaml``: SmolLM2 cut to 8 layers)
+Settings (``--settings``, default ``strong``): ``strong`` -- SmolLM2-135M-Instruct taught by a *strong
+teacher stand-in*: an OpenAI-compatible endpoint this script serves on 127.0.0.1 (``StrongTeacher``: POST
+/v1/chat/completions, GET /v1/models) that parses each question and answers it correctly in one worked line
+ending in "Final answer: <n>", with usage counted in SmolLM2 tokenizer tokens. It is not a model; it stands
+in for a teacher much stronger than the student (an API model), every answer it gives verifies, so the
+teacher asks one answer a question. This is the case mining is for. ``demo`` -- the demo student (``examples/recipes/demo-student.yaml``: SmolLM2 cut to 8 layers)
 taught by SmolLM2-135M-Instruct, the issue's pairing; ``self`` -- SmolLM2-135M-Instruct taught by itself
-through rejection sampling (self-improvement), because the demo student answers no held-out question and
+(served on loopback, 2 answers a round) through rejection sampling (self-improvement), because the demo student answers no held-out question and
 learns none in CPU-affordable steps, so that setting cannot tell the selections apart.
 
 Teacher tokens are counted as spent, not as estimated: prompt + completion tokens of every teacher request
@@ -31,14 +36,17 @@ behind the ``synth.cot`` dataset, rows and ledger (``synth.loop.teacher_tokens``
 side can spend more than a random one under the same B. The mining cost is the student's sampled requests
 and tokens (from the ``synth.mine`` manifest's stats: a fresh store has nothing cached) and its seconds.
 
-Every process runs on one thread by default (``--threads``), as in grpo_arith.py.
+The student is sampled for pass@k in the mining process (``--sampler in_process``: one ``generate`` call
+a prompt, much faster on CPU than the served student) or served on loopback (``--sampler served``, as the
+self and demo results in the README were made). Every process runs on ``--threads`` torch threads (2).
 
-    .venv/bin/python benchmarks/synth/mining.py [--settings self,demo] [--pool 80] [--test 60]
-        [--teacher-tokens 800] [--scores pass_at_k,loss] [--tries 2] [--steps 12] [--store DIR] [--json PATH]
+    .venv/bin/python benchmarks/synth/mining.py [--settings strong,self,demo] [--pool 80] [--test 100]
+        [--teacher-tokens 800] [--scores pass_at_k,loss] [--samples 8] [--sampler in_process|served]
+        [--tries 2] [--steps 12] [--threads 2] [--store DIR] [--json PATH]
 
-The defaults are sized for about 30 minutes on 2 shared cores, which leaves the comparison underpowered
-(60 held-out questions: intervals of about +-0.12); raise --pool, --test, --teacher-tokens and --steps
-where there is time.
+The defaults (``strong`` alone) are sized for about 15 minutes on 2 quiet cores; the self and demo settings
+took 20-30 minutes each with 1 thread on shared cores. 100 held-out questions give intervals of about
++-0.09; raise --pool, --test, --teacher-tokens and --steps where there is time.
 """
 
 from __future__ import annotations
@@ -47,9 +55,12 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,9 +73,96 @@ from manifests.stages import run_recipe_file  # noqa: E402
 from manifests.store import Store  # noqa: E402
 
 DATA = "mine-arith"
-STUDENTS = {"demo": "student-base", "self": POLICY}
-"""Each setting's student run; the teacher is always POLICY (SmolLM2-135M-Instruct)."""
+STUDENTS = {"strong": POLICY, "self": POLICY, "demo": "student-base"}
+"""Each setting's student run; the teacher is POLICY (SmolLM2-135M-Instruct) served on loopback, except in
+``strong``: the stand-in below."""
 VERIFY = "{method: numeric, extract: last_number}"
+ORACLE = "strong-arith-oracle"
+QUESTION_RE = re.compile(r"What is (-?\d+) ([-+*]) (-?\d+)\?")
+
+
+class StrongTeacher:
+    """The ``strong`` setting's teacher: an OpenAI-compatible endpoint on 127.0.0.1, in a thread of this
+    process, that stands in for a teacher much stronger than the student (as an API model would be). It is
+    not a model: it parses the question grpo_arith's generator writes and answers it correctly with one
+    worked line ending in "Final answer: <n>", so every answer it gives verifies. Usage counts are tokens of
+    the SmolLM2 tokenizer (the prompt through its chat template, the answer as text), as a served SmolLM2
+    would count them."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lock = tokenizer, threading.Lock()
+        self.requests = self.prompt_tokens = self.completion_tokens = 0
+        teacher = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a) -> None:
+                pass
+
+            def reply(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/v1/models"):
+                    return self.reply(200, {"object": "list", "data": [{"id": ORACLE, "object": "model",
+                                                                           "owned_by": "benchmark"}]})  # fmt: skip
+                self.reply(404, {"error": {"message": f"no route {self.path}"}})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if not self.path.rstrip("/").endswith("/v1/chat/completions"):
+                    return self.reply(404, {"error": {"message": f"no route {self.path}"}})
+                try:
+                    self.reply(200, teacher.complete(body))
+                except ValueError as error:
+                    self.reply(400, {"error": {"message": str(error), "type": "invalid_request_error"}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def answer(question: str) -> str:
+        match = QUESTION_RE.search(question)
+        if match is None:
+            raise ValueError("not a question of grpo_arith's generator")
+        a, op, b = int(match[1]), match[2], int(match[3])
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        return f"{a} {op} {b} = {value}. Final answer: {value}"
+
+    def complete(self, body: dict) -> dict:
+        messages = body.get("messages") or []
+        question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        content = self.answer(question if isinstance(question, str) else json.dumps(question))
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        completion = len(self.tokenizer(content, add_special_tokens=False)["input_ids"])
+        n = int(body.get("n") or 1)
+        with self.lock:
+            self.requests += 1
+            self.prompt_tokens += prompt
+            self.completion_tokens += completion * n
+        choices = [{"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
+                    "logprobs": None} for i in range(n)]  # fmt: skip
+        return {"id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model") or ORACLE, "choices": choices,
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion * n,
+                          "total_tokens": prompt + completion * n}}  # fmt: skip
+
+    def counts(self) -> dict:
+        with self.lock:
+            return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": self.completion_tokens}  # fmt: skip
+
+
+TEACHER: dict = {}
+"""The strong teacher's URL once it runs (set by main)."""
 
 
 def publish_questions(store: Store, pool: int, test: int, seed: int):
@@ -89,6 +187,8 @@ def mine_recipe(name: str, student: str, score: str, budget: int, args) -> str:
     head = (f"stage: synth.mine\nname: {name}\ninput: {DATA}-pool\nstudent: {student}\n"
             f"scores: {{{score}: 1}}\nprompt_template: '{{question}}'\nseed: 0\n")  # fmt: skip
     if score == "pass_at_k":
+        if args.sampler == "in_process":
+            head += "sampler: in_process\n"
         head += (f"samples: {args.samples}\nk: 1\nverify: {VERIFY}\nreference_column: answer\n"
                  f"sampling: {{temperature: {args.temperature}, max_tokens: {args.max_tokens}}}\n")  # fmt: skip
     # answer_column on every side: a mined row carries the reference (which synth.cot verifies against)
@@ -98,11 +198,15 @@ def mine_recipe(name: str, student: str, score: str, budget: int, args) -> str:
                    "stratify_by: domain}\n")  # fmt: skip
 
 
-def cot_recipe(name: str, mined: str, args) -> str:
+def cot_recipe(name: str, mined: str, setting: str, args) -> str:
+    # the strong stand-in's every answer verifies: one answer a question, no second sample to pay for
+    teacher, samples = f"{{serve: {POLICY}, serve_max_batch: 8}}", min(2, args.tries)
+    if setting == "strong":
+        teacher, samples = f"{{name: {ORACLE}, model: {ORACLE}, base_url: '{TEACHER['url']}'}}", 1
     return (f"stage: synth.cot\nname: {name}\ninput: {mined}\nanswer_column: answer\n"
-            f"teachers: [{{serve: {POLICY}, serve_max_batch: 8}}]\nprompt_template: '{{question}}'\n"
+            f"teachers: [{teacher}]\nprompt_template: '{{question}}'\n"
             f"sampling: {{temperature: {args.temperature}, max_tokens: {args.max_tokens}}}\nmode: rejection\n"
-            f"samples: {min(2, args.tries)}\nmax_tries: {args.tries}\nextract: last_number\nverify: numeric\nseed: 0\n")  # fmt: skip
+            f"samples: {samples}\nmax_tries: {args.tries}\nextract: last_number\nverify: numeric\nseed: 0\n")  # fmt: skip
 
 
 def sft_recipe(name: str, student: str, data: str, args) -> str:
@@ -142,7 +246,7 @@ def run_side(store: Store, setting: str, side: str, score: str, budget: int, fol
     student, prefix = STUDENTS[setting], f"bm-{setting}-{side.replace('@', '-at-').replace('%', 'pct')}"
     out: dict = {"score": score, "budget": budget, "run": prefix, "train_s": 0.0}
     for step, text in (("mine", mine_recipe(f"{prefix}-mined", student, score, budget, args)),
-                       ("cot", cot_recipe(f"{prefix}-cot", f"{prefix}-mined", args)),
+                       ("cot", cot_recipe(f"{prefix}-cot", f"{prefix}-mined", setting, args)),
                        ("train", sft_recipe(prefix, student, f"{prefix}-cot", args))):  # fmt: skip
         recipe = folder / f"{prefix}-{step}.yaml"
         recipe.write_text(text)
@@ -156,7 +260,9 @@ def run_side(store: Store, setting: str, side: str, score: str, budget: int, fol
     mined = store.resolve(f"{prefix}-mined")
     out |= {"kept": mined.stats["mined"]["kept"], "estimated": mined.stats["mined"]["teacher_tokens_kept"],
             "strata": mined.stats["mined"]["strata"], "spread": score_spread(store, mined),
-            "student_requests": mined.stats["requests"]["sent"] + mined.stats["requests"]["cache_hits"],
+            "student_requests": mined.stats["requests"]["sent"] + mined.stats["requests"]["cache_hits"]
+            # in process, the samples are no engine requests (the stats count none): candidates x samples
+            or (mined.stats["input_rows"] * args.samples if score == "pass_at_k" and args.sampler == "in_process" else 0),
             "student_tokens": teacher_tokens(mined, store), "student_cached": mined.stats["requests"]["cache_hits"],
             "candidates": mined.stats["input_rows"], "verified": 0, "teacher_requests": None, "teacher_tokens": None}  # fmt: skip
     if out["run"] is not None:
@@ -210,7 +316,8 @@ def print_setting(setting: str, out: dict) -> None:
         return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
     names = sorted(out["base"]["by_kind"])
-    print(f"\n{setting}: student {out['student']}, teacher {POLICY}; eval {out['eval_s']:.0f} s")
+    teacher = f"{ORACLE} (stand-in, not a model)" if setting == "strong" else POLICY
+    print(f"\n{setting}: student {out['student']}, teacher {teacher}; eval {out['eval_s']:.0f} s")
     print("| side | budget (estimate) | kept | verified | teacher requests | teacher tokens (spent) | held-out "
           "accuracy | vs random (paired) | " + " | ".join(names) + " |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(names))
@@ -242,21 +349,23 @@ def print_setting(setting: str, out: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", default="self,demo", help="comma-separated, of: " + ", ".join(STUDENTS))
+    parser.add_argument("--settings", default="strong", help="comma-separated, of: " + ", ".join(STUDENTS))
     parser.add_argument("--pool", type=int, default=80, help="candidate questions")
-    parser.add_argument("--test", type=int, default=60, help="held-out questions")
+    parser.add_argument("--test", type=int, default=100, help="held-out questions")
     parser.add_argument(
         "--teacher-tokens", type=int, default=800, help="B: the teacher-token budget (estimate)"
     )
     parser.add_argument("--fraction", type=float, default=0.6, help="the smaller mined side's share of B")
     parser.add_argument("--scores", default="pass_at_k", help="mined sides; the first also at --fraction")
-    parser.add_argument("--samples", type=int, default=4, help="the student's answers per candidate (pass@k)")
+    parser.add_argument("--samples", type=int, default=8, help="the student's answers per candidate (pass@k)")
+    parser.add_argument("--sampler", default="in_process", choices=["in_process", "served"],
+                        help="how synth.mine samples the student: one generate call a prompt, or served")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=24, help="new tokens of every answer (M)")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--tries", type=int, default=2, help="teacher samples per question at most")
     parser.add_argument("--steps", type=int, default=12, help="SFT steps (batches of 8)")
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of every process")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every process")
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="the results (default: beside the store)")
     args = parser.parse_args()
@@ -271,6 +380,11 @@ def main() -> None:
         run_recipe_file(str(ROOT / "examples" / "recipes" / "demo-model.yaml"), store)
     if "demo" in settings and not store.list(kind="run", name=STUDENTS["demo"]):
         run_recipe_file(str(ROOT / "examples" / "recipes" / "demo-student.yaml"), store)
+    if "strong" in settings:
+        from manifests.models import load_tokenizer
+
+        TEACHER["server"] = StrongTeacher(load_tokenizer(store.resolve(POLICY, kind="run")))
+        TEACHER["url"] = TEACHER["server"].url
     pool, data = publish_questions(store, args.pool, args.test, seed=0)
     print(f"data: {data.ref} ({args.pool} candidates / {args.test} held out); models ready in "
           f"{time.time() - started:.0f} s", flush=True)  # fmt: skip
@@ -284,6 +398,11 @@ def main() -> None:
         print(f"\n{machine}; {args.pool} candidates / {args.test} held out; B {args.teacher_tokens} teacher tokens "
               f"(estimate, {args.max_tokens} a request), {args.samples} student samples a candidate, {args.tries} "
               f"teacher tries, {args.steps} SFT steps x 8, lr {args.lr}; {(time.time() - started) / 60:.1f} min so far")  # fmt: skip
+        if setting == "strong":
+            results[setting]["oracle_served"] = TEACHER["server"].counts()
+            print(
+                f"strong teacher stand-in served (all sides, cache misses only): {TEACHER['server'].counts()}"
+            )
         print_setting(setting, results[setting])
         path.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
                                     "pool": pool.id, "data": data.id, "settings": results}, indent=2))  # fmt: skip
