@@ -450,7 +450,8 @@ class MineTask(SynthTask):
             prompt = prompts[row["id"]]
             keys = [request_key(endpoint, self.student.ref, prompt, params, k) for k in range(cfg.samples)]
             cached = cache.get_many(keys)
-            if len(cached) < len(keys):
+            hit = len(cached) == len(keys)
+            if not hit:
                 model, tokenizer = self.models()
                 seed = int(
                     hashlib.sha256(f"{params.get('seed')}\x1f{row['id']}".encode()).hexdigest()[:8], 16
@@ -462,7 +463,7 @@ class MineTask(SynthTask):
                                    "completion_tokens": a.completion_tokens, "served_model": self.student.ref}  # fmt: skip
                     cache.put(key, cached[key])
             out[row["id"]] = [Answer(key=key, teacher=STUDENT, endpoint=endpoint, sampling=params,
-                                     cache_hit=False, **cached[key]) for key in keys]  # fmt: skip
+                                     cache_hit=hit, **cached[key]) for key in keys]  # fmt: skip
             self.progress(done, len(rows))
         return out
 
@@ -524,7 +525,12 @@ class MineTask(SynthTask):
 
     @classmethod
     def extra_stats(cls, cfg: MineConfig, outputs: list[Output], dropped: list[Dropped]) -> dict[str, Any]:
-        return {"mined": stratum_stats(cfg, outputs, dropped)}
+        # The student's answers of every candidate (kept or not): what scoring cost, in or out of process.
+        answers = [a for o in [*outputs, *dropped] for a in o.answers if a.teacher == STUDENT]
+        sampled = {"answers": len(answers), "from_cache": sum(a.cache_hit for a in answers),
+                   "completion_tokens": sum(a.completion_tokens for a in answers),
+                   "sampler": "in_process" if cfg.sampler == "in_process" else "engine"}  # fmt: skip
+        return {"mined": stratum_stats(cfg, outputs, dropped) | {"student_samples": sampled}}
 
     @classmethod
     def lineage_parents(cls, cfg: MineConfig, store: Store) -> dict[str, Manifest]:

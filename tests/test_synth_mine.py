@@ -332,8 +332,16 @@ def test_in_process_sampling_is_seeded_per_prompt_and_cached(mine_store, tmp_pat
         raise AssertionError("a cached answer was generated again")
 
     monkeypatch.setattr(student_scores, "sample_answers", no_generation)
-    again = read_table(run_mine(mine_store, tmp_path, echo, rows, name="again", **recipe)).to_pylist()
-    assert {r["candidate_id"]: r["entropy"] for r in again} == {k: r["entropy"] for k, r in first.items()}
+    again = run_mine(mine_store, tmp_path, echo, rows, name="again", **recipe)
+    assert {r["candidate_id"]: r["entropy"] for r in read_table(again).to_pylist()} == {
+        k: r["entropy"] for k, r in first.items()
+    }
+    assert again.stats["mined"]["student_samples"] | {"completion_tokens": 0} == {
+        "answers": 12,
+        "from_cache": 12,
+        "completion_tokens": 0,
+        "sampler": "in_process",
+    }
 
 
 def test_a_kept_column_that_clashes_with_an_output_column_is_refused():

@@ -194,8 +194,8 @@ def mine_recipe(name: str, student: str, score: str, budget: int, args) -> str:
     # answer_column on every side: a mined row carries the reference (which synth.cot verifies against)
     # only when a score reads it -- pass_at_k's reference_column or this; random reads neither
     head += "answer_column: answer\n"
-    return head + (f"select: {{teacher_tokens: {budget}, teacher_max_tokens: {args.max_tokens}, "
-                   "stratify_by: domain}\n")  # fmt: skip
+    strata = ", stratify_by: domain" if args.strata == "domain" else ""
+    return head + f"select: {{teacher_tokens: {budget}, teacher_max_tokens: {args.max_tokens}{strata}}}\n"
 
 
 def cot_recipe(name: str, mined: str, setting: str, args) -> str:
@@ -366,6 +366,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="SFT steps (batches of 8)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every process")
+    parser.add_argument("--strata", default="domain", choices=["domain", "none"],
+                        help="share the budget among the domains (default), or not")  # fmt: skip
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="the results (default: beside the store)")
     args = parser.parse_args()
