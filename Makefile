@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(BIN)/distillery demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not ray" tests
+	$(BIN)/python -m pytest -q -m "not ray" --durations=25 tests
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
