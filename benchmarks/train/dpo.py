@@ -42,7 +42,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,36 +53,14 @@ sys.path.insert(0, str(ROOT))
 from manifests.stages import run_recipe_file  # noqa: E402
 from manifests.store import Store  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks" / "train"))
+from grpo_arith import cli, measured  # noqa: E402  (one measuring wrapper for the benchmarks)
+
 MODEL = "smollm2-135m-instruct"
 FINISHED_SENTENCE = r".*[.!?][\"'”’)\]*]*"
 """The verifier's reference: the answer's last line, stripped, ends a sentence."""
 LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 BETA, MAX_LENGTH = 0.1, 512
-
-MEASURE = """
-import json, resource, subprocess, sys, time
-started = time.time()
-done = subprocess.run(json.loads(sys.argv[1]), capture_output=True, text=True)
-usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps({"code": done.returncode, "seconds": time.time() - started, "out": done.stdout[-3000:],
-                  "err": done.stderr[-3000:], "rss": usage.ru_maxrss / 1024, "cpu": usage.ru_utime + usage.ru_stime}))
-"""
-"""Runs one measured process: forked from this small wrapper, not from the benchmark (grown by the models
-it loads), so that the child's peak RSS is its own (see ``benchmarks/train/distill.py``)."""
-
-
-def measured(command: list[str]) -> dict:
-    """seconds, CPU seconds, peak RSS (MiB) and output of ``command``; its failure ends the benchmark."""
-    wrapper = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(command)], cwd=ROOT, capture_output=True,
-                             text=True)  # fmt: skip
-    result = json.loads(wrapper.stdout.strip().splitlines()[-1])
-    if result["code"] != 0:
-        sys.exit(f"{' '.join(command[-3:])} failed:\n{result['err']}")
-    return result
-
-
-def cli(store: Store, *args: str) -> list[str]:
-    return [sys.executable, "-m", "manifests.cli", "--store", str(store.root), *args]
 
 
 def clean(messages: list[dict]) -> list[dict]:

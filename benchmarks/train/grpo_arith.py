@@ -115,15 +115,17 @@ MEASURE = """
 import json, resource, subprocess, sys, time
 started = time.time()
 done = subprocess.run(json.loads(sys.argv[1]), capture_output=True, text=True)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"code": done.returncode, "seconds": time.time() - started, "out": done.stdout[-3000:],
-                  "err": done.stderr[-3000:], "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                  "err": done.stderr[-3000:], "rss": usage.ru_maxrss / 1024, "cpu": usage.ru_utime + usage.ru_stime}))
 """
 """Runs one measured process from a small wrapper, so that its peak RSS is its own (see distill.py)."""
 
 
-def measured(command: list[str], threads: int) -> dict:
-    """seconds, peak RSS (MiB) and output of ``command`` on ``threads`` threads; its failure ends the benchmark."""
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def measured(command: list[str], threads: int | None = None) -> dict:
+    """seconds, CPU seconds, peak RSS (MiB) and output of ``command`` (on ``threads`` threads when given);
+    its failure ends the benchmark."""
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})
     wrapper = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(command)], cwd=ROOT, capture_output=True,
                              text=True, env=env)  # fmt: skip
     result = json.loads(wrapper.stdout.strip().splitlines()[-1])
