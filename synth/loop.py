@@ -48,12 +48,14 @@ from pydantic import Field, model_validator
 
 from manifests.console import make_console
 from manifests.data import read_table
-from manifests.errors import DistilleryError, RunFailed
+from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json, record_id
 from manifests.publish import Publisher
 from manifests.recipes import Name, RecipeConfig, parse_config
 from manifests.schema import Manifest
 from manifests.store import Store
+from synth.mine import NothingToMine
+from synth.runner import NoOutputRows
 
 TEACHER_STAGES = ("synth.cot", "synth.generate", "synth.preferences", "synth.augment")
 FILLED = {
@@ -261,20 +263,16 @@ class Loop:
                 mined_now = self.step(
                     f"r{r}/mine", self.mine_recipe(r, student.ref, [m.ref for m in mined], weights)
                 )
-            except DistilleryError as e:
-                if "no candidate can be scored" in str(e) and mined:
-                    why = "every candidate was mined in an earlier round"
-                    break
-                raise
+            except NothingToMine:
+                why = "every candidate was mined in an earlier round"
+                break
             mined.append(mined_now)
             if mined_now.stats.get("mined", {}).get("kept", 0) == 0:
                 why = f"round {r} kept no candidate"
                 break
             try:
                 teacher = self.step(f"r{r}/teacher", self.teacher_recipe(r, mined_now.ref))
-            except RunFailed as e:
-                if "no output row" not in str(e):
-                    raise
+            except NoOutputRows:
                 why = f"round {r}: the teacher gave no row for the {mined_now.stats['mined']['kept']} mined prompts"
                 break
             data = (data if cfg.train_on == "all" else []) + [teacher.ref]

@@ -204,6 +204,10 @@ class MineConfig(SynthConfig):
         return bool(set(SAMPLED) & set(self.scores))
 
 
+class NothingToMine(DistilleryError):
+    """Every candidate was kept by a dataset in ``exclude`` (earlier rounds took them all)."""
+
+
 def hardness(measures: dict[str, float | None], name: str) -> float | None:
     """A score as a hardness (higher: weaker student) from the row's measures."""
     if name == "loss":
@@ -327,9 +331,8 @@ class MineTask(SynthTask):
                 scored.append(row)
         if not scored:
             reasons = Counter(r[0].reason for r in results.values())
-            raise DistilleryError(
-                f"{cfg.name}: no candidate can be scored ({dict(reasons)}); {self._fix(reasons)}"
-            )
+            error = NothingToMine if set(reasons) == {"already_selected"} else DistilleryError
+            raise error(f"{cfg.name}: no candidate can be scored ({dict(reasons)}); {self._fix(reasons)}")
         prompts = {row["id"]: self.prompt(row) for row in scored}
         tokens = {row["id"]: self.teacher_tokens(row, prompts[row["id"]]) for row in scored}
         if cfg.select.teacher_tokens is not None and cfg.select.teacher_tokens < min(tokens.values()):

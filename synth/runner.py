@@ -88,6 +88,10 @@ class SynthConfig(RecipeConfig):
         return v
 
 
+class NoOutputRows(RunFailed):
+    """Every input row was dropped: the task ran, and nothing is left to publish."""
+
+
 @dataclass
 class Output:
     """One output row: the task's own columns, the answers it was made from, its split group."""
@@ -329,7 +333,7 @@ def run_synth(task_cls: type[SynthTask], cfg: SynthConfig, store: Store) -> Mani
     dropped = [o for result in results for o in result if isinstance(o, Dropped)]
     if not outputs:
         reasons = sorted({f"{d.reason}: {d.detail.get('error', '')}".rstrip(": ") for d in dropped})
-        raise RunFailed(
+        raise NoOutputRows(
             f"{cfg.name}: no output row from {table.num_rows} input rows ({'; '.join(reasons[:3])})"
         )
     inputs = (

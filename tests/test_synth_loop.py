@@ -109,3 +109,21 @@ def test_the_shipped_loop_recipes_blocks_are_valid_recipes_of_their_stages(tmp_p
 
     data = yaml.safe_load((ROOT / "examples" / "recipes" / "synth-loop.yaml").read_text())
     Loop(parse_config(LoopConfig, data, "synth-loop.yaml"), Store(tmp_path / "store")).check_recipes()
+
+
+def test_a_loop_stops_when_every_candidate_was_mined(tmp_path, cli, capsys):
+    store = Store(tmp_path / "store")
+    publish_model(store, "student", llama(3, 1, 32, 2), tiny_tokenizer())
+    capsys.readouterr()
+    with start_server("echo") as echo:
+        data = loop_recipe(tmp_path, echo.url, rounds=3)
+        data["mine"]["select"] = {"top_fraction": 1.0}  # round 1 takes all 8: round 2 has nothing to mine
+        data["reweight"], data["teacher"]["keep_columns"] = False, ["mine_score"]
+        data["train"]["max_steps"] = 1
+        done = cli("--store", store.root, "run", write_recipe(tmp_path / "all.yaml", yaml.safe_dump(data)))
+    assert done.code == 0, done.err[-2000:]
+    result = store.resolve("lp")
+    assert (
+        result.stats["rounds"] == 1
+        and result.stats["stopped"] == "every candidate was mined in an earlier round"
+    )
