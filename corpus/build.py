@@ -47,7 +47,7 @@ from corpus.minhash import MinHashConfig, band_keys
 from corpus.pii import PiiConfig
 from corpus.quality import C4QualityConfig, FineWebQualityConfig, GopherQualityConfig, GopherRepetitionConfig
 from corpus.sources import RECORD_SCHEMA, ReadLog, SourceConfig, Task, plan_tasks, read_task
-from corpus.steps import MinWordsFilter, StepConfig, StepStats
+from corpus.steps import MinWordsFilter, StepConfig, StepStats, TextNormalization
 from corpus.task_markers import write_marker
 from corpus.toxicity import ToxicityConfig
 from manifests.errors import DistilleryError
@@ -87,11 +87,17 @@ class DedupConfig(RecipeConfig):
     """Exact deduplication across the whole build (global: after every task's steps)."""
 
     exact: bool = True
-    """Drop documents whose whitespace-normalised text was seen before (first seen is kept)."""
+    """Drop documents whose normalised text was seen before (first seen is kept)."""
     url: bool = False
     """Drop documents whose normalised URL was seen before (first seen is kept; before exact dedup)."""
     case_fold: bool = True
     """Also fold case before comparing."""
+    normalize: TextNormalization = "none"
+    """Exact dedup's text normalisation. ``none`` (the default): whitespace runs collapsed (and case,
+    ``case_fold``). ``simplify``: as MinHash's default -- Unicode NFKC, punctuation, symbols and invisible
+    characters removed, every digit made 0 -- so a copy that differs only in punctuation or quotes is
+    dropped too; but so is a document that differs only in its numbers (a price list, a math problem),
+    with no similarity threshold to stop it. Dedup indexes (``against``) must use the same setting."""
     against: list[str] = Field(default_factory=list)
     """Dedup indexes of earlier datasets (``corpus dedup-index``): their documents are dropped here too."""
     minhash: MinHashConfig | None = None
@@ -178,7 +184,7 @@ def run_task(task: Task, cfg_json: str, work: str, store_root: str) -> dict[str,
                 batch = step(batch)
                 _check_step_columns(fields, step, source)
             if batch.num_rows:
-                batch = add_keys(batch, cfg.dedup.case_fold)
+                batch = add_keys(batch, cfg.dedup.case_fold, cfg.dedup.normalize)
                 if cfg.dedup.lines is not None:
                     batch = add_unit_keys(batch, cfg.dedup.lines)
                 if cfg.dedup.minhash is not None:
@@ -291,16 +297,16 @@ def _phase2(
     cuts = [cut for step in cfg.steps if (cut := step.global_cut()) is not None]
     files = [work / name for _, name in parts]
     combiner = Combiner(files, inputs, cfg.dedup.exact, cuts, url_dedup=cfg.dedup.url, lines=cfg.dedup.lines,
-                        minhash=cfg.dedup.minhash, against=indexes, work=work, run=_runner(cfg))  # fmt: skip
+                        minhash=cfg.dedup.minhash, against=indexes, work=work, run=_runner(cfg),
+                        workers=cfg.workers)  # fmt: skip
     rows_out, ledger, line_ledgers = combiner.publish_rows(pub, cfg.shard_rows)
     task_ledgers = [work / results[t.index]["ledger"] for t in tasks if results[t.index]["ledger"]]
     write_ledgers(pub, task_ledgers + line_ledgers, ledger)
     removed, changed = global_counts(ledger)
     for path in line_ledgers:
-        for entry in pq.read_table(path, columns=["step", "action"]).to_pylist():
-            (removed if entry["action"] == "drop" else changed)[
-                entry["step"].removeprefix("corpus.build.")
-            ] += 1
+        more_removed, more_changed = global_counts(pq.read_table(path, columns=["step", "action"]))
+        removed.update(more_removed)
+        changed.update(more_changed)
     return _funnel(cfg, results, removed, changed, rows_out, pub.store)
 
 
@@ -403,7 +409,7 @@ def build(cfg: CorpusBuildConfig, store: Store) -> Manifest:
     for i, ref in enumerate(cfg.dedup.against):
         manifest = store.resolve(ref, kind="run")
         indexes.append(
-            LoadedIndex(manifest, cfg.dedup.case_fold, cfg.dedup.minhash)
+            LoadedIndex(manifest, cfg.dedup.case_fold, cfg.dedup.minhash, cfg.dedup.normalize)
         )  # settings checked before any work
         cfg.dedup.against[i] = f"{manifest.name}@{manifest.id}"
         parents.append(manifest)

@@ -68,7 +68,8 @@ def _dedup_options(parser: argparse.ArgumentParser) -> None:
 
     _dataset_options(parser)
     add_config_options(
-        parser, DedupConfig, ["exact", "url", "lines.unit", "lines.max_documents", "minhash.threshold", "against"],
+        parser, DedupConfig, ["exact", "url", "normalize", "lines.unit", "lines.max_documents", "minhash.threshold",
+                              "minhash.normalize", "against"],
         flags={"lines.unit": "--lines", "lines.max_documents": "--max-documents"}, within="dedup",
         computed={"lines.unit": "none, lines are kept"},
     )  # fmt: skip
@@ -141,5 +142,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Store a dataset's exact-text keys (and MinHash band keys) so that later builds drop what it holds\n"
         "without reprocessing it ('dedup: {against: [INDEX]}' or 'corpus dedup --against INDEX').",
         "distillery corpus dedup-index web-2025 --name web-2025-index --minhash-threshold 0.8",
-        stage_options(STAGES["corpus.dedup-index"], ["name", "minhash.threshold"], positional=["dataset"]),
+        stage_options(STAGES["corpus.dedup-index"], ["name", "normalize", "minhash.threshold", "minhash.normalize"],
+                      positional=["dataset"]),
     )  # fmt: skip

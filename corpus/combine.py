@@ -2,10 +2,13 @@
 
 What needs the whole build is decided here from compact NumPy key arrays (24 bytes a document),
 never from Python objects per document: every record id is unique (a 64-bit key, confirmed on
-the strings when two keys meet), exact duplicates are dropped with the first seen kept (a 128-bit
-key of the normalised text), global cuts (keep the top fraction by a score) find their cutoff, and
-MinHash near-duplicates are found phase by phase on the executor (``corpus/minhash_phases.py``).
-The keys are the hidden columns phase 1 appended (``corpus/document_keys.py``).
+the strings when two keys meet), global cuts (keep the top fraction by a score) find their cutoff,
+URL and exact duplicates are dropped with the first seen kept (a 128-bit key of the normalised
+text), and so are texts already in a dedup index. Those keys are the hidden columns phase 1
+appended (``corpus/document_keys.py``), scattered into hash buckets once and decided one bucket per
+task on the executor (``corpus/key_buckets.py``); MinHash near-duplicates are found phase by phase
+the same way (``corpus/minhash_phases.py``). The ledger of these decisions is built as Arrow
+columns, never as a Python object per removed document.
 Then the filter phase: tasks in workers drop the removed rows from consecutive task files, strip
 repeated lines, and write finished shards, which the publisher takes in task order.
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from corpus.document_keys import (
-    DEDUP_KEY,
-    HIDDEN_COLUMNS,
-    ID_KEY,
-    KEY128,
-    MINHASH_KEYS,
-    URL_KEY,
-    key_values,
-)
-from corpus.lines import UNIT_KEYS, LineDedupConfig, strip_repeated
+from corpus.document_keys import HIDDEN_COLUMNS, ID_KEY, KEY128, MINHASH_KEYS, key_values
+from corpus.key_buckets import KeyBuckets
+from corpus.lines import LineDedupConfig, strip_repeated
 from corpus.minhash import MinHashConfig
 from corpus.minhash_phases import Part, Runner, near_duplicates
 from corpus.sources import RECORD_SCHEMA
@@ -64,25 +59,28 @@ def use_returning_memory_pool() -> None:
 
 
 PARTITION_ROWS = 1_000_000
-"""Keys compared at once: memory for the global decisions stays near 24 MB however large the build."""
+"""Keys per hash bucket of the global decisions (about 24 MB of them): a decision task holds one bucket."""
 
 
 class Combiner:
     """Decides, then filters. Built from the task outputs listed in task order.
 
-    Global cuts come first (each over the documents that reached it), then exact dedup among the
-    documents still kept — so a duplicate never points at a document that was cut. Keys are
-    compared one hash partition at a time (``PARTITION_ROWS`` keys each); what is kept between
-    partitions grows only with the number of *removed* documents.
+    Global cuts come first (each over the documents that reached it), then URL dedup and exact dedup
+    among the documents still kept — so a duplicate never points at a document that was cut. The
+    keys are scattered into hash buckets once (``corpus/key_buckets.py``, ``PARTITION_ROWS`` keys
+    a bucket) and each decision runs one task per bucket on the executor; what the main process
+    keeps between decisions grows only with the number of *removed* documents.
     """
 
     def __init__(
         self, files: list[Path], task_inputs: list[str], dedup: bool, cuts: list[tuple[str, float, str]],
         work: Path, run: Runner, partition_rows: int | None = None, url_dedup: bool = False,
         lines: LineDedupConfig | None = None, minhash: MinHashConfig | None = None, against: list | None = None,
+        workers: int = 1,
     ):  # fmt: skip
         self.files = files
         self.work, self.run = work, run  # the work folder of the phases' outputs; the executor
+        self.workers = workers
         self.against = against or []
         self.task_inputs = task_inputs
         counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
@@ -90,8 +88,12 @@ class Combiner:
         self.schema = unified_schema(files, task_inputs)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n = int(self.offsets[-1])
-        self.parts = max(1, math.ceil(self.n / (partition_rows or PARTITION_ROWS)))
-        self._check_unique_ids()
+        kinds = ["id"] + ["url"] * url_dedup + ["text"] * (dedup or bool(self.against)) + ["units"] * (lines is not None)  # fmt: skip
+        self.keys = KeyBuckets.plan(files, self.offsets, kinds, partition_rows or PARTITION_ROWS, work, run)
+        self.keys.scatter()
+        clash = self.keys.duplicate_ids()
+        if len(clash):
+            self._name_duplicate_id(set(clash.tolist()))
         removed = np.zeros(0, np.int64)
         self.cuts: list[tuple[str, float, str, np.ndarray]] = []
         for column, fraction, reason in cuts:
@@ -113,42 +115,26 @@ class Combiner:
             del scores
         none = np.zeros(0, np.int64)
         self.url_duplicates, self.url_duplicate_of = (
-            self._dedup(URL_KEY, np.dtype(">u8"), removed) if url_dedup else (none, none)
+            self.keys.first_seen("url", "url", removed) if url_dedup else (none, none)
         )
         removed = np.union1d(removed, self.url_duplicates)
         self.duplicates, self.duplicate_of = (
-            self._dedup(DEDUP_KEY, KEY128, removed) if dedup else (none, none)
+            self.keys.first_seen("text", "exact", removed) if dedup else (none, none)
         )
         removed = np.union1d(removed, self.duplicates)
-        self.seen, self.seen_of = self._seen_before(removed) if self.against else (none, none)
+        if self.against:
+            indexed = np.concatenate([key_values(i.text_keys, KEY128) for i in self.against])
+            self.seen, self.seen_of = self.keys.seen_in(indexed, removed)
+        else:
+            self.seen, self.seen_of = none, none
         removed = np.union1d(removed, self.seen)
         self.near, self.near_of, self.near_similarity = (
             self._near_duplicates(minhash, removed) if minhash is not None else (none, none, np.zeros(0))
         )
         self.lines = lines
-        self.frequent_units = self._frequent_units() if lines is not None else set()
-
-    def _partition(self, column: str, dtype: np.dtype, part: int) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, global row indices, ascending) of one hash partition of a key column."""
-        keys, rows = [], []
-        for index, f in enumerate(self.files):
-            values = key_values(pq.read_table(f, columns=[column]).column(column), dtype)
-            first = values["hi"] if dtype.names else values
-            mask = (first % np.uint64(self.parts)) == part if self.parts > 1 else np.ones(len(values), bool)
-            keys.append(values[mask])
-            rows.append(np.flatnonzero(mask) + self.offsets[index])
-        return (
-            (np.concatenate(keys), np.concatenate(rows))
-            if keys
-            else (np.zeros(0, dtype), np.zeros(0, np.int64))
+        self.frequent_units = (
+            self.keys.frequent_units(lines.max_documents) if lines is not None else np.zeros(0, np.uint64)
         )
-
-    def _check_unique_ids(self) -> None:
-        for part in range(self.parts):
-            keys, _ = self._partition(ID_KEY, np.dtype(">u8"), part)
-            values, counts = np.unique(keys, return_counts=True)
-            if (counts > 1).any():
-                self._name_duplicate_id(set(values[counts > 1].tolist()))
 
     def _name_duplicate_id(self, clash: set[int]) -> None:
         seen: set[str] = set()
@@ -165,28 +151,6 @@ class Combiner:
                             f"input {self.task_inputs[task]}: record {rid} was already read (is this input listed twice?)"
                         )
                     seen.add(rid)
-
-    def _dedup(self, column: str, dtype: np.dtype, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows that duplicate an earlier kept row, the row each duplicates), both by global index."""
-        duplicates, firsts = [], []
-        for part in range(self.parts):
-            keys, rows = self._partition(column, dtype, part)
-            alive = ~np.isin(rows, removed)
-            if column == URL_KEY:
-                alive &= keys != 0  # no URL: nothing to compare
-            keys, rows = keys[alive], rows[alive]
-            if not len(rows):
-                continue
-            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-            first_rows = rows[first[inverse.reshape(-1)]]  # rows are ascending: first = earliest
-            dup = first_rows != rows
-            duplicates.append(rows[dup])
-            firsts.append(first_rows[dup])
-        if not duplicates:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rows, of = np.concatenate(duplicates), np.concatenate(firsts)
-        order = np.argsort(rows)
-        return rows[order], of[order]
 
     def _near_duplicates(
         self, cfg: MinHashConfig, removed: np.ndarray
@@ -208,72 +172,12 @@ class Combiner:
         for index, f in enumerate(self.files):
             count = int(self.offsets[index + 1] - self.offsets[index])
             parts.append(Part(m + int(self.offsets[index]), count, str(f), MINHASH_KEYS))
-        dropped, kept, similarity = near_duplicates(parts, removed + m, cfg, self.work, self.run)
+        dropped, kept, similarity = near_duplicates(
+            parts, removed + m, cfg, self.work, self.run, self.workers
+        )
         new = dropped >= m  # near-duplicates among the indexed documents are not this build's to drop
         dropped, kept, similarity = dropped[new], kept[new], similarity[new]
         return dropped - m, np.where(kept >= m, kept - m, -(kept + 1)), similarity
-
-    def _index_ref(self, row: int, near: bool) -> str:
-        return self._indexed(row, near)[0].manifest.ref
-
-    def _index_id(self, row: int, near: bool) -> str:
-        index, k = self._indexed(row, near)
-        return index.ids[k]
-
-    def _indexed(self, row: int, near: bool):
-        """(index, position in it) of the ``-(row + 1)``-th indexed document; with ``near``, counting
-        only the indexes that hold band keys (the near-duplicate search sees only those)."""
-        k = -row - 1
-        for index in self.against:
-            size = len(index.ids) if not near or index.band_keys is not None else 0
-            if k < size:
-                return index, k
-            k -= size
-        raise IndexError(row)
-
-    def _seen_before(self, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows whose exact text is in a dedup index: (rows, -(k + 1) for the k-th indexed document)."""
-        earlier = np.concatenate([key_values(i.text_keys, KEY128) for i in self.against])
-        seen, of = [], []
-        for part in range(self.parts):
-            keys, rows = self._partition(DEDUP_KEY, KEY128, part)
-            alive = ~np.isin(rows, removed)
-            keys, rows = keys[alive], rows[alive]
-            old = (
-                np.flatnonzero((earlier["hi"] % np.uint64(self.parts)) == part)
-                if self.parts > 1
-                else np.arange(len(earlier))
-            )
-            if not len(rows) or not len(old):
-                continue
-            _, first, inverse = np.unique(
-                np.concatenate([earlier[old], keys]), return_index=True, return_inverse=True
-            )
-            first_of_new = first[inverse.reshape(-1)[len(old) :]]
-            hit = first_of_new < len(old)
-            seen.append(rows[hit])
-            of.append(-(old[first_of_new[hit]] + 1))
-        if not seen:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rows, of_rows = np.concatenate(seen), np.concatenate(of)
-        order = np.argsort(rows)
-        return rows[order], of_rows[order]
-
-    def _frequent_units(self) -> set[int]:
-        """Unit keys found in more documents than allowed, counted one hash partition at a time."""
-        frequent: set[int] = set()
-        for part in range(self.parts):
-            keys = []
-            for f in self.files:
-                flat = pc.list_flatten(
-                    pq.read_table(f, columns=[UNIT_KEYS]).column(UNIT_KEYS).combine_chunks()
-                ).to_numpy()
-                keys.append(flat[flat % np.uint64(self.parts) == part] if self.parts > 1 else flat)
-            values, counts = np.unique(
-                np.concatenate(keys) if keys else np.zeros(0, np.uint64), return_counts=True
-            )
-            frequent.update(values[counts > self.lines.max_documents].tolist())
-        return frequent
 
     def _decisions(self) -> list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str, str]]:
         """(rows removed, the row each duplicates, similarity, step, reason) of every global decision."""
@@ -285,42 +189,75 @@ class Combiner:
             (self.near, self.near_of, self.near_similarity, "minhash_dedup", "near_duplicate"),
         ]
 
-    def _column_at(self, column: str, rows: np.ndarray) -> dict[int, Any]:
+    def _take(self, column: str, rows: np.ndarray) -> pa.Array:
         """Values of ``column`` at ascending global rows, one task file at a time."""
-        found: dict[int, Any] = {}
+        kind = self.schema.field(column).type
+        chunks = [pa.array([], kind)]
         for index, f in enumerate(self.files):
             lo, hi = np.searchsorted(rows, self.offsets[index : index + 2])
             if hi > lo:
                 local = pa.array(rows[lo:hi] - self.offsets[index])
-                values = pq.read_table(f, columns=[column]).column(column).take(local).to_pylist()
-                found.update(zip(rows[lo:hi].tolist(), values, strict=True))
-        return found
+                chunks.append(pq.read_table(f, columns=[column]).column(column).take(local).cast(kind))
+        return pa.chunked_array(chunks, kind).combine_chunks()
 
-    def decision_ledger(self) -> list[dict]:
-        """Ledger rows of the global decisions, in row order; a duplicate names the kept document."""
+    def _kept_details(self, of: np.ndarray, near: bool, ids_of) -> pa.Array:
+        """The JSON ``detail`` of duplicates of the rows ``of``: ``{"duplicate_of": id}``, and for a
+        document of a dedup index (``-(k + 1)``) also ``"index": ref``, without the closing brace."""
+        own = of >= 0
+        # The k-th indexed document; with ``near``, counting only the indexes that hold band keys.
+        sizes = [len(i.ids) if not near or i.band_keys is not None else 0 for i in self.against]
+        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        k = -of[~own] - 1
+        which = np.searchsorted(starts, k, side="right") - 1
+        indexed = [(self.against[w].ids[p], self.against[w].manifest.ref)
+                   for w, p in zip(which.tolist(), (k - starts[which]).tolist(), strict=True)]  # fmt: skip
+        kept = _merge(own, ids_of(of[own]), pa.array([i for i, _ in indexed], pa.string()))
+        refs = json_text(pa.array([r for _, r in indexed], pa.string()))
+        index = _merge(
+            own, pa.repeat("", int(own.sum())), pc.binary_join_element_wise(', "index": ', refs, "")
+        )
+        return pc.binary_join_element_wise('{"duplicate_of": ', json_text(kept), index, "")
+
+    def decision_ledger(self) -> pa.Table:
+        """Ledger rows of the global decisions (``LEDGER_SCHEMA``), in row order; a duplicate names
+        the kept document. Columnar: ids taken from each task file, details joined as strings."""
         decisions = self._decisions()
         named = np.unique(np.concatenate([np.zeros(0, np.int64)] + [r for r, *_ in decisions] +
                                          [of[of >= 0] for _, of, *_ in decisions if of is not None]))  # fmt: skip
-        ids = self._column_at("id", named)
-        entries: list[tuple[int, dict]] = []
+        ids = self._take("id", named)
+
+        def ids_of(rows: np.ndarray) -> pa.Array:
+            return ids.take(pa.array(np.searchsorted(named, rows)))
+
+        parts: list[tuple[np.ndarray, str, str, pa.Array, pa.Array]] = []  # rows, step, reason, score, detail
         for column, cutoff, reason, below in self.cuts:
-            scores = self._column_at(column, below)
-            entries += [(r, {"id": ids[r], "step": f"corpus.build.{column}", "action": "drop", "reason": reason,
-                             "score": float(scores[r]), "detail": json.dumps({"cutoff": cutoff})})
-                        for r in below.tolist()]  # fmt: skip
+            scores = self._take(column, below).cast(pa.float64(), safe=False)
+            parts.append(
+                (below, column, reason, scores, pa.repeat(json.dumps({"cutoff": cutoff}), len(below)))
+            )
         for rows, of, similarity, step, reason in decisions[len(self.cuts) :]:
-            near = similarity is not None
-            for k, row in enumerate(rows.tolist()):
-                first = int(of[k])
-                detail = ({"duplicate_of": ids[first]} if first >= 0 else
-                          {"duplicate_of": self._index_id(first, near), "index": self._index_ref(first, near)})  # fmt: skip
-                score = round(float(similarity[k]), 4) if near else None
-                if near:
-                    detail["similarity"] = score
-                entries.append((row, {"id": ids[row], "step": f"corpus.build.{step}", "action": "drop",
-                                      "reason": reason, "score": score, "detail": json.dumps(detail)}))  # fmt: skip
-        entries.sort(key=lambda e: e[0])  # stable: one row is removed by one decision only
-        return [e for _, e in entries]
+            detail = self._kept_details(of, similarity is not None, ids_of)
+            if similarity is None:
+                score, closing = pa.nulls(len(rows), pa.float64()), pa.repeat("}", len(rows))
+            else:
+                rounded = [round(s, 4) for s in similarity.tolist()]  # Python's rounding, as before
+                score = pa.array(rounded, pa.float64())
+                closing = pa.array([f', "similarity": {json.dumps(s)}}}' for s in rounded], pa.string())
+            parts.append((rows, step, reason, score, pc.binary_join_element_wise(detail, closing, "")))
+        rows = np.concatenate([np.zeros(0, np.int64)] + [r for r, *_ in parts])
+        order = pa.array(np.argsort(rows, kind="stable"))  # one row is removed by one decision only
+
+        def column(arrays: list[pa.Array], kind: pa.DataType) -> pa.Array:
+            return pa.concat_arrays([pa.array([], kind), *arrays]).take(order)
+
+        return pa.Table.from_arrays([
+            ids_of(rows).take(order),
+            column([pa.repeat(f"corpus.build.{step}", len(r)) for r, step, *_ in parts], pa.string()),
+            pa.repeat("drop", len(rows)),
+            column([pa.repeat(reason, len(r)) for r, _, reason, *_ in parts], pa.string()),
+            column([score for *_, score, _ in parts], pa.float64()),
+            column([detail for *_, detail in parts], pa.string()),
+        ], schema=LEDGER_SCHEMA)  # fmt: skip
 
     def _filter_groups(self, shard_rows: int) -> list[list[int]]:
         """Consecutive task files of at most ``shard_rows`` rows together (one file at least):
@@ -336,11 +273,11 @@ class Combiner:
             rows += count
         return groups
 
-    def publish_rows(self, pub: Publisher, shard_rows: int) -> tuple[int, list[dict], list[Path]]:
+    def publish_rows(self, pub: Publisher, shard_rows: int) -> tuple[int, pa.Table, list[Path]]:
         """The filter phase: consecutive task files' kept rows become shards, written by tasks in
         workers (resumable: a task's marker lists its shards), then taken into ``pub`` in order.
 
-        Returns (rows written, ledger rows of the global decisions, line-dedup ledger files).
+        Returns (rows written, the ledger of the global decisions, line-dedup ledger files).
         """
         ledger = self.decision_ledger()
         folder = self.work / "filter"
@@ -348,13 +285,13 @@ class Combiner:
         removed = np.unique(np.concatenate([np.zeros(0, np.int64)] + [r for r, *_ in self._decisions()]))
         removed_path, units_path = folder / "removed.npy", folder / "units.npy"
         save_array(removed_path, removed)
-        save_array(units_path, np.array(sorted(self.frequent_units), np.uint64))
+        save_array(units_path, self.frequent_units)
         schema = (
             pa.schema([f for f in self.schema if f.name not in HIDDEN_COLUMNS])
             if self.files
             else RECORD_SCHEMA
         )
-        lines = self.lines.model_dump_json() if self.frequent_units else None
+        lines = self.lines.model_dump_json() if len(self.frequent_units) else None
         groups = self._filter_groups(shard_rows)
         markers = [folder / f"group-{k:05d}.json" for k in range(len(groups))]
         jobs = [([(str(self.files[i]), int(self.offsets[i])) for i in group], str(removed_path), str(units_path),
@@ -502,25 +439,46 @@ def filter_task(
     return result
 
 
-def write_ledgers(pub: Publisher, task_ledgers: list[Path], extra: list[dict]) -> None:
+def _merge(mask: np.ndarray, where_true: pa.Array, where_false: pa.Array) -> pa.Array:
+    """One array of ``len(mask)`` values: ``where_true`` in order where ``mask``, ``where_false`` elsewhere."""
+    order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+    return pa.concat_arrays([where_true, where_false]).take(pa.array(np.argsort(order)))
+
+
+def json_text(values: pa.Array) -> pa.Array:
+    """Each string as ``json.dumps`` writes it (quoted, escaped, ASCII only)."""
+    # Printable ASCII needs only quotes and backslashes escaped; anything else goes through json.
+    plain = pc.match_substring_regex(values, r"^[ -~]*$")
+    escaped = pc.replace_substring(pc.replace_substring(values, "\\", "\\\\"), '"', '\\"')
+    quoted = pc.binary_join_element_wise('"', escaped, '"', "")
+    other = pc.invert(plain)
+    if not pc.any(other).as_py():
+        return quoted
+    return pc.replace_with_mask(
+        quoted, other, pa.array([json.dumps(v) for v in values.filter(other).to_pylist()], pa.string())
+    )
+
+
+def write_ledgers(pub: Publisher, task_ledgers: list[Path], extra: pa.Table) -> None:
     """One ledger file per step: task ledgers in task order, then the global decisions."""
     by_step: dict[str, list[pa.Table]] = {}
     for path in task_ledgers:
         table = pq.read_table(path)
         for step in sorted(set(table.column("step").to_pylist())):
             by_step.setdefault(step, []).append(table.filter(pc.equal(table.column("step"), step)))
-    for step in sorted({e["step"] for e in extra}, key=lambda s: (s.endswith("exact_dedup"), s)):
-        by_step.setdefault(step, []).append(
-            pa.Table.from_pylist([e for e in extra if e["step"] == step], schema=LEDGER_SCHEMA)
-        )
+    steps = pc.unique(extra.column("step")).to_pylist()
+    for step in sorted(steps, key=lambda s: (s.endswith("exact_dedup"), s)):
+        by_step.setdefault(step, []).append(extra.filter(pc.equal(extra.column("step"), step)))
     for step, tables in by_step.items():
         pub.write_ledger(pa.concat_tables(tables), step=step)
 
 
-def global_counts(ledger: Iterable[dict]) -> tuple[Counter, Counter]:
-    """Documents removed, and changed, by each global decision (``quality_score``, ``exact_dedup``…)."""
+def global_counts(ledger: pa.Table) -> tuple[Counter, Counter]:
+    """Documents removed, and changed, by each step of a ledger (``quality_score``, ``exact_dedup``…)."""
     removed: Counter = Counter()
     changed: Counter = Counter()
-    for entry in ledger:
-        (removed if entry["action"] == "drop" else changed)[entry["step"].removeprefix("corpus.build.")] += 1
+    drop = pc.equal(ledger.column("action"), "drop")
+    for counter, rows in ((removed, drop), (changed, pc.invert(drop))):
+        for item in pc.value_counts(ledger.column("step").filter(rows)).to_pylist():
+            counter[item["values"].removeprefix("corpus.build.")] += item["counts"]
     return removed, changed

@@ -60,19 +60,18 @@ from corpus.crawl_policy import (
     DOMAIN,
     HTML_TYPES,
     ROBOTS_MAX_BYTES,
-    HostGate,
     PrivateAddressRefused,
     RobotsRules,
     Scope,
     ScopeKind,
     extract_links,
     host_key,
-    http_transport,
     media_type,
     normalise_url,
     origin,
     parse_robots,
 )
+from corpus.crawl_transport import HostGate, http_transport
 from manifests import __version__
 from manifests.errors import DistilleryError
 from manifests.hashing import canonical_json, record_id, sha256_file

@@ -6,30 +6,26 @@ Everything here is decided without touching the frontier or the WARC files:
   ``http://example.com/b?a=2&z=1``), so de-duplication is a string comparison;
 - ``Scope`` says where a crawl may go: the seeds' origins (scheme, host and port), their hosts, or
   domains and their subdomains;
-- ``AddressGuard`` refuses loopback, private, link-local and other non-public addresses at the
-  moment a connection is opened;
-- ``RobotsRules`` applies a robots.txt as RFC 9309 says; ``HostGate`` spaces the requests to one
-  host and honours a server's Retry-After;
+- ``is_public_address`` says which addresses a crawl may connect to (``corpus.crawl_transport``
+  checks it at the moment a connection is opened, and spaces the requests to each host);
+- ``RobotsRules`` applies a robots.txt as RFC 9309 says;
 - ``extract_links`` reads the links of an HTML page.
+
+Nothing here opens a connection, so the corpus build (which normalises URLs for URL dedup) imports
+it without the HTTP client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
-import socket
-import time
 import urllib.robotparser
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import Any, Literal
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
-
-import httpcore
-import httpx
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
@@ -217,102 +213,6 @@ class PrivateAddressRefused(Exception):
         super().__init__(f"{host} resolves to the non-public address {address}")
         self.host = host
         self.address = address
-
-
-class AddressGuard(httpcore.AsyncNetworkBackend):
-    """A network backend that only dials public addresses.
-
-    The check sits where the socket is opened and dials the very address it checked, so a DNS
-    answer that changes between a check and the connection (DNS rebinding) cannot slip through,
-    and seeds, links, redirect targets and robots.txt fetches are all covered by one check.
-    """
-
-    def __init__(self) -> None:
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
-        except (OSError, asyncio.TimeoutError) as e:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {e}") from e
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        # One non-public answer refuses the host: a name that mixes public and internal
-        # addresses is exactly what a rebinding attack looks like.
-        for address in addresses:
-            if not is_public_address(address):
-                raise PrivateAddressRefused(host, address)
-        error: Exception = httpcore.ConnectError(f"no address for {host}")
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
-                )
-            except httpcore.ConnectError as e:
-                error = e
-        raise error
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
-        raise PrivateAddressRefused(path, "a unix socket")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-def http_transport(max_connections: int, allow_private_addresses: bool) -> httpx.AsyncHTTPTransport:
-    """httpx's transport, with every connection checked by ``AddressGuard`` unless private is allowed.
-
-    Proxies from the environment are ignored: through a proxy the address check would judge the
-    proxy, not the host.
-    """
-    limits = httpx.Limits(max_connections=max_connections)
-    transport = httpx.AsyncHTTPTransport(trust_env=False, limits=limits)
-    if not allow_private_addresses:
-        # httpx has no public hook for the network backend; swapping the pool it wraps keeps
-        # httpx's request/response handling and puts the check under every connection.
-        transport._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=max_connections,
-            network_backend=AddressGuard(),
-        )
-    return transport
-
-
-# --- politeness -------------------------------------------------------------------------------
-
-
-class HostGate:
-    """Politeness towards one host: a concurrency limit, a minimum spacing between request starts,
-    and a pause the server asked for with Retry-After (which holds back every URL of the host)."""
-
-    def __init__(self, concurrency: int, delay: float):
-        self._slots = asyncio.Semaphore(concurrency)
-        self.delay = delay
-        self._next = 0.0
-        self._blocked_until = 0.0
-
-    def defer(self, seconds: float) -> None:
-        self._blocked_until = max(self._blocked_until, time.monotonic() + seconds)
-
-    @asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
-        async with self._slots:
-            while True:
-                now = time.monotonic()
-                start = max(now, self._next, self._blocked_until)
-                if start <= now:
-                    self._next = now + self.delay
-                    break
-                # Re-check after waking: another request may have taken this slot meanwhile.
-                await asyncio.sleep(start - now)
-            yield
 
 
 @dataclass

@@ -6,7 +6,8 @@ the same text keys (``text_keys``), so indexed and new documents compare. A leaf
 combiner, the dedup index and the build all read the keys from here.
 
     id "web/00017"  ->  _id_key  8 bytes  (blake2b-64 of the id)
-    text            ->  _dedup_key 16 bytes (blake2b-128 of the whitespace-normalised, case-folded text)
+    text            ->  _dedup_key 16 bytes (blake2b-128 of the normalised text, ``corpus.steps.normalise``:
+                                         whitespace and case, or with ``normalize: simplify`` its words)
     source.url      ->  _url_key 8 bytes  (blake2b-64 of the normalised URL; zero without one)
 """
 
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 
 from corpus.crawl_policy import normalise_url
 from corpus.lines import UNIT_KEYS
-from corpus.steps import normalise
+from corpus.steps import TextNormalization, normalise
 
 ID_KEY = "_id_key"
 DEDUP_KEY = "_dedup_key"
@@ -57,13 +58,13 @@ def fixed_binary(values: bytes, width: int, n: int) -> pa.Array:
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(values)])
 
 
-def text_keys(texts: pa.Array | pa.ChunkedArray, case_fold: bool) -> pa.Array:
+def text_keys(texts: pa.Array | pa.ChunkedArray, case_fold: bool, normalize: TextNormalization) -> pa.Array:
     """The 16-byte exact-dedup key of each text, after the build's normalisation."""
-    normal = normalise(texts, case_fold).to_pylist()
+    normal = normalise(texts, case_fold, normalize).to_pylist()
     return fixed_binary(text_key_bytes(normal), 16, len(normal))
 
 
-def add_keys(batch: pa.RecordBatch, case_fold: bool) -> pa.RecordBatch:
+def add_keys(batch: pa.RecordBatch, case_fold: bool, normalize: TextNormalization) -> pa.RecordBatch:
     """Append the id, text and URL keys (computed in the worker, where the text already is)."""
     n = batch.num_rows
     ids = batch.column("id").to_pylist()
@@ -72,7 +73,7 @@ def add_keys(batch: pa.RecordBatch, case_fold: bool) -> pa.RecordBatch:
     id_keys = b"".join(hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids)
     url_keys = b"".join(url_key(u) for u in urls)
     batch = batch.append_column(ID_KEY, fixed_binary(id_keys, 8, n))
-    batch = batch.append_column(DEDUP_KEY, text_keys(batch.column("text"), case_fold))
+    batch = batch.append_column(DEDUP_KEY, text_keys(batch.column("text"), case_fold, normalize))
     return batch.append_column(URL_KEY, fixed_binary(url_keys, 8, n))
 
 

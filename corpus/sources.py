@@ -30,6 +30,8 @@ another) is an error naming the field and both places. Parquet columns keep thei
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,10 +42,9 @@ from pydantic import Field, model_validator
 
 from corpus.extract import ExtractLimits
 from corpus.records import RECORD_SCHEMA, Batcher, Format, ReadLog, Task, display_path, source_pointer
-from corpus.warc_reader import read_warc
 from manifests.data import jsonl_objects, open_shard, unreadable_shard
 from manifests.errors import DistilleryError
-from manifests.hashing import record_id, sha256_file
+from manifests.hashing import FileHashes, record_id
 from manifests.recipes import RecipeConfig
 
 RESERVED_COLUMNS = tuple(RECORD_SCHEMA.names)
@@ -168,10 +169,39 @@ def _jsonl_ranges(path: Path, split_bytes: int) -> list[tuple[int, int | None, i
     return ranges
 
 
+def _cached_jsonl_ranges(
+    path: Path, sha256: str, split_bytes: int, cache: Path
+) -> list[tuple[int, int | None, int]]:
+    """``_jsonl_ranges``, kept in ``cache`` by the file's content hash: a file larger than ``split_bytes``
+    is read once to find its line ends, not on every build."""
+    if path.stat().st_size <= split_bytes:
+        return [(0, None, 1)]
+    file = cache / f"{sha256}-{split_bytes}.json"
+    try:
+        return [(start, end, first) for start, end, first in json.loads(file.read_text())]
+    except (OSError, ValueError, TypeError):
+        pass
+    ranges = _jsonl_ranges(path, split_bytes)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(ranges))
+        os.replace(tmp, file)
+    except OSError:
+        pass  # a read-only store: found again next time
+    return ranges
+
+
 def plan_tasks(
     inputs: list[SourceConfig], store, split_bytes: int = 64 << 20, files_per_task: int = 256
 ) -> list[Task]:
-    """Cut the inputs into tasks, in input order (which decides which duplicate is kept)."""
+    """Cut the inputs into tasks, in input order (which decides which duplicate is kept).
+
+    Each input file is hashed (its ``source.sha256``) once: the hash is kept in the store's cache and
+    reused while the file is unchanged (``FileHashes``), as are the line ends a large JSONL file is cut
+    at, so a rerun does not read its inputs to start.
+    """
+    hashes = FileHashes(store.cache_dir("input-hashes"))
     tasks: list[Task] = []
     for i, cfg in enumerate(inputs):
         if cfg.dataset is not None:
@@ -202,16 +232,20 @@ def plan_tasks(
             for start in range(0, len(files), files_per_task):
                 chunk = files[start : start + files_per_task]
                 tasks.append(
-                    Task(len(tasks), i, "text", tuple(map(str, chunk)), tuple(sha256_file(p) for p in chunk))
+                    Task(
+                        len(tasks), i, "text", tuple(map(str, chunk)), tuple(hashes.sha256(p) for p in chunk)
+                    )
                 )
             continue
         for path in files:
-            sha = sha256_file(path)
+            sha = hashes.sha256(path)
             if cfg.format == "jsonl":
-                for start, end, first in _jsonl_ranges(path, split_bytes):
+                ranges = _cached_jsonl_ranges(path, sha, split_bytes, store.cache_dir("jsonl-ranges"))
+                for start, end, first in ranges:
                     tasks.append(Task(len(tasks), i, "jsonl", (str(path),), (sha,), start, end, first))
             else:
                 tasks.append(Task(len(tasks), i, cfg.format, (str(path),), (sha,)))
+    hashes.save()
     return tasks
 
 
@@ -360,6 +394,8 @@ def read_task(
     elif task.format == "table":
         yield from _read_table(task, batch_size)
     else:
+        from corpus.warc_reader import read_warc  # warcio and fsspec: only for WARC inputs
+
         limits = ExtractLimits(max_bytes=cfg.max_bytes, timeout_s=cfg.extract_timeout_s)
         yield from read_warc(task, batcher, log, limits, cfg.content_types)
     if (batch := batcher.flush()) is not None:

@@ -8,21 +8,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from manifests.data import read_shard, shard_batches, unreadable_shard
+from manifests.data import read_shard, unreadable_shard
 from manifests.errors import DistilleryError
-from manifests.hashing import canonical_json
+from manifests.scan import data_schema, scan_rows
 from manifests.schema import Manifest
 from manifests.store import Store
 from manifests.verify import ensure_verified
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 @dataclass
@@ -220,11 +222,6 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, A
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _hash(value: Any, size: int = 8) -> bytes:
-    data = value.encode() if isinstance(value, str) else canonical_json(value).encode()
-    return hashlib.blake2b(data, digest_size=size).digest()
-
-
 def _fields(schema: pa.Schema) -> list[str]:
     """Columns, with ``source`` as its fields (``source.url``…)."""
     names = []
@@ -236,20 +233,67 @@ def _fields(schema: pa.Schema) -> list[str]:
     return names
 
 
-def _row_keys(manifest: Manifest, content: list[str], meta: list[str]):
-    """(id, content hash, metadata hashes, position hash) per row, reading one batch at a time: only
-    hashes are kept, never the texts."""
-    for f in manifest.data_files():
-        for batch in shard_batches(manifest.location / f.path, manifest.ref):
-            for row in batch.to_pylist():
-                source = row.get("source") if isinstance(row.get("source"), dict) else {}
-                flat = {**row, **{f"source.{k}": v for k, v in source.items()}}
-                yield (
-                    row.get("id"),
-                    _hash([row.get(c) for c in content], 16),
-                    b"".join(_hash(flat.get(m), 4) for m in meta),
-                    _hash([source.get(p) for p in _POSITION]),
-                )
+def _value(schema: pa.Schema, name: str) -> pl.Expr | None:
+    """A column, or a field of ``source`` (``source.url``), of rows of ``schema``; None if they have none.
+    Integers are compared as int64, floats as float64 and dictionary-encoded columns as their values,
+    so that a column whose encoding changed between versions still matches value for value."""
+    import polars as pl
+
+    if name in schema.names:
+        kind, value = schema.field(name).type, pl.col(name)
+    else:
+        source = schema.field("source").type if "source" in schema.names else None
+        sub = name.removeprefix("source.")
+        if source is None or not pa.types.is_struct(source) or sub == name or source.get_field_index(sub) < 0:
+            return None
+        kind, value = source.field(sub).type, pl.col("source").struct.field(sub)
+    if pa.types.is_dictionary(kind):  # a categorical's codes differ between files: compare its values
+        kind, value = kind.value_type, value.cast(pl.from_arrow(pa.array([], kind.value_type)).dtype)
+    if pa.types.is_integer(kind):
+        return value.cast(pl.Int64)
+    if pa.types.is_floating(kind):
+        return value.cast(pl.Float64)
+    return value
+
+
+def _hash(schema: pa.Schema, names: list[str], seed: int) -> pl.Expr:
+    """A 64-bit hash of the values of ``names`` in a row. A null and a column the rows lack hash alike:
+    both are "no value" (a column that only the other version has is null in this one)."""
+    import polars as pl
+
+    parts = []
+    for name in names:
+        value, none = _value(schema, name), pl.lit(0, pl.UInt64)
+        parts.append(
+            none if value is None else pl.when(value.is_null()).then(none).otherwise(value.hash(seed))
+        )
+    return parts[0] if len(parts) == 1 else pl.struct(p.alias(str(i)) for i, p in enumerate(parts)).hash(seed)
+
+
+def _row_keys(
+    manifest: Manifest, schema: pa.Schema | None, content: list[str], meta: list[str]
+) -> pl.DataFrame:
+    """Per row: its position in the dataset (``i``), a 128-bit hash of its content (``c0``, ``c1``), a
+    32-bit hash of each metadata field (``m0``…) and a hash of its position in its source (``p``).
+
+    polars computes them over one streaming scan and keeps only the hashes (about 36 bytes a row and 4
+    a metadata field): no text, nor any value as a Python object. They are polars' hashes, the same for
+    equal values within one process, which hashes both versions.
+    """
+    import polars as pl
+
+    schema = schema if schema is not None else pa.schema([])
+    keys = [
+        *(_hash(schema, content, seed).alias(f"c{seed - 1}") for seed in (1, 2)),
+        *(
+            _hash(schema, [name], 3).floordiv(1 << 32).cast(pl.UInt32).alias(f"m{i}")
+            for i, name in enumerate(meta)
+        ),
+        _hash(schema, [f"source.{p}" for p in _POSITION], 4).alias("p"),
+    ]
+    used = [*content, *meta, "source"]
+    rows = scan_rows(manifest, schema, used).select(keys)
+    return rows.with_row_index("i").collect(engine="streaming")
 
 
 def diff(old: Manifest, new: Manifest) -> DatasetDiff:
@@ -259,7 +303,7 @@ def diff(old: Manifest, new: Manifest) -> DatasetDiff:
         if m.kind != "dataset":
             raise DistilleryError(f"diff compares datasets; {m.ref} is a {m.kind}")
         ensure_verified(m)
-    schemas = [_schema(m) for m in (old, new)]
+    schemas = [data_schema(m) for m in (old, new)]
     names = [set(s.names) if s is not None else set() for s in schemas]
     both = names[0] & names[1]
     content = next(([c] for c in CONTENT_COLUMNS if c in both), None) or sorted(
@@ -270,56 +314,125 @@ def diff(old: Manifest, new: Manifest) -> DatasetDiff:
     meta = [
         f for f in dict.fromkeys(f for s in schemas if s is not None for f in _fields(s)) if f not in skip
     ]
-    # Old rows by content hash; each new row takes the closest of them: same metadata and position,
-    # else same metadata (moved), else any (changed). Held in memory: hashes, ~60 bytes a row.
-    pool: dict[bytes, list[tuple[str, bytes, bytes]]] = {}
-    removed_total = 0
-    for id_, c, m, p in _row_keys(old, content, meta):
-        pool.setdefault(c, []).append((id_, m, p))
-        removed_total += 1
-    added = moved = changed = kept = 0
-    changed_fields: dict[str, int] = {}
-    examples: list[tuple[str, str, list[str]]] = []
-    for id_, c, m, p in _row_keys(new, content, meta):
-        candidates = pool.get(c)
-        if not candidates:
-            added += 1
-            continue
-        pick = next((i for i, (_, om, op) in enumerate(candidates) if om == m and op == p), None)
-        if pick is None:
-            pick = next((i for i, (_, om, _) in enumerate(candidates) if om == m), 0)
-        old_id, om, op = candidates.pop(pick)
-        if not candidates:
-            del pool[c]
-        kept += 1
-        if om != m:
-            changed += 1
-            differ = [meta[i] for i in range(len(meta)) if om[4 * i : 4 * i + 4] != m[4 * i : 4 * i + 4]]
-            for name in differ:
-                changed_fields[name] = changed_fields.get(name, 0) + 1
-            if len(examples) < _EXAMPLES:
-                examples.append((old_id, id_, differ))
-        elif op != p:
-            moved += 1
+    before, after = (_row_keys(m, s, content, meta) for m, s in zip((old, new), schemas, strict=True))
+    kept, matched = _match(before, after, meta)
+    examples = matched.examples[:_EXAMPLES]
+    old_ids = _ids(old, [i for _, i, _ in examples])
+    new_ids = _ids(new, [j for j, _, _ in examples])
     return DatasetDiff(
         old=old,
         new=new,
-        added=added,
-        removed=removed_total - kept,
+        added=after.height - kept,
+        removed=before.height - kept,
         kept=kept,
         recipe_changes=_changes(old.producer.recipe, new.producer.recipe),
         stats_changes=_changes(old.stats, new.stats),
-        moved=moved,
-        changed=changed,
+        moved=matched.moved,
+        changed=matched.changed,
         content=content,
-        changed_fields=changed_fields,
-        examples=examples,
+        changed_fields=matched.changed_fields,
+        examples=[(old_ids[i], new_ids[j], differ) for j, i, differ in examples],
     )
 
 
-def _schema(manifest: Manifest) -> pa.Schema | None:
-    files = manifest.data_files()
-    return pq.read_schema(manifest.location / files[0].path) if files else None
+@dataclass
+class _Matched:
+    kept: int = 0
+    changed: int = 0
+    moved: int = 0
+    changed_fields: dict[str, int] = field(default_factory=dict)
+    examples: list[tuple[int, int, list[str]]] = field(default_factory=list)
+    """The first changed rows: (new row's position, old row's position, the fields that differ)."""
+
+    def add(self, more: _Matched) -> None:
+        self.changed, self.moved = self.changed + more.changed, self.moved + more.moved
+        for name, n in more.changed_fields.items():
+            self.changed_fields[name] = self.changed_fields.get(name, 0) + n
+        self.examples = sorted(self.examples + more.examples)[:_EXAMPLES]
+
+
+def _match(before: pl.DataFrame, after: pl.DataFrame, meta: list[str]) -> tuple[int, _Matched]:
+    """How many rows are kept (content both versions have), and which of them moved or changed."""
+    import polars as pl
+
+    old, new = before.lazy(), after.lazy()
+    one, zero = pl.lit(1, pl.UInt32), pl.lit(0, pl.UInt32)
+    sides = pl.concat([old.select("c0", "c1", old=one, new=zero), new.select("c0", "c1", old=zero, new=one)])
+    # Grouped by the first half of the content hash alone (a single-column key is far lighter for
+    # polars than two); a group whose second halves differ (two contents, one first half) is matched
+    # with the repeated ones, on the whole hash.
+    groups = sides.group_by("c0").agg(
+        pl.col("old").sum(), pl.col("new").sum(), one_content=pl.col("c1").min() == pl.col("c1").max()
+    )
+    groups = groups.filter((pl.col("old") > 0) & (pl.col("new") > 0)).collect(engine="streaming")
+    # Content one row of each version has (nearly all rows): those two are a pair. polars counts the
+    # pairs as they stream by; only the first changed ones come back as rows.
+    is_pair = (pl.col("old") == 1) & (pl.col("new") == 1) & pl.col("one_content")
+    kept = groups.filter(is_pair).height
+    fields = [f"m{i}" for i in range(len(meta))]
+    differs = [(pl.col(f) != pl.col(f"{f}_new")).alias(f) for f in fields]
+    pairs = old.join(groups.lazy().filter(is_pair).select("c0"), on="c0").join(new, on="c0", suffix="_new")
+    pairs = pairs.with_columns(changed=pl.any_horizontal(differs) if differs else pl.lit(False))
+    moved = ~pl.col("changed") & (pl.col("p") != pl.col("p_new"))
+    totals = pairs.select(pl.col("changed").sum(), moved.sum().alias("moved"), *(d.sum() for d in differs))
+    counts = totals.collect(engine="streaming").row(0, named=True)
+    out = _Matched(changed=int(counts["changed"] or 0), moved=int(counts["moved"] or 0))
+    out.changed_fields = {name: int(counts[f]) for name, f in zip(meta, fields, strict=True) if counts[f]}
+    first = pairs.filter(pl.col("changed")).sort("i_new").head(_EXAMPLES).collect(engine="streaming")
+    for row in first.iter_rows(named=True):
+        differ = [name for name, f in zip(meta, fields, strict=True) if row[f] != row[f"{f}_new"]]
+        out.examples.append((row["i_new"], row["i"], differ))
+    # Content several rows share (in either version): matched in order, in Python, as few as they are.
+    others = groups.lazy().filter(~is_pair).select("c0")
+    rows = [side.join(others, on="c0").sort("i").collect(engine="streaming") for side in (old, new)]
+    if rows[1].height:
+        more = _match_repeated(rows[0], rows[1], meta)
+        kept += more.kept
+        out.add(more)
+    return kept, out
+
+
+def _match_repeated(before: pl.DataFrame, after: pl.DataFrame, meta: list[str]) -> _Matched:
+    """Each new row, in order, takes the first old row of its content (the whole hash) with the same
+    metadata and position, else the first with the same metadata (moved), else the first (changed)."""
+    fields = [f"m{i}" for i in range(len(meta))]
+    pool: dict[tuple, list[tuple[int, tuple, int]]] = {}
+    for row in before.iter_rows(named=True):
+        pool.setdefault((row["c0"], row["c1"]), []).append(
+            (row["i"], tuple(row[f] for f in fields), row["p"])
+        )
+    out = _Matched()
+    for row in after.iter_rows(named=True):
+        candidates = pool.get((row["c0"], row["c1"]))
+        if not candidates:
+            continue  # added
+        m, p = tuple(row[f] for f in fields), row["p"]
+        pick = next((i for i, (_, om, op) in enumerate(candidates) if om == m and op == p), None)
+        if pick is None:
+            pick = next((i for i, (_, om, _) in enumerate(candidates) if om == m), 0)
+        old_row, om, op = candidates.pop(pick)
+        out.kept += 1
+        if om != m:
+            out.changed += 1
+            differ = [meta[i] for i in range(len(meta)) if om[i] != m[i]]
+            for name in differ:
+                out.changed_fields[name] = out.changed_fields.get(name, 0) + 1
+            if len(out.examples) < _EXAMPLES:
+                out.examples.append((row["i"], old_row, differ))
+        elif op != p:
+            out.moved += 1
+    return out
+
+
+def _ids(manifest: Manifest, rows: list[int]) -> dict[int, str | None]:
+    """The ``id`` of the rows at these positions of a dataset (one pass over its ``id`` column)."""
+    import polars as pl
+
+    schema = data_schema(manifest)
+    if not rows or schema is None or "id" not in schema.names:
+        return dict.fromkeys(rows)
+    found = scan_rows(manifest, schema, ["id"]).select(pl.col("id").cast(pl.String)).with_row_index("i")
+    return dict(found.filter(pl.col("i").is_in(rows)).collect(engine="streaming").iter_rows())
 
 
 def short(value: Any, limit: int = 80) -> str:

@@ -202,6 +202,11 @@ class Store:
     def name_dir(self, kind: Kind, name: str) -> Path:
         return self.kind_dir(kind) / check_name(name)
 
+    def cache_dir(self, purpose: str) -> Path:
+        """``<store>/.cache/<purpose>``: what a rerun may reuse (verified files, input hashes), never
+        part of an artefact; deleting it only costs the work again."""
+        return self.root / ".cache" / purpose
+
     def remove_name_if_empty(self, kind: Kind, name: str) -> None:
         """After a failed job: a name that never got a version leaves no empty folder behind.
         Anything inside (versions, their history, another job's work) keeps the folder."""

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from manifests.data import read_table
 
-from .conftest import ROOT, docs, write_jsonl, write_recipe
+from .conftest import ROOT, assert_one_line_error, docs, write_jsonl, write_recipe
 
 
 def test_demo_corpus_recipe_reads_both_formats_with_source_pointers(cli, store):
@@ -233,6 +233,79 @@ def test_incremental_dedup_against_an_index_of_an_earlier_dataset(cli, tmp_path,
     )
     result = cli("--store", store.root, "corpus", "build", other)
     assert result.code == 2 and "was built with other shingle settings" in result.err
+
+
+def _long_sample_texts(count: int) -> list[str]:
+    lines = Path("examples/sample/web.jsonl").read_text().splitlines()[:40]
+    return [t for t in (json.loads(line)["text"] for line in lines) if len(t.split()) > 60][:count]
+
+
+def test_exact_dedup_with_normalize_simplify_drops_a_punctuation_only_copy(cli, tmp_path, store):
+    base = _long_sample_texts(3)
+    copy = base[1].replace(",", " ,").replace("'", "’").upper() + " !!"  # the same words
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in base + [copy]])
+    for name, dedup in (("as-is", "{exact: true}"), ("simple", "{exact: true, normalize: simplify}")):
+        recipe = write_recipe(tmp_path / f"{name}.yaml",
+                              f"stage: corpus.build\nname: {name}\ninputs: [{{path: {src}}}]\ndedup: {dedup}\n")  # fmt: skip
+        assert cli("--store", store.root, "corpus", "build", recipe).code == 0
+    assert [r["text"] for r in read_table(store.resolve("as-is")).to_pylist()] == base + [copy]
+    simple = store.resolve("simple")
+    kept = read_table(simple).to_pylist()
+    assert [r["text"] for r in kept] == base
+    ledger = pq.read_table(simple.location / "ledger" / "corpus.build.exact_dedup.parquet").to_pylist()
+    assert [json.loads(e["detail"])["duplicate_of"] for e in ledger] == [kept[1]["id"]]
+
+
+def test_a_dedup_index_with_another_normalisation_is_refused_in_one_line(cli, tmp_path, store, monkeypatch):
+    import corpus.dedup_index as dedup_index
+
+    base = _long_sample_texts(4)
+    old = write_jsonl(tmp_path / "old.jsonl", [{"text": t} for t in base[:2]])
+    new = write_jsonl(tmp_path / "new.jsonl", [{"text": t} for t in base[1:]])
+    write_recipe(tmp_path / "old.yaml", f"stage: corpus.build\nname: old\ninputs: [{{path: {old}}}]\n")
+    assert cli("--store", store.root, "corpus", "build", tmp_path / "old.yaml").code == 0
+    index = ["--store", store.root, "corpus", "dedup-index", "old", "--minhash-threshold", "0.7"]
+    assert cli(*index, "--name", "idx-none", "--minhash-normalize", "none").code == 0
+    recording = dedup_index.settings_of
+
+    def before_normalize(*args):  # what an index recorded before the setting existed
+        settings = recording(*args)
+        del settings["normalize"], settings["minhash"]["normalize"]
+        return settings
+
+    with monkeypatch.context() as patched:
+        patched.setattr(dedup_index, "settings_of", before_normalize)
+        assert cli(*index, "--name", "idx-older").code == 0
+    assert "normalize" not in (store.resolve("idx-older").location / "index" / "settings.json").read_text()
+
+    def build(name: str, dedup: str):
+        recipe = write_recipe(tmp_path / f"{name}.yaml",
+                              f"stage: corpus.build\nname: {name}\ninputs: [{{path: {new}}}]\ndedup: {dedup}\n")  # fmt: skip
+        return cli("--store", store.root, "corpus", "build", recipe)
+
+    for i, idx in enumerate(["idx-none", "idx-older"]):
+        result = build(f"refused-{i}", f"{{minhash: {{threshold: 0.7}}, against: [{idx}]}}")
+        assert_one_line_error(result)
+        err = result.err
+        assert (
+            f"dedup index {idx}@" in err
+            and "minhash (normalize: none; the build has normalize: simplify)" in err
+        )
+        assert "rebuild the index" in err and "minhash: {normalize: none}" in err
+        assert ("predates the setting" in err) == (idx == "idx-older")
+        # With the index's normalisation the build uses it: the indexed document is dropped.
+        accepted = build(
+            f"accepted-{i}", f"{{minhash: {{threshold: 0.7, normalize: none}}, against: [{idx}]}}"
+        )
+        assert accepted.code == 0, accepted.err
+        assert [r["text"] for r in read_table(store.resolve(f"accepted-{i}")).to_pylist()] == base[2:]
+    result = build("exact", "{exact: true, normalize: simplify, against: [idx-none]}")
+    assert_one_line_error(result)
+    assert "was built with normalize: none, the build's dedup has normalize: simplify" in result.err
+    assert (
+        "rebuild the index with normalize: simplify, or set normalize: none in the build's dedup"
+        in result.err
+    )
 
 
 def test_dedup_bad_input_is_one_line(cli, tmp_path, store):

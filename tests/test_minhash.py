@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import unicodedata
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +26,30 @@ from corpus.minhash import (
     signatures,
 )
 from corpus.minhash_clusters import connected_components, pair_jaccard
+from corpus.steps import normalise, simplify_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def reference_shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
-    words = text.lower().split()
+def reference_simplify(text: str) -> str:
+    """``normalize: simplify`` written independently: NFKC, lower case, punctuation, symbols and
+    invisible characters (format, and control characters that are not whitespace) removed, decimal
+    digits made 0, whitespace runs made one space."""
+    kept = []
+    for char in unicodedata.normalize("NFKC", text).lower():
+        category = unicodedata.category(char)
+        if category[0] in "PS" or category == "Cf" or (category == "Cc" and not char.isspace()):
+            continue
+        kept.append("0" if category == "Nd" else char)
+    return " ".join("".join(kept).split())
+
+
+@lru_cache(maxsize=4096)  # the fixtures compare every pair of the sample's documents
+def reference_shingles(text: str, n: int = 5, normalize: str = "simplify") -> frozenset[tuple[str, ...]]:
+    words = (reference_simplify(text) if normalize == "simplify" else text.lower()).split()
     if len(words) < n:
-        return {tuple(words)} if words else set()
-    return set(zip(*(words[i:] for i in range(n)), strict=False))
+        return frozenset({tuple(words)} if words else ())
+    return frozenset(zip(*(words[i:] for i in range(n)), strict=False))
 
 
 def reference_jaccard(a: str, b: str) -> float:
@@ -106,13 +124,117 @@ def test_char_shingles_find_a_near_duplicate_in_non_ascii_text(seeds):
     assert removed.tolist() == [2] and kept.tolist() == [0]
 
 
-def test_shingle_sets_match_the_reference_definition(seeds):
-    cfg = MinHashConfig()
-    for text, hashed in zip(seeds, shingle_sets(seeds, cfg), strict=True):
-        assert len(hashed) == len(reference_shingles(text))
+@pytest.mark.parametrize("normalize", ["simplify", "none"])
+def test_shingle_sets_match_the_reference_definition(seeds, normalize):
+    cfg = MinHashConfig(normalize=normalize)
+    texts = seeds + TRICKY
+    for text, hashed in zip(texts, shingle_sets(texts, cfg), strict=True):
+        assert len(hashed) == len(reference_shingles(text, normalize=normalize)), text
     a, b = seeds[0], substitute(seeds[0], 3, random.Random(1))
     sa, sb = shingle_sets([a, b], cfg)
     assert len(np.intersect1d(sa, sb)) / len(np.union1d(sa, sb)) == pytest.approx(reference_jaccard(a, b))
+
+
+# ------------------------------------------------------------------ normalisation
+
+WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+TRICKY = [
+    "ＦＵＬＬＷＩＤＴＨ ｌｅｔｔｅｒｓ ａｎｄ ｄｉｇｉｔｓ １２３ ＡＢＣ",
+    "the ﬁrst oﬃce ﬂoor has ﬀ and ﬆ ligatures",
+    "em—dash, en–dash - hyphen ‒ figure dash ― bar … ellipsis -- double",
+    "don't, don’t, rock ’n’ roll, l'été, «guillemets» „low“ 'single' \"double\"",
+    "Русский текст: «Привет, мир!» 2024 г.",
+    "日本語の文章です。東京は晴れ、気温は２５度（摂氏）。",
+    "العربية: ١٢٣ مرحبا، كيف حالك؟",
+    "हिन्दी पाठ। १२३ क्षत्रिय",
+    "cafe\u0301 vs café, q\u0301, A\u030a vs Å vs \u212b (angstrom sign), n\u0303",
+    "soft\u00adhyphen zero\u200bwidth \ufeffbom \u200eltr\u200f mark",
+    "control\x00chars\x07here\x1b[0m and \x7f",
+    "math: x² + y² = z², ½ ¼ 3.14159, ① ② Ⅻ ⅻ, 10⁻³",
+    "currency $5 €3,50 £2 ¥100 and emoji 😀👍🏽 ok ™ ©",
+    "Ελληνικά: καλημέρα κόσμε; ΑΒΓ (a Greek question mark ;)",
+    "Straße ẞ Ǆ ǅ ǆ ﬅ",
+    "   leading and trailing   ",
+    "",
+    "!!! ... --- ???",
+    "".join(f"w{i}{c}" for i, c in enumerate(WHITESPACE)),
+]
+
+
+def test_simplify_text_matches_an_independent_reference():
+    got = simplify_text(pa.array(TRICKY)).to_pylist()
+    assert got == [reference_simplify(t) for t in TRICKY]
+    assert got[1] == "the first office floor has ff and st ligatures"
+    assert got[3] == "dont dont rock n roll lété guillemets low single double"
+    assert normalise(pa.array(TRICKY), True, "simplify").equals(simplify_text(pa.array(TRICKY)))
+    # Case is kept when asked; everything else is the same.
+    cased = simplify_text(pa.array(TRICKY), case_fold=False).to_pylist()
+    assert [t.lower() for t in cased] == got and cased[0].startswith("FULLWIDTH")
+
+
+def disguise(text: str) -> str:
+    """The same words as ``text`` in other case, quotes, dashes, digits, punctuation and Unicode forms."""
+    words = text.replace("'", "’").replace(" - ", " — ").split()
+    for i, word in enumerate(words):
+        if i % 7 == 0:
+            word = word.upper()
+        if i % 11 == 0:
+            word = f"({word}),"
+        if i % 17 == 0:  # fullwidth forms, as some scraped pages write them
+            word = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in word)
+        words[i] = word.replace("fi", "ﬁ")
+    return " ".join(words).translate(str.maketrans("0123456789", "5678901234"))
+
+
+def test_a_copy_differing_only_in_punctuation_case_digits_and_forms_is_a_duplicate(seeds):
+    original = seeds[5] + " Prices rose 12.5% in 2019 -- see p. 4 of the report."
+    copy = disguise(original)
+    assert reference_simplify(copy) == reference_simplify(original) and copy.lower() != original.lower()
+    texts = [original, seeds[6], copy]
+    for shingle, ngram in (("word", 5), ("char", 7)):
+        default = MinHashConfig(shingle=shingle, ngram=ngram)
+        none = MinHashConfig(shingle=shingle, ngram=ngram, normalize="none")
+        a, b = shingle_sets([original, copy], default)
+        assert np.array_equal(a, b)  # Jaccard 1.0
+        a, b = shingle_sets([original, copy], none)
+        assert len(np.intersect1d(a, b)) / len(np.union1d(a, b)) < 0.8
+        removed, kept, similarity = find_duplicates(band_keys(texts, default), None, default, texts_of(texts))
+        assert removed.tolist() == [2] and kept.tolist() == [0] and similarity.tolist() == [1.0]
+        assert find_duplicates(band_keys(texts, none), None, none, texts_of(texts))[0].tolist() == []
+
+
+# Band keys and shingle sets of ``normalize: none`` (sha256 of keys, shingles, offsets), computed by
+# the implementation from before the option: ``none`` is what MinHash dedup did then, byte for byte.
+BEFORE_NORMALIZE = [
+    "The Quick, brown fox -- jumps over the lazy dog's back in 2024!",
+    "ＦＵＬＬＷＩＤＴＨ ｔｅｘｔ and the ﬁnal oﬃce — with em-dashes… and “quotes”",
+    "Ça coûte 12,50 € — naïve café résumé e\u0301 q\u0301",
+    "Ελληνικά κείμενα, русский текст; 東京の天気は晴れです。 ١٢٣ مرحبا",
+    "",
+    "   \n\t ",
+    "one",
+    "tabs\tand\nnew\u00a0lines\u2003and   spaces  ",
+    "Don't   stop — it’s 3.14159 ½ ² Ⅻ ① ﬀ",
+]
+
+
+@pytest.mark.parametrize(
+    ("settings", "digest"),
+    [
+        ({}, "5d795865ef1d4a982e1d00ef5f416a3ac8568e0c529e19ee7f988baebfa66329"),
+        ({"shingle": "char", "ngram": 7}, "477434bf7d1f3c042c54c9c2c32a693a9c29faf2db4db6a709c33a30176c8c96"),
+        (
+            {"lowercase": False, "ngram": 3},
+            "d537a78eb0503f7d02ae39bae05efc74deffa58a490e45d6837ba006815718b0",
+        ),
+    ],
+)
+def test_normalize_none_keeps_the_band_keys_from_before_the_option(settings, digest):
+    cfg = MinHashConfig(normalize="none", **settings)
+    keys = band_keys(pa.array(BEFORE_NORMALIZE), cfg)
+    values, offsets = minhash.flat_shingle_sets(BEFORE_NORMALIZE, cfg)
+    got = hashlib.sha256(keys.buffers()[1].to_pybytes() + values.tobytes() + offsets.tobytes()).hexdigest()
+    assert got == digest
 
 
 def test_signature_agreement_estimates_jaccard_without_bias(seeds):
@@ -255,6 +377,7 @@ def test_banding_follows_datasketch():
         ({"bands": 20, "rows": 7}, "exceeds num_perm"),
         ({"threshold": 0}, "greater than 0"),
         ({"shingle": "sentence"}, "'word' or 'char'"),
+        ({"normalize": "nfkc"}, "'simplify' or 'none'"),
         ({"treshold": 0.7}, "Extra inputs"),
     ],
 )
