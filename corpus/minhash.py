@@ -250,7 +250,8 @@ def _shingles(texts: pa.Array, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarr
         texts = texts.cast(pa.large_string())  # string_view, or a dictionary of strings
     texts = pc.fill_null(texts, "")
     if cfg.normalize == "simplify":
-        texts = simplify_text(texts, cfg.lowercase)
+        # Words split at whitespace runs below, so the collapse can be skipped; characters count a run as one.
+        texts = simplify_text(texts, cfg.lowercase, collapse_whitespace=cfg.shingle == "char")
     elif cfg.lowercase:
         texts = pc.utf8_lower(texts)
     tokens, tok_offsets = _word_tokens(texts) if cfg.shingle == "word" else _char_tokens(texts)

@@ -23,9 +23,11 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -264,7 +266,7 @@ def normalise(texts: pa.Array, case_fold: bool = True, normalize: TextNormalizat
     return pc.utf8_lower(out) if case_fold else out
 
 
-def simplify_text(texts: pa.Array, case_fold: bool = True) -> pa.Array:
+def simplify_text(texts: pa.Array, case_fold: bool = True, collapse_whitespace: bool = True) -> pa.Array:
     """Text reduced to its words, as datatrove's ``simplify_text`` does before MinHash (column-wise).
 
     Unicode NFKC (fullwidth letters, ligatures such as "ﬁ", superscripts become plain ones), then
@@ -277,10 +279,38 @@ def simplify_text(texts: pa.Array, case_fold: bool = True) -> pa.Array:
 
     Letters, marks (accents stay) and other numbers (Roman numerals) are kept. Case folding is
     Arrow's per-character lower case (no context: a final capital sigma becomes "σ").
+
+    With ``collapse_whitespace=False`` whitespace is left as it is: for a tokeniser that splits at
+    whitespace runs itself (MinHash's words) the words are the same, and the collapse is a third of
+    the cost.
     """
-    out = pc.utf8_normalize(texts, form="NFKC")
+    out = _only_non_ascii(texts, lambda some: pc.utf8_normalize(some, form="NFKC"))  # ASCII is NFKC
     if case_fold:
         out = pc.utf8_lower(out)
-    out = pc.replace_substring_regex(out, pattern=_NOT_WORDS, replacement="")
-    out = pc.replace_substring_regex(out, pattern=r"\p{Nd}", replacement="0")
+    out = _fold_digits(pc.replace_substring_regex(out, pattern=_NOT_WORDS, replacement=""))
+    if not collapse_whitespace:
+        return out
     return pc.utf8_trim_whitespace(pc.replace_substring_regex(out, pattern=_WHITESPACE, replacement=" "))
+
+
+def _only_non_ascii(texts: pa.Array, change: Callable[[pa.Array], pa.Array]) -> pa.Array:
+    """``change`` applied to the texts that are not pure ASCII, the others kept as they are."""
+    other = pc.invert(pc.fill_null(pc.string_is_ascii(texts), True))
+    if not pc.any(other).as_py():
+        return texts
+    return pc.replace_with_mask(texts, other, change(texts.filter(other)))
+
+
+def _fold_digits(texts: pa.Array) -> pa.Array:
+    """Every decimal digit made "0": ASCII ones by a byte map over the UTF-8 data (an ASCII byte never
+    occurs inside a multi-byte character), the digits of other scripts by RE2 in non-ASCII texts only."""
+    if texts.type != pa.large_string():
+        texts = texts.cast(pa.large_string())
+    validity, offsets, data = texts.buffers()
+    if data is not None and data.size:
+        raw = np.frombuffer(data, np.uint8)
+        folded = np.where((raw >= 0x30) & (raw <= 0x39), np.uint8(0x30), raw)
+        texts = pa.Array.from_buffers(
+            texts.type, len(texts), [validity, offsets, pa.py_buffer(folded)], texts.null_count, texts.offset
+        )
+    return _only_non_ascii(texts, lambda some: pc.replace_substring_regex(some, r"\p{Nd}", "0"))

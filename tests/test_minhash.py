@@ -172,6 +172,22 @@ def test_simplify_text_matches_an_independent_reference():
     assert [t.lower() for t in cased] == got and cased[0].startswith("FULLWIDTH")
 
 
+def test_simplify_text_fast_paths_match_the_reference_on_mixed_batches():
+    """The byte map for ASCII digits, NFKC on non-ASCII texts only, string or large_string, a sliced
+    array with nulls: each text comes out as the reference simplifies it alone; word tokens skip the
+    whitespace collapse and still split into the same words."""
+    rng = random.Random(3)
+    alphabet = "aZ 09\t\n.,-\u2014\u2019\uff21\uff11\ufb01\u0663\u00e9\u0301\u00a0\u3000\u200b\u2028\x85!$"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(400)]
+    texts += ["plain ascii 42 words", None, *TRICKY]
+    for kind in (pa.string(), pa.large_string()):
+        batch = pa.array(texts, kind).slice(3)
+        got = simplify_text(batch).to_pylist()
+        assert got == [None if t is None else reference_simplify(t) for t in texts[3:]]
+        loose = simplify_text(batch, collapse_whitespace=False).to_pylist()
+        assert [t if t is None else " ".join(t.split()) for t in loose] == got
+
+
 def disguise(text: str) -> str:
     """The same words as ``text`` in other case, quotes, dashes, digits, punctuation and Unicode forms."""
     words = text.replace("'", "’").replace(" - ", " — ").split()
