@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from corpus.document_keys import HIDDEN_COLUMNS, ID_KEY, KEY128, MINHASH_KEYS, key_values
-from corpus.key_buckets import KeyBuckets
+from corpus.key_buckets import KeyBuckets, consecutive_groups
 from corpus.lines import LineDedupConfig, strip_repeated
 from corpus.minhash import MinHashConfig
 from corpus.minhash_phases import Part, Runner, near_duplicates
@@ -259,20 +259,6 @@ class Combiner:
             column([detail for *_, detail in parts], pa.string()),
         ], schema=LEDGER_SCHEMA)  # fmt: skip
 
-    def _filter_groups(self, shard_rows: int) -> list[list[int]]:
-        """Consecutive task files of at most ``shard_rows`` rows together (one file at least):
-        one filter task each, so that small tasks still make full shards."""
-        groups: list[list[int]] = []
-        rows = shard_rows
-        for index in range(len(self.files)):
-            count = int(self.offsets[index + 1] - self.offsets[index])
-            if rows + count > shard_rows:
-                groups.append([])
-                rows = 0
-            groups[-1].append(index)
-            rows += count
-        return groups
-
     def publish_rows(self, pub: Publisher, shard_rows: int) -> tuple[int, pa.Table, list[Path]]:
         """The filter phase: consecutive task files' kept rows become shards, written by tasks in
         workers (resumable: a task's marker lists its shards), then taken into ``pub`` in order.
@@ -292,7 +278,9 @@ class Combiner:
             else RECORD_SCHEMA
         )
         lines = self.lines.model_dump_json() if len(self.frequent_units) else None
-        groups = self._filter_groups(shard_rows)
+        # consecutive task files of at most shard_rows rows (one file at least): one filter task each,
+        # so that small tasks still make full shards
+        groups = consecutive_groups(np.diff(self.offsets), shard_rows)
         markers = [folder / f"group-{k:05d}.json" for k in range(len(groups))]
         jobs = [([(str(self.files[i]), int(self.offsets[i])) for i in group], str(removed_path), str(units_path),
                  lines, schema.serialize().to_pybytes(), shard_rows, str(marker))

@@ -216,7 +216,7 @@ class KeyBuckets:
         buckets = max(1, math.ceil(int(rows.sum()) / bucket_rows))
         unit_buckets = max(1, math.ceil(int(units.sum()) / bucket_rows))
         kinds_buckets = {k: unit_buckets if k == "units" else buckets for k in kinds}
-        groups = _consecutive(np.maximum(rows, units), bucket_rows)
+        groups = consecutive_groups(np.maximum(rows, units), bucket_rows)
         folder = work / f"keys-{bucket_rows}"  # the same buckets and groups on every run of this plan
         return cls(files, offsets, folder, run, kinds_buckets, groups)
 
@@ -289,7 +289,7 @@ class KeyBuckets:
         return np.sort(np.concatenate(found))
 
 
-def _consecutive(weights: np.ndarray, limit: int) -> list[list[int]]:
+def consecutive_groups(weights: np.ndarray, limit: int) -> list[list[int]]:
     """Consecutive indexes whose weights add up to at most ``limit`` together (one at least each)."""
     groups: list[list[int]] = []
     total = limit
