@@ -33,8 +33,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/distillery demo
 
+# Two pytest-xdist workers (the CI machine has 2 cores; tests/conftest.py gives each one torch thread).
+# --dist loadgroup keeps the tests marked with one xdist_group on one worker: those that share an
+# expensive module or session fixture (the demo, the SmolLM2 import, a ZeRO-2 reference run).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not ray" --durations=25 tests
+	$(BIN)/python -m pytest -q -m "not ray" -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -12,6 +12,20 @@ from manifests.store import Store
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _one_thread_per_worker() -> None:
+    """Under pytest-xdist (``make test`` runs 2 workers on 2 cores) torch gets one thread in each worker
+    and in every process a test starts (they inherit the environment): threads beyond the cores spin
+    waiting for descheduled peers (on a busy machine the demo's chain took 245 CPU seconds with 2
+    threads, 114 with one). Set here, before anything imports torch (nothing above does), so that torch
+    reads it; an explicit setting is kept."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
+
+
+_one_thread_per_worker()
+
+
 @pytest.fixture(autouse=True)
 def _project_cwd(monkeypatch):
     # Recipes name their inputs relative to the project root, as `make demo` runs them.
@@ -24,18 +38,22 @@ def store(tmp_path) -> Store:
     return Store(tmp_path / "store")
 
 
+SMOLLM2 = "smollm2-135m-instruct"
+"""The run ``train import-model`` makes with its defaults (the demo's teacher)."""
+
+
 @pytest.fixture(scope="session")
 def imported_smollm2(tmp_path_factory) -> Store:
     """A store holding SmolLM2-135M-Instruct as ``train import-model`` imports it (its defaults: the demo's
-    teacher), imported once for the session: dequantising the GGUF takes most of a minute."""
+    teacher), imported once for the session: dequantising the GGUF takes most of a minute. Tests that use
+    it are marked ``xdist_group("smollm2")``, so that one worker of ``make test`` imports it, once."""
     imported = Store(tmp_path_factory.mktemp("smollm2") / "store")
     assert main(["--store", str(imported.root), "train", "import-model"]) == 0
     return imported
 
 
-@pytest.fixture
-def smollm2(store, imported_smollm2) -> Store:
-    """The test's own ``store`` with the imported SmolLM2 run in it (its weights hard-linked, not copied)."""
+def add_imported_smollm2(imported: Store, store: Store) -> Store:
+    """``store`` with the imported SmolLM2 run in it (its weights hard-linked, not copied)."""
     import shutil
 
     def link_large(src: str, dst: str) -> None:
@@ -45,11 +63,16 @@ def smollm2(store, imported_smollm2) -> Store:
         else:
             shutil.copy2(src, dst)
 
-    name = "smollm2-135m-instruct"
     shutil.copytree(
-        imported_smollm2.name_dir("run", name), store.name_dir("run", name), copy_function=link_large
+        imported.name_dir("run", SMOLLM2), store.name_dir("run", SMOLLM2), copy_function=link_large
     )
     return store
+
+
+@pytest.fixture
+def smollm2(store, imported_smollm2) -> Store:
+    """The test's own ``store`` with the imported SmolLM2 run in it."""
+    return add_imported_smollm2(imported_smollm2, store)
 
 
 class CliResult:

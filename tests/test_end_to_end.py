@@ -14,7 +14,8 @@ from manifests.verify import verify
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.slow
+# One worker of `make test` (pytest-xdist) runs them all: they read the one demo the module runs.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 
 def distillery(*args: str, store) -> subprocess.CompletedProcess:
@@ -30,6 +31,15 @@ def demo(tmp_path_factory):
     result = distillery("demo", "--tiny", store=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return Store(root), result.stdout
+
+
+def test_make_test_runs_this_module_on_one_worker(request):
+    """`make test` (pytest-xdist, --dist loadgroup) keeps an xdist_group on one worker, so the demo runs
+    once. pytest 9.2 made that grouping stop without a word (pytest-dev/pytest-xdist#1386; hence the
+    pytest pin in pyproject.toml): this says so if it ever stops again."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run by pytest-xdist with --dist loadgroup")
+    assert request.node.nodeid.endswith("@demo"), f"{request.node.nodeid}: --dist loadgroup does not group"
 
 
 def test_demo_publishes_every_stage_and_all_verify(demo):

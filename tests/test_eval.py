@@ -17,6 +17,9 @@ from manifests.store import Store
 
 from .conftest import WORDS, assert_one_line_error, tiny_tokenizer, write_recipe
 
+# One worker of `make test` (pytest-xdist) runs them all: most read the module's stores.
+pytestmark = pytest.mark.xdist_group("eval")
+
 QA = [  # question, reference: the echo endpoint answers with the question's words
     ("alpha", "alpha"),
     ("beta", "beta"),

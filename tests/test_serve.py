@@ -387,6 +387,7 @@ def test_cli_errors_are_one_line(cli, store):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")  # shares the session's import
 def test_smollm2_batched_and_seeded(cli, smollm2):
     store = smollm2  # with the imported model (conftest's imported_smollm2)
     prompts = ["What is the capital of France?", "Name a colour.", "Say hello.", "What is 2 + 2?"]

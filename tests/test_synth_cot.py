@@ -444,6 +444,7 @@ def test_bad_config_is_one_line(cli, tmp_path, store, extra, message, temperatur
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")  # shares the session's import
 def test_real_smollm2_answers_are_well_formed_rows(cli, tmp_path, smollm2):
     """A 135M model is rarely right: this checks the structure of what comes back, not correctness."""
     store = smollm2  # with the imported model (examples/recipes/demo-model.yaml, run by the end-to-end demo)

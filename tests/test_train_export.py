@@ -22,6 +22,9 @@ from manifests.store import Store
 from tests.conftest import assert_one_line_error, write_recipe
 from train.export import PROBE_TEXTS, ExportConfig, export_run, load_int8
 
+# One worker of `make test` (pytest-xdist) runs them all: they share the module's tokenizer, store, export.
+pytestmark = pytest.mark.xdist_group("train_export")
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
     "Hello, world!",

@@ -19,7 +19,7 @@ from manifests.models import load_tokenizer
 from manifests.store import Store
 from train.pack import SequencePacker, _percentiles, split_of
 
-from .conftest import ROOT, assert_one_line_error, write_recipe
+from .conftest import ROOT, add_imported_smollm2, assert_one_line_error, write_recipe
 
 CORPUS = "examples/recipes/demo-corpus.yaml"
 TOKENIZER = "examples/recipes/demo-tokenizer.yaml"
@@ -288,9 +288,11 @@ def test_bad_inputs_are_one_line_and_publish_nothing(built, cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_pack_with_the_smollm2_tokenizer(built, cli):
+@pytest.mark.xdist_group("smollm2")
+def test_demo_pack_with_the_smollm2_tokenizer(built, imported_smollm2, cli):
     store, _ = built
-    assert cli("--store", store.root, "train", "import-model").code == 0
+    # The run `train import-model` makes (imported once for the session: most of a minute).
+    add_imported_smollm2(imported_smollm2, store)
     assert cli("--store", store.root, "train", "pack", "examples/recipes/demo-pack.yaml").code == 0
     manifest = store.resolve("demo-pack")
     tokenizer = load_tokenizer(store.resolve("smollm2-135m-instruct"))

@@ -600,7 +600,8 @@ def sharded_run(
 @pytest.fixture(scope="module")
 def zero2_straight(sft_store, tmp_path_factory):
     """An uninterrupted ZeRO-2 run on 2 processes: the sharded-strategies test checks it against one process,
-    the kill-and-resume test resumes to its weights (one launch for both)."""
+    the kill-and-resume test resumes to its weights (one launch for both: both are marked
+    ``xdist_group("zero2_straight")``, so that one worker of ``make test`` runs them)."""
     result = sharded_run(sft_store, tmp_path_factory.mktemp("zero2"), "sharded-deepspeed-zero2", "deepspeed-zero2",
                          "29522")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -613,7 +614,7 @@ def zero2_straight(sft_store, tmp_path_factory):
         pytest.param(
             "fsdp", marks=pytest.mark.skipif(not has_gpus(), reason="accelerate's FSDP needs 2 GPUs")
         ),
-        "deepspeed-zero2",
+        pytest.param("deepspeed-zero2", marks=pytest.mark.xdist_group("zero2_straight")),
         "deepspeed-zero3",
     ],
 )
@@ -661,6 +662,7 @@ def test_evaluation_on_a_held_out_split_and_throughput_go_to_the_metrics(sft_sto
         train(sft_store, "x", eval_split="validation")
 
 
+@pytest.mark.xdist_group("zero2_straight")  # one worker of `make test` runs both users of the fixture, once
 def test_a_killed_deepspeed_run_resumes_to_the_weights_of_an_uninterrupted_one(
     sft_store, tmp_path, zero2_straight
 ):
